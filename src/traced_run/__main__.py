@@ -1,0 +1,3 @@
+from traced_run.cli import main
+
+raise SystemExit(main())

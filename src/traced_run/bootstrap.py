@@ -1,0 +1,117 @@
+"""What runs at interpreter start, from the ``sitecustomize`` on PYTHONPATH.
+
+It imports only the standard library and installs an import hook: the tracing
+pipeline is built when the app first imports ``pydantic_ai``, so a process that
+never does pays a few milliseconds. The user's own ``sitecustomize`` (the next
+one on ``sys.path``) still runs, once.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import os
+import sys
+from collections.abc import Callable, Sequence
+from types import ModuleType
+from typing import Any
+
+from traced_run import report
+
+BOOT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_boot")
+"""The directory holding our ``sitecustomize``; the launcher puts it first on PYTHONPATH."""
+SETTING_UP_ENV = "TRACED_RUN_SETTING_UP"
+"""Holds the pid of a process building its pipeline: a process that pid spawns
+meanwhile (a library probing something) must not build one of its own."""
+WATCHED = "pydantic_ai"
+
+_started = False
+
+
+def start() -> None:
+    """Called by our ``sitecustomize``: chain the user's, then wait for pydantic_ai."""
+    global _started
+    if _started:
+        return
+    _started = True
+    _run_user_sitecustomize()
+    from traced_run.sources import early_flag
+
+    if early_flag("enabled", os.environ) is False:
+        return
+    spawner = os.environ.get(SETTING_UP_ENV)
+    if spawner and spawner != str(os.getpid()):
+        return
+    if early_flag("strict", os.environ):
+        _check_settings_now()
+    if WATCHED in sys.modules:
+        _on_import(sys.modules[WATCHED])
+    else:
+        sys.meta_path.insert(0, _ImportWatcher(WATCHED, _on_import))
+
+
+def _check_settings_now() -> None:
+    """Strict mode: a bad setting stops the app before any of its code runs."""
+    from traced_run.sources import load
+
+    try:
+        load()
+    except report.ConfigError as error:
+        report.say(f"{error} (strict mode: not starting the app)")
+        raise SystemExit(report.EXIT_CONFIG) from None
+
+
+def _on_import(module: ModuleType) -> None:
+    from traced_run import pipeline
+
+    os.environ[SETTING_UP_ENV] = str(os.getpid())
+    try:
+        pipeline.install()
+    finally:
+        os.environ.pop(SETTING_UP_ENV, None)
+
+
+class _ImportWatcher(importlib.abc.MetaPathFinder):
+    """Calls ``then(module)`` right after the watched module has executed."""
+
+    def __init__(self, name: str, then: Callable[[ModuleType], None]) -> None:
+        self._name = name
+        self._then = then
+
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        if fullname != self._name:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        loader: Any = spec.loader
+        exec_module = loader.exec_module
+        then = self._then
+
+        def exec_then_set_up(module: ModuleType) -> None:
+            exec_module(module)
+            then(module)
+
+        loader.exec_module = exec_then_set_up
+        return spec
+
+
+def _run_user_sitecustomize() -> None:
+    """Run the ``sitecustomize`` ours shadows, under its own name, exactly once."""
+    ours = sys.modules.get("sitecustomize")
+    rest = [p for p in sys.path if os.path.abspath(p or os.curdir) != BOOT_DIR]
+    spec = importlib.machinery.PathFinder.find_spec("sitecustomize", rest)
+    if spec is None or spec.loader is None:
+        return
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["sitecustomize"] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as error:  # what site.py does for a failing sitecustomize
+        if ours is not None:
+            sys.modules["sitecustomize"] = ours
+        report.say(f"the user sitecustomize {spec.origin} failed: {type(error).__name__}: {error}")

@@ -1,0 +1,64 @@
+"""One-line messages to the user, and the exit codes the launcher documents.
+
+Everything traced-run says goes to stderr, never stdout: stdout belongs to the
+app (MCP stdio servers, pipes). Each message is one line starting
+``traced-run:`` and is said at most once per process.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import threading
+
+EXIT_USAGE = 2
+"""A launcher option is wrong (argparse's convention)."""
+EXIT_CONFIG = 78
+"""The settings are invalid (sysexits' EX_CONFIG): launcher, and strict mode."""
+EXIT_SETUP = 70
+"""Strict mode only: the tracing pipeline could not be set up (EX_SOFTWARE)."""
+EXIT_NOT_EXECUTABLE = 126
+"""The command exists but cannot be executed, as shells report it."""
+EXIT_NOT_FOUND = 127
+"""The command was not found, as shells report it."""
+
+_said: set[str] = set()
+_lock = threading.Lock()
+_USERINFO = re.compile(r"(?<=://)[^/@\s:]*:[^/@\s]*@")
+
+
+class ConfigError(Exception):
+    """A setting is wrong; ``str()`` is the one line that says where and why."""
+
+
+def mask_url(url: str) -> str:
+    """Hide the password a URL may carry (``https://user:secret@host``)."""
+    return _USERINFO.sub("***@", url)
+
+
+def say(message: str) -> None:
+    """Write ``traced-run: <message>`` to stderr once per process."""
+    line = " ".join(message.split())
+    with _lock:
+        if line in _said:
+            return
+        _said.add(line)
+    stream = sys.__stderr__
+    if stream is None:  # pythonw, or a daemon that closed fd 2
+        return
+    try:
+        stream.write(f"traced-run: {line}\n")
+        stream.flush()
+    except (OSError, ValueError):
+        pass
+
+
+def forget_after_fork() -> None:
+    """A forked child reports its own problems, even ones its parent already said."""
+    global _lock
+    _lock = threading.Lock()
+    _said.clear()
+
+
+os.register_at_fork(after_in_child=forget_after_fork)

@@ -1,0 +1,293 @@
+"""The one table of traced-run's settings.
+
+Each field of :class:`Settings` is a row: its name is the YAML key, its
+``spec`` says which environment variables and launcher option set it, how its
+text is parsed, and one line of documentation. Parsing and precedence
+(``sources``), the example config and the reference (``reference``) and the
+``--show-config`` output all read this table; nothing else spells a setting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+
+@dataclass(frozen=True)
+class Kind:
+    """How a setting's text (env var, option) or YAML value becomes its value."""
+
+    name: str
+    """Shown in docs: ``bool``, ``url``, ``seconds``..."""
+    parse_text: Callable[[str], Any]
+    """Parses an env var or option; raises ValueError with what was expected."""
+    check_yaml: Callable[[Any], Any]
+    """Checks (and converts) a value that YAML already typed."""
+
+
+def _bool_text(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected true or false")
+
+
+def _bool_yaml(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        return _bool_text(value)
+    raise ValueError("expected true or false")
+
+
+def _text(text: str) -> str:
+    return text.strip()
+
+
+def _text_yaml(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ValueError("expected a string")
+    return str(value).strip()
+
+
+def _url(text: str) -> str:
+    url = text.strip().rstrip("/")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("expected an http:// or https:// URL with a host")
+    try:
+        parts.port  # noqa: B018 - raises ValueError on a non-numeric port
+    except ValueError:
+        raise ValueError("the URL's port is not a number") from None
+    return url
+
+
+def _url_yaml(value: Any) -> str:
+    return _url(_text_yaml(value))
+
+
+def _experiment_id(text: str) -> str:
+    text = text.strip()
+    if not text.isdigit():
+        raise ValueError("expected a numeric MLflow experiment id")
+    return text
+
+
+def _experiment_id_yaml(value: Any) -> str:
+    return _experiment_id(_text_yaml(value))
+
+
+def _seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise ValueError("expected a number of seconds") from None
+    if not 0 < seconds <= 3600:
+        raise ValueError("expected a number of seconds above 0 and at most 3600")
+    return seconds
+
+
+def _seconds_yaml(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError("expected a number of seconds")
+    return _seconds(str(value))
+
+
+def _version(text: str) -> int:
+    if text.strip() not in ("2", "3", "4", "5", "6"):
+        raise ValueError("expected one of 2, 3, 4, 5, 6")
+    return int(text)
+
+
+def _version_yaml(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError("expected one of 2, 3, 4, 5, 6")
+    return _version(str(value))
+
+
+def _count(text: str) -> int:
+    try:
+        count = int(text)
+    except ValueError:
+        raise ValueError("expected a whole number") from None
+    if count < 1:
+        raise ValueError("expected a whole number of at least 1")
+    return count
+
+
+def _count_yaml(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError("expected a whole number")
+    return _count(str(value))
+
+
+def _compression(text: str) -> str:
+    value = text.strip().lower()
+    if value not in ("gzip", "deflate", "none"):
+        raise ValueError("expected gzip, deflate or none")
+    return value
+
+
+def _compression_yaml(value: Any) -> str:
+    return _compression(_text_yaml(value))
+
+
+def _pairs(text: str) -> dict[str, str]:
+    """``k1=v1,k2=v2`` with percent-encoding, as OTEL_*_HEADERS and
+    OTEL_RESOURCE_ATTRIBUTES spell mappings."""
+    from urllib.parse import unquote
+
+    pairs: dict[str, str] = {}
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError("expected key=value pairs separated by commas")
+        pairs[unquote(key.strip())] = unquote(value.strip())
+    return pairs
+
+
+def _pairs_yaml(value: Any) -> dict[str, str]:
+    if not isinstance(value, Mapping):
+        raise ValueError("expected a mapping of names to values")
+    pairs: dict[str, str] = {}
+    for key, item in value.items():
+        if not isinstance(key, str) or isinstance(item, (Mapping, list)) or item is None:
+            raise ValueError("expected a mapping of names to plain values")
+        pairs[key] = str(item).lower() if isinstance(item, bool) else str(item)
+    return pairs
+
+
+BOOL = Kind("bool", _bool_text, _bool_yaml)
+TEXT = Kind("string", _text, _text_yaml)
+URL = Kind("url", _url, _url_yaml)
+EXPERIMENT_ID = Kind("experiment id", _experiment_id, _experiment_id_yaml)
+SECONDS = Kind("seconds", _seconds, _seconds_yaml)
+VERSION = Kind("2..6", _version, _version_yaml)
+COUNT = Kind("count", _count, _count_yaml)
+COMPRESSION = Kind("gzip|deflate|none", _compression, _compression_yaml)
+PAIRS = Kind("mapping", _pairs, _pairs_yaml)
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A row of the settings table, less the name and default (the field's)."""
+
+    kind: Kind
+    doc: str
+    env: tuple[str, ...] = ()
+    """Environment variables, highest priority first."""
+    env_off: tuple[str, ...] = ()
+    """Boolean env vars whose ``true`` means this setting is false (OTEL_SDK_DISABLED)."""
+    option: str | None = None
+    """The launcher option; a bool setting's option stores ``option_value``."""
+    option_value: Any = None
+    secret: bool = False
+    """Never printed: shown as ``***`` (mappings: each value)."""
+    in_yaml: bool = True
+    exclusive_group: str | None = None
+    """Settings of one group exclude each other; the highest source naming one decides."""
+    merged: bool = False
+    """Mappings merge key by key across sources instead of the winner replacing all."""
+
+
+def setting(default: Any, spec: Spec) -> Any:
+    kwargs: dict[str, Any] = {"metadata": {"spec": spec}}
+    if isinstance(default, dict):
+        kwargs["default_factory"] = dict
+    else:
+        kwargs["default"] = default
+    return field(**kwargs)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """traced-run's effective settings, after every source was applied."""
+
+    config: str | None = setting(None, Spec(
+        TEXT, "YAML file to read; default ./traced-run.yaml when it exists.",
+        env=("TRACED_RUN_CONFIG",), option="--config", in_yaml=False))
+    enabled: bool = setting(True, Spec(
+        BOOL, "Trace at all. false (or OTEL_SDK_DISABLED=true) loads nothing beyond the bootstrap.",
+        env=("TRACED_RUN_ENABLED",), env_off=("OTEL_SDK_DISABLED",), option="--disable",
+        option_value=False))
+    strict: bool = setting(False, Spec(
+        BOOL, "Stop the app (exit 78 or 70) instead of running it untraced when setup fails.",
+        env=("TRACED_RUN_STRICT",), option="--strict", option_value=True))
+    tracking_uri: str | None = setting(None, Spec(
+        URL, "MLflow tracking server URL; traces go to <tracking_uri>/v1/traces.",
+        env=("MLFLOW_TRACKING_URI",), option="--tracking-uri"))
+    experiment_id: str | None = setting(None, Spec(
+        EXPERIMENT_ID, "MLflow experiment id; with neither id nor name, experiment 0 (Default).",
+        env=("MLFLOW_EXPERIMENT_ID",), option="--experiment-id", exclusive_group="experiment"))
+    experiment_name: str | None = setting(None, Spec(
+        TEXT, "MLflow experiment name, created when missing.",
+        env=("MLFLOW_EXPERIMENT_NAME",), option="--experiment-name", exclusive_group="experiment"))
+    run_id: str | None = setting(None, Spec(
+        TEXT, "MLflow run id the traces are linked to.",
+        env=("MLFLOW_RUN_ID",), option="--run-id"))
+    username: str | None = setting(None, Spec(
+        TEXT, "MLflow basic-auth user name.", env=("MLFLOW_TRACKING_USERNAME",)))
+    password: str | None = setting(None, Spec(
+        TEXT, "MLflow basic-auth password; write ${VAR} in YAML, not the password.",
+        env=("MLFLOW_TRACKING_PASSWORD",), secret=True))
+    token: str | None = setting(None, Spec(
+        TEXT, "MLflow bearer token, used when no user name is set.",
+        env=("MLFLOW_TRACKING_TOKEN",), secret=True))
+    endpoint: str | None = setting(None, Spec(
+        URL, "Full OTLP/HTTP traces URL, e.g. a collector's; default <tracking_uri>/v1/traces.",
+        env=("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",)))
+    headers: dict[str, str] = setting({}, Spec(
+        PAIRS, "Extra HTTP headers sent with every export (values are never printed).",
+        env=("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "OTEL_EXPORTER_OTLP_HEADERS"), secret=True,
+        merged=True))
+    timeout: float = setting(10.0, Spec(
+        SECONDS, "Seconds one export request may take, retries included (as the OTel SDK reads it).",
+        env=("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT")))
+    compression: str = setting("gzip", Spec(
+        COMPRESSION, "Request body compression.",
+        env=("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "OTEL_EXPORTER_OTLP_COMPRESSION")))
+    service_name: str | None = setting(None, Spec(
+        TEXT, "service.name of the traces; default the script or module name.",
+        env=("OTEL_SERVICE_NAME",), option="--service-name"))
+    resource_attributes: dict[str, str] = setting({}, Spec(
+        PAIRS, "More resource attributes; MLflow shows each as a trace tag.",
+        env=("OTEL_RESOURCE_ATTRIBUTES",), merged=True))
+    exit_timeout: float = setting(2.0, Spec(
+        SECONDS, "Longest a process waits at exit (or SIGTERM) for its spans to be delivered.",
+        env=("TRACED_RUN_EXIT_TIMEOUT",)))
+    queue_size: int = setting(20000, Spec(
+        COUNT, "Most finished spans held in memory while waiting for export.",
+        env=("TRACED_RUN_QUEUE_SIZE",)))
+    instrumentation_version: int | None = setting(None, Spec(
+        VERSION, "pydantic-ai instrumentation format version; default pydantic-ai's own.",
+        env=("TRACED_RUN_INSTRUMENTATION_VERSION",)))
+    include_content: bool = setting(True, Spec(
+        BOOL, "Record prompts, completions, tool arguments and results.",
+        env=("TRACED_RUN_INCLUDE_CONTENT",)))
+    include_binary_content: bool = setting(True, Spec(
+        BOOL, "Record binary content (images, audio) of messages.",
+        env=("TRACED_RUN_INCLUDE_BINARY_CONTENT",)))
+
+    @property
+    def traces_endpoint(self) -> str | None:
+        """Where spans are sent: the explicit endpoint, else MLflow's OTLP route."""
+        if self.endpoint:
+            return self.endpoint
+        return f"{self.tracking_uri}/v1/traces" if self.tracking_uri else None
+
+
+FIELDS: tuple[dataclasses.Field[Any], ...] = dataclasses.fields(Settings)
+SPECS: dict[str, Spec] = {f.name: f.metadata["spec"] for f in FIELDS}
+
+
+def default_of(name: str) -> Any:
+    """The default a field declares (mappings: an empty dict)."""
+    (found,) = (f for f in FIELDS if f.name == name)
+    return {} if found.default is dataclasses.MISSING else found.default

@@ -1,0 +1,233 @@
+"""Reads the settings from their sources and applies precedence.
+
+Precedence: launcher options > environment > YAML file > defaults. An empty
+environment variable counts as unset. ``${VAR}`` in a YAML string is replaced
+from the environment. Every problem raises :class:`ConfigError` with one line
+naming the source (file:line, env var or option), the key and what is wrong;
+a secret's value is never part of it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from traced_run.report import ConfigError, mask_url
+from traced_run.settings import SPECS, Settings, Spec
+
+OPTIONS_ENV = "TRACED_RUN_OPTIONS"
+"""The launcher passes its options to the app's processes as JSON in this variable."""
+DEFAULT_CONFIG = "traced-run.yaml"
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+@dataclass(frozen=True)
+class Value:
+    """A setting's value as one source gave it."""
+
+    value: Any
+    source: str
+    """``default``, ``file.yaml:12``, ``env MLFLOW_TRACKING_URI`` or ``option --config``."""
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """Effective settings and, for each, the source that decided it."""
+
+    settings: Settings
+    sources: dict[str, str]
+
+
+def shown(name: str, value: Any) -> str:
+    """A value as messages and ``--show-config`` may print it: secrets masked."""
+    spec = SPECS[name]
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={'***' if spec.secret else v}" for k, v in value.items()) or "{}"
+    if value is None:
+        return "(unset)"
+    if spec.secret:
+        return "***"
+    return mask_url(str(value))
+
+
+def _problem(source: str, name: str, spec: Spec, raw: Any, why: str) -> ConfigError:
+    what = "(value hidden)" if spec.secret else repr(mask_url(str(raw)))
+    return ConfigError(f"{source}: {name}: {why}, got {what}")
+
+
+def _parse(source: str, name: str, raw: Any, from_yaml: bool) -> Value:
+    spec = SPECS[name]
+    try:
+        value = spec.kind.check_yaml(raw) if from_yaml else spec.kind.parse_text(raw)
+    except ValueError as error:
+        raise _problem(source, name, spec, raw, str(error)) from None
+    return Value(value, source)
+
+
+def _env_value(name: str, environ: Mapping[str, str]) -> Value | None:
+    spec = SPECS[name]
+    for var in spec.env:
+        if environ.get(var, "").strip():
+            return _parse(f"env {var}", name, environ[var], from_yaml=False)
+    for var in spec.env_off:
+        if environ.get(var, "").strip():
+            off = _parse(f"env {var}", name, environ[var], from_yaml=False)
+            return Value(False, off.source) if off.value else None
+    return None
+
+
+def _env_layer(environ: Mapping[str, str]) -> dict[str, Value]:
+    return {name: value for name in SPECS if (value := _env_value(name, environ)) is not None}
+
+
+def _options_layer(environ: Mapping[str, str]) -> dict[str, Value]:
+    raw = environ.get(OPTIONS_ENV, "").strip()
+    if not raw:
+        return {}
+    try:
+        given = json.loads(raw)
+    except ValueError:
+        raise ConfigError(f"env {OPTIONS_ENV}: not the JSON the launcher writes") from None
+    if not isinstance(given, dict):
+        raise ConfigError(f"env {OPTIONS_ENV}: not the JSON the launcher writes")
+    layer: dict[str, Value] = {}
+    for name, value in given.items():
+        spec = SPECS.get(name)
+        if spec is None or spec.option is None:
+            raise ConfigError(f"env {OPTIONS_ENV}: unknown setting {name!r}")
+        layer[name] = _parse(f"option {spec.option}", name, value, from_yaml=True)
+    return layer
+
+
+def _expand(text: str, where: str, name: str, environ: Mapping[str, str]) -> str:
+    def one(match: re.Match[str]) -> str:
+        var = match.group(1)
+        if not environ.get(var, ""):
+            raise ConfigError(f"{where}: {name}: ${{{var}}} is not set in the environment")
+        return environ[var]
+
+    return _VAR.sub(one, text)
+
+
+def _expand_all(value: Any, where: str, name: str, environ: Mapping[str, str]) -> Any:
+    if isinstance(value, str):
+        return _expand(value, where, name, environ)
+    if isinstance(value, dict):
+        return {k: _expand_all(v, where, name, environ) for k, v in value.items()}
+    return value
+
+
+def _yaml_layer(path: str, environ: Mapping[str, str]) -> dict[str, Value]:
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as stream:
+            text = stream.read()
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read the config file: {error.strerror or error}") from None
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return {}
+        if not isinstance(node, yaml.MappingNode):
+            line = node.start_mark.line + 1
+            raise ConfigError(f"{path}:{line}: expected a mapping of settings at the top level")
+        entries = [(k, v, loader.construct_object(v, deep=True)) for k, v in node.value]
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
+        raise ConfigError(f"{where}: malformed YAML: {error.problem or error.context}") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: malformed YAML: {error}") from None
+    finally:
+        loader.dispose()
+
+    keys = [name for name, spec in SPECS.items() if spec.in_yaml]
+    layer: dict[str, Value] = {}
+    for key_node, value_node, value in entries:
+        where = f"{path}:{key_node.start_mark.line + 1}"
+        key = str(key_node.value)
+        if key not in keys:
+            close = difflib.get_close_matches(key, keys, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{where}: unknown key {key!r}{hint}")
+        if value is None:
+            continue
+        value = _expand_all(value, f"{path}:{value_node.start_mark.line + 1}", key, environ)
+        layer[key] = _parse(where, key, value, from_yaml=True)
+    return layer
+
+
+def _config_path(options: dict[str, Value], env: dict[str, Value]) -> str | None:
+    chosen = options.get("config") or env.get("config")
+    if chosen is not None:
+        path = str(chosen.value)
+        if not os.path.isfile(path):
+            raise ConfigError(f"{chosen.source}: config: no such file: {path!r}")
+        return os.path.abspath(path)
+    return os.path.abspath(DEFAULT_CONFIG) if os.path.isfile(DEFAULT_CONFIG) else None
+
+
+def load(environ: Mapping[str, str] | None = None) -> Loaded:
+    """The effective settings for a process with this environment."""
+    environ = os.environ if environ is None else environ
+    options = _options_layer(environ)
+    env = _env_layer(environ)
+    path = _config_path(options, env)
+    layers = [_yaml_layer(path, environ) if path else {}, env, options]
+
+    chosen: dict[str, Value] = {}
+    for name, spec in SPECS.items():
+        given = [layer[name] for layer in layers if name in layer]
+        if spec.merged and given:
+            merged: dict[str, str] = {}
+            for value in given:
+                merged.update(value.value)
+            chosen[name] = Value(merged, " + ".join(v.source for v in given))
+        elif given:
+            chosen[name] = given[-1]
+    _resolve_groups(layers, chosen)
+    if path:
+        given_path = chosen.get("config")
+        chosen["config"] = Value(path, given_path.source if given_path else "found in the working directory")
+
+    values = {name: value.value for name, value in chosen.items()}
+    sources = {name: chosen[name].source if name in chosen else "default" for name in SPECS}
+    return Loaded(Settings(**values), sources)
+
+
+def _resolve_groups(layers: list[dict[str, Value]], chosen: dict[str, Value]) -> None:
+    """The highest source that names a member of a group decides the whole group."""
+    groups: dict[str, list[str]] = {}
+    for name, spec in SPECS.items():
+        if spec.exclusive_group:
+            groups.setdefault(spec.exclusive_group, []).append(name)
+    for members in groups.values():
+        for layer in reversed(layers):
+            named = [name for name in members if name in layer]
+            if len(named) > 1:
+                sources = " and ".join(f"{name} ({layer[name].source})" for name in named)
+                raise ConfigError(f"both {sources} are set; set only one")
+            if named:
+                for other in members:
+                    if other not in named:
+                        chosen.pop(other, None)
+                break
+
+
+def early_flag(name: str, environ: Mapping[str, str]) -> bool | None:
+    """A bool setting as launcher options and environment give it, read before
+    (or without) the YAML file: the kill switch and strict mode must be known at
+    interpreter start, when reading YAML would cost more than the whole bootstrap.
+    A value that does not parse is left for :func:`load` to report."""
+    try:
+        decided = _options_layer(environ).get(name) or _env_value(name, environ)
+    except ConfigError:
+        return None
+    return None if decided is None else bool(decided.value)

@@ -1,0 +1,198 @@
+"""Shared test fixtures: one real MLflow server per session, apps run as real
+processes under ``traced-run``, traces read back through MLflow's API."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+BIN = Path(sys.executable).parent
+TRACED_RUN = str(BIN / "traced-run")
+_OURS = ("MLFLOW_", "OTEL_", "TRACED_RUN_")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The test runner's environment without any setting of ours leaking in."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_OURS) and k != "PYTHONPATH"}
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["MLFLOW_ENABLE_OTLP_EXPORTER"] = "false"
+    env.update(extra)
+    return env
+
+
+def poll(check: Callable[[], Any], *, timeout: float, what: str, interval: float = 0.25) -> Any:
+    """Call ``check`` until it returns something truthy, or fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
+
+
+@dataclass
+class MlflowServer:
+    url: str
+    process: subprocess.Popen[bytes]
+
+    def client(self) -> Any:
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(tracking_uri=self.url)
+
+    def experiment_id(self, name: str) -> str | None:
+        experiment = self.client().get_experiment_by_name(name)
+        return None if experiment is None else str(experiment.experiment_id)
+
+    def traces(self, experiment_id: str) -> list[Any]:
+        import mlflow
+
+        mlflow.set_tracking_uri(self.url)
+        return list(mlflow.search_traces(locations=[experiment_id], return_type="list",
+                                         max_results=1000))
+
+    def wait_traces(self, experiment: str, count: int, *, timeout: float = 30,
+                    by_name: bool = True) -> list[Any]:
+        """Exactly ``count`` complete traces in the experiment (polls, then checks
+        no extra one arrives a little later)."""
+
+        def ready() -> list[Any] | None:
+            experiment_id = self.experiment_id(experiment) if by_name else experiment
+            if experiment_id is None:
+                return None
+            found = self.traces(experiment_id)
+            done = [t for t in found if str(t.info.state) in ("OK", "ERROR", "TraceState.OK",
+                                                               "TraceState.ERROR")]
+            return found if len(found) >= count and len(done) == len(found) else None
+
+        found: list[Any] = poll(ready, timeout=timeout, what=f"{count} traces in {experiment}")
+        assert len(found) == count, f"expected {count} traces, found {len(found)}"
+        return found
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    log = open(root / "server.log", "wb")  # noqa: SIM115 - closed at teardown
+    process = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+         "--default-artifact-root", str(root / "artifacts"), "--host", "127.0.0.1",
+         "--port", str(port), "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, env=clean_env(), cwd=root,
+    )
+    url = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        if process.poll() is not None:
+            raise AssertionError(f"mlflow server exited: {(root / 'server.log').read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                return bool(response.status == 200)
+        except OSError:
+            return False
+
+    poll(healthy, timeout=180, what="mlflow server health", interval=0.5)
+    _warm_up(url, root)
+    yield MlflowServer(url, process)
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+    log.close()
+
+
+def _warm_up(url: str, directory: Path) -> None:
+    """The first agent trace a fresh MLflow server stores costs it seconds of
+    lazy imports (span translation, cost tables): pay that once here, not
+    inside some test's exit bound."""
+    (directory / "warm_up.py").write_text(textwrap.dedent(AGENT_APP))
+    subprocess.run([TRACED_RUN, "python", "warm_up.py"], cwd=directory, check=True, timeout=180,
+                   capture_output=True, env=clean_env(MLFLOW_TRACKING_URI=url, TRACED_RUN_EXIT_TIMEOUT="120"))
+
+
+@dataclass
+class App:
+    """An app written to a temporary directory, run as a real process."""
+
+    directory: Path
+    server: MlflowServer
+    experiment: str
+
+    def write(self, source: str, name: str = "app.py") -> Path:
+        path = self.directory / name
+        path.write_text(textwrap.dedent(source))
+        return path
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return clean_env(MLFLOW_TRACKING_URI=self.server.url, MLFLOW_EXPERIMENT_NAME=self.experiment,
+                         **extra)
+
+    def run(self, *command: str, env: Mapping[str, str] | None = None, timeout: float = 120,
+            launcher: bool = True, input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+        argv = [TRACED_RUN, *command] if launcher else list(command)
+        return subprocess.run(argv, cwd=self.directory, env=dict(env if env is not None else self.env()),
+                              capture_output=True, timeout=timeout, input=input)
+
+    def traces(self, count: int, timeout: float = 30) -> list[Any]:
+        return self.server.wait_traces(self.experiment, count, timeout=timeout)
+
+
+@pytest.fixture
+def app(tmp_path: Path, mlflow_server: MlflowServer) -> App:
+    return App(tmp_path, mlflow_server, f"test-{uuid.uuid4().hex[:12]}")
+
+
+def spans_by_type(trace: Any) -> dict[str, list[Any]]:
+    grouped: dict[str, list[Any]] = {}
+    for span in trace.data.spans:
+        grouped.setdefault(str(span.span_type), []).append(span)
+    return grouped
+
+
+AGENT_APP = """
+    from pydantic_ai import Agent
+    from pydantic_ai.models.test import TestModel
+
+    agent = Agent(TestModel(), name="support", instructions="Be brief.")
+
+    @agent.tool_plain
+    def lookup(city: str) -> str:
+        \"\"\"Look a city up.\"\"\"
+        return f"{city}: sunny"
+
+    result = agent.run_sync("What is the weather in Paris?")
+    print(result.output)
+"""
+
+
+@pytest.fixture
+def which() -> Callable[[str], str]:
+    def find(name: str) -> str:
+        found = shutil.which(name, path=str(BIN)) or shutil.which(name)
+        assert found, f"{name} not installed"
+        return found
+
+    return find
