@@ -53,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="print the effective settings and their sources (secrets masked), then exit")
     parser.add_argument("--print-pythonpath", action="store_true",
                         help="print the directory to put on PYTHONPATH to trace without the launcher")
+    parser.add_argument("--example-config", action="store_true",
+                        help="print a documented config file with every setting at its default, then exit")
+    parser.add_argument("--settings-reference", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("command", nargs=argparse.REMAINDER, help="the command to run, e.g. python app.py")
     return parser
 
@@ -73,6 +76,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.print_pythonpath:
         print(BOOT_DIR)
+        return 0
+    if args.example_config or args.settings_reference:
+        from traced_run import reference
+
+        print(reference.example_config() if args.example_config else reference.markdown_reference(), end="")
         return 0
     options = {name: getattr(args, name) for name, spec in SPECS.items()
                if spec.option is not None and getattr(args, name) is not None}

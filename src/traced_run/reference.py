@@ -1,0 +1,79 @@
+"""Renders the settings table as the example config file and as the Markdown
+reference, so that neither can drift from the code (tests compare both)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from traced_run.settings import FIELDS, SPECS, Spec, default_of
+
+HEADER = """\
+# traced-run settings. Generated from src/traced_run/settings.py: do not edit by hand
+# (python -m traced_run --example-config > config/traced-run.yaml).
+#
+# Precedence: launcher options > environment variables > this file > defaults.
+# An empty environment variable counts as unset. ${VAR} in a value is replaced
+# from the environment, so secrets stay out of this file.
+# Every key below is commented out at its default: uncomment what you change.
+"""
+
+
+def _default_yaml(name: str) -> str:
+    value: Any = default_of(name)
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "{}"
+    return json.dumps(value) if isinstance(value, str) else str(value)
+
+
+def _where(spec: Spec) -> str:
+    parts = []
+    if spec.env:
+        parts.append("env " + ", ".join(spec.env))
+    if spec.env_off:
+        parts.append("off by " + ", ".join(f"{var}=true" for var in spec.env_off))
+    if spec.option:
+        parts.append("option " + spec.option)
+    return "; ".join(parts)
+
+
+def example_config() -> str:
+    """The documented example config: every YAML key, its default, env var and doc."""
+    blocks = [HEADER]
+    for item in FIELDS:
+        spec = SPECS[item.name]
+        if not spec.in_yaml:
+            continue
+        blocks.append(
+            f"\n# {spec.doc}\n# type: {spec.kind.name}; {_where(spec)}\n"
+            f"# {item.name}: {_default_yaml(item.name)}\n"
+        )
+    return "".join(blocks)
+
+
+def markdown_reference() -> str:
+    """The settings reference for docs/settings.md."""
+    lines = [
+        "# Settings reference",
+        "",
+        "Generated from `src/traced_run/settings.py` (`python -m traced_run --settings-reference`).",
+        "Precedence: launcher options > environment variables > YAML file > defaults;",
+        "an empty environment variable counts as unset. Secrets are never printed.",
+        "",
+        "| YAML key | environment | option | type | default | what it does |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for item in FIELDS:
+        spec = SPECS[item.name]
+        key = f"`{item.name}`" if spec.in_yaml else "(not in YAML)"
+        env = "<br>".join(f"`{var}`" for var in spec.env)
+        env += "".join(f"<br>`{var}=true` turns off" for var in spec.env_off)
+        option = f"`{spec.option}`" if spec.option else ""
+        secret = " Secret: never printed." if spec.secret else ""
+        lines.append(f"| {key} | {env} | {option} | {spec.kind.name} | `{_default_yaml(item.name)}` "
+                     f"| {spec.doc}{secret} |")
+    return "\n".join(lines) + "\n"

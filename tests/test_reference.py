@@ -1,0 +1,42 @@
+"""The example config and the settings reference are generated from the
+settings table; these tests fail when either drifts from it."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from traced_run import reference
+from traced_run.settings import SPECS, Settings
+from traced_run.sources import load
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_example_config_is_the_generated_one() -> None:
+    assert (ROOT / "config" / "traced-run.yaml").read_text() == reference.example_config()
+
+
+def test_settings_reference_is_the_generated_one() -> None:
+    assert (ROOT / "docs" / "settings.md").read_text() == reference.markdown_reference()
+
+
+def test_example_config_names_every_yaml_setting_with_its_env_vars() -> None:
+    text = reference.example_config()
+    for name, spec in SPECS.items():
+        if spec.in_yaml:
+            assert f"\n# {name}: " in text
+            for var in spec.env:
+                assert var in text
+
+
+def test_example_config_uncommented_gives_the_defaults(tmp_path: Path) -> None:
+    keys = "|".join(SPECS)
+    uncommented = re.sub(rf"(?m)^# (({keys}): )", r"\1", reference.example_config())
+    path = tmp_path / "all.yaml"
+    path.write_text(uncommented)
+    loaded = load({"TRACED_RUN_CONFIG": str(path)})
+    assert loaded.settings == Settings(config=str(path))
+    from_file = {name for name, source in loaded.sources.items() if source.startswith(f"{path}:")}
+    assert from_file == {"enabled", "strict", "headers", "timeout", "compression", "resource_attributes",
+                         "exit_timeout", "queue_size", "include_content", "include_binary_content"}
