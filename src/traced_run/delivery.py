@@ -129,7 +129,7 @@ class Delivery:
         if left or dropped:
             traces = len({span.context.trace_id for span in left if span.context})
             problem = self._sender.problem if self._sender else None
-            why = f"{problem}" if problem else f"not delivered within exit_timeout={self._settings.exit_timeout:g}s"
+            why = problem or f"not delivered within exit_timeout={self._settings.exit_timeout:g}s"
             endpoint = mask_url(self._settings.traces_endpoint or "")
             lost = f"{len(left)} spans of {traces} traces not delivered to {endpoint} ({why})" if left else ""
             over = f"{dropped} spans dropped: more than queue_size={self._settings.queue_size} waiting" \

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from opentelemetry.sdk.trace import ReadableSpan
 
 from traced_run import mlflow_api
 from traced_run.report import mask_url
 from traced_run.settings import Settings
+
+if TYPE_CHECKING:
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
 _EXPORTER_LOGGER = "opentelemetry.exporter.otlp"
 
@@ -35,12 +39,12 @@ class Sender:
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
-        self._exporter: object | None = None
+        self._exporter: OTLPSpanExporter | None = None
         self._errors = _LastError()
         logging.getLogger(_EXPORTER_LOGGER).addHandler(self._errors)
         self.problem: str | None = None
 
-    def _build(self) -> object:
+    def _build(self) -> OTLPSpanExporter:
         from opentelemetry.exporter.otlp.proto.http import Compression
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
@@ -72,10 +76,10 @@ class Sender:
 
         from traced_run.enrich import for_mlflow
 
-        if not self.prepare():
+        if not self.prepare() or self._exporter is None:
             return False
         self._errors.message = None
-        result = self._exporter.export([for_mlflow(span) for span in spans])  # type: ignore[attr-defined]
+        result = self._exporter.export([for_mlflow(span) for span in spans])
         if result is SpanExportResult.SUCCESS:
             self.problem = None
             return True
@@ -86,4 +90,4 @@ class Sender:
     def abandon(self) -> None:
         """Stop retry back-offs inside the exporter: the process is leaving."""
         if self._exporter is not None:
-            self._exporter.shutdown()  # type: ignore[attr-defined]
+            self._exporter.shutdown()  # type: ignore[no-untyped-call]

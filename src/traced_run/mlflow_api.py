@@ -80,7 +80,7 @@ def experiment_id(settings: Settings) -> str:
         else:
             experiment = found["experiment"]
             if experiment.get("lifecycle_stage") == "deleted":
-                raise MlflowError(f"experiment {name!r} is deleted in MLflow: restore it or pick another name")
+                raise MlflowError(f"experiment {name!r} is deleted in MLflow: restore it or use another")
             return str(experiment["experiment_id"])
         try:
             created = _call(settings, "POST", "/api/2.0/mlflow/experiments/create", {"name": name})
