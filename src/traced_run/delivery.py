@@ -51,6 +51,8 @@ class Delivery:
         self._thread: threading.Thread | None = None
         self._sender: Sender | None = None
         self._closing = False
+        self._gave_up = False
+        self._flushing = 0
         self._closed = False
         self.delivered = 0
         self.dropped = 0
@@ -86,8 +88,7 @@ class Delivery:
         sender.prepare()
         while True:
             with self._wake:
-                self._wake.wait_for(lambda: len(self._queue) >= BATCH_SIZE or self._closing,
-                                    timeout=BATCH_DELAY)
+                self._wake.wait_for(self._batch_due, timeout=BATCH_DELAY)
                 if not self._queue:
                     continue
                 batch = [self._queue.popleft() for _ in range(min(BATCH_SIZE, len(self._queue)))]
@@ -105,22 +106,44 @@ class Delivery:
                 else:
                     self._queue.extendleft(reversed(batch))
                 self._wake.notify_all()
+                if not sent and self._closing:
+                    self._gave_up = True  # close() sums up in one line
+                    self._wake.notify_all()
+                    return
                 if not sent:
                     report.say(f"cannot deliver traces yet ({sender.problem}); retrying in the background")
-                    delay = 0.2 if self._closing else BACKOFF[min(failures, len(BACKOFF) - 1)]
+                    delay = 0.2 if self._flushing else BACKOFF[min(failures, len(BACKOFF) - 1)]
                     failures += 1
                     self._wake.wait(timeout=delay)
 
+    def _batch_due(self) -> bool:
+        urgent = self._closing or self._flushing
+        return len(self._queue) >= BATCH_SIZE or bool(urgent and self._queue)
+
+    def flush(self, timeout: float) -> bool:
+        """Send what is queued now; True when all of it was taken within ``timeout``."""
+        deadline = time.monotonic() + timeout
+        with self._wake:
+            self._flushing += 1
+            self._wake.notify_all()
+            try:
+                return self._wake.wait_for(
+                    lambda: (not self._queue and not self._in_flight) or self._gave_up,
+                    timeout=max(0.0, deadline - time.monotonic()),
+                ) and not self._gave_up
+            finally:
+                self._flushing -= 1
+
     def close(self) -> None:
         """Deliver what is queued, waiting at most ``exit_timeout``; say what was lost."""
-        deadline = time.monotonic() + self._settings.exit_timeout
         with self._wake:
             if self._closed:
                 return
             self._closing = True
-            self._wake.notify_all()
-            self._wake.wait_for(lambda: not self._queue and not self._in_flight,
-                                timeout=max(0.0, deadline - time.monotonic()))
+            if self._sender is not None:
+                self._sender.leave()
+        self.flush(self._settings.exit_timeout)
+        with self._wake:
             self._closed = True
             left = list(self._queue) + self._in_flight
             dropped = self.dropped
@@ -129,7 +152,7 @@ class Delivery:
         if left or dropped:
             traces = len({span.context.trace_id for span in left if span.context})
             problem = self._sender.problem if self._sender else None
-            why = problem or f"not delivered within exit_timeout={self._settings.exit_timeout:g}s"
+            why = problem or f"no answer within exit_timeout={self._settings.exit_timeout:g}s"
             endpoint = mask_url(self._settings.traces_endpoint or "")
             lost = f"{len(left)} spans of {traces} traces not delivered to {endpoint} ({why})" if left else ""
             over = f"{dropped} spans dropped: more than queue_size={self._settings.queue_size} waiting" \
@@ -177,4 +200,4 @@ class DeliveryProcessor(SpanProcessor):
         self._delivery.close()
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return True
+        return self._delivery.flush(timeout_millis / 1000)
