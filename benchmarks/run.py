@@ -1,0 +1,185 @@
+"""traced-run benchmark: one entry point, prints a Markdown report on stdout.
+
+    python benchmarks/run.py            # the full run (by hand; ~10 min on 2 cores)
+    python benchmarks/run.py --quick    # smoke run: 1 repetition, small N
+
+Uses the venv of the interpreter running it (installs ``.[test]`` there if a
+compared tool is missing), starts its own MLflow server on a free loopback
+port with its store in a temporary directory, runs every variant interleaved
+(A B C A B C ...) after warm-up rounds, and prints medians, min-max, the ratio or
+difference against the baseline and, where the project sets one, the target
+with PASS or MISS. Progress goes to stderr. Exit code 1 if a section failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import (
+    BIN,
+    Mlflow,
+    Row,
+    clean_env,
+    ensure_tools,
+    log,
+    make_workdir,
+    remove_workdir,
+    table,
+    versions,
+)
+from sections import Bench, Plan, burst, exit_delay, first_import, peak_rss, per_run, startup
+
+SECTIONS = {
+    "1": "startup of `python -c pass`",
+    "2": "first `import pydantic_ai`",
+    "3": "per-run overhead",
+    "4": "exit delay with MLflow down",
+    "5": "peak RSS",
+    "6": "burst delivery",
+}
+
+
+def _arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smoke run: 1 repetition, small N (~1-2 min)")
+    parser.add_argument("--only", default="123456", help="sections to run, e.g. 14 (default: all)")
+    parser.add_argument("--burst-runs", type=int, help="agent runs per burst (default 2000; quick 50)")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the temporary directory (MLflow store, logs)")
+    return parser.parse_args()
+
+
+def _source_state() -> str:
+    """The commit the measured traced-run comes from, and whether src/ had local changes."""
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=30).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--", "src"],
+                               capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (no git)"
+    if not head:
+        return "unknown (not a git checkout)"
+    return f"commit {head}" + (" with uncommitted changes in src/" if dirty else "")
+
+
+def _load() -> str:
+    try:
+        return " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def main() -> int:
+    args = _arguments()
+    started = time.monotonic()
+    ensure_tools()
+    plan = Plan.quick() if args.quick else Plan()
+    if args.burst_runs:
+        plan.burst_runs = args.burst_runs
+    wanted = [s for s in SECTIONS if s in args.only]
+    workdir = make_workdir()
+    mlflow = Mlflow(workdir)
+    boot_dir = subprocess.run([str(BIN / "traced-run"), "--print-pythonpath"], capture_output=True, text=True,
+                              check=True, timeout=60, env=clean_env()).stdout.strip()
+    bench = Bench(plan, workdir, mlflow, boot_dir)
+    load_before = _load()
+    rows: list[Row] = []
+    failed: list[str] = []
+
+    def section(number: str, measure: Callable[[], list[Row]]) -> None:
+        if number not in wanted:
+            return
+        log(f"section {number}: {SECTIONS[number]}")
+        try:
+            rows.extend(measure())
+        except Exception as error:
+            failed.append(f"section {number} ({SECTIONS[number]}) failed: {type(error).__name__}: {error}")
+            log(traceback.format_exc())
+
+    needs_server = any(s in wanted for s in "2356")
+    try:
+        if needs_server:
+            log(f"starting MLflow at {mlflow.url} (and warming it up with one traced run)")
+            mlflow.start_in_background(timeout=300)
+        if needs_server and not args.quick:
+            mlflow.wait_ready(timeout=600)  # the full run measures on a quiet, warm server
+        # 1 and 4 never reach the server: in --quick they overlap its start-up
+        section("1", lambda: startup(bench))
+        section("4", lambda: exit_delay(bench))
+        if needs_server:
+            mlflow.wait_ready(timeout=600)
+            experiment = mlflow.create_experiment("bench-runs")
+            section("2", lambda: first_import(bench, experiment))
+            section("3", lambda: per_run(bench, experiment))
+            section("5", lambda: peak_rss(bench, experiment))
+            section("6", lambda: burst(bench))
+    except Exception as error:
+        failed.append(f"harness failed: {type(error).__name__}: {error}")
+        log(traceback.format_exc())
+    finally:
+        mlflow.stop()
+        if args.keep:
+            log(f"kept {workdir}")
+        else:
+            remove_workdir(workdir)
+
+    rows.sort(key=lambda row: row.section)  # stable: keeps each section's own order
+    print(_report(args, plan, rows, failed, bench.notes, load_before, time.monotonic() - started))
+    return 1 if failed else 0
+
+
+def _report(args: argparse.Namespace, plan: Plan, rows: list[Row], failed: list[str], notes: list[str],
+            load_before: str, elapsed: float) -> str:
+    command = shlex.join([sys.executable, *sys.argv])
+    found = versions()
+    lines = [
+        "# traced-run benchmark" + (" (--quick smoke run: few repetitions, small N)" if args.quick else ""),
+        "",
+        f"- command: `{command}`",
+        f"- date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}; {elapsed:.0f} s in all",
+        f"- machine: {platform.platform()}, {os.cpu_count()} CPUs, "
+        f"Python {platform.python_version()} ({BIN})",
+        f"- load average (1/5/15 min) before: {load_before}; after: {_load()}",
+        f"- versions: {', '.join(f'{k} {v}' for k, v in found.items())}",
+        f"- traced-run source: {_source_state()}",
+        f"- repetitions (warm-up + kept, interleaved): startup {plan.startup_warmups}+{plan.startup_reps}, "
+        f"import {plan.import_warmups}+{plan.import_reps}, "
+        f"per-run {plan.per_run_warmups}+{plan.per_run_reps} of {plan.per_run_runs} runs, "
+        f"exit {plan.exit_warmups}+{plan.exit_reps}, RSS {plan.rss_warmups}+{plan.rss_reps} of "
+        f"{plan.rss_runs} runs, burst {plan.burst_reps} of {plan.burst_runs} runs",
+        "- MLflow: `mlflow server --backend-store-uri sqlite:///… --host 127.0.0.1 --workers 1` with "
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false, "
+        "warmed up by one traced run; traced-run and the manual setup use MLFLOW_EXPERIMENT_ID / "
+        "the x-mlflow-experiment-id header (no lookup by name)",
+        "- opentelemetry-instrument: OTEL_TRACES_EXPORTER=otlp, "
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL=http/protobuf, metrics and logs exporters none; "
+        "the app calls Agent.instrument_all()",
+    ]
+    if args.quick:
+        lines.append("- --quick: smoke figures only: section 4's variants ran at the same time, and "
+                     "sections 1 and 4 ran while the MLflow server was starting")
+    lines += ["", table(rows), ""]
+    if failed:
+        lines += ["## Failures", "", *[f"- {f}" for f in failed], ""]
+    if notes:
+        lines += ["## stderr of traced-run (last line per process, deduplicated)", "",
+                  *[f"- {n}" for n in sorted(set(notes))], ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

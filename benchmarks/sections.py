@@ -1,0 +1,390 @@
+"""The six measurements. Each returns table rows; none of them tunes anything
+to pass: targets are compared as measured, a missed one reads MISS."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from harness import (
+    APP,
+    BIN,
+    PYTHON,
+    Arrival,
+    Done,
+    HangingListener,
+    Mlflow,
+    Row,
+    clean_env,
+    free_port,
+    interleave,
+    run,
+)
+
+Setups = dict[str, tuple[list[str], dict[str, str]]]
+"""variant -> (argv, environment)"""
+TRACED_RUN = str(BIN / "traced-run")
+OTEL_INSTRUMENT = str(BIN / "opentelemetry-instrument")
+EXIT_BOUND_S = 2.0  # traced-run's default exit_timeout
+
+
+@dataclass
+class Plan:
+    """Repetitions and sizes; ``--quick`` shrinks them to a smoke run."""
+
+    startup_warmups: int = 3
+    startup_reps: int = 20
+    import_warmups: int = 1
+    import_reps: int = 7
+    per_run_warmups: int = 1
+    per_run_reps: int = 5
+    per_run_runs: int = 1000
+    per_run_warm_runs: int = 20
+    per_run_warm_seconds: float = 3.0
+    exit_warmups: int = 0
+    exit_reps: int = 3
+    exit_concurrent: bool = False
+    rss_warmups: int = 0
+    rss_reps: int = 3
+    rss_runs: int = 200
+    burst_reps: int = 2
+    burst_runs: int = 2000
+    burst_deadline_s: float = 180.0
+
+    @classmethod
+    def quick(cls) -> Plan:
+        return cls(startup_warmups=1, startup_reps=3, import_warmups=0, import_reps=1,
+                   per_run_warmups=0, per_run_reps=1, per_run_runs=50, per_run_warm_runs=5,
+                   per_run_warm_seconds=1.5,
+                   exit_warmups=0, exit_reps=1, exit_concurrent=True, rss_reps=1, rss_runs=50,
+                   burst_reps=1, burst_runs=50, burst_deadline_s=60.0)
+
+
+@dataclass
+class Bench:
+    plan: Plan
+    workdir: Path
+    mlflow: Mlflow
+    boot_dir: str
+    notes: list[str] = field(default_factory=list)
+
+    def app(self, *args: str) -> list[str]:
+        return [str(APP), *args]
+
+    def traced_env(self, experiment_id: str, uri: str | None = None, **extra: str) -> dict[str, str]:
+        return clean_env(MLFLOW_TRACKING_URI=uri or self.mlflow.url, MLFLOW_EXPERIMENT_ID=experiment_id,
+                         **extra)
+
+    def manual_env(self, experiment_id: str, uri: str | None = None) -> dict[str, str]:
+        return clean_env(BENCH_OTLP_ENDPOINT=f"{uri or self.mlflow.url}/v1/traces",
+                         BENCH_EXPERIMENT_ID=experiment_id)
+
+    def run(self, argv: list[str], env: dict[str, str], timeout: float = 300,
+            on_line: Callable[[str], None] | None = None) -> Done:
+        return run(argv, env, cwd=self.workdir, timeout=timeout, on_line=on_line)
+
+
+def otel_env(uri: str, experiment_id: str) -> dict[str, str]:
+    """opentelemetry-instrument (opentelemetry-distro) sending traces only, OTLP/HTTP, to MLflow."""
+    return clean_env(
+        OTEL_TRACES_EXPORTER="otlp",
+        OTEL_METRICS_EXPORTER="none",
+        OTEL_LOGS_EXPORTER="none",
+        OTEL_EXPORTER_OTLP_TRACES_PROTOCOL="http/protobuf",
+        OTEL_EXPORTER_OTLP_TRACES_ENDPOINT=f"{uri}/v1/traces",
+        OTEL_EXPORTER_OTLP_TRACES_HEADERS=f"x-mlflow-experiment-id={experiment_id}",
+    )
+
+
+def _ratio_row(section: str, measure: str, variant: str, values: list[float], unit: str, base: float,
+               limit: float | None) -> Row:
+    median = statistics.median(values)
+    ratio = median / base
+    row = Row(section, measure, variant, values, unit, versus=f"{ratio:.2f}x")
+    if limit is not None:
+        row.target = f"≤ {limit:g}x"
+        row.ok = ratio <= limit
+    return row
+
+
+def _delta_row(section: str, measure: str, variant: str, values: list[float], unit: str, base: float,
+               limit: float | None, limit_label: str | None = None) -> Row:
+    delta = statistics.median(values) - base
+    sign = "+" if delta >= 0 else "-"
+    shown = f"{abs(delta):.0f} {unit}" if unit in ("ms", "µs") else f"{abs(delta):.2f} {unit}"
+    if unit == "MB":
+        shown = f"{abs(delta):.1f} MB"
+    row = Row(section, measure, variant, values, unit, versus=f"{sign}{shown}")
+    if limit is not None:
+        row.target = limit_label or f"≤ +{limit:g} {unit}"
+        row.ok = delta <= limit
+    return row
+
+
+# ---------------------------------------------------------------- 1. startup
+
+
+def startup(bench: Bench) -> list[Row]:
+    """Wall time of ``python -c pass``: nothing of ours imports pydantic-ai here."""
+    uri = bench.mlflow.url  # never contacted: no span is made
+    setups: Setups = {
+        "bare": ([PYTHON, "-c", "pass"], clean_env()),
+        "env-only bootstrap": ([PYTHON, "-c", "pass"],
+                               clean_env(PYTHONPATH=bench.boot_dir, MLFLOW_TRACKING_URI=uri)),
+        "traced-run": ([TRACED_RUN, "python", "-c", "pass"], clean_env(MLFLOW_TRACKING_URI=uri)),
+        "opentelemetry-instrument": ([OTEL_INSTRUMENT, "python", "-c", "pass"], otel_env(uri, "0")),
+    }
+
+    def once(variant: str) -> float:
+        argv, env = setups[variant]
+        done = bench.run(argv, env, timeout=60)
+        if done.returncode != 0 or done.stderr.strip():
+            raise RuntimeError(f"startup {variant}: exit {done.returncode}: {done.stderr[-1000:]}")
+        return done.wall_s * 1000
+
+    kept = interleave(list(setups), bench.plan.startup_warmups, bench.plan.startup_reps, once, "1 startup")
+    base = statistics.median(kept["bare"])
+    measure = "startup `python -c pass` (wall)"
+    rows = [Row("1", measure, "bare", kept["bare"], "ms", versus="1.00x (baseline)")]
+    rows.append(_ratio_row("1", measure, "env-only bootstrap", kept["env-only bootstrap"], "ms", base, 1.25))
+    rows.append(_ratio_row("1", measure, "traced-run", kept["traced-run"], "ms", base, 2.5))
+    rows.append(_ratio_row("1", measure, "opentelemetry-instrument", kept["opentelemetry-instrument"], "ms",
+                           base, None))
+    return rows
+
+
+# ---------------------------------------------------------------- 2. import pydantic_ai
+
+
+def first_import(bench: Bench, experiment_id: str) -> list[Row]:
+    """In-process time of the first ``import pydantic_ai`` (traced-run's lazy setup
+    runs inside it; the manual variant's number includes its whole setup), and of
+    the first agent run after it (work deferred to that point shows there)."""
+    one = ("--runs", "0")
+    setups: Setups = {
+        "bare": ([PYTHON, *bench.app("--setup", "none", *one)], clean_env()),
+        "traced-run": ([TRACED_RUN, "python", *bench.app("--setup", "none", *one)],
+                       bench.traced_env(experiment_id)),
+        "manual setup in code": ([PYTHON, *bench.app("--setup", "manual", *one)],
+                                 bench.manual_env(experiment_id)),
+    }
+
+    def once(variant: str) -> dict[str, Any]:
+        argv, env = setups[variant]
+        done = bench.run(argv, env, timeout=120)
+        return {**done.result(), "cpu_s": done.cpu_s}
+
+    kept = interleave(list(setups), bench.plan.import_warmups, bench.plan.import_reps, once, "2 import")
+    rows = []
+    for key, measure in (("import_s", "first `import pydantic_ai` (+ setup), in-process"),
+                         ("first_run_s", "then Agent() + first run, in-process"),
+                         ("cpu_s", "whole process CPU, user+sys (incl. deferred work)")):
+        values = {v: [r[key] * 1000 for r in kept[v]] for v in setups}
+        base = statistics.median(values["bare"])
+        is_import = key == "import_s"
+        rows.append(Row("2", measure, "bare", values["bare"], "ms", versus="baseline"))
+        rows.append(_delta_row("2", measure, "traced-run", values["traced-run"], "ms", base,
+                               150.0 if is_import else None))
+        rows.append(_delta_row("2", measure, "manual setup in code", values["manual setup in code"], "ms",
+                               base, None))
+    return rows
+
+
+# ---------------------------------------------------------------- 3. per-run overhead
+
+
+def per_run(bench: Bench, experiment_id: str) -> list[Row]:
+    plan = bench.plan
+    args = ("--warm", str(plan.per_run_warm_runs), "--warm-seconds", str(plan.per_run_warm_seconds),
+            "--runs", str(plan.per_run_runs))
+    setups: Setups = {
+        "untraced": ([PYTHON, *bench.app("--setup", "none", *args)], clean_env()),
+        "traced-run": ([TRACED_RUN, "python", *bench.app("--setup", "none", *args)],
+                       bench.traced_env(experiment_id)),
+        "manual setup in code": ([PYTHON, *bench.app("--setup", "manual", *args)],
+                                 bench.manual_env(experiment_id)),
+    }
+
+    def once(variant: str) -> float:
+        argv, env = setups[variant]
+        done = bench.run(argv, env, timeout=600)
+        if variant == "traced-run" and done.stderr.strip():
+            bench.notes.append(f"3 per-run, traced-run stderr: {done.stderr.strip().splitlines()[-1]}")
+        return float(done.result()["per_run_us"])
+
+    kept = interleave(list(setups), plan.per_run_warmups, plan.per_run_reps, once, "3 per-run")
+    base = statistics.median(kept["untraced"])
+    manual = statistics.median(kept["manual setup in code"])
+    measure = (f"agent run (TestModel + tool), {plan.per_run_runs} timed runs after "
+               f"≥{plan.per_run_warm_seconds:g} s of warm runs")
+    rows = [Row("3", measure, "untraced", kept["untraced"], "µs", versus="1.00x (baseline)")]
+    rows.append(_ratio_row("3", measure, "manual setup in code", kept["manual setup in code"], "µs", base,
+                           None))
+    traced = _ratio_row("3", measure, "traced-run", kept["traced-run"], "µs", base, None)
+    vs_manual = statistics.median(kept["traced-run"]) / manual
+    traced.versus += f"; {vs_manual:.2f}x manual"
+    traced.target = "≤ 1.02x manual"
+    traced.ok = vs_manual <= 1.02
+    rows.append(traced)
+    return rows
+
+
+# ---------------------------------------------------------------- 4. exit delay, MLflow down
+
+
+def exit_delay(bench: Bench) -> list[Row]:
+    """From the app's last statement to the process being reaped, one traced run
+    made, the collector refusing (closed port) or hanging (accepts, never answers)."""
+    listener = HangingListener()
+    refused = free_port()  # nothing listens there
+    try:
+        uris = {"refused": f"http://127.0.0.1:{refused}", "hanging": f"http://127.0.0.1:{listener.port}"}
+        app = bench.app("--setup", "none", "--runs", "0")  # exactly one agent run
+        setups: Setups = {"normal (untraced)": ([PYTHON, *app], clean_env())}
+        for how, uri in uris.items():
+            setups[f"traced-run, {how}"] = ([TRACED_RUN, "python", *app], bench.traced_env("0", uri))
+            setups[f"manual setup in code, {how}"] = (
+                [PYTHON, *bench.app("--setup", "manual", "--runs", "0")], bench.manual_env("0", uri))
+            setups[f"opentelemetry-instrument, {how}"] = (
+                [OTEL_INSTRUMENT, "python", *bench.app("--setup", "instrument-all", "--runs", "0")],
+                otel_env(uri, "0"))
+
+        def once(variant: str) -> float:
+            argv, env = setups[variant]
+            done = bench.run(argv, env, timeout=120)
+            if variant.startswith("traced-run") and done.stderr.strip():
+                bench.notes.append(f"4 exit, {variant}, stderr: {done.stderr.strip().splitlines()[-1]}")
+            return done.exited_at - float(done.result()["end"])
+
+        kept = interleave(list(setups), bench.plan.exit_warmups, bench.plan.exit_reps, once, "4 exit",
+                          concurrent=bench.plan.exit_concurrent)
+    finally:
+        listener.close()
+    base = statistics.median(kept["normal (untraced)"])
+    measure = "exit delay after 1 traced run, MLflow down"
+    rows = [Row("4", measure, "normal (untraced)", kept["normal (untraced)"], "s", versus="baseline")]
+    for variant, values in kept.items():
+        if variant == "normal (untraced)":
+            continue
+        limit: float | None = None
+        label = None
+        if variant == "traced-run, refused":
+            limit, label = 0.5, "≤ +0.5 s"
+        elif variant == "traced-run, hanging":
+            limit, label = EXIT_BOUND_S, f"≤ +{EXIT_BOUND_S:g} s (exit bound)"
+        rows.append(_delta_row("4", measure, variant, values, "s", base, limit, label))
+    return rows
+
+
+# ---------------------------------------------------------------- 5. peak RSS
+
+
+def peak_rss(bench: Bench, experiment_id: str) -> list[Row]:
+    runs = bench.plan.rss_runs
+    args = ("--runs", str(runs - 1))  # the app always makes one run first
+    setups: Setups = {
+        "untraced": ([PYTHON, *bench.app("--setup", "none", *args)], clean_env()),
+        "traced-run": ([TRACED_RUN, "python", *bench.app("--setup", "none", *args)],
+                       bench.traced_env(experiment_id)),
+        "manual setup in code": ([PYTHON, *bench.app("--setup", "manual", *args)],
+                                 bench.manual_env(experiment_id)),
+    }
+
+    def once(variant: str) -> float:
+        argv, env = setups[variant]
+        done = bench.run(argv, env, timeout=300)
+        done.result()
+        return done.maxrss_kb / 1024
+
+    kept = interleave(list(setups), bench.plan.rss_warmups, bench.plan.rss_reps, once, "5 rss")
+    base = statistics.median(kept["untraced"])
+    measure = f"peak RSS (wait4 ru_maxrss), {runs} runs"
+    return [
+        Row("5", measure, "untraced", kept["untraced"], "MB", versus="baseline"),
+        _delta_row("5", measure, "traced-run", kept["traced-run"], "MB", base, 30.0),
+        _delta_row("5", measure, "manual setup in code", kept["manual setup in code"], "MB", base, None),
+    ]
+
+
+# ---------------------------------------------------------------- 6. burst delivery
+
+
+@dataclass
+class BurstResult:
+    runs: int
+    arrived: int
+    drain_s: float
+    burst_s: float
+
+
+def burst(bench: Bench) -> list[Row]:
+    """Agent runs as fast as possible, each a trace; how many reach MLflow, and when."""
+    plan = bench.plan
+    args = ("--runs", str(plan.burst_runs - 1))
+    mlflow = bench.mlflow
+
+    def once(variant: str) -> BurstResult:
+        experiment_id = mlflow.create_experiment(f"bench-burst-{variant.split()[0]}")
+        if variant == "traced-run":
+            argv = [TRACED_RUN, "python", *bench.app("--setup", "none", *args)]
+            env = bench.traced_env(experiment_id)
+        else:
+            argv = [PYTHON, *bench.app("--setup", "manual", *args)]
+            env = bench.manual_env(experiment_id)
+        exited = threading.Event()
+        outcome: list[Arrival] = []
+        watcher: list[threading.Thread] = []
+
+        def on_line(line: str) -> None:
+            if watcher or not line.startswith('{"loop_end"'):
+                return
+            loop_end = float(json.loads(line)["loop_end"])
+
+            def watch() -> None:
+                outcome.append(mlflow.wait_count(experiment_id, plan.burst_runs, since=loop_end,
+                                                 deadline_s=plan.burst_deadline_s, settle_s=3.0,
+                                                 exited=exited))
+
+            thread = threading.Thread(target=watch, name="burst-watch", daemon=True)
+            thread.start()
+            watcher.append(thread)
+
+        try:
+            done = bench.run(argv, env, timeout=plan.burst_deadline_s + 600, on_line=on_line)
+        finally:
+            exited.set()
+        if watcher:
+            watcher[0].join(timeout=plan.burst_deadline_s + 60)
+        result = done.result()
+        if not outcome:
+            raise RuntimeError(f"burst {variant}: no arrival count (watcher did not finish)")
+        if done.stderr.strip():
+            bench.notes.append(f"6 burst, {variant}, stderr: {done.stderr.strip().splitlines()[-1]}")
+        drain = outcome[0].last_seen_after_s if outcome[0].count else float("nan")  # nothing arrived
+        return BurstResult(int(result["runs"]), outcome[0].count, drain,
+                           float(result["loop_end"]) - float(result["loop_start"]))
+
+    variants = ["traced-run", "manual setup in code"]
+    kept = interleave(variants, 0, plan.burst_reps, once, "6 burst")
+    rows = []
+    for variant in variants:
+        results = kept[variant]
+        runs = results[0].runs
+        rows.append(Row("6", f"burst of {runs} runs: traces arrived", variant,
+                        [float(r.arrived) for r in results], "", versus=f"of {runs}"))
+        lost = Row("6", f"burst of {runs} runs: traces lost", variant,
+                   [float(r.runs - r.arrived) for r in results], "")
+        if variant == "traced-run":
+            lost.target = "0 (issue 3)"
+            lost.ok = max(lost.values) == 0
+        rows.append(lost)
+        rows.append(Row("6", "burst: last trace seen in MLflow, after the loop ended", variant,
+                        [r.drain_s for r in results], "s"))
+        rows.append(Row("6", "burst: the loop itself (app side)", variant, [r.burst_s for r in results], "s"))
+    return rows
+
