@@ -39,4 +39,5 @@ def test_example_config_uncommented_gives_the_defaults(tmp_path: Path) -> None:
     assert loaded.settings == Settings(config=str(path))
     from_file = {name for name, source in loaded.sources.items() if source.startswith(f"{path}:")}
     assert from_file == {"enabled", "strict", "headers", "timeout", "compression", "resource_attributes",
-                         "exit_timeout", "queue_size", "include_content", "include_binary_content"}
+                         "exit_timeout", "queue_size", "spool_max_mb", "include_content",
+                         "include_binary_content"}

@@ -1,68 +1,104 @@
-"""Moves finished spans from the app's threads to MLflow, off those threads.
+"""Moves finished spans from the app's threads to MLflow, off those threads,
+and never loses one silently.
 
-A bounded queue feeds one daemon thread that batches, retries with back-off
-while MLflow is unreachable, and never lets the process wait at exit longer
-than ``exit_timeout``: at normal exit, after an uncaught exception and on
-SIGTERM (then the app's own handler, or the default action, follows). What
-could not be delivered is said in one line on stderr, never dropped silently.
+A bounded queue feeds one daemon thread that batches, encodes and posts.
+A batch MLflow does not take (refused, timeout, 5xx, 429) goes to the on-disk
+spool at once, and the thread backs off before asking MLflow again; while it
+waits, and when the queue runs high, batches go straight to the spool. When
+MLflow answers again and the queue is idle, the spool is sent back, oldest
+first, by this process or the next traced one. A batch MLflow rejects as
+invalid is set aside with the reason. At exit (normal, uncaught exception,
+SIGTERM, ``os._exit`` in a forked child) the process waits at most
+``exit_timeout``, spools whatever is left, and says in one line what it had
+to spool, set aside or drop.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import signal
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry.context import Context
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 
 from traced_run import report
-from traced_run.export import Sender
 from traced_run.report import mask_url
 from traced_run.settings import Settings
+from traced_run.spool import Spool, default_directory
+
+if TYPE_CHECKING:
+    from traced_run.export import Outcome, Sender
 
 BATCH_SIZE = 512
-"""Spans per export request."""
+"""Spans per request."""
 BATCH_DELAY = 1.0
 """Seconds a partial batch waits for more spans before it is sent anyway."""
 BACKOFF = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
-"""Seconds between retries while MLflow does not take a batch."""
+"""Seconds between attempts while MLflow does not take batches."""
+SPOOL_RESERVE = 0.25
+"""Part of the exit bound kept for writing what is left to the spool."""
 
 
 class Delivery:
-    """The queue, the delivery thread and the exit bound of one process."""
+    """The queue, the delivery thread, the spool and the exit bound of one process."""
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
+        self._endpoint = settings.traces_endpoint or ""
+        self.spool = Spool(
+            Path(settings.spool_dir) if settings.spool_dir else default_directory(),
+            settings.spool_max_mb * 1024 * 1024,
+        )
         self._reset()
-        os.register_at_fork(after_in_child=self._reset)
+        os.register_at_fork(after_in_child=self._after_fork)
 
     def _reset(self) -> None:
-        """Start empty: a forked child never re-sends its parent's queue, and
-        starts its own thread when it has spans of its own."""
         self._wake = threading.Condition()
         self._queue: deque[ReadableSpan] = deque()
         self._in_flight: list[ReadableSpan] = []
         self._thread: threading.Thread | None = None
         self._sender: Sender | None = None
+        self._down_until = 0.0
+        self._failures = 0
         self._closing = False
-        self._gave_up = False
-        self._flushing = 0
         self._closed = False
+        self._deadline = 0.0
+        self._flushing = 0
+        self._spool_idle = False
+        self.problem: str | None = None
         self.delivered = 0
+        self.spooled = 0
+        self.resent = 0
+        self.rejected = 0
         self.dropped = 0
+        self.lost = 0
+        self._spooled_traces: set[int] = set()
+
+    def _after_fork(self) -> None:
+        """A forked child starts empty (it never re-sends its parent's queue),
+        starts its own thread when it has spans, and flushes even when it ends
+        with ``os._exit``, as multiprocessing and prefork servers' workers do."""
+        self._reset()
+        real_exit = os._exit
+
+        def exit_after_delivery(status: int) -> Any:
+            self.close()
+            real_exit(status)
+
+        os._exit = exit_after_delivery
 
     def submit(self, span: ReadableSpan) -> None:
         with self._wake:
-            if self._closed:
-                self.dropped += 1
-                return
-            if len(self._queue) >= self._settings.queue_size:
+            if self._closed or len(self._queue) >= self._settings.queue_size:
                 self.dropped += 1
                 return
             self._queue.append(span)
@@ -72,8 +108,9 @@ class Delivery:
                 self._wake.notify_all()
 
     def start(self) -> None:
-        """Start the delivery thread now, so that importing the exporter and
-        looking the experiment up are done before the first batch is due."""
+        """Start the delivery thread now: importing the exporter and looking
+        the experiment up are then done before the first batch is due, and a
+        spool left by earlier processes is sent."""
         with self._wake:
             if self._thread is None:
                 self._start()
@@ -82,88 +119,202 @@ class Delivery:
         self._thread = threading.Thread(target=self._run, name="traced-run-delivery", daemon=True)
         self._thread.start()
 
-    def _run(self) -> None:
-        failures = 0
-        sender = self._sender = Sender(self._settings)
-        sender.prepare()
-        while True:
-            with self._wake:
-                self._wake.wait_for(self._batch_due, timeout=BATCH_DELAY)
-                if not self._queue:
-                    continue
-                batch = [self._queue.popleft() for _ in range(min(BATCH_SIZE, len(self._queue)))]
-                self._in_flight = batch
-            try:
-                sent = sender.send(batch)
-            except Exception as error:  # a bug of ours or a library's must not kill delivery
-                sender.problem = f"{type(error).__name__}: {error}"
-                sent = False
-            with self._wake:
-                self._in_flight = []
-                if sent:
-                    self.delivered += len(batch)
-                    failures = 0
-                else:
-                    self._queue.extendleft(reversed(batch))
-                self._wake.notify_all()
-                if not sent and self._closing:
-                    self._gave_up = True  # close() sums up in one line
-                    self._wake.notify_all()
-                    return
-                if not sent:
-                    report.say(f"cannot deliver traces yet ({sender.problem}); retrying in the background")
-                    delay = 0.2 if self._flushing else BACKOFF[min(failures, len(BACKOFF) - 1)]
-                    failures += 1
-                    self._wake.wait(timeout=delay)
-
     def _batch_due(self) -> bool:
         urgent = self._closing or self._flushing
-        return len(self._queue) >= BATCH_SIZE or bool(urgent and self._queue)
+        leaving_with_spool = self._closing and not self._spool_idle
+        return len(self._queue) >= BATCH_SIZE or bool(urgent and self._queue) or leaving_with_spool
+
+    def _settled(self) -> bool:
+        """Nothing queued or in flight; when leaving, also no spooled batch MLflow would take now."""
+        idle = not self._queue and not self._in_flight
+        return idle and (self._spool_idle or not self._closing)
+
+    def _run(self) -> None:
+        from traced_run.export import Sender, target_of
+
+        sender = self._sender = Sender(self._settings)
+        target = target_of(self._settings)
+        with contextlib.suppress(Exception):  # MLflow not reachable yet: the first post says why
+            sender.resolve(target)
+        more_spooled = True  # a spool left by earlier processes goes first
+        while True:
+            with self._wake:
+                self._wake.wait_for(self._batch_due, timeout=0 if more_spooled else BATCH_DELAY)
+                take = min(BATCH_SIZE, len(self._queue))
+                batch = [self._queue.popleft() for _ in range(take)]
+                self._in_flight = batch
+            more_spooled = False
+            try:
+                if batch:
+                    self._deliver(batch)
+                else:
+                    more_spooled = self._send_spooled_one()
+                    self._spool_idle = not more_spooled
+            except Exception as error:  # a bug of ours or a library's must not stop delivery
+                self.problem = f"{type(error).__name__}: {error}"
+                with self._wake:
+                    self.lost += len(batch)
+            with self._wake:
+                self._in_flight = []
+                self._wake.notify_all()
+
+    def _down(self) -> bool:
+        return time.monotonic() < self._down_until
+
+    def _attempt_timeout(self) -> float:
+        if self._closing:
+            return max(0.0, self._deadline - time.monotonic() - SPOOL_RESERVE)
+        return self._settings.timeout
+
+    def _deliver(self, batch: list[ReadableSpan]) -> None:
+        from traced_run.export import encode, target_of
+
+        payload = encode(batch)
+        target = target_of(self._settings)
+        high = len(self._queue) > self._settings.queue_size // 2
+        timeout = self._attempt_timeout()
+        if self._down() or high or timeout <= 0:
+            self._keep(batch, payload)
+            return
+        assert self._sender is not None
+        outcome = self._sender.post(payload, target, timeout)
+        if outcome.delivered:
+            self.delivered += len(batch)
+            self._up()
+        elif outcome.invalid:
+            self._set_aside(batch, payload, outcome)
+        else:
+            self._failed(outcome)
+            self._keep(batch, payload)
+
+    def _up(self) -> None:
+        self._failures = 0
+        self._down_until = 0.0
+
+    def _failed(self, outcome: Outcome) -> None:
+        self.problem = outcome.reason
+        self._down_until = time.monotonic() + BACKOFF[min(self._failures, len(BACKOFF) - 1)]
+        self._failures += 1
+        if not self._closing:  # at exit, close() sums up in one line
+            report.say(f"cannot deliver traces to {mask_url(self._endpoint)} ({outcome.reason}); keeping "
+                       f"them in {self.spool.directory} and retrying in the background")
+
+    def _keep(self, batch: Sequence[ReadableSpan], payload: bytes) -> None:
+        from traced_run.export import target_of
+
+        traces = {span.context.trace_id for span in batch if span.context}
+        try:
+            evicted = self.spool.put(target_of(self._settings), len(batch), len(traces), payload)
+        except OSError as error:
+            self.lost += len(batch)
+            self.problem = f"{self.problem or 'not delivered'}; cannot write the spool: {error.strerror}"
+            return
+        with self._wake:
+            self.spooled += len(batch)
+            self._spooled_traces |= traces
+            self.dropped += evicted
+
+    def _set_aside(self, batch: Sequence[ReadableSpan], payload: bytes, outcome: Outcome) -> None:
+        from traced_run.export import target_of
+
+        self.rejected += len(batch)
+        self.problem = outcome.reason
+        traces = len({span.context.trace_id for span in batch if span.context})
+        target = target_of(self._settings)
+        aside = self.spool.put_rejected(target, len(batch), traces, payload, outcome.reason)
+        report.say(f"MLflow rejected a batch of {len(batch)} spans ({outcome.reason}); set aside in {aside}")
+
+    def _send_spooled_one(self) -> bool:
+        """Send one spooled batch, if MLflow is taking batches; the queue keeps
+        priority. True when it was sent and there may be more."""
+        if self._down() or self._sender is None:
+            return False
+        for batch in self.spool.claim(self._endpoint):
+            outcome = self._sender.post(batch.payload, batch.target, self._attempt_timeout())
+            if outcome.delivered:
+                self.spool.done(batch)
+                self.resent += batch.spans
+                self._up()
+                return True
+            if outcome.invalid:
+                aside = self.spool.reject(batch, outcome.reason)
+                report.say(f"MLflow rejected a spooled batch ({outcome.reason}); set aside in {aside}")
+                return True
+            self.spool.release(batch)
+            self._failed(outcome)
+        return False
 
     def flush(self, timeout: float) -> bool:
-        """Send what is queued now; True when all of it was taken within ``timeout``."""
+        """Send what is queued now; True when all of it was handled within ``timeout``."""
         deadline = time.monotonic() + timeout
         with self._wake:
             self._flushing += 1
             self._wake.notify_all()
             try:
-                return self._wake.wait_for(
-                    lambda: (not self._queue and not self._in_flight) or self._gave_up,
-                    timeout=max(0.0, deadline - time.monotonic()),
-                ) and not self._gave_up
+                return self._wake.wait_for(self._settled, timeout=max(0.0, deadline - time.monotonic()))
             finally:
                 self._flushing -= 1
 
     def close(self) -> None:
-        """Deliver what is queued, waiting at most ``exit_timeout``; say what was lost."""
+        """Deliver or spool what is queued within ``exit_timeout``; say what happened."""
         with self._wake:
             if self._closed:
                 return
             self._closing = True
-            if self._sender is not None:
-                self._sender.leave()
-        self.flush(self._settings.exit_timeout)
+            self._spool_idle = False
+            self._deadline = time.monotonic() + self._settings.exit_timeout
+            started = self._thread is not None
+        if started:
+            self.flush(max(0.0, self._deadline - time.monotonic() - SPOOL_RESERVE))
         with self._wake:
             self._closed = True
-            left = list(self._queue) + self._in_flight
-            dropped = self.dropped
-        if self._sender is not None and left:
-            self._sender.abandon()
-        if left or dropped:
-            traces = len({span.context.trace_id for span in left if span.context})
-            problem = self._sender.problem if self._sender else None
-            why = problem or f"no answer within exit_timeout={self._settings.exit_timeout:g}s"
-            endpoint = mask_url(self._settings.traces_endpoint or "")
-            lost = f"{len(left)} spans of {traces} traces not delivered to {endpoint} ({why})" if left else ""
-            over = f"{dropped} spans dropped: more than queue_size={self._settings.queue_size} waiting" \
-                if dropped else ""
-            report.say("; ".join(part for part in (lost, over) if part))
+            left = list(self._in_flight) + list(self._queue)
+            self._queue.clear()
+        if left:
+            self._spool_on_exit(left)
+        self._summary()
+
+    def _spool_on_exit(self, left: list[ReadableSpan]) -> None:
+        """The delivery thread did not finish in time (MLflow hangs): keep the
+        rest from this thread. A batch that was mid-send may reach MLflow twice;
+        MLflow stores a re-sent span once."""
+        from traced_run.export import encode
+
+        if self.problem is None:
+            self.problem = f"no answer within exit_timeout={self._settings.exit_timeout:g}s"
+        try:
+            self._keep(left, encode(left))
+        except Exception as error:
+            self.lost += len(left)
+            self.problem = f"{self.problem}; {type(error).__name__}: {error}"
+
+    def _summary(self) -> None:
+        kept = self.spooled - self.resent
+        parts = []
+        if self.spooled:
+            where = mask_url(self._endpoint)
+            if kept > 0:
+                parts.append(f"{self.spooled} spans of {len(self._spooled_traces)} traces not delivered to "
+                             f"{where} ({self.problem}): kept in {self.spool.directory}; the next traced "
+                             f"process or `traced-run flush` sends them")
+            else:
+                parts.append(f"{self.spooled} spans were spooled while {where} was unreachable "
+                             f"({self.problem}) and sent later")
+        if self.rejected:
+            parts.append(f"{self.rejected} spans rejected by MLflow, set aside in {self.spool.rejected}")
+        if self.dropped:
+            parts.append(f"{self.dropped} spans dropped (queue_size={self._settings.queue_size} full, or "
+                         f"spool over spool_max_mb={self._settings.spool_max_mb})")
+        if self.lost:
+            parts.append(f"{self.lost} spans lost ({self.problem})")
+        if parts:
+            report.say("; ".join(parts))
 
     def install_exit_hooks(self) -> None:
         atexit.register(self.close)
         try:
             previous = signal.getsignal(signal.SIGTERM)
-            signal.signal(signal.SIGTERM, _ChainedSigterm(self, previous))
+            signal.signal(signal.SIGTERM, _ChainedSigterm(self.close, previous))
         except ValueError:  # not the main thread: the app's own exit path still runs atexit
             pass
 
@@ -171,12 +322,12 @@ class Delivery:
 class _ChainedSigterm:
     """Delivers, then does what SIGTERM did before: the app's handler, or dying by it."""
 
-    def __init__(self, delivery: Delivery, previous: Any) -> None:
-        self._delivery = delivery
+    def __init__(self, close: Callable[[], None], previous: Any) -> None:
+        self._close = close
         self._previous = previous
 
     def __call__(self, signum: int, frame: FrameType | None) -> None:
-        self._delivery.close()
+        self._close()
         if callable(self._previous):
             self._previous(signum, frame)
         elif self._previous != signal.SIG_IGN:

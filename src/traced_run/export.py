@@ -1,137 +1,122 @@
-"""Sends batches of spans to MLflow's OTLP/HTTP receiver.
+"""Turns finished spans into OTLP requests and posts them to MLflow.
 
-Built on the delivery thread at its first batch: importing the exporter and
-looking the experiment up never run on the app's threads.
+The request body is the OpenTelemetry SDK's own protobuf encoding; the post is
+one attempt with a timeout the caller chooses and no retry inside: the
+delivery thread decides what a failure means (try later, spool, set aside),
+and a process that is leaving gives an attempt only what is left of its exit
+bound. The experiment name is resolved here, on the delivery thread, once per
+process.
 """
 
 from __future__ import annotations
 
-import logging
-import re
-import threading
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+import gzip
+import http.client
+import urllib.error
+import urllib.request
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
 
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.trace import ReadableSpan
 
 from traced_run import mlflow_api
+from traced_run.enrich import for_mlflow
 from traced_run.settings import Settings
+from traced_run.spool import Target
 
-if TYPE_CHECKING:
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-
-_EXPORTER_LOGGER = "opentelemetry.exporter.otlp"
-
-
-class _ExporterLog(logging.Handler):
-    """The exporter says why a batch failed only in log records. Keep the first
-    record of the current attempt for our one-line report, and tell the sender
-    when the exporter is about to back off and retry. Being a handler also
-    keeps Python's last-resort handler from printing these records to stderr."""
-
-    def __init__(self, on_retry: Callable[[], None]) -> None:
-        super().__init__(logging.WARNING)
-        self.thread: threading.Thread | None = None
-        self.message: str | None = None
-        self._on_retry = on_retry
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if threading.current_thread() is not self.thread:  # the app's own exporter, not ours
-            return
-        if self.message is None:
-            self.message = record.getMessage().splitlines()[0]
-        if str(record.msg).startswith("Transient error"):
-            self._on_retry()
+RETRYABLE = {408, 425, 429, 500, 502, 503, 504}
+"""Statuses after which the same batch may well be taken later."""
+INVALID = {400, 404, 413, 415, 422}
+"""Statuses that say the batch itself (or where it is addressed) is wrong: sending it again cannot help."""
 
 
-_ERRNO = re.compile(r"\[Errno -?\d+\] ([^'\")]+)")
-_STATUS = re.compile(r"code: (\d{3}), reason: ([^,]+)")
+@dataclass(frozen=True)
+class Outcome:
+    delivered: bool
+    invalid: bool
+    """MLflow refused the batch itself; it goes aside, not back to the spool."""
+    reason: str
 
 
-def _reason(message: str | None) -> str:
-    """The exporter's log line, cut down to what a user acts on."""
-    if not message:
-        return "export failed"
-    if errno := _ERRNO.search(message):
-        return errno.group(1).strip().lower()
-    if status := _STATUS.search(message):
-        return f"HTTP {status.group(1)} {status.group(2).strip()}"
-    if "timed out" in message.lower():
-        return "no answer within the export timeout"
-    if transient := re.match(r"Transient error (.+?) encountered", message):
-        return transient.group(1)
-    return message[:200]
+DELIVERED = Outcome(True, False, "")
+
+
+def target_of(settings: Settings) -> Target:
+    """Where this process's batches go, known without asking MLflow."""
+    endpoint = settings.traces_endpoint or ""
+    if settings.experiment_name and not settings.experiment_id:
+        return Target(endpoint, None, settings.experiment_name, settings.run_id)
+    return Target(endpoint, settings.experiment_id or mlflow_api.DEFAULT_EXPERIMENT_ID, None,
+                  settings.run_id)
+
+
+def encode(spans: Sequence[ReadableSpan]) -> bytes:
+    """The OTLP request body for ``spans``, with OpenInference's attributes added."""
+    return bytes(encode_spans([for_mlflow(span) for span in spans]).SerializeToString())
 
 
 class Sender:
-    """Exports batches; ``send`` says whether MLflow took them, ``problem`` why not."""
+    """Posts encoded batches with this process's headers and credentials."""
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
-        self._exporter: OTLPSpanExporter | None = None
-        self._log = _ExporterLog(self._retrying)
-        self._leaving = False
-        self._in_retry = False
-        logging.getLogger(_EXPORTER_LOGGER).addHandler(self._log)
-        self.problem: str | None = None
+        self._experiments: dict[str, str] = {}
 
-    def _build(self) -> OTLPSpanExporter:
-        from opentelemetry.exporter.otlp.proto.http import Compression
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    def resolve(self, target: Target) -> str:
+        """The experiment id for ``target``; raises MlflowError when MLflow cannot say."""
+        if target.experiment_id is not None:
+            return target.experiment_id
+        name = target.experiment_name or ""
+        if name not in self._experiments:
+            self._experiments[name] = mlflow_api.experiment_id(self._settings, name)
+        return self._experiments[name]
 
+    def post(self, payload: bytes, target: Target, timeout: float) -> Outcome:
         settings = self._settings
-        headers = {"x-mlflow-experiment-id": mlflow_api.experiment_id(settings)}
-        if settings.run_id:
-            headers["x-mlflow-run-id"] = settings.run_id
+        try:
+            experiment_id = self.resolve(target)
+        except mlflow_api.MlflowError as error:
+            return Outcome(False, False, str(error))
+        headers = {"Content-Type": "application/x-protobuf", "x-mlflow-experiment-id": experiment_id}
+        if target.run_id:
+            headers["x-mlflow-run-id"] = target.run_id
         headers.update(mlflow_api.auth_headers(settings))
         headers.update(settings.headers)
-        return OTLPSpanExporter(
-            endpoint=settings.traces_endpoint,
-            headers=headers,
-            timeout=settings.timeout,
-            compression=Compression(settings.compression),
-        )
+        if settings.compression == "gzip":
+            payload = gzip.compress(payload, compresslevel=6)
+            headers["Content-Encoding"] = "gzip"
+        elif settings.compression == "deflate":
+            payload = zlib.compress(payload)
+            headers["Content-Encoding"] = "deflate"
+        request = urllib.request.Request(target.endpoint, data=payload, method="POST", headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=max(timeout, 0.05)) as response:
+                response.read()
+            return DELIVERED
+        except urllib.error.HTTPError as error:
+            reason = f"HTTP {error.code} {error.reason}{_detail(error)}"
+            return Outcome(False, error.code in INVALID, reason)
+        except TimeoutError:
+            return Outcome(False, False, f"no answer within {timeout:.1f}s")
+        except urllib.error.URLError as error:
+            return Outcome(False, False, _network_reason(error.reason))
+        except (OSError, http.client.HTTPException) as error:
+            return Outcome(False, False, _network_reason(error))
 
-    def prepare(self) -> bool:
-        """Build the exporter (imports, experiment lookup) unless built already."""
-        if self._exporter is None:
-            try:
-                self._exporter = self._build()
-            except mlflow_api.MlflowError as error:
-                self.problem = str(error)
-                return False
-        return True
 
-    def send(self, spans: Sequence[ReadableSpan]) -> bool:
-        from opentelemetry.sdk.trace.export import SpanExportResult
+def _detail(error: urllib.error.HTTPError) -> str:
+    try:
+        body = error.read(300).decode("utf-8", "replace").strip()
+    except OSError:
+        return ""
+    return f": {' '.join(body.split())[:200]}" if body else ""
 
-        from traced_run.enrich import for_mlflow
 
-        if not self.prepare() or self._exporter is None:
-            return False
-        self._log.thread = threading.current_thread()
-        self._log.message = None
-        self._in_retry = False
-        result = self._exporter.export([for_mlflow(span) for span in spans])
-        if result is SpanExportResult.SUCCESS:
-            self.problem = None
-            return True
-        self.problem = _reason(self._log.message)
-        return False
-
-    def _retrying(self) -> None:
-        self._in_retry = True
-        if self._leaving:
-            self.abandon()
-
-    def leave(self) -> None:
-        """The process is exiting: a batch that fails now is not retried, so
-        that a refusing MLflow costs the exit one attempt, not the exit bound."""
-        self._leaving = True
-        if self._in_retry:
-            self.abandon()
-
-    def abandon(self) -> None:
-        """Stop the exporter, interrupting its back-off: nothing more will be sent."""
-        if self._exporter is not None:
-            self._exporter.shutdown()  # type: ignore[no-untyped-call]
+def _network_reason(reason: object) -> str:
+    if isinstance(reason, TimeoutError):
+        return "no answer within the timeout"
+    if isinstance(reason, OSError) and reason.strerror:
+        return reason.strerror.lower()
+    return str(reason) or type(reason).__name__

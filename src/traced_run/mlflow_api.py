@@ -60,14 +60,9 @@ class MlflowHttpError(MlflowError):
         super().__init__(f"MLflow answered {status} {error_code} for {url}{hint.get(status, '')}".strip())
 
 
-def experiment_id(settings: Settings) -> str:
-    """The id to send in ``x-mlflow-experiment-id``: given, or looked up by
-    name and created when missing (a concurrent creation is looked up again)."""
-    if settings.experiment_id:
-        return settings.experiment_id
-    name = settings.experiment_name
-    if not name:
-        return DEFAULT_EXPERIMENT_ID
+def experiment_id(settings: Settings, name: str) -> str:
+    """The id of experiment ``name``, created when missing (a concurrent
+    creation is looked up again)."""
     if not settings.tracking_uri:
         raise MlflowError("experiment_name needs tracking_uri to look the experiment up")
     for _ in range(2):

@@ -265,6 +265,12 @@ class Settings:
     queue_size: int = setting(20000, Spec(
         COUNT, "Most finished spans held in memory while waiting for export.",
         env=("TRACED_RUN_QUEUE_SIZE",)))
+    spool_dir: str | None = setting(None, Spec(
+        TEXT, "Where undelivered batches wait for a later send; default ~/.cache/traced-run/spool.",
+        env=("TRACED_RUN_SPOOL_DIR",)))
+    spool_max_mb: int = setting(256, Spec(
+        COUNT, "Most megabytes the spool holds; past it the oldest batches are removed, and counted.",
+        env=("TRACED_RUN_SPOOL_MAX_MB",)))
     instrumentation_version: int | None = setting(None, Spec(
         VERSION, "pydantic-ai instrumentation format version; default pydantic-ai's own.",
         env=("TRACED_RUN_INSTRUMENTATION_VERSION",)))
