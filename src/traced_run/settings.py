@@ -262,8 +262,8 @@ class Settings:
     exit_timeout: float = setting(2.0, Spec(
         SECONDS, "Longest a process waits at exit (or SIGTERM) for its spans to be delivered.",
         env=("TRACED_RUN_EXIT_TIMEOUT",)))
-    queue_size: int = setting(20000, Spec(
-        COUNT, "Most finished spans held in memory while waiting for export.",
+    queue_size: int = setting(2048, Spec(
+        COUNT, "Most finished spans held in memory; past half of it, batches go to the spool instead.",
         env=("TRACED_RUN_QUEUE_SIZE",)))
     spool_dir: str | None = setting(None, Spec(
         TEXT, "Where undelivered batches wait for a later send; default ~/.cache/traced-run/spool.",
