@@ -23,7 +23,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +32,7 @@ from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 from traced_run import report
 from traced_run.report import mask_url
 from traced_run.settings import Settings
-from traced_run.spool import Spool, default_directory
+from traced_run.spool import Spool
 
 if TYPE_CHECKING:
     from traced_run.export import Outcome, Sender
@@ -54,10 +53,7 @@ class Delivery:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._endpoint = settings.traces_endpoint or ""
-        self.spool = Spool(
-            Path(settings.spool_dir) if settings.spool_dir else default_directory(),
-            settings.spool_max_mb * 1024 * 1024,
-        )
+        self.spool = Spool.of(settings)
         self._reset()
         os.register_at_fork(after_in_child=self._after_fork)
 

@@ -21,6 +21,8 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from traced_run.settings import Settings
+
 SUFFIX = ".otlp"
 CLAIMED = ".claimed"
 STALE_CLAIM_SECONDS = 300.0
@@ -57,6 +59,12 @@ def default_directory() -> Path:
 
 
 class Spool:
+    @classmethod
+    def of(cls, settings: Settings) -> Spool:
+        """``spool_dir`` (or the per-user default), bounded by ``spool_max_mb``."""
+        directory = Path(settings.spool_dir) if settings.spool_dir else default_directory()
+        return cls(directory, settings.spool_max_mb * 1024 * 1024)
+
     def __init__(self, directory: Path, max_bytes: int) -> None:
         self.directory = directory
         self.max_bytes = max_bytes
@@ -125,14 +133,18 @@ class Spool:
                 spans += int(str(header.get("spans", 0)))
         return batches, spans
 
+    def pending(self, endpoint: str) -> Iterator[tuple[Path, dict[str, object]]]:
+        """Unclaimed batches waiting for ``endpoint``, oldest first, with their headers."""
+        for path in self._files():
+            header = _header(path)
+            if header is not None and header.get("endpoint") == endpoint:
+                yield path, header
+
     def claim(self, endpoint: str) -> Iterator[Batch]:
         """Oldest first, the batches for ``endpoint`` this process now holds;
         each must then be ``done``, ``release``d or ``reject``ed."""
         self._reclaim_stale()
-        for path in self._files():
-            header = _header(path)
-            if header is None or header.get("endpoint") != endpoint:
-                continue
+        for path, header in self.pending(endpoint):
             claimed = path.with_name(f"{path.name}{CLAIMED}-{os.getpid()}")
             try:
                 os.replace(path, claimed)
