@@ -25,7 +25,9 @@ EXIT_NOT_FOUND = 127
 
 _said: set[str] = set()
 _lock = threading.Lock()
-_USERINFO = re.compile(r"(?<=://)[^/@\s:]*:[^/@\s]*@")
+# The password runs to the last "@" of the URL: users paste unencoded "@" and "/" in
+# passwords, and a masked path is harmless where a shown password is not.
+_USERINFO = re.compile(r"(?<=://)[^/@\s:]*:\S*@")
 
 
 class ConfigError(Exception):

@@ -126,19 +126,32 @@ def _yaml_layer(path: str, environ: Mapping[str, str]) -> dict[str, Value]:
     import yaml
 
     try:
-        with open(path, encoding="utf-8") as stream:
-            text = stream.read()
+        with open(path, "rb") as stream:
+            data = stream.read()
     except OSError as error:
         raise ConfigError(f"{path}: cannot read the config file: {error.strerror or error}") from None
-    loader = yaml.SafeLoader(text)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise ConfigError(f"{path}:{line}: cannot read the config file: not UTF-8 text") from None
+    try:
+        loader = yaml.SafeLoader(text)
+    except yaml.reader.ReaderError as error:
+        # Raised while the text is checked, before YAML has a mark: count the place out.
+        line = text.count("\n", 0, error.position) + 1
+        column = error.position - text.rfind("\n", 0, error.position)
+        raise ConfigError(f"{path}:{line}:{column}: malformed YAML: character #x{error.character:04x} "
+                          f"is not allowed") from None
     try:
         node = loader.get_single_node()
-        if node is None:
+        # No document, or an empty one ("---" above commented-out keys): nothing set.
+        if node is None or node.tag == "tag:yaml.org,2002:null":
             return {}
         if not isinstance(node, yaml.MappingNode):
             line = node.start_mark.line + 1
             raise ConfigError(f"{path}:{line}: expected a mapping of settings at the top level")
-        entries = [(k, v, loader.construct_object(v, deep=True)) for k, v in node.value]
+        entries = [(k, v, _construct(loader, k, v, path)) for k, v in node.value]
     except yaml.MarkedYAMLError as error:
         mark = error.problem_mark or error.context_mark
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
@@ -162,6 +175,15 @@ def _yaml_layer(path: str, environ: Mapping[str, str]) -> dict[str, Value]:
         value = _expand_all(value, f"{path}:{value_node.start_mark.line + 1}", key, environ)
         layer[key] = _parse(where, key, value, from_yaml=True)
     return layer
+
+
+def _construct(loader: Any, key_node: Any, value_node: Any, path: str) -> Any:
+    try:
+        return loader.construct_object(value_node, deep=True)
+    except ValueError as error:
+        # PyYAML lets datetime's error through for a date-like value such as 2024-13-45.
+        where = f"{path}:{value_node.start_mark.line + 1}"
+        raise ConfigError(f"{where}: {key_node.value}: not a valid YAML value: {error}") from None
 
 
 def _config_path(options: dict[str, Value], env: dict[str, Value]) -> str | None:
@@ -203,22 +225,24 @@ def load(environ: Mapping[str, str] | None = None) -> Loaded:
 
 
 def _resolve_groups(layers: list[dict[str, Value]], chosen: dict[str, Value]) -> None:
-    """The highest source that names a member of a group decides the whole group."""
+    """The highest source that names a member of a group decides the whole group;
+    a source naming two is wrong even below it, as any wrong value in it is."""
     groups: dict[str, list[str]] = {}
     for name, spec in SPECS.items():
         if spec.exclusive_group:
             groups.setdefault(spec.exclusive_group, []).append(name)
     for members in groups.values():
+        decided = False
         for layer in reversed(layers):
             named = [name for name in members if name in layer]
             if len(named) > 1:
                 sources = " and ".join(f"{name} ({layer[name].source})" for name in named)
                 raise ConfigError(f"both {sources} are set; set only one")
-            if named:
+            if named and not decided:
+                decided = True
                 for other in members:
                     if other not in named:
                         chosen.pop(other, None)
-                break
 
 
 def early_flag(name: str, environ: Mapping[str, str]) -> bool | None:
