@@ -360,8 +360,6 @@ def env_only(boot_dir: str, **extra: str) -> dict[str, str]:
     return clean_env(PYTHONPATH=boot_dir, MLFLOW_TRACKING_URI=UNUSED_URI, **extra)
 
 
-@pytest.mark.xfail(strict=True, reason="bootstrap.py raises SystemExit inside sitecustomize: Python "
-                                       "reports 'Fatal Python error: init_import_site' and exits 1")
 @pytest.mark.parametrize("where", ["env", "yaml"])
 def test_strict_mode_stops_the_app_before_its_code_runs(where: str, tmp_path: Path, boot_dir: str) -> None:
     (tmp_path / "app.py").write_text(STARTS.strip() + "\nimport pydantic_ai\n")

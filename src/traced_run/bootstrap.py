@@ -59,7 +59,9 @@ def _check_settings_now() -> None:
         load()
     except report.ConfigError as error:
         report.say(f"{error} (strict mode: not starting the app)")
-        raise SystemExit(report.EXIT_CONFIG) from None
+        # SystemExit inside sitecustomize is a fatal startup error (exit 1 and a
+        # traceback); nothing of the app has run yet, so there is nothing to flush.
+        os._exit(report.EXIT_CONFIG)
 
 
 def _on_import(module: ModuleType) -> None:
