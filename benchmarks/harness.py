@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
+import itertools
 import json
 import os
 import shutil
@@ -150,6 +151,7 @@ def run(argv: Sequence[str], env: Mapping[str, str], *, cwd: Path, timeout: floa
 
     ``on_line`` sees stdout lines as they come (the burst uses it to learn when
     the app's loop ended while the process is still delivering)."""
+    env = _isolated(env, cwd)
     with tempfile.TemporaryFile() as err, tempfile.TemporaryFile() as out:
         start = time.perf_counter()
         process = subprocess.Popen(list(argv), env=dict(env), cwd=cwd, stdin=subprocess.DEVNULL,
@@ -182,6 +184,19 @@ def run(argv: Sequence[str], env: Mapping[str, str], *, cwd: Path, timeout: floa
         return Done(list(argv), process.returncode, wall, exited_at, int(usage.ru_maxrss),
                     usage.ru_utime + usage.ru_stime, stdout,
                     err.read().decode(errors="replace"))
+
+
+_spools = itertools.count()
+
+
+def _isolated(env: Mapping[str, str], workdir: Path) -> dict[str, str]:
+    """Nothing a child writes lands outside ``workdir``: caches, and traced-run's
+    spool, a fresh one per process (so no process re-sends another's leftovers
+    and a measurement never depends on what ran before it)."""
+    isolated = dict(env)
+    isolated.setdefault("XDG_CACHE_HOME", str(workdir / "cache"))
+    isolated.setdefault("TRACED_RUN_SPOOL_DIR", str(workdir / "spool" / str(next(_spools))))
+    return isolated
 
 
 def _kill(process: subprocess.Popen[bytes], killed: threading.Event) -> None:

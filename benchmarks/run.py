@@ -55,6 +55,9 @@ def _arguments() -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 repetition, small N (~1-2 min)")
     parser.add_argument("--only", default="123456", help="sections to run, e.g. 14 (default: all)")
+    parser.add_argument("--reps", type=int, help="kept repetitions of every section (warm-ups unchanged)")
+    parser.add_argument("--per-run-runs", type=int, help="timed agent runs per process in section 3 "
+                        "(default 1000; quick 50)")
     parser.add_argument("--burst-runs", type=int, help="agent runs per burst (default 2000; quick 50)")
     parser.add_argument("--keep", action="store_true",
                         help="keep the temporary directory (MLflow store, logs)")
@@ -90,6 +93,11 @@ def main() -> int:
     plan = Plan.quick() if args.quick else Plan()
     if args.burst_runs:
         plan.burst_runs = args.burst_runs
+    if args.per_run_runs:
+        plan.per_run_runs = args.per_run_runs
+    if args.reps:
+        plan.startup_reps = plan.import_reps = plan.per_run_reps = args.reps
+        plan.exit_reps = plan.rss_reps = plan.burst_reps = args.reps
     wanted = [s for s in SECTIONS if s in args.only]
     workdir = make_workdir()
     mlflow = Mlflow(workdir)
