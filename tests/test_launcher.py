@@ -13,8 +13,10 @@ import textwrap
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 from conftest import AGENT_APP, TRACED_RUN, App, clean_env
 
 import traced_run
@@ -47,15 +49,16 @@ def one_line(stderr: str) -> str:
     return lines[0].removeprefix("traced-run: ")
 
 
-def show_config(cwd: Path, env: dict[str, str], *options: str) -> dict[str, tuple[str, str]]:
-    done = launch(*options, "--show-config", cwd=cwd, env=env)
+def show_config(cwd: Path, env: dict[str, str], *options: str) -> dict[str, tuple[Any, str]]:
+    done = launch(*options, "config", cwd=cwd, env=env)
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""
-    shown: dict[str, tuple[str, str]] = {}
+    assert yaml.safe_load(done.stdout).keys() == SPECS.keys(), "the output is YAML"
+    shown: dict[str, tuple[Any, str]] = {}
     for line in done.stdout.splitlines():
         found = re.fullmatch(r"(\w+): (.*)  # (.+)", line)
         assert found, line
-        shown[found[1]] = (found[2], found[3])
+        shown[found[1]] = (yaml.safe_load(found[2]), found[3])
     assert list(shown) == list(SPECS), "every setting, once, in table order"
     return shown
 
@@ -72,7 +75,7 @@ def test_help_lists_every_option_of_the_table(tmp_path: Path) -> None:
             assert spec.option in done.stdout, name
             for var in spec.env:
                 assert var in done.stdout, var
-    for option in ("--version", "--show-config", "--print-pythonpath", "exit codes"):
+    for option in ("--version", "traced-run config", "traced-run flush", "--print-pythonpath", "exit codes"):
         assert option in done.stdout
 
 
@@ -188,7 +191,7 @@ def test_a_tracking_uri_is_not_needed_when_disabled_or_given_otherwise(
     assert (done.returncode, done.stdout, done.stderr) == (0, "app ran\n", "")
 
 
-# -- --show-config ----------------------------------------------------------------------
+# -- traced-run config ----------------------------------------------------------------------
 
 
 def test_show_config_prints_every_setting_with_the_source_that_decided_it(tmp_path: Path) -> None:
@@ -202,24 +205,24 @@ def test_show_config_prints_every_setting_with_the_source_that_decided_it(tmp_pa
     assert shown["config"] == (str(config), "found in the working directory")
     assert shown["tracking_uri"] == ("http://mlflow.example.com:5000", "env MLFLOW_TRACKING_URI")
     assert shown["service_name"] == ("from-option", "option --service-name")
-    assert shown["timeout"] == ("3.0", f"{config}:2")  # the empty env var counts as unset
-    assert shown["resource_attributes"] == ("team=agents, env=prod",
+    assert shown["timeout"] == (3.0, f"{config}:2")  # the empty env var counts as unset
+    assert shown["resource_attributes"] == ({"team": "agents", "env": "prod"},
                                             f"{config}:4 + env OTEL_RESOURCE_ATTRIBUTES")
     # an option naming the experiment id beats the environment's name
     assert shown["experiment_id"] == ("42", "option --experiment-id")
-    assert shown["experiment_name"] == ("(unset)", "default")
+    assert shown["experiment_name"] == (None, "default")
     assert shown["compression"] == ("gzip", "default")
-    assert shown["enabled"] == ("True", "default")
-    assert shown["headers"] == ("{}", "default")
+    assert shown["enabled"] == (True, "default")
+    assert shown["headers"] == ({}, "default")
 
 
 def test_show_config_needs_no_tracking_uri_and_reports_the_kill_switch(tmp_path: Path) -> None:
     shown = show_config(tmp_path, clean_env(OTEL_SDK_DISABLED="true"))
-    assert shown["tracking_uri"] == ("(unset)", "default")
-    assert shown["enabled"] == ("False", "env OTEL_SDK_DISABLED")
+    assert shown["tracking_uri"] == (None, "default")
+    assert shown["enabled"] == (False, "env OTEL_SDK_DISABLED")
     shown = show_config(tmp_path, clean_env(OTEL_SDK_DISABLED="true"), "--disable", "--strict")
-    assert shown["enabled"] == ("False", "option --disable")
-    assert shown["strict"] == ("True", "option --strict")
+    assert shown["enabled"] == (False, "option --disable")
+    assert shown["strict"] == (True, "option --strict")
 
 
 def test_show_config_masks_every_secret(tmp_path: Path) -> None:
@@ -230,14 +233,14 @@ def test_show_config_masks_every_secret(tmp_path: Path) -> None:
                     MLFLOW_TRACKING_URI=f"https://alice:{SECRET}@mlflow.example.com",
                     MLFLOW_TRACKING_USERNAME="alice", MLFLOW_TRACKING_PASSWORD=SECRET,
                     OTEL_EXPORTER_OTLP_TRACES_HEADERS=f"Authorization=Bearer%20{SECRET}")
-    done = launch("--show-config", cwd=tmp_path, env=env)
+    done = launch("config", cwd=tmp_path, env=env)
     assert done.returncode == 0 and done.stderr == ""
     assert SECRET not in done.stdout
     shown = show_config(tmp_path, env)
     assert shown["password"] == ("***", "env MLFLOW_TRACKING_PASSWORD")
     assert shown["token"] == ("***", f"{config}:3")
     assert shown["username"] == ("alice", "env MLFLOW_TRACKING_USERNAME")
-    assert shown["headers"] == ("x-api-key=***, Authorization=***",
+    assert shown["headers"] == ({"x-api-key": "***", "Authorization": "***"},
                                 f"{config}:1 + env OTEL_EXPORTER_OTLP_TRACES_HEADERS")
     assert shown["tracking_uri"][0] == "https://***@mlflow.example.com"
     assert shown["endpoint"][0] == "https://***@collector.example.com/v1/traces"
@@ -335,8 +338,8 @@ def test_a_refusal_never_shows_a_secret(yaml_text: str | None, env: dict[str, st
     if yaml_text is not None:
         (tmp_path / "traced-run.yaml").write_text(yaml_text)
     environ = clean_env(**{"MLFLOW_TRACKING_URI": UNUSED_URI, **env})
-    for extra in ([], ["--show-config"]):
-        done = launch(*extra, "true", cwd=tmp_path, env=environ)
+    for argv in (["true"], ["config"]):
+        done = launch(*argv, cwd=tmp_path, env=environ)
         assert done.returncode == 78
         message = one_line(done.stderr)
         assert SECRET not in message and SECRET not in done.stdout, message

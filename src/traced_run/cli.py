@@ -11,18 +11,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from traced_run import __version__, report
 from traced_run.bootstrap import BOOT_DIR
 from traced_run.settings import SPECS
-from traced_run.sources import OPTIONS_ENV, load, shown
+from traced_run.sources import OPTIONS_ENV, Loaded, load, shown
 
 EPILOG = """\
+commands of its own:
+  traced-run config [--example]   the effective settings with their sources, or a starter file
+  traced-run flush                send the spooled batches now
 exit codes: the command's own; 2 bad option; 78 invalid settings;
 126 command not executable; 127 command not found.
-A command named like an option can follow `--`: traced-run -- --weird-name."""
+A program named like one of these, or like an option, runs after `--`: traced-run -- config."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -49,13 +52,8 @@ def _parser() -> argparse.ArgumentParser:
         else:
             parser.add_argument(spec.option, dest=name, metavar=spec.kind.name.upper().replace(" ", "_"),
                                 help=spec.doc + env)
-    parser.add_argument("--show-config", action="store_true",
-                        help="print the effective settings and their sources (secrets masked), then exit")
     parser.add_argument("--print-pythonpath", action="store_true",
                         help="print the directory to put on PYTHONPATH to trace without the launcher")
-    parser.add_argument("--example-config", action="store_true",
-                        help="print a documented config file with every setting at its default, then exit")
-    parser.add_argument("--settings-reference", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("command", nargs=argparse.REMAINDER, help="the command to run, e.g. python app.py")
     return parser
 
@@ -77,26 +75,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.print_pythonpath:
         print(BOOT_DIR)
         return 0
-    if args.example_config or args.settings_reference:
-        from traced_run import reference
-
-        print(reference.example_config() if args.example_config else reference.markdown_reference(), end="")
-        return 0
     options = {name: getattr(args, name) for name, spec in SPECS.items()
                if spec.option is not None and getattr(args, name) is not None}
     if "config" in options:
         options["config"] = os.path.abspath(options["config"])
     env = child_environment(options, dict(os.environ))
-    try:
-        loaded = load(env)
-    except report.ConfigError as error:
-        report.say(str(error))
+    command = list(args.command)
+    subcommand = SUBCOMMANDS.get(command[0]) if command else None
+    if command[:1] == ["--"]:
+        command = command[1:]
+    elif subcommand is not None:
+        return subcommand(command[1:], env)
+    loaded = _load(env)
+    if loaded is None:
         return report.EXIT_CONFIG
-    if args.show_config:
-        for name, value in vars(loaded.settings).items():
-            print(f"{name}: {shown(name, value)}  # {loaded.sources[name]}")
-        return 0
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         report.say("no command given: traced-run [OPTIONS] COMMAND [ARGS...] (see traced-run --help)")
         return report.EXIT_USAGE
@@ -105,6 +97,52 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "in the config file")
         return report.EXIT_CONFIG
     return _exec(command, env)
+
+
+def _load(env: dict[str, str]) -> Loaded | None:
+    try:
+        return load(env)
+    except report.ConfigError as error:
+        report.say(str(error))
+        return None
+
+
+def _config(argv: list[str], env: dict[str, str]) -> int:
+    parser = _Parser(prog="traced-run config", description="Print the effective settings as YAML, each "
+                     "with the source that decided it (secrets masked).")
+    parser.add_argument("--example", action="store_true",
+                        help="print a documented starter config file (every setting at its default) instead")
+    parser.add_argument("--reference", action="store_true", help="print the Markdown reference instead")
+    args = parser.parse_args(argv)
+    if args.example or args.reference:
+        from traced_run import reference
+
+        print(reference.example_config() if args.example else reference.markdown_reference(), end="")
+        return 0
+    loaded = _load(env)
+    if loaded is None:
+        return report.EXIT_CONFIG
+    for name, value in vars(loaded.settings).items():
+        print(f"{name}: {shown(name, value)}  # {loaded.sources[name]}")
+    return 0
+
+
+def _flush(argv: list[str], env: dict[str, str]) -> int:
+    _Parser(prog="traced-run flush", description="Send the spooled batches for the configured MLflow now; "
+            "exit 1 when some are left.").parse_args(argv)
+    loaded = _load(env)
+    if loaded is None:
+        return report.EXIT_CONFIG
+    if not loaded.settings.traces_endpoint:
+        report.say("no MLflow tracking URI: set MLFLOW_TRACKING_URI, --tracking-uri or tracking_uri")
+        return report.EXIT_CONFIG
+    from traced_run.flush import flush
+
+    return flush(loaded.settings)
+
+
+SUBCOMMANDS: dict[str, Callable[[list[str], dict[str, str]], int]] = {"config": _config, "flush": _flush}
+"""``traced-run NAME``: ours; a program of that name runs as ``traced-run -- NAME``."""
 
 
 def _exec(command: list[str], env: dict[str, str]) -> int:

@@ -70,6 +70,7 @@ class Delivery:
         self._deadline = 0.0
         self._flushing = 0
         self._spool_idle = False
+        self._keeping = False
         self.problem: str | None = None
         self.delivered = 0
         self.spooled = 0
@@ -170,7 +171,7 @@ class Delivery:
         high = len(self._queue) > self._settings.queue_size // 2
         timeout = self._attempt_timeout()
         if self._down() or high or timeout <= 0:
-            self._keep(batch, payload)
+            self._keep_in_flight(batch, payload)
             return
         assert self._sender is not None
         outcome = self._sender.post(payload, target, timeout)
@@ -181,7 +182,7 @@ class Delivery:
             self._set_aside(batch, payload, outcome)
         else:
             self._failed(outcome)
-            self._keep(batch, payload)
+            self._keep_in_flight(batch, payload)
 
     def _up(self) -> None:
         self._failures = 0
@@ -194,6 +195,21 @@ class Delivery:
         if not self._closing:  # at exit, close() sums up in one line
             report.say(f"cannot deliver traces to {mask_url(self._endpoint)} ({outcome.reason}); keeping "
                        f"them in {self.spool.directory} and retrying in the background")
+
+    def _keep_in_flight(self, batch: Sequence[ReadableSpan], payload: bytes) -> None:
+        """Spool the batch this thread holds, unless close() took it over: a
+        batch written by both would be counted, and re-sent, twice."""
+        with self._wake:
+            if self._closed:
+                return
+            self._keeping = True
+        try:
+            self._keep(batch, payload)
+        finally:
+            with self._wake:
+                self._keeping = False
+                self._in_flight = []
+                self._wake.notify_all()
 
     def _keep(self, batch: Sequence[ReadableSpan], payload: bytes) -> None:
         from traced_run.export import target_of
@@ -263,8 +279,10 @@ class Delivery:
         if started:
             self.flush(max(0.0, self._deadline - time.monotonic() - SPOOL_RESERVE))
         with self._wake:
+            # A batch the delivery thread is already writing to the spool stays its own.
+            self._wake.wait_for(lambda: not self._keeping, timeout=SPOOL_RESERVE)
             self._closed = True
-            left = list(self._in_flight) + list(self._queue)
+            left = ([] if self._keeping else list(self._in_flight)) + list(self._queue)
             self._queue.clear()
         if left:
             self._spool_on_exit(left)

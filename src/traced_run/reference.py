@@ -3,14 +3,12 @@ reference, so that neither can drift from the code (tests compare both)."""
 
 from __future__ import annotations
 
-import json
-from typing import Any
-
 from traced_run.settings import FIELDS, SPECS, Spec, default_of
+from traced_run.sources import shown
 
 HEADER = """\
 # traced-run settings. Generated from src/traced_run/settings.py: do not edit by hand
-# (python -m traced_run --example-config > config/traced-run.yaml).
+# (traced-run config --example > config/traced-run.yaml).
 #
 # Precedence: launcher options > environment variables > this file > defaults.
 # An empty environment variable counts as unset. ${VAR} in a value is replaced
@@ -20,14 +18,7 @@ HEADER = """\
 
 
 def _default_yaml(name: str) -> str:
-    value: Any = default_of(name)
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, dict):
-        return "{}"
-    return json.dumps(value) if isinstance(value, str) else str(value)
+    return shown(name, default_of(name))
 
 
 def _where(spec: Spec) -> str:
@@ -60,7 +51,7 @@ def markdown_reference() -> str:
     lines = [
         "# Settings reference",
         "",
-        "Generated from `src/traced_run/settings.py` (`python -m traced_run --settings-reference`).",
+        "Generated from `src/traced_run/settings.py` (`traced-run config --reference`).",
         "Precedence: launcher options > environment variables > YAML file > defaults;",
         "an empty environment variable counts as unset. Secrets are never printed.",
         "",

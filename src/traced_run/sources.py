@@ -44,15 +44,19 @@ class Loaded:
 
 
 def shown(name: str, value: Any) -> str:
-    """A value as messages and ``--show-config`` may print it: secrets masked."""
-    spec = SPECS[name]
+    """A value as YAML, as ``traced-run config`` and the example config print
+    it: secrets (and a URL's password) masked."""
+    secret = SPECS[name].secret
     if isinstance(value, dict):
-        return ", ".join(f"{k}={'***' if spec.secret else v}" for k, v in value.items()) or "{}"
+        pairs = (f"{json.dumps(k)}: {json.dumps('***' if secret else v)}" for k, v in value.items())
+        return "{" + ", ".join(pairs) + "}"
     if value is None:
-        return "(unset)"
-    if spec.secret:
-        return "***"
-    return mask_url(str(value))
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return str(value)
+    return json.dumps("***" if secret else mask_url(str(value)))
 
 
 def _problem(source: str, name: str, spec: Spec, raw: Any, why: str) -> ConfigError:
