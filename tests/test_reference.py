@@ -40,4 +40,5 @@ def test_example_config_uncommented_gives_the_defaults(tmp_path: Path) -> None:
     from_file = {name for name, source in loaded.sources.items() if source.startswith(f"{path}:")}
     assert from_file == {"enabled", "strict", "headers", "timeout", "compression", "resource_attributes",
                          "exit_timeout", "queue_size", "spool_max_mb", "include_content",
-                         "include_binary_content"}
+                         "include_binary_content", "redact", "redact_defaults", "redaction_marker",
+                         "max_binary_bytes", "tags", "sample_ratio", "mode"}

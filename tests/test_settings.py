@@ -82,6 +82,19 @@ SAMPLES: dict[str, tuple[Any, Any, str, Any]] = {
     "instrumentation_version": (2, 2, "3", 3),
     "include_content": (False, False, "yes", True),
     "include_binary_content": ("off", False, "1", True),
+    "redact": (["tok-[0-9]{4,8}"], ("tok-[0-9]{4,8}",), r"a{1,2}, b\,c ,(x|y)",
+               ("a{1,2}", r"b\,c", "(x|y)")),
+    "redact_defaults": (False, False, "true", True),
+    "redaction_marker": ("<gone>", "<gone>", " *** ", "***"),
+    "max_binary_bytes": (1024, 1024, "2048", 2048),
+    "session_id": ("batch-7", "batch-7", "batch-8", "batch-8"),
+    "user_id": ("alice", "alice", "bob", "bob"),
+    "tags": ({"environment": "prod", "version": "1.4.2"}, {"environment": "prod", "version": "1.4.2"},
+             "version=1.5.0,git_commit=abc123",
+             {"environment": "prod", "version": "1.5.0", "git_commit": "abc123"}),
+    "trace_name": ("nightly", "nightly", "hourly", "hourly"),
+    "sample_ratio": (0.25, 0.25, "1", 1.0),
+    "mode": ("mlflow", "mlflow", "OTLP", "otlp"),
 }
 
 # name: (value as the launcher writes it into TRACED_RUN_OPTIONS, effective value)

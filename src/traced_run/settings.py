@@ -10,6 +10,7 @@ text is parsed, and one line of documentation. Parsing and precedence
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -164,6 +165,78 @@ def _pairs_yaml(value: Any) -> dict[str, str]:
     return pairs
 
 
+def _split_list(text: str) -> list[str]:
+    """Comma-separated items; a comma inside (), [] or {} or after a backslash
+    belongs to the item, so regular expressions such as ``\\d{3,5}`` survive."""
+    items: list[str] = []
+    current: list[str] = []
+    depth = 0
+    escaped = False
+    for char in text:
+        if escaped:
+            current.append(char)
+            escaped = False
+        elif char == "\\":
+            current.append(char)
+            escaped = True
+        elif char == "," and depth == 0:
+            items.append("".join(current))
+            current = []
+        else:
+            depth += (char in "([{") - (char in ")]}")
+            current.append(char)
+    items.append("".join(current))
+    return [item.strip() for item in items if item.strip()]
+
+
+def _patterns(items: list[str]) -> tuple[str, ...]:
+    for item in items:
+        try:
+            re.compile(item)
+        except re.error as error:
+            raise ValueError(f"{item!r} is not a regular expression ({error})") from None
+    return tuple(items)
+
+
+def _patterns_text(text: str) -> tuple[str, ...]:
+    return _patterns(_split_list(text))
+
+
+def _patterns_yaml(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return _patterns([value])
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise ValueError("expected a list of regular expressions")
+    return _patterns(value)
+
+
+def _ratio(text: str) -> float:
+    try:
+        ratio = float(text)
+    except ValueError:
+        raise ValueError("expected a number from 0 to 1") from None
+    if not 0 <= ratio <= 1:
+        raise ValueError("expected a number from 0 to 1")
+    return ratio
+
+
+def _ratio_yaml(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError("expected a number from 0 to 1")
+    return _ratio(str(value))
+
+
+def _mode(text: str) -> str:
+    value = text.strip().lower()
+    if value not in ("otlp", "mlflow"):
+        raise ValueError("expected otlp or mlflow")
+    return value
+
+
+def _mode_yaml(value: Any) -> str:
+    return _mode(_text_yaml(value))
+
+
 BOOL = Kind("bool", _bool_text, _bool_yaml)
 TEXT = Kind("string", _text, _text_yaml)
 URL = Kind("url", _url, _url_yaml)
@@ -173,6 +246,9 @@ VERSION = Kind("2..6", _version, _version_yaml)
 COUNT = Kind("count", _count, _count_yaml)
 COMPRESSION = Kind("gzip|deflate|none", _compression, _compression_yaml)
 PAIRS = Kind("mapping", _pairs, _pairs_yaml)
+PATTERNS = Kind("list of regexes", _patterns_text, _patterns_yaml)
+RATIO = Kind("0..1", _ratio, _ratio_yaml)
+MODE = Kind("otlp|mlflow", _mode, _mode_yaml)
 
 
 @dataclass(frozen=True)
@@ -275,11 +351,42 @@ class Settings:
         VERSION, "pydantic-ai instrumentation format version; default pydantic-ai's own.",
         env=("TRACED_RUN_INSTRUMENTATION_VERSION",)))
     include_content: bool = setting(True, Spec(
-        BOOL, "Record prompts, completions, tool arguments and results.",
-        env=("TRACED_RUN_INCLUDE_CONTENT",)))
+        BOOL, "Export prompts, messages, tool arguments and results; false: none of their text "
+        "leaves the process.",
+        env=("TRACED_RUN_INCLUDE_CONTENT", "TRACED_RUN_CAPTURE_CONTENT")))
     include_binary_content: bool = setting(True, Spec(
         BOOL, "Record binary content (images, audio) of messages.",
         env=("TRACED_RUN_INCLUDE_BINARY_CONTENT",)))
+
+    redact: tuple[str, ...] = setting((), Spec(
+        PATTERNS, "More regular expressions whose matches are replaced in every exported attribute "
+        "value (a pattern with a group: only the first group). Env: comma-separated.",
+        env=("TRACED_RUN_REDACT",)))
+    redact_defaults: bool = setting(True, Spec(
+        BOOL, "Also redact common secrets: API keys, bearer tokens, passwords in URLs and key=value.",
+        env=("TRACED_RUN_REDACT_DEFAULTS",)))
+    redaction_marker: str = setting("[REDACTED]", Spec(
+        TEXT, "What a redacted secret is replaced with.", env=("TRACED_RUN_REDACTION_MARKER",)))
+    max_binary_bytes: int = setting(65536, Spec(
+        COUNT, "Largest binary message part (image, audio) exported; a larger one is replaced by "
+        "its size.", env=("TRACED_RUN_MAX_BINARY_BYTES",)))
+    session_id: str | None = setting(None, Spec(
+        TEXT, "MLflow trace session of every trace; default pydantic-ai's conversation id.",
+        env=("TRACED_RUN_SESSION_ID",)))
+    user_id: str | None = setting(None, Spec(
+        TEXT, "MLflow trace user of every trace.", env=("TRACED_RUN_USER_ID",)))
+    tags: dict[str, str] = setting({}, Spec(
+        PAIRS, "Trace tags set on every trace, e.g. environment, version, git_commit.",
+        env=("TRACED_RUN_TAGS",), merged=True))
+    trace_name: str | None = setting(None, Spec(
+        TEXT, "Name of every trace; default the agent's name.", env=("TRACED_RUN_TRACE_NAME",)))
+    sample_ratio: float = setting(1.0, Spec(
+        RATIO, "Share of traces kept, decided by trace id so a trace is kept or dropped whole; "
+        "default from OTEL_TRACES_SAMPLER(_ARG) when set, else 1.",
+        env=("TRACED_RUN_SAMPLE_RATIO",)))
+    mode: str = setting("otlp", Spec(
+        MODE, "otlp: our pipeline over OTLP/HTTP; mlflow: MLflow's own mlflow.pydantic_ai.autolog() "
+        "(needs the mlflow package in the app).", env=("TRACED_RUN_MODE",)))
 
     @property
     def traces_endpoint(self) -> str | None:

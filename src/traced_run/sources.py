@@ -50,6 +50,8 @@ def shown(name: str, value: Any) -> str:
     if isinstance(value, dict):
         pairs = (f"{json.dumps(k)}: {json.dumps('***' if secret else v)}" for k, v in value.items())
         return "{" + ", ".join(pairs) + "}"
+    if isinstance(value, tuple):
+        return "[" + ", ".join(json.dumps(item) for item in value) + "]"
     if value is None:
         return "null"
     if isinstance(value, bool):
