@@ -23,6 +23,8 @@ EPILOG = """\
 commands of its own:
   traced-run config [--example]   the effective settings with their sources, or a starter file
   traced-run flush                send the spooled batches now
+  traced-run doctor [--json]      check settings, install and MLflow; send one trace end to end
+  traced-run mlflow [--port P]    a local MLflow server for development (needs traced-run[mlflow])
 exit codes: the command's own; 2 bad option; 78 invalid settings;
 126 command not executable; 127 command not found.
 A program named like one of these, or like an option, runs after `--`: traced-run -- config."""
@@ -141,7 +143,20 @@ def _flush(argv: list[str], env: dict[str, str]) -> int:
     return flush(loaded.settings)
 
 
-SUBCOMMANDS: dict[str, Callable[[list[str], dict[str, str]], int]] = {"config": _config, "flush": _flush}
+def _doctor(argv: list[str], env: dict[str, str]) -> int:
+    from traced_run import doctor
+
+    return doctor.main(argv, env, _Parser)
+
+
+def _mlflow(argv: list[str], env: dict[str, str]) -> int:
+    from traced_run import local_mlflow
+
+    return local_mlflow.main(argv, _Parser)
+
+
+SUBCOMMANDS: dict[str, Callable[[list[str], dict[str, str]], int]] = {
+    "config": _config, "flush": _flush, "doctor": _doctor, "mlflow": _mlflow}
 """``traced-run NAME``: ours; a program of that name runs as ``traced-run -- NAME``."""
 
 

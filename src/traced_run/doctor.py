@@ -1,0 +1,574 @@
+"""``traced-run doctor``: why do traces not show up? One command, one line per check.
+
+Each check prints ``OK|WARN|FAIL <check>: <what> [— what to do]`` on stdout
+(``--json``: one JSON document instead); exit 0 when nothing failed, 1 otherwise.
+
+Bounded: every network step has a short timeout (``STEP_TIMEOUT``) and the
+checks that talk to MLflow run on a daemon thread the main thread waits for at
+most ``TOTAL_BOUND`` seconds, so a server that hangs, or a host name whose DNS
+lookup hangs (urllib's timeout does not cover it), cannot hold the doctor. When
+MLflow cannot be reached, the checks that need it are not run.
+
+Side effects, on purpose few: doctor never creates an experiment (a missing
+one is reported as what the first traced run will do); its end-to-end proof
+is one small trace, tagged ``traced_run.doctor``, in the configured
+experiment, or in the Default experiment (0) while the configured one does
+not exist yet. ``--no-trace`` skips the proof.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from traced_run import mlflow_api, report
+from traced_run.report import mask_url
+from traced_run.settings import SPECS, Settings, default_of
+from traced_run.sources import Loaded, load, shown
+
+STEP_TIMEOUT = 2.0
+"""Seconds one network request may take."""
+TOTAL_BOUND = 12.0
+"""Seconds all MLflow checks together may take (a proof read-back polls within it)."""
+PROOF_WAIT = 6.0
+"""Seconds the proof trace may take to be readable once MLflow took it."""
+CHILD_TIMEOUT = 10.0
+"""Seconds the bootstrap check's child interpreter may take."""
+MIN_MLFLOW = (3, 6)
+"""The first MLflow with the OTLP route ``/v1/traces``."""
+DOCTOR_TAG = "traced_run.doctor"
+
+OK, WARN, FAIL = "OK", "WARN", "FAIL"
+
+
+@dataclass
+class Check:
+    status: str
+    check: str
+    what: str
+    hint: str = ""
+
+    def line(self) -> str:
+        return f"{self.status} {self.check}: {self.what}" + (f" — {self.hint}" if self.hint else "")
+
+
+@dataclass
+class Findings:
+    """What the checks found; the MLflow thread appends while the main thread waits."""
+
+    checks: list[Check] = field(default_factory=list)
+    trace: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, status: str, check: str, what: str, hint: str = "") -> Check:
+        found = Check(status, check, " ".join(what.split()), hint)
+        self.checks.append(found)
+        return found
+
+
+# -- settings and versions -------------------------------------------------------------
+
+
+def check_settings(loaded: Loaded, found: Findings) -> None:
+    """One line per setting that is not at its default, with where it came from."""
+    settings = loaded.settings
+    changed = [name for name in SPECS
+               if loaded.sources[name] != "default" or getattr(settings, name) != default_of(name)]
+    for name in changed:
+        value = shown(name, getattr(settings, name))
+        found.add(OK, f"setting {name}", f"{value} from {loaded.sources[name]}")
+    if not settings.enabled:
+        found.add(WARN, "settings", f"tracing is turned off ({loaded.sources['enabled']})",
+                  "unset it (TRACED_RUN_ENABLED / OTEL_SDK_DISABLED / --disable) to trace")
+    elif not settings.traces_endpoint:
+        found.add(FAIL, "settings", "no MLflow tracking URI",
+                  "set MLFLOW_TRACKING_URI (or --tracking-uri, or tracking_uri in traced-run.yaml)")
+    else:
+        found.add(OK, "settings", f"valid; {len(changed)} set, the rest at their defaults "
+                  "(`traced-run config` shows all)")
+
+
+def _version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _numbers(version: str) -> tuple[int, ...]:
+    parts: list[int] = []
+    for piece in version.split("."):
+        digits = "".join(c for c in piece if c.isdigit()) if piece[:1].isdigit() else ""
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)
+
+
+def check_versions(found: Findings) -> dict[str, str | None]:
+    """Installed versions, and whether they are ones traced-run works with."""
+    versions: dict[str, str | None] = {"python": ".".join(map(str, sys.version_info[:3]))}
+    pydantic_ai = _version("pydantic-ai-slim") or _version("pydantic-ai")
+    versions["pydantic-ai"] = pydantic_ai
+    for name in ("opentelemetry-api", "opentelemetry-sdk", "opentelemetry-exporter-otlp-proto-http",
+                 "opentelemetry-exporter-otlp-proto-common", "openinference-instrumentation-pydantic-ai"):
+        versions[name] = _version(name)
+    listed = ", ".join(f"{k} {v or 'missing'}" for k, v in versions.items())
+    problems: list[tuple[str, str, str]] = []
+    if pydantic_ai is None:
+        problems.append((WARN, "pydantic-ai is not installed in this environment: nothing to trace",
+                         "install traced-run in the app's own environment"))
+    elif _numbers(pydantic_ai) < (1, 20):
+        problems.append((WARN, f"pydantic-ai {pydantic_ai} is older than 1.20 (untested)",
+                         "upgrade pydantic-ai"))
+    otel = {k: v for k, v in versions.items() if k.startswith("opentelemetry-")}
+    missing = [k for k, v in {**otel, "openinference-instrumentation-pydantic-ai":
+                              versions["openinference-instrumentation-pydantic-ai"]}.items() if v is None]
+    if missing:
+        problems.append((FAIL, f"missing: {', '.join(missing)}", "pip install --force-reinstall traced-run"))
+    elif len({v for v in otel.values()}) > 1:
+        # The SDK, API and exporters are released together; mixed releases break at import.
+        problems.append((FAIL, "OpenTelemetry packages of different releases",
+                         "pip install -U opentelemetry-api opentelemetry-sdk "
+                         "opentelemetry-exporter-otlp-proto-http"))
+    if not problems:
+        found.add(OK, "versions", f"{listed}; they fit")
+    for status, what, hint in problems:
+        found.add(status, "versions", f"{listed}: {what}", hint)
+    return versions
+
+
+# -- MLflow over the network ---------------------------------------------------------------
+
+
+@dataclass
+class Answer:
+    status: int | None
+    """HTTP status; None when there was no answer."""
+    body: bytes = b""
+    problem: str = ""
+    """Why there was no answer: refused, timed out, ..."""
+    ms: float = 0.0
+
+    def json(self) -> Any:
+        try:
+            return json.loads(self.body or b"{}")
+        except ValueError:
+            return {}
+
+    @property
+    def bad_host(self) -> bool:
+        return self.status == 403 and b"Invalid Host header" in self.body
+
+
+def _request(url: str, *, method: str = "GET", data: bytes | None = None,
+             headers: dict[str, str] | None = None, timeout: float = STEP_TIMEOUT) -> Answer:
+    started = time.monotonic()
+    request = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            body = response.read(1 << 20)
+            return Answer(response.status, body, ms=(time.monotonic() - started) * 1000)
+    except urllib.error.HTTPError as error:
+        try:
+            body = error.read(4096)
+        except OSError:
+            body = b""
+        return Answer(error.code, body, ms=(time.monotonic() - started) * 1000)
+    except (TimeoutError, urllib.error.URLError, OSError, ValueError) as error:
+        reason: object = getattr(error, "reason", error)
+        if isinstance(reason, TimeoutError) or isinstance(error, TimeoutError):
+            problem = f"no answer within {timeout:.0f} s"
+        elif isinstance(reason, OSError) and reason.strerror:
+            problem = reason.strerror.lower()
+        else:
+            problem = str(reason) or type(reason).__name__
+        return Answer(None, problem=problem, ms=(time.monotonic() - started) * 1000)
+
+
+def _detail(answer: Answer) -> str:
+    """MLflow's error code, or the start of the body, for a FAIL line."""
+    code = answer.json().get("error_code") if answer.body.startswith(b"{") else None
+    text = str(code) if code else " ".join(answer.body.decode("utf-8", "replace").split())[:120]
+    return f"HTTP {answer.status}" + (f" {text}" if text else "")
+
+
+AUTH_HINT = "check MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN"
+
+
+class MlflowChecks:
+    """The checks that talk to MLflow, in order; each stops the rest when it must."""
+
+    def __init__(self, settings: Settings, found: Findings, proof: bool) -> None:
+        self.settings = settings
+        self.found = found
+        self.proof = proof
+        self.base = settings.tracking_uri or ""
+        self.shown = mask_url(self.base)
+        self.auth = mlflow_api.auth_headers(settings)
+        self.experiment_id: str | None = None
+
+    def run(self) -> None:
+        if not self.settings.tracking_uri:
+            if self.settings.endpoint:
+                self.found.add(WARN, "mlflow", "no tracking_uri: only the OTLP endpoint is checked",
+                               "set MLFLOW_TRACKING_URI too for the experiment and read-back checks")
+                self.experiment_id = self.settings.experiment_id or mlflow_api.DEFAULT_EXPERIMENT_ID
+                self.check_otlp()
+            return
+        if not self.reachable():
+            return
+        if not self.version_and_host():
+            return
+        if not self.auth_and_experiment():
+            return
+        self.check_run()
+        if self.check_otlp() and self.proof:
+            self.end_to_end()
+
+    def get(self, path: str) -> Answer:
+        return _request(self.base + path, headers=self.auth)
+
+    def reachable(self) -> bool:
+        answer = _request(self.base + "/health")
+        if answer.status is None:
+            self.found.add(FAIL, "mlflow reachable", f"{self.shown}: {answer.problem}",
+                           "start MLflow (`traced-run mlflow` for a local one) or fix MLFLOW_TRACKING_URI")
+            return False
+        if answer.status != 200:
+            self.found.add(FAIL, "mlflow reachable", f"{self.shown}/health answered {_detail(answer)}",
+                           "is MLFLOW_TRACKING_URI an MLflow tracking server?")
+            return False
+        self.found.add(OK, "mlflow reachable", f"{self.shown}/health answered in {answer.ms:.0f} ms")
+        return True
+
+    def version_and_host(self) -> bool:
+        # /health skips MLflow's Host header check; /version does not.
+        answer = self.get("/version")
+        if answer.bad_host:
+            host = urllib.parse.urlsplit(self.base).netloc.rpartition("@")[2]
+            self.found.add(FAIL, "host header", f"MLflow refuses the Host header {host!r} "
+                           "(403 Invalid Host header)",
+                           f"start mlflow server with --allowed-hosts {host} (or a pattern covering it)")
+            return False
+        if answer.status != 200:
+            what = _detail(answer) if answer.status else answer.problem
+            self.found.add(FAIL, "mlflow version", f"/version answered {what}",
+                           "is MLFLOW_TRACKING_URI an MLflow tracking server?")
+            return False
+        self.found.add(OK, "host header", "accepted")
+        version = answer.body.decode("utf-8", "replace").strip()
+        if _numbers(version)[:2] < MIN_MLFLOW:
+            self.found.add(FAIL, "mlflow version", f"MLflow {version} has no OTLP route /v1/traces",
+                           "upgrade the server to MLflow >= 3.6")
+            return False
+        self.found.add(OK, "mlflow version", f"MLflow {version}")
+        return True
+
+    def auth_and_experiment(self) -> bool:
+        settings = self.settings
+        if settings.experiment_id:
+            answer = self.get("/api/2.0/mlflow/experiments/get?experiment_id=" + settings.experiment_id)
+        else:
+            name = settings.experiment_name or ""
+            query = urllib.parse.urlencode({"experiment_name": name})
+            answer = self.get(f"/api/2.0/mlflow/experiments/get-by-name?{query}" if name
+                              else "/api/2.0/mlflow/experiments/get?experiment_id=0")
+        who = "no credentials"
+        if settings.username:
+            who = f"Basic as {settings.username!r}"
+        elif settings.token:
+            who = "Bearer token"
+        if answer.status == 401:
+            self.found.add(FAIL, "auth", f"MLflow refused the credentials ({who}): HTTP 401", AUTH_HINT)
+            return False
+        if answer.status == 403:
+            self.found.add(FAIL, "auth", f"{who}: no permission on the experiment (HTTP 403)",
+                           "ask an MLflow admin for EDIT permission on the experiment")
+            return False
+        if answer.status is None:
+            self.found.add(FAIL, "experiment", answer.problem, "MLflow stopped answering; try again")
+            return False
+        if answer.status == 200 or answer.json().get("error_code") == "RESOURCE_DOES_NOT_EXIST":
+            self.found.add(OK, "auth", f"accepted ({who})")
+        experiment = answer.json().get("experiment") if answer.status == 200 else None
+        if experiment:
+            if experiment.get("lifecycle_stage") == "deleted":
+                self.found.add(FAIL, "experiment", f"{experiment.get('name')!r} "
+                               f"(id {experiment.get('experiment_id')}) is deleted",
+                               "restore it in MLflow or set another experiment")
+                return False
+            self.experiment_id = str(experiment["experiment_id"])
+            self.found.add(OK, "experiment", f"{experiment.get('name')!r} is id {self.experiment_id}")
+            return True
+        if answer.status == 404 and settings.experiment_name and not settings.experiment_id:
+            self.found.add(OK, "experiment", f"{settings.experiment_name!r} does not exist yet: the first "
+                           "traced run creates it (doctor creates nothing; its proof goes to the Default "
+                           "experiment 0)")
+            self.experiment_id = mlflow_api.DEFAULT_EXPERIMENT_ID
+            return True
+        if answer.status == 404 or answer.json().get("error_code") == "RESOURCE_DOES_NOT_EXIST":
+            self.found.add(FAIL, "experiment", f"no experiment with id {settings.experiment_id or '0'}",
+                           "set MLFLOW_EXPERIMENT_ID to an existing id, or MLFLOW_EXPERIMENT_NAME instead")
+            return False
+        self.found.add(FAIL, "experiment", f"lookup answered {_detail(answer)}")
+        return False
+
+    def check_run(self) -> None:
+        run_id = self.settings.run_id
+        if not run_id:
+            return
+        answer = self.get("/api/2.0/mlflow/runs/get?" + urllib.parse.urlencode({"run_id": run_id}))
+        if answer.status != 200:
+            what = _detail(answer) if answer.status else answer.problem
+            self.found.add(FAIL, "run id", f"{run_id!r}: {what}",
+                           "set MLFLOW_RUN_ID to an existing run, or unset it")
+            return
+        info = answer.json().get("run", {}).get("info", {})
+        if str(info.get("experiment_id")) != self.experiment_id:
+            self.found.add(WARN, "run id", f"{run_id!r} belongs to experiment {info.get('experiment_id')}, "
+                           f"traces go to {self.experiment_id}", "set the experiment the run belongs to")
+            return
+        self.found.add(OK, "run id", f"{run_id!r} exists ({info.get('status', '?')})")
+
+    def headers(self) -> dict[str, str]:
+        headers = {"Content-Type": "application/x-protobuf",
+                   "x-mlflow-experiment-id": self.experiment_id or mlflow_api.DEFAULT_EXPERIMENT_ID}
+        headers.update(self.auth)
+        headers.update(self.settings.headers)
+        return headers
+
+    def check_otlp(self) -> bool:
+        # An empty ExportTraceServiceRequest is a valid request that stores nothing.
+        endpoint = self.settings.traces_endpoint or ""
+        answer = _request(endpoint, method="POST", data=b"", headers=self.headers())
+        shown = mask_url(endpoint)
+        if answer.status is None:
+            self.found.add(FAIL, "otlp endpoint", f"{shown}: {answer.problem}",
+                           "is the endpoint right and up?")
+            return False
+        if answer.status in (401, 403):
+            self.found.add(FAIL, "otlp endpoint", f"{shown} refused the credentials ({_detail(answer)})",
+                           AUTH_HINT)
+            return False
+        if answer.status == 404:
+            self.found.add(FAIL, "otlp endpoint", f"{shown}: HTTP 404",
+                           "MLflow >= 3.6 serves /v1/traces only under its default uvicorn server "
+                           "(not with --gunicorn-opts/--waitress-opts)")
+            return False
+        # MLflow answers an empty request 400 "no spans found": the route, headers and
+        # experiment passed; a collector answers 200. Either way nothing is stored.
+        empty_ok = answer.status == 400 and b"no spans" in answer.body
+        if not (200 <= answer.status < 300 or empty_ok):
+            self.found.add(FAIL, "otlp endpoint", f"{shown}: {_detail(answer)}")
+            return False
+        self.found.add(OK, "otlp endpoint", f"{shown} accepts OTLP/HTTP protobuf ({answer.ms:.0f} ms)")
+        return True
+
+    def end_to_end(self) -> None:
+        from traced_run.export import Sender
+        from traced_run.spool import Target
+
+        payload, trace_id = synthetic_trace()
+        started = time.monotonic()
+        target = Target(self.settings.traces_endpoint or "", self.experiment_id, None, self.settings.run_id)
+        # Sender.post: the very request an app's delivery thread makes (compression, headers, auth).
+        outcome = Sender(self.settings).post(payload, target, timeout=max(STEP_TIMEOUT, 4.0))
+        if not outcome.delivered:
+            self.found.add(FAIL, "end-to-end", f"MLflow did not take the proof trace: {outcome.reason}")
+            return
+        path = "/api/3.0/mlflow/traces/get?" + urllib.parse.urlencode({"trace_id": trace_id})
+        deadline = time.monotonic() + PROOF_WAIT
+        while True:
+            answer = self.get(path)
+            if answer.status == 200 and answer.json().get("trace"):
+                ms = (time.monotonic() - started) * 1000
+                self.found.trace = {"trace_id": trace_id, "experiment_id": self.experiment_id,
+                                    "round_trip_ms": round(ms)}
+                self.found.add(OK, "end-to-end", f"trace {trace_id} sent and read back in {ms:.0f} ms "
+                               f"(experiment {self.experiment_id}, tag {DOCTOR_TAG})")
+                return
+            if time.monotonic() >= deadline:
+                what = _detail(answer) if answer.status else answer.problem
+                self.found.add(FAIL, "end-to-end", f"trace {trace_id} was taken but not readable within "
+                               f"{PROOF_WAIT:.0f} s (last: {what})", "look at the MLflow server's log")
+                return
+            time.sleep(0.2)
+
+
+def synthetic_trace() -> tuple[bytes, str]:
+    """One finished span made with the OTel SDK, encoded as apps' batches are."""
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from traced_run.export import encode
+
+    memory = InMemorySpanExporter()
+    provider = TracerProvider(resource=Resource.create({"service.name": "traced-run-doctor"}))
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    tracer = provider.get_tracer("traced_run.doctor")
+    with tracer.start_as_current_span("traced-run doctor", attributes={
+            f"mlflow.traceTag.{DOCTOR_TAG}": "true", "input.value": "ping", "output.value": "pong"}) as span:
+        trace_id = f"tr-{span.get_span_context().trace_id:032x}"
+    provider.shutdown()
+    return encode(memory.get_finished_spans()), trace_id
+
+
+# -- local: the bootstrap in a child, sitecustomize, spool ---------------------------------
+
+_PROBE = (
+    "import json, sys; s = sys.modules.get('sitecustomize'); "
+    "print(json.dumps({'boot': 'traced_run.bootstrap' in sys.modules, "
+    "'sitecustomize': getattr(s, '__file__', None), 'python': sys.executable}))"
+)
+
+
+def check_bootstrap(env: dict[str, str], found: Findings) -> None:
+    """A child started as the launcher starts apps (its environment, `python` from PATH)."""
+    from traced_run.bootstrap import BOOT_DIR
+
+    python = shutil.which("python", path=env.get("PATH")) or shutil.which("python3", path=env.get("PATH"))
+    python = python or sys.executable
+    # The probe never imports pydantic_ai: the bootstrap loads but builds nothing and sends nothing.
+    try:
+        done = subprocess.run([python, "-c", _PROBE], env=env, capture_output=True, text=True,
+                              timeout=CHILD_TIMEOUT, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        found.add(FAIL, "bootstrap", f"`{python} -c ...` did not run: {error}")
+        return
+    try:
+        seen = json.loads(done.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        found.add(FAIL, "bootstrap", f"`{python} -c ...` failed (exit {done.returncode}): "
+                  f"{(done.stderr.strip().splitlines() or [''])[-1]}")
+        return
+    if not seen["boot"]:
+        found.add(FAIL, "bootstrap", f"{python} does not load traced-run's bootstrap",
+                  "`python` on PATH is another environment: install traced-run there, or activate this one "
+                  f"({sys.executable})")
+        return
+    found.add(OK, "bootstrap", f"`python -c` ({seen['python']}) loads traced_run.bootstrap from {BOOT_DIR}")
+    user = seen.get("sitecustomize")
+    if user and os.path.dirname(os.path.abspath(user)) != BOOT_DIR:
+        failed = [line for line in done.stderr.splitlines() if "sitecustomize" in line]
+        if failed:
+            found.add(WARN, "sitecustomize", f"the user's {user} fails: {failed[0]}",
+                      "fix it; tracing runs anyway")
+        else:
+            found.add(OK, "sitecustomize", f"the user's {user} would be shadowed by traced-run's; it is "
+                      "chained (runs once, first)")
+    else:
+        found.add(OK, "sitecustomize", "no user sitecustomize (nothing shadowed)")
+
+
+def check_spool(settings: Settings, found: Findings) -> dict[str, Any]:
+    from traced_run.spool import Spool
+
+    spool = Spool.of(settings)
+    batches, spans = spool.count()
+    endpoint = settings.traces_endpoint or ""
+    here = sum(1 for _ in spool.pending(endpoint)) if endpoint else 0
+    try:
+        rejected = sum(1 for p in spool.rejected.iterdir() if p.name.endswith(".otlp"))
+    except OSError:
+        rejected = 0
+    state = {"directory": str(spool.directory), "batches": batches, "spans": spans,
+             "for_this_endpoint": here, "rejected": rejected}
+    if batches:
+        found.add(WARN, "spool", f"{batches} batches ({spans} spans) waiting in {spool.directory}, {here} of "
+                  "them for this endpoint", "`traced-run flush` sends them once MLflow answers")
+    else:
+        found.add(OK, "spool", f"empty ({spool.directory})")
+    if rejected:
+        found.add(WARN, "spool rejected",
+                  f"{rejected} batches MLflow refused are set aside in {spool.rejected}",
+                  "read their .reason.txt; delete them when done")
+    return state
+
+
+# -- the command --------------------------------------------------------------------------
+
+
+def run(env: dict[str, str], *, proof: bool = True) -> tuple[Findings, dict[str, Any]]:
+    """All checks; network ones bounded by TOTAL_BOUND."""
+    started = time.monotonic()
+    found = Findings()
+    extra: dict[str, Any] = {}
+    try:
+        loaded = load(env)
+    except report.ConfigError as error:
+        found.add(FAIL, "settings", str(error), "fix that setting (`traced-run config` shows the others)")
+        extra["versions"] = check_versions(found)
+        check_bootstrap(env, found)
+        return found, extra
+    check_settings(loaded, found)
+    extra["settings"] = {name: {"value": shown(name, getattr(loaded.settings, name)),
+                                "source": loaded.sources[name]} for name in SPECS}
+    network = Findings()
+    # The timeout of the app's own requests does not apply here: doctor must stay short.
+    checks = MlflowChecks(replace(loaded.settings, timeout=STEP_TIMEOUT), network, proof)
+    worker = threading.Thread(target=_guarded(checks.run, network), name="traced-run-doctor", daemon=True)
+    if loaded.settings.enabled and loaded.settings.traces_endpoint:
+        worker.start()
+    extra["versions"] = check_versions(found)
+    local = Findings()
+    check_bootstrap(env, local)
+    extra["spool"] = check_spool(loaded.settings, local)
+    if worker.is_alive() or worker.ident is not None:
+        worker.join(max(0.0, TOTAL_BOUND - (time.monotonic() - started)))
+        if worker.is_alive():
+            network.add(FAIL, "mlflow", f"the checks did not finish within {TOTAL_BOUND:.0f} s "
+                        "(a DNS lookup or a server that hangs)", "check the host name and the server")
+    found.checks += list(network.checks) + local.checks
+    found.trace = network.trace
+    return found, extra
+
+
+def _guarded(step: Callable[[], None], found: Findings) -> Callable[[], None]:
+    def guarded() -> None:
+        try:
+            step()
+        except Exception as error:  # a doctor that crashes tells nothing: report it as a check
+            found.add(FAIL, "mlflow", f"unexpected {type(error).__name__}: {error}")
+
+    return guarded
+
+
+def main(argv: list[str], env: dict[str, str], parser_class: type[argparse.ArgumentParser]) -> int:
+    parser = parser_class(
+        prog="traced-run doctor",
+        description="Check the settings, the installation and the MLflow server, and send one small trace "
+        "end to end. Exit 0 when no check FAILs, 1 otherwise; finishes within about 15 s even when MLflow "
+        "hangs.")
+    parser.add_argument("--json", action="store_true", help="print one JSON document instead of lines")
+    parser.add_argument("--no-trace", action="store_true",
+                        help="do not send the end-to-end proof trace (nothing is written to MLflow)")
+    args = parser.parse_args(argv)
+    started = time.monotonic()
+    found, extra = run(env, proof=not args.no_trace)
+    failed = any(c.status == FAIL for c in found.checks)
+    seconds = round(time.monotonic() - started, 2)
+    if args.json:
+        document = {"ok": not failed, "seconds": seconds, "checks": [asdict(c) for c in found.checks],
+                    "trace": found.trace or None, **extra}
+        print(json.dumps(document, indent=2))
+    else:
+        for check in found.checks:
+            print(check.line())
+        counts = {s: sum(1 for c in found.checks if c.status == s) for s in (FAIL, WARN, OK)}
+        print(f"-- {counts[FAIL]} FAIL, {counts[WARN]} WARN, {counts[OK]} OK in {seconds:.1f} s")
+    return 1 if failed else 0
