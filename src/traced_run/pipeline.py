@@ -11,19 +11,22 @@ replaced, so the app's own ``set_tracer_provider`` keeps working.
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace import Span as SdkSpan
+from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
 from opentelemetry.trace import Link, Span, SpanKind
 from opentelemetry.util.types import Attributes
 
-from traced_run import report
+from traced_run import enrich, mlflow_native, report
 from traced_run.delivery import Delivery, DeliveryProcessor
 from traced_run.settings import Settings
 from traced_run.sources import early_flag, load
@@ -48,7 +51,12 @@ def install() -> None:
         if not settings.enabled:
             return
         try:
-            _instrument(settings)
+            if settings.mode == "mlflow":
+                mlflow_native.install(settings)
+            else:
+                _instrument(settings, sample_ratio(settings, loaded.sources["sample_ratio"], os.environ))
+        except mlflow_native.MlflowMissing as error:
+            _fail(str(error), strict_code=report.EXIT_SETUP, strict=settings.strict)
         except Exception as error:
             _fail(f"could not set up tracing: {type(error).__name__}: {error}",
                   strict_code=report.EXIT_SETUP, strict=settings.strict)
@@ -61,7 +69,7 @@ def _fail(message: str, *, strict_code: int, strict: bool) -> None:
     report.say(f"{message}; the app runs untraced")
 
 
-def _instrument(settings: Settings) -> None:
+def _instrument(settings: Settings, ratio: float) -> None:
     from pydantic_ai import Agent
     from pydantic_ai.models.instrumented import InstrumentationSettings
 
@@ -69,6 +77,7 @@ def _instrument(settings: Settings) -> None:
         raise report.ConfigError(
             "no MLflow tracking URI: set MLFLOW_TRACKING_URI, --tracking-uri or tracking_uri"
         )
+    enrich.configure(settings)
     delivery = Delivery(settings)
     options: dict[str, Any] = {
         "include_content": settings.include_content,
@@ -76,10 +85,59 @@ def _instrument(settings: Settings) -> None:
     }
     if settings.instrumentation_version is not None:
         options["version"] = settings.instrumentation_version
-    provider = _DeferredProvider(settings, DeliveryProcessor(delivery))
+    processor: SpanProcessor = DeliveryProcessor(delivery)
+    if ratio < 1:
+        processor = _SampledProcessor(processor, ratio)
+    provider = _DeferredProvider(settings, processor)
     Agent.instrument_all(InstrumentationSettings(tracer_provider=provider, **options))
     delivery.install_exit_hooks()
     delivery.start()
+
+
+_RATIO_SAMPLERS = {"traceidratio": None, "parentbased_traceidratio": None, "always_on": 1.0,
+                   "parentbased_always_on": 1.0, "always_off": 0.0, "parentbased_always_off": 0.0}
+
+
+def sample_ratio(settings: Settings, source: str, environ: Mapping[str, str]) -> float:
+    """sample_ratio when set; else what OTEL_TRACES_SAMPLER(_ARG) say, for the
+    samplers that are a ratio (others are the app's own provider's business)."""
+    if source != "default":
+        return settings.sample_ratio
+    sampler = environ.get("OTEL_TRACES_SAMPLER", "").strip().lower()
+    if sampler not in _RATIO_SAMPLERS:
+        return settings.sample_ratio
+    fixed = _RATIO_SAMPLERS[sampler]
+    if fixed is not None:
+        return fixed
+    try:
+        ratio = float(environ.get("OTEL_TRACES_SAMPLER_ARG", "1"))
+    except ValueError:
+        return 1.0  # the OTel SDK's own fallback for a bad argument
+    return min(max(ratio, 0.0), 1.0)
+
+
+class _SampledProcessor(SpanProcessor):
+    """Passes on the spans of the traces kept by the SDK's TraceIdRatioBased
+    rule: decided by the trace id alone, so every span of a trace, in any
+    process, gets the same answer and no trace is cut in half."""
+
+    def __init__(self, inner: SpanProcessor, ratio: float) -> None:
+        self._inner = inner
+        self._bound = TraceIdRatioBased.get_bound_for_rate(ratio)
+
+    def on_start(self, span: SdkSpan, parent_context: Context | None = None) -> None:
+        pass
+
+    def on_end(self, span: ReadableSpan) -> None:
+        context = span.context
+        if context is not None and context.trace_id & TraceIdRatioBased.TRACE_ID_LIMIT < self._bound:
+            self._inner.on_end(span)
+
+    def shutdown(self) -> None:
+        self._inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self._inner.force_flush(timeout_millis)
 
 
 def _service_name() -> str:
@@ -97,7 +155,7 @@ def _service_name() -> str:
 class _DeferredProvider(trace.TracerProvider):
     """Hands out tracers whose real provider is chosen at the first span."""
 
-    def __init__(self, settings: Settings, processor: DeliveryProcessor) -> None:
+    def __init__(self, settings: Settings, processor: SpanProcessor) -> None:
         self._settings = settings
         self._processor = processor
         self._target: trace.TracerProvider | None = None
@@ -125,6 +183,7 @@ class _DeferredProvider(trace.TracerProvider):
             return current  # type: ignore[no-any-return]
         attributes = dict(self._settings.resource_attributes)
         attributes["service.name"] = self._settings.service_name or _service_name()
+        attributes.setdefault("host.name", socket.gethostname())
         provider = TracerProvider(resource=Resource.create(attributes), shutdown_on_exit=False)
         provider.add_span_processor(self._processor)
         return provider
