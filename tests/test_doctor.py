@@ -1,0 +1,225 @@
+"""``traced-run doctor`` as a user runs it: against the real MLflow server, a
+closed port, a listener that never answers, and a stand-in server for answers
+the test MLflow does not give (401, 403 Invalid Host header). Timed: doctor
+must stay bounded when MLflow is down or hangs."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import re
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import TRACED_RUN, MlflowServer, clean_env, free_port
+
+from traced_run.settings import Settings
+from traced_run.spool import Spool, Target
+
+SECRET = "hunter2-doctor-s3cret"
+LINE = re.compile(r"(OK|WARN|FAIL) ([\w .-]+): (.+)")
+BOUND = 8.0
+"""Doctor's own bound is 2 s per network step; the launcher's start and the child probe add CPU
+time, which a loaded 2-core CI machine stretches (about 1-3 s measured in all)."""
+
+
+def doctor(cwd: Path, env: dict[str, str], *options: str) -> tuple[subprocess.CompletedProcess[str], float]:
+    started = time.monotonic()
+    done = subprocess.run([TRACED_RUN, "doctor", *options], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=60)
+    return done, time.monotonic() - started
+
+
+def checks(stdout: str) -> dict[str, tuple[str, str]]:
+    """``check -> (status, what)``; every line but the summary is a check line."""
+    lines = stdout.splitlines()
+    assert lines[-1].startswith("-- "), stdout
+    found: dict[str, tuple[str, str]] = {}
+    for line in lines[:-1]:
+        match = LINE.fullmatch(line)
+        assert match, line
+        found[match[2]] = (match[1], match[3])
+    return found
+
+
+def env_for(url: str, tmp_path: Path, **extra: str) -> dict[str, str]:
+    return clean_env(MLFLOW_TRACKING_URI=url, TRACED_RUN_SPOOL_DIR=str(tmp_path / "spool"), **extra)
+
+
+def test_all_ok_against_mlflow_and_the_proof_trace_is_in_mlflow(
+        tmp_path: Path, mlflow_server: MlflowServer) -> None:
+    name = f"doctor-{uuid.uuid4().hex[:8]}"
+    env = env_for(mlflow_server.url, tmp_path, MLFLOW_EXPERIMENT_NAME=name)
+    done, seconds = doctor(tmp_path, env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+    found = checks(done.stdout)
+    assert [c for c, (status, _) in found.items() if status != "OK"] == [], done.stdout
+    for check in ("settings", "versions", "mlflow reachable", "host header", "mlflow version", "auth",
+                  "experiment", "otlp endpoint", "end-to-end", "bootstrap", "sitecustomize", "spool"):
+        assert check in found, (check, done.stdout)
+    assert "does not exist yet" in found["experiment"][1]
+    assert mlflow_server.experiment_id(name) is None, "doctor creates no experiment"
+    match = re.search(r"trace (tr-[0-9a-f]{32}) sent and read back in (\d+) ms", found["end-to-end"][1])
+    assert match, found["end-to-end"]
+    trace = mlflow_server.client().get_trace(match[1])
+    assert trace.info.experiment_id == "0"
+    assert trace.info.tags.get("traced_run.doctor") == "true"
+    print(f"doctor against a running MLflow: {seconds:.2f} s, round trip {match[2]} ms")
+
+
+def test_json_against_mlflow_names_the_trace_and_the_settings(
+        tmp_path: Path, mlflow_server: MlflowServer) -> None:
+    experiment_id = mlflow_server.client().create_experiment(f"doctor-{uuid.uuid4().hex[:8]}")
+    env = env_for(mlflow_server.url, tmp_path, MLFLOW_EXPERIMENT_ID=experiment_id)
+    done, _ = doctor(tmp_path, env, "--json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    document = json.loads(done.stdout)
+    assert document["ok"] is True
+    assert {c["status"] for c in document["checks"]} == {"OK"}
+    assert document["settings"]["experiment_id"] == {"value": json.dumps(experiment_id),
+                                                     "source": "env MLFLOW_EXPERIMENT_ID"}
+    assert document["trace"]["experiment_id"] == experiment_id
+    assert mlflow_server.client().get_trace(document["trace"]["trace_id"]).info.experiment_id == experiment_id
+
+
+def test_no_trace_writes_nothing(tmp_path: Path, mlflow_server: MlflowServer) -> None:
+    experiment_id = mlflow_server.client().create_experiment(f"doctor-{uuid.uuid4().hex[:8]}")
+    env = env_for(mlflow_server.url, tmp_path, MLFLOW_EXPERIMENT_ID=experiment_id)
+    done, _ = doctor(tmp_path, env, "--no-trace")
+    assert done.returncode == 0, done.stdout
+    assert "end-to-end" not in checks(done.stdout)
+    assert mlflow_server.traces(experiment_id) == []
+
+
+def test_bad_run_id_fails(tmp_path: Path, mlflow_server: MlflowServer) -> None:
+    env = env_for(mlflow_server.url, tmp_path, MLFLOW_RUN_ID="0123456789abcdef")
+    done, _ = doctor(tmp_path, env, "--no-trace")
+    assert done.returncode == 1
+    assert checks(done.stdout)["run id"][0] == "FAIL"
+
+
+def test_closed_port_fails_fast_without_secrets(tmp_path: Path) -> None:
+    env = env_for(f"http://127.0.0.1:{free_port()}", tmp_path, MLFLOW_TRACKING_USERNAME="someone",
+                  MLFLOW_TRACKING_PASSWORD=SECRET)
+    done, seconds = doctor(tmp_path, env)
+    assert done.returncode == 1
+    found = checks(done.stdout)
+    assert found["mlflow reachable"] == ("FAIL", found["mlflow reachable"][1])
+    assert "connection refused" in found["mlflow reachable"][1]
+    assert found["setting password"][1] == '"***" from env MLFLOW_TRACKING_PASSWORD'
+    assert SECRET not in done.stdout + done.stderr
+    assert seconds < BOUND, seconds
+    print(f"doctor against a closed port: {seconds:.2f} s")
+
+
+@pytest.fixture
+def hanging_listener() -> Iterator[str]:
+    """Accepts connections and never answers."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    listener.close()
+
+
+def test_hanging_listener_is_bounded_and_json_parses(tmp_path: Path, hanging_listener: str) -> None:
+    done, seconds = doctor(tmp_path, env_for(hanging_listener, tmp_path), "--json")
+    assert done.returncode == 1
+    document = json.loads(done.stdout)
+    assert document["ok"] is False
+    failed = [c for c in document["checks"] if c["status"] == "FAIL"]
+    assert [c["check"] for c in failed] == ["mlflow reachable"], failed
+    assert "no answer within" in failed[0]["what"]
+    assert seconds < BOUND, seconds
+    print(f"doctor against a listener that never answers: {seconds:.2f} s")
+
+
+def test_invalid_settings_are_one_fail_line(tmp_path: Path) -> None:
+    env = env_for("http://127.0.0.1:9", tmp_path, OTEL_EXPORTER_OTLP_TRACES_TIMEOUT="abc")
+    done, _ = doctor(tmp_path, env)
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    status, what = checks(done.stdout)["settings"]
+    assert status == "FAIL" and "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT" in what
+
+
+def test_bad_option_is_usage_error(tmp_path: Path) -> None:
+    done, _ = doctor(tmp_path, env_for("http://127.0.0.1:9", tmp_path), "--bogus")
+    assert done.returncode == 2
+    assert done.stderr.startswith("traced-run: ") and len(done.stderr.splitlines()) == 1
+
+
+def test_user_sitecustomize_and_spool_backlog_are_reported(tmp_path: Path) -> None:
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "sitecustomize.py").write_text("USER_SITE = True\n")
+    env = env_for("http://127.0.0.1:9", tmp_path, PYTHONPATH=str(user))
+    settings = Settings(spool_dir=env["TRACED_RUN_SPOOL_DIR"])
+    Spool.of(settings).put(Target("http://127.0.0.1:9/v1/traces", "0", None, None), 3, 1, b"x")
+    done, _ = doctor(tmp_path, env)
+    found = checks(done.stdout)
+    assert found["bootstrap"][0] == "OK", done.stdout
+    assert found["sitecustomize"][0] == "OK"
+    assert str(user / "sitecustomize.py") in found["sitecustomize"][1]
+    assert "chained" in found["sitecustomize"][1]
+    assert found["spool"][0] == "WARN"
+    assert "1 batches (3 spans)" in found["spool"][1] and "1 of them for this endpoint" in found["spool"][1]
+
+
+class _StandIn(http.server.BaseHTTPRequestHandler):
+    """Answers as an MLflow behind auth or with a Host allow-list would."""
+
+    mode = "auth"
+
+    def do_GET(self) -> None:
+        if self.path == "/health":
+            self._answer(200, b"OK")
+        elif self.mode == "host":
+            self._answer(403, b"Invalid Host header - possible DNS rebinding attack detected")
+        elif self.path == "/version":
+            self._answer(200, b"3.17.2")
+        else:
+            self._answer(401, b'{"error_code": "UNAUTHENTICATED"}')
+
+    def _answer(self, status: int, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture(params=["auth", "host"])
+def stand_in(request: pytest.FixtureRequest) -> Iterator[tuple[str, str]]:
+    handler = type("Handler", (_StandIn,), {"mode": request.param})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield request.param, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_refused_credentials_and_host_header_fail_with_hints(
+        tmp_path: Path, stand_in: tuple[str, str]) -> None:
+    mode, url = stand_in
+    env = env_for(url, tmp_path, MLFLOW_TRACKING_TOKEN=SECRET)
+    done, _ = doctor(tmp_path, env)
+    assert done.returncode == 1
+    assert SECRET not in done.stdout + done.stderr
+    found = checks(done.stdout)
+    if mode == "auth":
+        assert found["auth"][0] == "FAIL" and "401" in found["auth"][1], done.stdout
+        assert "MLFLOW_TRACKING_TOKEN" in found["auth"][1]
+    else:
+        assert found["host header"][0] == "FAIL", done.stdout
+        assert "--allowed-hosts 127.0.0.1:" in found["host header"][1]
