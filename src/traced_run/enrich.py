@@ -182,7 +182,7 @@ def _bound_binary(attributes: dict[str, AttributeValue], limit: int) -> None:
         content = part.get("content")
         if part.get("type") not in ("blob", "binary") or not isinstance(content, str):
             return part
-        size = len(content) * 3 // 4  # base64
+        size = len(content) * 3 // 4 - content[-2:].count("=")  # base64
         if size <= limit:
             return part
         return {**part, "content": f"[{size} bytes not exported: over max_binary_bytes={limit}]"}
