@@ -21,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -34,10 +35,6 @@ DEFAULT_DIR = os.path.join(".traced-run", "mlflow")
 START_TIMEOUT = 300.0
 """Seconds to wait for /health: a cold start on a loaded 2-core machine takes tens of seconds."""
 STOP_TIMEOUT = 15.0
-
-
-class _Stop(Exception):
-    """SIGTERM arrived: leave the wait loop like Ctrl-C does."""
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -125,10 +122,14 @@ def main(argv: list[str], parser_class: type[argparse.ArgumentParser]) -> int:
     log_path = directory / "server.log"
     print(f"starting MLflow on {url} (data in {directory}, log {log_path}) ...", flush=True)
 
-    def on_sigterm(signum: int, frame: FrameType | None) -> None:
-        raise _Stop
+    # Ctrl-C and SIGTERM only set a flag the loops look at: an exception raised at a
+    # random point (inside Popen, after the server started) could leave the server running.
+    stop = threading.Event()
 
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     server: subprocess.Popen[bytes] | None = None
     try:
         with open(log_path, "ab") as log:
@@ -137,6 +138,8 @@ def main(argv: list[str], parser_class: type[argparse.ArgumentParser]) -> int:
                                       env=env, cwd=directory, start_new_session=True)
         deadline = time.monotonic() + START_TIMEOUT
         while not _healthy(url):
+            if stop.is_set():
+                return 0
             if server.poll() is not None:
                 say(f"mlflow server exited with code {server.returncode} before answering: "
                     f"{_last_line(log_path)} (log: {log_path})")
@@ -145,7 +148,7 @@ def main(argv: list[str], parser_class: type[argparse.ArgumentParser]) -> int:
                 say(f"mlflow server did not answer {url}/health within {START_TIMEOUT:.0f} s "
                     f"(log: {log_path})")
                 return 1
-            time.sleep(0.3)
+            stop.wait(0.3)
         print(f"MLflow is running (pid {server.pid}): {url}\n"
               f"  UI:  {url}\n"
               f"  export MLFLOW_TRACKING_URI={url}\n"
@@ -153,13 +156,13 @@ def main(argv: list[str], parser_class: type[argparse.ArgumentParser]) -> int:
               f"  traced-run python app.py      # in another shell; `traced-run doctor` checks the setup\n"
               "Ctrl-C stops it.", flush=True)
         while server.poll() is None:
-            time.sleep(0.5)
+            if stop.wait(0.5):
+                return 0
         say(f"mlflow server exited with code {server.returncode}: {_last_line(log_path)} (log: {log_path})")
         return 1
-    except (KeyboardInterrupt, _Stop):
-        return 0
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         if server is not None:
             print("stopping MLflow ...", flush=True)
             _stop(server)
