@@ -1,23 +1,25 @@
 """What runs at interpreter start, from the ``sitecustomize`` on PYTHONPATH.
 
-It imports only the standard library and installs an import hook: the tracing
-pipeline is built when the app first imports ``pydantic_ai``, so a process that
-never does pays a few milliseconds. The user's own ``sitecustomize`` (the next
-one on ``sys.path``) still runs, once.
+It installs an import hook and nothing more: the tracing pipeline is built
+when the app first imports ``pydantic_ai``, so a process that never does pays
+a few milliseconds. Imports here are the few modules a bare interpreter has
+already loaded (``importlib.abc`` alone would pull in ``pathlib`` and
+``tempfile``; the finder is duck-typed instead). The user's own
+``sitecustomize`` (the next one on ``sys.path``) still runs, once.
 """
 
 from __future__ import annotations
 
-import importlib.abc
-import importlib.machinery
-import importlib.util
 import os
 import sys
-from collections.abc import Callable, Sequence
-from types import ModuleType
-from typing import Any
+from importlib.machinery import ModuleSpec, PathFinder
 
-from traced_run import report
+from traced_run import flags
+
+TYPE_CHECKING = False  # typing itself costs more than this whole module
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+    from types import ModuleType
 
 BOOT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_boot")
 """The directory holding our ``sitecustomize``; the launcher puts it first on PYTHONPATH."""
@@ -36,14 +38,12 @@ def start() -> None:
         return
     _started = True
     _run_user_sitecustomize()
-    from traced_run.sources import early_flag
-
-    if early_flag("enabled", os.environ) is False:
+    if flags.switched_off(os.environ):
         return
     spawner = os.environ.get(SETTING_UP_ENV)
     if spawner and spawner != str(os.getpid()):
         return
-    if early_flag("strict", os.environ):
+    if flags.strict(os.environ):
         _check_settings_now()
     if WATCHED in sys.modules:
         _on_import(sys.modules[WATCHED])
@@ -53,6 +53,7 @@ def start() -> None:
 
 def _check_settings_now() -> None:
     """Strict mode: a bad setting stops the app before any of its code runs."""
+    from traced_run import report
     from traced_run.sources import load
 
     try:
@@ -74,7 +75,7 @@ def _on_import(module: ModuleType) -> None:
         os.environ.pop(SETTING_UP_ENV, None)
 
 
-class _ImportWatcher(importlib.abc.MetaPathFinder):
+class _ImportWatcher:
     """Calls ``then(module)`` right after the watched module has executed."""
 
     def __init__(self, name: str, then: Callable[[ModuleType], None]) -> None:
@@ -83,14 +84,14 @@ class _ImportWatcher(importlib.abc.MetaPathFinder):
 
     def find_spec(
         self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
-    ) -> importlib.machinery.ModuleSpec | None:
+    ) -> ModuleSpec | None:
         if fullname != self._name:
             return None
         sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(fullname)
+        spec = _find_spec(fullname, path, target)
         if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
-        loader: Any = spec.loader
+        loader = spec.loader
         exec_module = loader.exec_module
         then = self._then
 
@@ -98,22 +99,37 @@ class _ImportWatcher(importlib.abc.MetaPathFinder):
             exec_module(module)
             then(module)
 
-        loader.exec_module = exec_then_set_up
+        loader.exec_module = exec_then_set_up  # type: ignore[method-assign]
         return spec
+
+
+def _find_spec(fullname: str, path: Sequence[str] | None, target: ModuleType | None) -> ModuleSpec | None:
+    """What the finders after ours would answer: ``importlib.util.find_spec``
+    without importing ``importlib.util`` at every interpreter start."""
+    for finder in sys.meta_path:
+        find_spec = getattr(finder, "find_spec", None)
+        spec = find_spec(fullname, path, target) if find_spec is not None else None
+        if spec is not None:
+            return spec  # type: ignore[no-any-return]
+    return None
 
 
 def _run_user_sitecustomize() -> None:
     """Run the ``sitecustomize`` ours shadows, under its own name, exactly once."""
     ours = sys.modules.get("sitecustomize")
     rest = [p for p in sys.path if os.path.abspath(p or os.curdir) != BOOT_DIR]
-    spec = importlib.machinery.PathFinder.find_spec("sitecustomize", rest)
+    spec = PathFinder.find_spec("sitecustomize", rest)
     if spec is None or spec.loader is None:
         return
-    module = importlib.util.module_from_spec(spec)
+    from importlib.util import module_from_spec
+
+    module = module_from_spec(spec)
     sys.modules["sitecustomize"] = module
     try:
         spec.loader.exec_module(module)
     except Exception as error:  # what site.py does for a failing sitecustomize
+        from traced_run import report
+
         if ours is not None:
             sys.modules["sitecustomize"] = ours
         report.say(f"the user sitecustomize {spec.origin} failed: {type(error).__name__}: {error}")

@@ -16,8 +16,9 @@ from typing import Any, NoReturn
 
 from traced_run import __version__, report
 from traced_run.bootstrap import BOOT_DIR
+from traced_run.flags import OPTIONS_ENV
 from traced_run.settings import SPECS
-from traced_run.sources import OPTIONS_ENV, Loaded, load, shown
+from traced_run.sources import Loaded, load, shown
 
 EPILOG = """\
 commands of its own:

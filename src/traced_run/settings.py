@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from traced_run.flags import ENABLED_ENV, SDK_DISABLED_ENV, STRICT_ENV, parse_bool
+
 
 @dataclass(frozen=True)
 class Kind:
@@ -29,20 +31,11 @@ class Kind:
     """Checks (and converts) a value that YAML already typed."""
 
 
-def _bool_text(text: str) -> bool:
-    lowered = text.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise ValueError("expected true or false")
-
-
 def _bool_yaml(value: Any) -> bool:
     if isinstance(value, bool):
         return value
     if isinstance(value, str):
-        return _bool_text(value)
+        return parse_bool(value)
     raise ValueError("expected true or false")
 
 
@@ -237,7 +230,7 @@ def _mode_yaml(value: Any) -> str:
     return _mode(_text_yaml(value))
 
 
-BOOL = Kind("bool", _bool_text, _bool_yaml)
+BOOL = Kind("bool", parse_bool, _bool_yaml)
 TEXT = Kind("string", _text, _text_yaml)
 URL = Kind("url", _url, _url_yaml)
 EXPERIMENT_ID = Kind("experiment id", _experiment_id, _experiment_id_yaml)
@@ -291,11 +284,11 @@ class Settings:
         env=("TRACED_RUN_CONFIG",), option="--config", in_yaml=False))
     enabled: bool = setting(True, Spec(
         BOOL, "Trace at all. false (or OTEL_SDK_DISABLED=true) loads nothing beyond the bootstrap.",
-        env=("TRACED_RUN_ENABLED",), env_off=("OTEL_SDK_DISABLED",), option="--disable",
+        env=(ENABLED_ENV,), env_off=(SDK_DISABLED_ENV,), option="--disable",
         option_value=False))
     strict: bool = setting(False, Spec(
         BOOL, "Stop the app (exit 78 or 70) instead of running it untraced when setup fails.",
-        env=("TRACED_RUN_STRICT",), option="--strict", option_value=True))
+        env=(STRICT_ENV,), option="--strict", option_value=True))
     tracking_uri: str | None = setting(None, Spec(
         URL, "MLflow tracking server URL; traces go to <tracking_uri>/v1/traces.",
         env=("MLFLOW_TRACKING_URI",), option="--tracking-uri"))

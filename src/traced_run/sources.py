@@ -17,11 +17,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from traced_run.flags import OPTIONS_ENV
 from traced_run.report import ConfigError, mask_url
 from traced_run.settings import SPECS, Settings, Spec
 
-OPTIONS_ENV = "TRACED_RUN_OPTIONS"
-"""The launcher passes its options to the app's processes as JSON in this variable."""
 DEFAULT_CONFIG = "traced-run.yaml"
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -249,15 +248,3 @@ def _resolve_groups(layers: list[dict[str, Value]], chosen: dict[str, Value]) ->
                 for other in members:
                     if other not in named:
                         chosen.pop(other, None)
-
-
-def early_flag(name: str, environ: Mapping[str, str]) -> bool | None:
-    """A bool setting as launcher options and environment give it, read before
-    (or without) the YAML file: the kill switch and strict mode must be known at
-    interpreter start, when reading YAML would cost more than the whole bootstrap.
-    A value that does not parse is left for :func:`load` to report."""
-    try:
-        decided = _options_layer(environ).get(name) or _env_value(name, environ)
-    except ConfigError:
-        return None
-    return None if decided is None else bool(decided.value)

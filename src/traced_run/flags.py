@@ -1,0 +1,69 @@
+"""The two switches a process must know at interpreter start: the kill switch
+and strict mode. Read with ``os`` alone (``json`` only under the launcher):
+the bootstrap asks at every Python start, where importing the settings
+machinery would cost more than everything else it does. The settings table
+takes its spelling of these variables and of a boolean from here.
+"""
+
+from __future__ import annotations
+
+TYPE_CHECKING = False  # typing itself costs more than this whole module
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+OPTIONS_ENV = "TRACED_RUN_OPTIONS"
+"""The launcher passes its options to the app's processes as JSON in this variable."""
+ENABLED_ENV = "TRACED_RUN_ENABLED"
+SDK_DISABLED_ENV = "OTEL_SDK_DISABLED"
+"""OpenTelemetry's own kill switch: ``true`` turns traced-run off too."""
+STRICT_ENV = "TRACED_RUN_STRICT"
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ValueError("expected true or false")
+
+
+def _env(environ: Mapping[str, str], name: str) -> bool | None:
+    try:
+        return parse_bool(environ[name]) if environ.get(name, "").strip() else None
+    except ValueError:
+        return None
+
+
+def _option(environ: Mapping[str, str], name: str) -> bool | None:
+    raw = environ.get(OPTIONS_ENV, "").strip()
+    if not raw:
+        return None
+    import json
+
+    try:
+        value = json.loads(raw).get(name)
+    except (ValueError, AttributeError):
+        return None
+    return value if isinstance(value, bool) else None
+
+
+def switched_off(environ: Mapping[str, str]) -> bool:
+    """The launcher's ``--disable``, TRACED_RUN_ENABLED=false or OTEL_SDK_DISABLED=true.
+    A value that does not parse is left for the settings to report."""
+    decided = _option(environ, "enabled")
+    if decided is None:
+        decided = _env(environ, ENABLED_ENV)
+    if decided is None:
+        disabled = _env(environ, SDK_DISABLED_ENV)
+        decided = None if disabled is None else not disabled
+    return decided is False
+
+
+def strict(environ: Mapping[str, str]) -> bool:
+    """The launcher's ``--strict`` or TRACED_RUN_STRICT=true."""
+    decided = _option(environ, "strict")
+    return bool(decided if decided is not None else _env(environ, STRICT_ENV))
