@@ -11,7 +11,7 @@ from typing import Any
 
 import mlflow
 import pytest
-from conftest import App, spans_by_type
+from conftest import AGENT_APP, App, spans_by_type
 from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
 
 from traced_run.pipeline import sample_ratio
@@ -181,3 +181,49 @@ def test_nothing_is_sent_with_a_ratio_of_zero(app: App) -> None:
     # The process has exited, so its delivery is over: whatever was to reach MLflow has.
     experiment_id = app.server.experiment_id(app.experiment)
     assert experiment_id is None or app.server.traces(experiment_id) == []
+
+
+# -- MLflow-native mode ----------------------------------------------------------------------
+
+def test_mlflow_native_mode_records_the_same_run(app: App) -> None:
+    """The same app under mode=otlp (ours) and mode=mlflow (MLflow's autolog):
+    both give one trace with the prompt, the answer, the tool call and the
+    same token usage; ours also shows the model calls as a conversation."""
+    app.write(AGENT_APP)
+    ours = app.run("python", "app.py")
+    assert ours.returncode == 0, ours.stderr.decode()
+    (otlp_trace,) = app.traces(1)
+    native_app = App(app.directory, app.server, app.experiment + "-native")
+    native = native_app.run("python", "app.py", env=native_app.env(TRACED_RUN_MODE="mlflow"))
+    assert native.returncode == 0, native.stderr.decode()
+    assert native.stdout == ours.stdout
+    (native_trace,) = native_app.traces(1)
+
+    for trace in (otlp_trace, native_trace):
+        assert "What is the weather in Paris?" in trace.info.request_preview
+        assert "a: sunny" in trace.info.response_preview
+        assert trace.info.token_usage["total_tokens"] == otlp_trace.info.token_usage["total_tokens"]
+        kinds = spans_by_type(trace)
+        assert len(kinds["LLM"]) == 2
+        (tool,) = kinds["TOOL"]
+        assert (tool.inputs, tool.outputs) == ({"city": "a"}, "a: sunny")
+    # Ours: the agent span's input is the prompt itself, and the model call reads as chat messages.
+    (agent,) = spans_by_type(otlp_trace)["AGENT"]
+    assert agent.inputs == "What is the weather in Paris?"
+    last = max(spans_by_type(otlp_trace)["LLM"], key=lambda s: s.start_time_ns)
+    assert [m["role"] for m in last.inputs] == ["system", "user", "assistant", "user"]
+
+
+def test_mlflow_native_mode_without_mlflow_says_so(app: App) -> None:
+    app.write(AGENT_APP)
+    # An app environment without the mlflow package: a module that fails as a missing one does.
+    app.write("raise ImportError(\"No module named 'mlflow'\")\n", name="mlflow.py")
+    done = app.run("python", "app.py", env=app.env(TRACED_RUN_MODE="mlflow"))
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stdout == b'{"lookup":"a: sunny"}\n'
+    (line,) = done.stderr.decode().splitlines()
+    assert line.startswith("traced-run: mode=mlflow needs the mlflow package") and "untraced" in line
+    strict = app.run("python", "app.py", env=app.env(TRACED_RUN_MODE="mlflow", TRACED_RUN_STRICT="true"))
+    assert strict.returncode == 70 and strict.stdout == b""
+    (line,) = strict.stderr.decode().splitlines()
+    assert "mode=mlflow needs the mlflow package" in line and "strict mode" in line
