@@ -22,6 +22,8 @@ from conftest import App, free_port
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
+from traced_run.redact import DEFAULT_RULES, Redactor
+
 APP = """
     import base64, sys
     from pydantic_ai import Agent, BinaryContent
@@ -179,3 +181,20 @@ def test_the_spool_holds_only_redacted_spans(app: App, tmp_path: Path) -> None:
     assert b"USER-PROMPT-TEXT" in data  # content is kept; only the secrets are gone
     for secret in SECRETS:
         assert secret.encode() not in data, secret
+
+
+@pytest.mark.parametrize(("text", "redacted"), [
+    ("key sk-proj-A1b2C3d4E5f6G7h8I9j0 ok", "key [REDACTED] ok"),
+    ("sk-ant-api03-abcdefghijklmnopqrstuv", "[REDACTED]"),
+    ("Authorization: Bearer abc.def-ghi_123", "Authorization: Bearer [REDACTED]"),
+    ("postgres://bob:pa55word@db:5432/app", "postgres://bob:[REDACTED]@db:5432/app"),
+    ("https://example.com/a:b@c", "https://example.com/a:b@c"),  # a path, not a password
+    ('{"api_key": "abc123", "n": 1}', '{"api_key": "[REDACTED]", "n": 1}'),
+    ("password=hunter2&user=bob", "password=[REDACTED]&user=bob"),
+    ("AKIAABCDEFGHIJKLMNOP", "[REDACTED]"),
+    ("ghp_" + "a" * 36, "[REDACTED]"),
+    ('{"password": {"type": "string"}}', '{"password": {"type": "string"}}'),  # a schema stays JSON
+    ("max_tokens=100, the sky is blue", "max_tokens=100, the sky is blue"),
+])
+def test_default_rules(text: str, redacted: str) -> None:
+    assert Redactor(DEFAULT_RULES, "[REDACTED]").redact(text) == redacted

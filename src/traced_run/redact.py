@@ -24,7 +24,8 @@ DEFAULT_RULES: tuple[str, ...] = (
     r"\b[A-Za-z][A-Za-z0-9+.\-]*://[^/\s:@\"']*:([^/\s@\"']+)@",
     # key=value and "key": "value" for names that say secret.
     r"(?i)\b(?:api[_-]?key|secret|password|passwd|pwd|token|access[_-]?token|client[_-]?secret)\b"
-    r"[\"']?\s*[:=]\s*[\"']?([^\s\"',;&}]+)",
+    # The value is a plain word: a JSON object or list after the name (a tool's schema) is left as is.
+    r"[\"']?\s*[:=]\s*[\"']?([^\s\"',;&{}\[\]]+)",
 )
 
 
