@@ -81,10 +81,17 @@ class Delivery:
         self._spooled_traces: set[int] = set()
 
     def _after_fork(self) -> None:
-        """A forked child starts empty (it never re-sends its parent's queue),
-        starts its own thread when it has spans, and flushes even when it ends
-        with ``os._exit``, as multiprocessing and prefork servers' workers do."""
+        """A forked child starts empty (it never re-sends its parent's queue)
+        and starts its own thread when it has spans; the ``os._exit`` wrapper
+        it inherits flushes it (see install_exit_hooks)."""
         self._reset()
+
+    def _flush_at_os_exit(self) -> None:
+        """Flush even when the process ends with ``os._exit``, as workers of
+        multiprocessing and prefork servers do. Wrapped in every traced process,
+        not only in forked children: a forkserver's worker builds its pipeline
+        after the fork (Python 3.11 does not preload ``__main__`` there), then
+        ends with ``os._exit``."""
         real_exit = os._exit
 
         def exit_after_delivery(status: int) -> Any:
@@ -142,9 +149,12 @@ class Delivery:
                 self._in_flight = batch
             more_spooled = False
             try:
+                spool_turn = not batch
                 if batch:
                     self._deliver(batch)
-                else:
+                    batch = []  # handled: a failure sending the spool below loses none of it
+                    spool_turn = self._spool_turn_after_batch()
+                if spool_turn:
                     more_spooled = self._send_spooled_one()
                     self._spool_idle = not more_spooled
             except Exception as error:  # a bug of ours or a library's must not stop delivery
@@ -154,6 +164,13 @@ class Delivery:
             with self._wake:
                 self._in_flight = []
                 self._wake.notify_all()
+
+    def _spool_turn_after_batch(self) -> bool:
+        """Under steady traffic the queue is never idle: after each batch, one
+        spooled batch goes too (unless MLflow is down or the queue runs high),
+        so the spool drains while the app runs, not only when it rests or exits."""
+        high = len(self._queue) > self._settings.queue_size // 2
+        return not self._spool_idle and not self._down() and not high
 
     def _down(self) -> bool:
         return time.monotonic() < self._down_until
@@ -166,7 +183,7 @@ class Delivery:
     def _deliver(self, batch: list[ReadableSpan]) -> None:
         from traced_run.export import encode, target_of
 
-        payload = encode(batch)
+        payload = encode(batch, self._settings)
         target = target_of(self._settings)
         high = len(self._queue) > self._settings.queue_size // 2
         timeout = self._attempt_timeout()
@@ -192,7 +209,9 @@ class Delivery:
         self.problem = outcome.reason
         self._down_until = time.monotonic() + BACKOFF[min(self._failures, len(BACKOFF) - 1)]
         self._failures += 1
-        if not self._closing:  # at exit, close() sums up in one line
+        # Once per outage, not per reason (a timeout, then a reset, then a 503 are one
+        # outage); at exit, close() sums up in one line.
+        if self._failures == 1 and not self._closing:
             report.say(f"cannot deliver traces to {mask_url(self._endpoint)} ({outcome.reason}); keeping "
                        f"them in {self.spool.directory} and retrying in the background")
 
@@ -225,6 +244,7 @@ class Delivery:
             self.spooled += len(batch)
             self._spooled_traces |= traces
             self.dropped += evicted
+            self._spool_idle = False
 
     def _set_aside(self, batch: Sequence[ReadableSpan], payload: bytes, outcome: Outcome) -> None:
         from traced_run.export import target_of
@@ -234,7 +254,9 @@ class Delivery:
         traces = len({span.context.trace_id for span in batch if span.context})
         target = target_of(self._settings)
         aside = self.spool.put_rejected(target, len(batch), traces, payload, outcome.reason)
-        report.say(f"MLflow rejected a batch of {len(batch)} spans ({outcome.reason}); set aside in {aside}")
+        if not self._closing:  # at exit, close() sums up in one line
+            report.say(f"MLflow rejected a batch of {len(batch)} spans ({outcome.reason}); "
+                       f"set aside in {aside}")
 
     def _send_spooled_one(self) -> bool:
         """Send one spooled batch, if MLflow is taking batches; the queue keeps
@@ -274,6 +296,9 @@ class Delivery:
                 return
             self._closing = True
             self._spool_idle = False
+            # Leaving is this process's last chance to send: MLflow gets one more attempt
+            # even mid-backoff (it may have recovered since); a failure spools the rest.
+            self._down_until = 0.0
             self._deadline = time.monotonic() + self._settings.exit_timeout
             started = self._thread is not None
         if started:
@@ -297,7 +322,7 @@ class Delivery:
         if self.problem is None:
             self.problem = f"no answer within exit_timeout={self._settings.exit_timeout:g}s"
         try:
-            self._keep(left, encode(left))
+            self._keep(left, encode(left, self._settings))
         except Exception as error:
             self.lost += len(left)
             self.problem = f"{self.problem}; {type(error).__name__}: {error}"
@@ -326,6 +351,7 @@ class Delivery:
 
     def install_exit_hooks(self) -> None:
         atexit.register(self.close)
+        self._flush_at_os_exit()
         try:
             previous = signal.getsignal(signal.SIGTERM)
             signal.signal(signal.SIGTERM, _ChainedSigterm(self.close, previous))

@@ -381,7 +381,7 @@ class MlflowChecks:
         from traced_run.export import Sender
         from traced_run.spool import Target
 
-        payload, trace_id = synthetic_trace()
+        payload, trace_id = synthetic_trace(self.settings)
         started = time.monotonic()
         target = Target(self.settings.traces_endpoint or "", self.experiment_id, None, self.settings.run_id)
         # Sender.post: the very request an app's delivery thread makes (compression, headers, auth).
@@ -408,7 +408,7 @@ class MlflowChecks:
             time.sleep(0.2)
 
 
-def synthetic_trace() -> tuple[bytes, str]:
+def synthetic_trace(settings: Settings) -> tuple[bytes, str]:
     """One finished span made with the OTel SDK, encoded as apps' batches are."""
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
@@ -425,7 +425,7 @@ def synthetic_trace() -> tuple[bytes, str]:
             f"mlflow.traceTag.{DOCTOR_TAG}": "true", "input.value": "ping", "output.value": "pong"}) as span:
         trace_id = f"tr-{span.get_span_context().trace_id:032x}"
     provider.shutdown()
-    return encode(memory.get_finished_spans()), trace_id
+    return encode(memory.get_finished_spans(), settings), trace_id
 
 
 # -- local: the bootstrap in a child, sitecustomize, spool ---------------------------------

@@ -51,22 +51,24 @@ class _Config:
         self.resources: dict[int, tuple[Resource, Resource]] = {}
 
 
-_config = _Config(Settings())
+_config: _Config | None = None
 
 
-def configure(settings: Settings) -> None:
-    """Use this process's settings; until called, the defaults (redaction on)."""
+def _config_for(settings: Settings) -> _Config:
+    """Compiled once per process (the settings object is the process's own)."""
     global _config
-    _config = _Config(settings)
-
-
-def for_mlflow(span: ReadableSpan) -> ReadableSpan:
-    """The copy of ``span`` MLflow gets."""
     config = _config
+    if config is None or config.settings is not settings:
+        config = _config = _Config(settings)
+    return config
+
+
+def for_mlflow(span: ReadableSpan, settings: Settings) -> ReadableSpan:
+    """The copy of ``span`` MLflow gets under ``settings``."""
+    config = _config_for(settings)
     copy = _copy(span, dict(span.attributes or {}))
     _processor.on_end(copy)
     attributes: dict[str, AttributeValue] = dict(copy.attributes or {})
-    settings = config.settings
     _conversation(attributes)
     _metadata(attributes, settings, is_root=span.parent is None)
     if not settings.include_content:

@@ -52,9 +52,9 @@ def target_of(settings: Settings) -> Target:
                   settings.run_id)
 
 
-def encode(spans: Sequence[ReadableSpan]) -> bytes:
-    """The OTLP request body for ``spans``, with OpenInference's attributes added."""
-    return bytes(encode_spans([for_mlflow(span) for span in spans]).SerializeToString())
+def encode(spans: Sequence[ReadableSpan], settings: Settings) -> bytes:
+    """The OTLP request body for ``spans``, as ``settings`` shape it for MLflow."""
+    return bytes(encode_spans([for_mlflow(span, settings) for span in spans]).SerializeToString())
 
 
 class Sender:

@@ -26,10 +26,10 @@ from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
 from opentelemetry.trace import Link, Span, SpanKind
 from opentelemetry.util.types import Attributes
 
-from traced_run import enrich, mlflow_native, report
+from traced_run import flags, mlflow_native, report
 from traced_run.delivery import Delivery, DeliveryProcessor
 from traced_run.settings import Settings
-from traced_run.sources import early_flag, load
+from traced_run.sources import load
 
 _installed = False
 _install_lock = threading.Lock()
@@ -45,7 +45,7 @@ def install() -> None:
         try:
             loaded = load()
         except report.ConfigError as error:
-            _fail(f"{error}", strict_code=report.EXIT_CONFIG, strict=bool(early_flag("strict", os.environ)))
+            _fail(f"{error}", strict_code=report.EXIT_CONFIG, strict=flags.strict(os.environ))
             return
         settings = loaded.settings
         if not settings.enabled:
@@ -77,7 +77,6 @@ def _instrument(settings: Settings, ratio: float) -> None:
         raise report.ConfigError(
             "no MLflow tracking URI: set MLFLOW_TRACKING_URI, --tracking-uri or tracking_uri"
         )
-    enrich.configure(settings)
     delivery = Delivery(settings)
     options: dict[str, Any] = {
         "include_content": settings.include_content,
