@@ -190,11 +190,13 @@ def test_mlflow_native_mode_records_the_same_run(app: App) -> None:
     both give one trace with the prompt, the answer, the tool call and the
     same token usage; ours also shows the model calls as a conversation."""
     app.write(AGENT_APP)
-    ours = app.run("python", "app.py")
+    metadata = {"TRACED_RUN_SESSION_ID": "batch-9", "TRACED_RUN_USER_ID": "carol",
+                "TRACED_RUN_TAGS": "environment=prod", "TRACED_RUN_TRACE_NAME": "weather"}
+    ours = app.run("python", "app.py", env=app.env(**metadata))
     assert ours.returncode == 0, ours.stderr.decode()
     (otlp_trace,) = app.traces(1)
     native_app = App(app.directory, app.server, app.experiment + "-native")
-    native = native_app.run("python", "app.py", env=native_app.env(TRACED_RUN_MODE="mlflow"))
+    native = native_app.run("python", "app.py", env=native_app.env(TRACED_RUN_MODE="mlflow", **metadata))
     assert native.returncode == 0, native.stderr.decode()
     assert native.stdout == ours.stdout
     (native_trace,) = native_app.traces(1)
@@ -207,6 +209,11 @@ def test_mlflow_native_mode_records_the_same_run(app: App) -> None:
         assert len(kinds["LLM"]) == 2
         (tool,) = kinds["TOOL"]
         assert (tool.inputs, tool.outputs) == ({"city": "a"}, "a: sunny")
+    for each_app in (app, native_app):
+        found = search(each_app, "metadata.`mlflow.trace.session` = 'batch-9' AND "
+                       "metadata.`mlflow.trace.user` = 'carol' AND tags.environment = 'prod' AND "
+                       "trace.name = 'weather'")
+        assert len(found) == 1, each_app.experiment
     # Ours: the agent span's input is the prompt itself, and the model call reads as chat messages.
     (agent,) = spans_by_type(otlp_trace)["AGENT"]
     assert agent.inputs == "What is the weather in Paris?"
