@@ -71,7 +71,8 @@ def test_all_ok_against_mlflow_and_the_proof_trace_is_in_mlflow(
     trace = mlflow_server.client().get_trace(match[1])
     assert trace.info.experiment_id == "0"
     assert trace.info.tags.get("traced_run.doctor") == "true"
-    print(f"doctor against a running MLflow: {seconds:.2f} s, round trip {match[2]} ms")
+    summary = done.stdout.splitlines()[-1]
+    print(f"doctor against a running MLflow: {seconds:.2f} s, round trip {match[2]} ms; {summary}")
 
 
 def test_json_against_mlflow_names_the_trace_and_the_settings(
