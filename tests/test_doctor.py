@@ -120,6 +120,15 @@ def test_closed_port_fails_fast_without_secrets(tmp_path: Path) -> None:
     print(f"doctor against a closed port: {seconds:.2f} s")
 
 
+def test_password_in_the_url_is_a_fail_and_never_printed(tmp_path: Path) -> None:
+    env = env_for(f"http://someone:{SECRET}@127.0.0.1:{free_port()}", tmp_path)
+    done, _ = doctor(tmp_path, env, "--json")
+    assert done.returncode == 1
+    assert SECRET not in done.stdout + done.stderr
+    settings = next(c for c in json.loads(done.stdout)["checks"] if c["check"] == "settings")
+    assert settings["status"] == "FAIL" and "MLFLOW_TRACKING_PASSWORD" in settings["hint"]
+
+
 @pytest.fixture
 def hanging_listener() -> Iterator[str]:
     """Accepts connections and never answers."""
