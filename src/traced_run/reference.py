@@ -65,6 +65,7 @@ def markdown_reference() -> str:
         env += "".join(f"<br>`{var}=true` turns off" for var in spec.env_off)
         option = f"`{spec.option}`" if spec.option else ""
         secret = " Secret: never printed." if spec.secret else ""
-        lines.append(f"| {key} | {env} | {option} | {spec.kind.name} | `{_default_yaml(item.name)}` "
+        kind = spec.kind.name.replace("|", "\\|")  # a bare | would end the table cell
+        lines.append(f"| {key} | {env} | {option} | {kind} | `{_default_yaml(item.name)}` "
                      f"| {spec.doc}{secret} |")
     return "\n".join(lines) + "\n"
