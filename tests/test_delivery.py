@@ -1,0 +1,706 @@
+"""Delivery you can trust (issue 3), against the real MLflow server with a
+fault-injecting proxy in front of it (tests/faultproxy.py): no trace lost, none
+twice, no process held, every worker traced.
+
+Counts are exact: every app prompt carries its own number, so each test knows
+which runs it made and checks that MLflow holds exactly those traces, each
+once, each with all its spans. MLflow is polled with a deadline, never waited
+for with a sleep. Each test has its own spool directory.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import textwrap
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import TRACED_RUN, App, MlflowServer, clean_env, free_port, poll
+from faultproxy import FaultProxy, Mode, fault_proxy
+
+EXIT_TIMEOUT = 2.0
+"""traced-run's default exit bound, set explicitly where a test measures it."""
+MARGIN = 3.0
+"""Room on top of the bound for interpreter shutdown on a loaded 2-core machine."""
+GENEROUS_EXIT = "60"
+"""For tests about what arrives rather than how fast."""
+RUN_SPANS = 4
+"""Spans of one TestModel run that calls its one tool: agent, 2 model requests, tool."""
+
+TOOL_AGENT = """
+    from pydantic_ai import Agent
+    from pydantic_ai.models.test import TestModel
+
+    agent = Agent(TestModel(), name={name!r})
+
+    @agent.tool_plain
+    def lookup(city: str) -> str:
+        \"\"\"Look a city up.\"\"\"
+        return f"{{city}}: sunny"
+"""
+
+
+def tool_agent(name: str, *more: str) -> str:
+    """The agent's module, then more code (each part dedented on its own)."""
+    return "".join(textwrap.dedent(part) for part in (TOOL_AGENT.format(name=name), *more))
+
+
+LOOP_APP = """
+    import os
+    import sys
+    import time
+
+    # Runs until the test creates ./stop (or the safety limit): one run every ~0.2 s.
+    i = 0
+    while not os.path.exists("stop") and i < {limit}:
+        agent.run_sync(f"{prefix} {{i}}")
+        print(f"done {{i}}", flush=True)
+        i += 1
+        time.sleep({pause})
+    print("stopped", flush=True)
+"""
+
+
+def loop_app(prefix: str, *, limit: int = 400, pause: float = 0.2) -> str:
+    return tool_agent("looper", LOOP_APP.format(prefix=prefix, limit=limit, pause=pause))
+
+
+# --- helpers -----------------------------------------------------------------------
+@pytest.fixture
+def proxy(mlflow_server: MlflowServer) -> Iterator[FaultProxy]:
+    with fault_proxy(mlflow_server.url) as running:
+        yield running
+
+
+def proxied_env(app: App, proxy: FaultProxy, **extra: str) -> dict[str, str]:
+    """The app's environment with MLflow behind the proxy and a spool of its own."""
+    settings = {"TRACED_RUN_SPOOL_DIR": str(spool_of(app)), "TRACED_RUN_EXIT_TIMEOUT": GENEROUS_EXIT, **extra}
+    return clean_env(MLFLOW_TRACKING_URI=proxy.url, MLFLOW_EXPERIMENT_NAME=app.experiment, **settings)
+
+
+def spool_of(app: App) -> Path:
+    return app.directory / "spool"
+
+
+def spooled(spool: Path) -> list[Path]:
+    """Batches waiting in the spool (claimed ones included), oldest first."""
+    if not spool.exists():
+        return []
+    return sorted(p for p in spool.iterdir() if ".otlp" in p.name)
+
+
+def traced_lines(stderr: bytes) -> list[str]:
+    return [line for line in stderr.decode().splitlines() if line.startswith("traced-run:")]
+
+
+def trace_infos(server: MlflowServer, experiment: str) -> list[Any]:
+    """Every trace of the experiment, without spans (paged: bursts exceed a page)."""
+    experiment_id = server.experiment_id(experiment)
+    if experiment_id is None:
+        return []
+    client = server.client()
+    found: list[Any] = []
+    token = None
+    while True:
+        page = client.search_traces(locations=[experiment_id], max_results=500, page_token=token,
+                                    include_spans=False)
+        found += [trace.info for trace in page]
+        token = page.token
+        if not token:
+            return found
+
+
+def finished(info: Any) -> bool:
+    return str(info.state).rsplit(".", 1)[-1] in ("OK", "ERROR")
+
+
+def run_numbers(infos: list[Any], prefix: str) -> list[int]:
+    """The run numbers of traces whose prompt was ``"<prefix> <n>"``, sorted, repeats kept."""
+    pattern = re.compile(rf'^"{re.escape(prefix)} (\d+)"$')
+    numbers = []
+    for info in infos:
+        match = pattern.match(info.request_preview or "")
+        if match:
+            numbers.append(int(match.group(1)))
+    return sorted(numbers)
+
+
+def wait_runs(server: MlflowServer, experiment: str, prefix: str, count: int, *,
+              timeout: float = 60) -> list[Any]:
+    """Poll until runs 0..count-1 of ``prefix`` are complete traces, then check
+    they are there exactly once and nothing else is."""
+
+    def ready() -> list[Any] | None:
+        infos = trace_infos(server, experiment)
+        done = [i for i in infos if finished(i)]
+        return infos if set(run_numbers(done, prefix)) >= set(range(count)) else None
+
+    infos: list[Any] = poll(ready, timeout=timeout, what=f"{count} '{prefix}' traces in {experiment}",
+                            interval=0.5)
+    assert run_numbers(infos, prefix) == list(range(count)), "a run is missing or twice"
+    assert len(infos) == count, [i.request_preview for i in infos]
+    assert len({i.trace_id for i in infos}) == count
+    return infos
+
+
+def span_counts(server: MlflowServer, experiment: str) -> list[int]:
+    experiment_id = server.experiment_id(experiment)
+    assert experiment_id is not None
+    return [len(trace.data.spans) for trace in server.traces(experiment_id)]
+
+
+class Lines:
+    """A running app's stdout, read by a thread so the test can wait for a line."""
+
+    def __init__(self, process: subprocess.Popen[bytes]) -> None:
+        self._process = process
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        assert process.stdout is not None
+        self._thread = threading.Thread(target=self._read, args=(process.stdout,), daemon=True)
+        self._thread.start()
+
+    def _read(self, stream: Any) -> None:
+        for raw in stream:
+            with self._changed:
+                self.lines.append(raw.decode().rstrip("\n"))
+                self._changed.notify_all()
+
+    def wait_for(self, line: str, timeout: float = 60) -> None:
+        with self._changed:
+            if not self._changed.wait_for(lambda: line in self.lines, timeout=timeout):
+                raise AssertionError(f"no {line!r} within {timeout}s; got {self.lines[-5:]}")
+
+    def done(self) -> int:
+        """How many runs the app reported finished."""
+        with self._changed:
+            return sum(1 for line in self.lines if line.startswith("done "))
+
+    def finish(self, timeout: float) -> bytes:
+        """Wait for the app to end and its stdout to be read; its stderr."""
+        self._process.wait(timeout=timeout)
+        self._thread.join(timeout=10)
+        assert self._process.stderr is not None
+        return self._process.stderr.read()
+
+
+def start(app: App, *command: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([TRACED_RUN, *command], cwd=app.directory, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.kill()
+        process.wait(timeout=30)
+
+
+def flush(app: App, env: dict[str, str]) -> str:
+    """``traced-run flush``: sends what the spool holds now; what it printed."""
+    done = app.run("flush", env=env)
+    assert done.returncode == 0, done.stderr.decode()
+    return done.stdout.decode()
+
+
+# --- MLflow down, failing, recovering ---------------------------------------------------
+def test_down_for_the_first_process_up_for_the_second(app: App, proxy: FaultProxy) -> None:
+    app.write(tool_agent("first", "agent.run_sync('updown 0')\nagent.run_sync('updown 1')\n"), "first.py")
+    app.write(tool_agent("second", "agent.run_sync('updown 2')\n"), "second.py")
+    spool = spool_of(app)
+    proxy.mode = "refuse"
+    started = time.monotonic()
+    env = proxied_env(app, proxy, TRACED_RUN_EXIT_TIMEOUT=str(EXIT_TIMEOUT))
+    first = app.run("python", "first.py", env=env)
+    elapsed = time.monotonic() - started
+    print(f"first process, MLflow refused: {elapsed:.2f}s; {first.stderr.decode().strip()}")
+    assert first.returncode == 0, first.stderr.decode()
+    lines = first.stderr.decode().splitlines()
+    assert lines == traced_lines(first.stderr) and len(lines) == 1, lines
+    assert f"8 spans of 2 traces not delivered to {proxy.url}/v1/traces" in lines[0], lines
+    assert f"kept in {spool};" in lines[0], lines
+    assert spooled(spool), "nothing spooled"
+    assert proxy.count(path="/") == 0
+
+    proxy.mode = "forward"
+    second = app.run("python", "second.py", env=proxied_env(app, proxy))
+    assert second.returncode == 0, second.stderr.decode()
+    assert second.stderr == b""
+    wait_runs(app.server, app.experiment, "updown", 3)
+    assert span_counts(app.server, app.experiment) == [RUN_SPANS] * 3
+    assert spooled(spool) == []
+
+
+FAILURES: list[Mode] = ["503", "429", "hang", "cut"]
+
+
+@pytest.mark.parametrize("failure", FAILURES)
+def test_failing_mid_run_then_recovering_loses_nothing_and_doubles_nothing(
+        app: App, proxy: FaultProxy, failure: Mode) -> None:
+    app.write(loop_app("run"))
+    # A one-second attempt timeout keeps a hanging MLflow from holding the delivery thread long.
+    env = proxied_env(app, proxy, OTEL_EXPORTER_OTLP_TIMEOUT="1")
+    process = start(app, "python", "app.py", env=env)
+    try:
+        out = Lines(process)
+        out.wait_for("done 2")
+        proxy.mode = failure
+        poll(lambda: proxy.count(mode=failure) >= 2, timeout=30, what=f"two posts answered {failure}")
+        proxy.mode = "forward"
+        recovered_at = out.done()
+        # While the app still runs, this process sends what it spooled during the failure.
+        wait_started = time.monotonic()
+        poll(lambda: set(range(recovered_at)) <= set(run_numbers(
+            [i for i in trace_infos(app.server, app.experiment) if finished(i)], "run")),
+            timeout=60, what=f"runs 0..{recovered_at - 1} sent again while the app runs")
+        resent_after = time.monotonic() - wait_started
+        assert process.poll() is None, "the app ended before its spool was sent"
+        (app.directory / "stop").touch()
+        err = out.finish(timeout=90)
+    finally:
+        stop(process)
+    runs = out.done()
+    print(f"{failure}: {proxy.count(mode=failure)} posts failed, {runs} runs, spool re-sent "
+          f"{resent_after:.1f}s after recovery; stderr: {err.decode()}")
+    assert process.returncode == 0, err.decode()
+    assert out.lines[-1] == "stopped"
+    wait_runs(app.server, app.experiment, "run", runs)
+    assert span_counts(app.server, app.experiment) == [RUN_SPANS] * runs
+    assert spooled(spool_of(app)) == []
+    # One line when delivery started failing, one at exit: all was sent later.
+    lines = err.decode().splitlines()
+    assert len(lines) == 2, lines
+    failing, summary = lines
+    assert failing.startswith(f"traced-run: cannot deliver traces to {proxy.url}/v1/traces"), failing
+    assert failing.endswith(f"keeping them in {spool_of(app)} and retrying in the background"), failing
+    assert re.fullmatch(rf"traced-run: \d+ spans were spooled while {proxy.url}/v1/traces was unreachable "
+                        r"\(.+\) and sent later", summary), summary
+
+
+def test_a_batch_sent_twice_is_stored_once(app: App, proxy: FaultProxy) -> None:
+    app.write(tool_agent("twice", "agent.run_sync('twice 0')\n"))
+    spool = spool_of(app)
+    proxy.mode = "refuse"
+    done = app.run("python", "app.py", env=proxied_env(app, proxy, TRACED_RUN_EXIT_TIMEOUT=str(EXIT_TIMEOUT)))
+    assert done.returncode == 0, done.stderr.decode()
+    batches = spooled(spool)
+    assert batches
+    copies = app.directory / "copies"
+    copies.mkdir()
+    for batch in batches:
+        shutil.copy2(batch, copies / batch.name)
+
+    proxy.mode = "forward"
+    sent = f"sent {len(batches)} batches ({RUN_SPANS} spans)"
+    assert flush(app, proxied_env(app, proxy)).startswith(sent)
+    assert spooled(spool) == []
+    (first,) = wait_runs(app.server, app.experiment, "twice", 1)
+    assert span_counts(app.server, app.experiment) == [RUN_SPANS]
+    posts = proxy.count()
+
+    for copy in copies.iterdir():
+        shutil.copy2(copy, spool / copy.name)
+    assert flush(app, proxied_env(app, proxy)).startswith(sent)
+    assert spooled(spool) == []
+    assert proxy.count() == posts + len(batches)
+    assert proxy.statuses()[-len(batches):] == [200] * len(batches)
+    (again,) = wait_runs(app.server, app.experiment, "twice", 1)
+    assert again.trace_id == first.trace_id
+    assert span_counts(app.server, app.experiment) == [RUN_SPANS]
+
+
+BURST_TOOLS = 8
+BURST_RUN_SPANS = 3 + BURST_TOOLS
+"""agent, 2 model requests, one span per tool (TestModel calls every tool once)."""
+BURST_RUNS = 220
+"""220 runs of 11 spans: 2420 spans, more than the default queue (2048 spans) holds."""
+BURST_APP = """
+    import time
+
+
+    def add_tool(k: int) -> None:
+        def tool(x: int) -> str:
+            return f"tool {{k}}: {{x}}"
+
+        tool.__name__ = f"tool_{{k}}"
+        agent.tool_plain(tool)
+
+
+    for k in range({tools} - 1):
+        add_tool(k)
+    started = time.monotonic()
+    for i in range({runs}):
+        agent.run_sync(f"burst {{i}}")
+        if i % 10 == 0:
+            print(f"done {{i}}", flush=True)
+    print(f"{{time.monotonic() - started:.1f}}s", flush=True)
+"""
+
+
+def test_burst_larger_than_the_queue_arrives_whole(app: App, proxy: FaultProxy) -> None:
+    """As fast as the app can, while MLflow takes no batch (it hangs) for the
+    first part: the delivery thread waits on one post while the queue passes
+    half its bound; then batches go to the spool (MLflow failed, or the queue
+    is high) and from there to MLflow when it answers again, by this process."""
+    app.write(tool_agent("burst", BURST_APP.format(tools=BURST_TOOLS, runs=BURST_RUNS)))
+    experiment_id = app.server.client().create_experiment(app.experiment)
+    # The post that hangs is held until the proxy lets it go: the queue then holds
+    # every span made meanwhile, 11 * 151 = 1661 of 2048: over half, not full.
+    env = proxied_env(app, proxy, MLFLOW_EXPERIMENT_ID=str(experiment_id), TRACED_RUN_EXIT_TIMEOUT="120",
+                      OTEL_EXPORTER_OTLP_TIMEOUT="120")
+    del env["MLFLOW_EXPERIMENT_NAME"]
+    proxy.mode = "hang"
+    started = time.monotonic()
+    process = start(app, "python", "app.py", env=env)
+    try:
+        out = Lines(process)
+        out.wait_for("done 150", timeout=120)
+        proxy.mode = "forward"
+        err = out.finish(timeout=240)
+    finally:
+        stop(process)
+    ended = time.monotonic() - started
+    assert process.returncode == 0, err.decode()
+    infos = wait_runs(app.server, app.experiment, "burst", BURST_RUNS, timeout=120)
+    arrived = time.monotonic() - started
+    print(f"burst: {BURST_RUNS * BURST_RUN_SPANS} spans made in {out.lines[-1]}, process ended after "
+          f"{ended:.1f}s, all {BURST_RUNS} traces in MLflow after {arrived:.1f}s; stderr: {err.decode()}")
+    client = app.server.client()
+    for info in infos[:: BURST_RUNS // 5]:  # all spans of a sample: fetching all 220 takes a minute here
+        assert len(client.get_trace(info.trace_id).data.spans) == BURST_RUN_SPANS
+    lines = traced_lines(err)
+    assert lines == err.decode().splitlines()
+    assert not any("dropped" in line or "lost" in line for line in lines), lines
+    spooled_spans = re.search(r"traced-run: (\d+) spans were spooled while .* and sent later$", lines[-1])
+    assert spooled_spans, lines
+    assert spooled(spool_of(app)) == []
+
+
+# --- invalid batches, the spool's bound and permissions --------------------------------
+def test_batch_mlflow_rejects_is_set_aside_not_retried(app: App, proxy: FaultProxy) -> None:
+    app.write(tool_agent("nowhere", "agent.run_sync('nowhere 0')\n"))
+    env = proxied_env(app, proxy, TRACED_RUN_EXIT_TIMEOUT=str(EXIT_TIMEOUT))
+    del env["MLFLOW_EXPERIMENT_NAME"]
+    env["MLFLOW_EXPERIMENT_ID"] = "987654"
+    started = time.monotonic()
+    done = app.run("python", "app.py", env=env)
+    elapsed = time.monotonic() - started
+    print(f"rejected batch: exit after {elapsed:.2f}s; stderr: {done.stderr.decode().strip()}")
+    assert done.returncode == 0, done.stderr.decode()
+    assert elapsed < 30
+    assert proxy.statuses() == [404], "the rejected batch was posted again"
+    rejected = spool_of(app) / "rejected"
+    (aside,) = sorted(rejected.glob("*.otlp"))
+    reason = aside.with_suffix(".reason.txt")
+    assert reason.read_text().startswith("HTTP 404"), reason.read_text()
+    assert b"nowhere 0" in aside.read_bytes()
+    assert spooled(spool_of(app)) == []
+    for path in (aside, reason):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    assert stat.S_IMODE(rejected.stat().st_mode) == 0o700
+    lines = done.stderr.decode().splitlines()
+    assert lines == traced_lines(done.stderr) and len(lines) == 1, lines
+    said = f"traced-run: {RUN_SPANS} spans rejected by MLflow, set aside in {rejected}"
+    assert lines == [said], lines
+
+    # Nor does a later flush.
+    assert flush(app, env).startswith("sent 0 batches")
+    assert proxy.statuses() == [404]
+
+
+BIG_APP = """
+    import time
+
+
+    @agent.tool_plain
+    def fetch_page(url: str) -> str:
+        \"\"\"A large page.\"\"\"
+        return "x" * 15_000
+
+    for i in range({runs}):
+        agent.run_sync(f"big {{i}} ")
+        time.sleep(0.35)
+"""
+BIG_RUNS = 12
+BIG_RUN_SPANS = 5
+"""agent, 2 model requests, 2 tools."""
+
+
+def test_spool_bound_drops_oldest_first_and_says_how_many(app: App, proxy: FaultProxy) -> None:
+    app.write("import os\nos.umask(0)\n" + tool_agent("big", BIG_APP.format(runs=BIG_RUNS)))
+    spool = spool_of(app)
+    proxy.mode = "refuse"
+    env = proxied_env(app, proxy, TRACED_RUN_SPOOL_MAX_MB="1", TRACED_RUN_EXIT_TIMEOUT=str(EXIT_TIMEOUT))
+    done = app.run("python", "app.py", env=env)
+    assert done.returncode == 0, done.stderr.decode()
+    lines = done.stderr.decode().splitlines()
+    print(f"spool bound: {lines}")
+    # The app runs for seconds: one line when delivery started failing, one at exit.
+    assert lines == traced_lines(done.stderr) and len(lines) <= 2, lines
+    dropped = re.search(r"; (\d+) spans dropped \(.*spool_max_mb=1\)$", lines[-1])
+    assert dropped, lines
+
+    batches = spooled(spool)
+    total = sum(p.stat().st_size for p in spool.rglob("*") if p.is_file())
+    assert 0 < total <= 1024 * 1024, total
+    kept_runs: list[int] = []
+    kept_spans = 0
+    for batch in batches:
+        header, _, payload = batch.read_bytes().partition(b"\n")
+        kept_spans += int(re.search(rb'"spans": (\d+)', header).group(1))  # type: ignore[union-attr]
+        kept_runs += [int(n) for n in set(re.findall(rb"big (\d+) ", payload))]
+    kept_runs.sort()
+    assert kept_runs and kept_runs == list(range(kept_runs[0], BIG_RUNS)), \
+        f"the newest runs stay, the oldest go first: kept {kept_runs}"
+    assert int(dropped.group(1)) == BIG_RUNS * BIG_RUN_SPANS - kept_spans
+
+
+def test_spool_is_the_owners_only(app: App, proxy: FaultProxy) -> None:
+    app.write("import os\nos.umask(0)\n" + tool_agent("private", "agent.run_sync('private 0')\n"))
+    spool = spool_of(app)
+    spool.mkdir(mode=0o755)
+    os.chmod(spool, 0o755)  # a directory that already exists, too open, is closed
+    proxy.mode = "refuse"
+    done = app.run("python", "app.py", env=proxied_env(app, proxy, TRACED_RUN_EXIT_TIMEOUT=str(EXIT_TIMEOUT)))
+    assert done.returncode == 0, done.stderr.decode()
+    files = [p for p in spool.rglob("*") if p.is_file()]
+    assert files
+    assert stat.S_IMODE(spool.stat().st_mode) == 0o700
+    assert stat.S_IMODE((spool / "rejected").stat().st_mode) == 0o700
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in files} == {p.name: 0o600 for p in files}
+
+
+# --- every process traced -----------------------------------------------------------------
+POOL_TASKS = 6
+POOL_APP = """
+    import multiprocessing
+    import os
+    import sys
+
+
+    def task(i: int) -> int:
+        agent.run_sync(f"task {{i}}")
+        return os.getpid()
+
+
+    if __name__ == "__main__":
+        pool = multiprocessing.get_context(sys.argv[1]).Pool(2)
+        pids = pool.map(task, range({tasks}), chunksize=1)
+        pool.close()
+        pool.join()
+        print(len(set(pids)))
+"""
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+def test_multiprocessing_pool_one_trace_per_task(app: App, method: str) -> None:
+    app.write(tool_agent("pooled", POOL_APP.format(tasks=POOL_TASKS)))
+    env = app.env(TRACED_RUN_SPOOL_DIR=str(spool_of(app)), TRACED_RUN_EXIT_TIMEOUT=GENEROUS_EXIT)
+    done = app.run("python", "app.py", method, env=env)
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stderr == b""
+    print(f"{method}: tasks ran in {done.stdout.decode().strip()} worker processes")
+    wait_runs(app.server, app.experiment, "task", POOL_TASKS)
+
+
+def test_python_subprocess_and_os_fork_child_ending_with_os_exit_deliver(app: App) -> None:
+    app.write(tool_agent("child", "agent.run_sync('proc 2')\n"), "child.py")
+    app.write(tool_agent("parent", """
+    import os
+    import subprocess
+    import sys
+
+    agent.run_sync("proc 0")
+    child = os.fork()
+    if child == 0:
+        agent.run_sync("proc 1")
+        os._exit(0)  # no atexit: the fork hook's os._exit wrapper must flush
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    sys.exit(subprocess.run([sys.executable, "child.py"]).returncode)
+    """))
+    env = app.env(TRACED_RUN_SPOOL_DIR=str(spool_of(app)), TRACED_RUN_EXIT_TIMEOUT=GENEROUS_EXIT)
+    done = app.run("python", "app.py", env=env)
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stderr == b""
+    infos = wait_runs(app.server, app.experiment, "proc", 3)
+    assert sorted(i.tags["service.name"] for i in infos) == ["app", "app", "child"]
+
+
+WSGI_APP = tool_agent("wsgi", """
+    import os
+    import time
+
+
+    def application(environ, start_response):
+        n = environ["PATH_INFO"].strip("/")
+        agent.run_sync(f"request {n}")
+        time.sleep(0.3)  # keeps this worker busy so the other one takes the next request
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [str(os.getpid()).encode()]
+""")
+
+ASGI_APP = tool_agent("asgi", """
+    import os
+    import time
+
+
+    async def app(scope, receive, send):
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        n = scope["path"].strip("/")
+        await agent.run(f"request {n}")
+        time.sleep(0.3)  # blocks this worker on purpose, so the other one takes the next request
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/plain")]})
+        await send({"type": "http.response.body", "body": str(os.getpid()).encode()})
+""")
+REQUESTS = 8
+
+
+def serve_and_count(app: App, command: list[str], port: int, booted: Callable[[str], bool]) -> set[str]:
+    """Start a prefork server under traced-run, wait for its workers, send
+    REQUESTS requests two at a time, stop it with SIGTERM; the worker pids that answered."""
+    log = app.directory / "server.log"
+    env = app.env(TRACED_RUN_SPOOL_DIR=str(spool_of(app)), TRACED_RUN_EXIT_TIMEOUT=str(EXIT_TIMEOUT))
+    with open(log, "wb") as stream:
+        server = subprocess.Popen([TRACED_RUN, *command], cwd=app.directory, env=env, stdout=stream,
+                                  stderr=subprocess.STDOUT)
+    try:
+        def up() -> bool:
+            if server.poll() is not None:
+                raise AssertionError(f"server exited: {log.read_text()[-3000:]}")
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            except OSError:
+                return False
+            return booted(log.read_text())
+
+        poll(up, timeout=90, what=f"{command[0]} on port {port}", interval=0.3)
+
+        def get(n: int) -> str:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/{n}", timeout=60) as response:
+                return str(response.read().decode())
+
+        with ThreadPoolExecutor(2) as pool:
+            pids = set(pool.map(get, range(REQUESTS)))
+        signalled = time.monotonic()
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=60)
+        print(f"{' '.join(command[:4])}: answered by workers {sorted(pids)}, "
+              f"stopped {time.monotonic() - signalled:.1f}s after SIGTERM")
+    finally:
+        stop(server)
+    output = log.read_text()
+    assert "traced-run:" not in output, output
+    return pids
+
+
+@pytest.mark.parametrize("preload", [False, True], ids=["no-preload", "preload"])
+def test_gunicorn_workers_one_trace_per_request(app: App, which: Callable[[str], str], preload: bool) -> None:
+    app.write(WSGI_APP)
+    port = free_port()
+    command = [which("gunicorn"), "-w", "2", "-b", f"127.0.0.1:{port}", *(["--preload"] if preload else []),
+               "app:application"]
+    pids = serve_and_count(app, command, port, lambda log: log.count("Booting worker with pid") >= 2)
+    assert len(pids) == 2, pids
+    wait_runs(app.server, app.experiment, "request", REQUESTS)
+
+
+def test_uvicorn_workers_one_trace_per_request(app: App, which: Callable[[str], str]) -> None:
+    app.write(ASGI_APP)
+    port = free_port()
+    command = [which("uvicorn"), "--workers", "2", "--host", "127.0.0.1", "--port", str(port), "app:app"]
+    pids = serve_and_count(app, command, port, lambda log: log.count("Application startup complete") >= 2)
+    assert len(pids) == 2, pids
+    wait_runs(app.server, app.experiment, "request", REQUESTS)
+
+
+# --- signals and crashes ------------------------------------------------------------------
+@pytest.mark.parametrize("mlflow", ["up", "hanging"])
+def test_sigterm_mid_run_delivers_or_spools_every_finished_run(app: App, proxy: FaultProxy,
+                                                              mlflow: str) -> None:
+    app.write(loop_app("term", pause=0.1))
+    experiment_id = app.server.client().create_experiment(app.experiment)
+    env = proxied_env(app, proxy, TRACED_RUN_EXIT_TIMEOUT=str(EXIT_TIMEOUT))
+    del env["MLFLOW_EXPERIMENT_NAME"]
+    env["MLFLOW_EXPERIMENT_ID"] = str(experiment_id)
+    if mlflow == "hanging":
+        proxy.mode = "hang"
+    process = start(app, "python", "app.py", env=env)
+    try:
+        out = Lines(process)
+        out.wait_for("done 5")
+        signalled = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+        elapsed = time.monotonic() - signalled
+        err = out.finish(timeout=60)
+    finally:
+        stop(process)
+    runs = out.done()
+    print(f"SIGTERM, MLflow {mlflow}: ended {elapsed:.2f}s after the signal, {runs} runs finished; "
+          f"stderr: {err.decode().strip()}")
+    assert process.returncode == -signal.SIGTERM, err.decode()
+    assert elapsed < EXIT_TIMEOUT + MARGIN, elapsed
+    lines = err.decode().splitlines()
+    assert lines == traced_lines(err), lines
+    if mlflow == "hanging":
+        assert len(lines) == 1 and "not delivered" in lines[0] and str(spool_of(app)) in lines[0], lines
+        assert spooled(spool_of(app))
+        proxy.mode = "forward"
+        flush(app, env)
+        assert spooled(spool_of(app)) == []
+    else:
+        assert lines == []
+
+    # Every run the app finished is there once; the run the signal interrupted may
+    # have finished too (before its "done" line), or left spans of an unfinished trace.
+    def ready() -> list[Any] | None:
+        infos = trace_infos(app.server, app.experiment)
+        complete = run_numbers([i for i in infos if finished(i)], "term")
+        return infos if set(range(runs)) <= set(complete) else None
+
+    infos = poll(ready, timeout=60, what=f"{runs} finished runs", interval=0.5)
+    complete = run_numbers([i for i in infos if finished(i)], "term")
+    assert complete in (list(range(runs)), list(range(runs + 1))), complete
+    assert len(infos) - len(complete) <= 1, [(i.request_preview, i.state) for i in infos]
+
+
+def test_uncaught_exception_in_a_tool_after_good_runs(app: App, proxy: FaultProxy) -> None:
+    app.write(tool_agent("crashy", """
+    @agent.tool_plain
+    def explode(what: str) -> str:
+        \"\"\"Fails on the third run.\"\"\"
+        if "crash 2" in RUNNING:
+            raise RuntimeError("tool blew up")
+        return "fine"
+
+    for i in range(3):
+        RUNNING = f"crash {i}"
+        agent.run_sync(RUNNING)
+    """))
+    done = app.run("python", "app.py", env=proxied_env(app, proxy))
+    assert done.returncode == 1
+    assert done.stderr.decode().endswith("RuntimeError: tool blew up\n"), done.stderr.decode()
+    assert not traced_lines(done.stderr)
+    infos = wait_runs(app.server, app.experiment, "crash", 3)
+    states = {run_numbers([i], "crash")[0]: str(i.state).rsplit(".", 1)[-1] for i in infos}
+    assert states == {0: "OK", 1: "OK", 2: "ERROR"}
