@@ -99,6 +99,17 @@ def test_no_trace_writes_nothing(tmp_path: Path, mlflow_server: MlflowServer) ->
     assert mlflow_server.traces(experiment_id) == []
 
 
+def test_endpoint_only_checks_the_otlp_endpoint(tmp_path: Path, mlflow_server: MlflowServer) -> None:
+    """The gateway pattern: apps know only the collector's endpoint (here MLflow's own route)."""
+    env = clean_env(OTEL_EXPORTER_OTLP_TRACES_ENDPOINT=f"{mlflow_server.url}/v1/traces",
+                    TRACED_RUN_SPOOL_DIR=str(tmp_path / "spool"))
+    done, _ = doctor(tmp_path, env)
+    assert done.returncode == 0, done.stdout
+    found = checks(done.stdout)
+    assert found["mlflow"][0] == "WARN" and "only the OTLP endpoint" in found["mlflow"][1]
+    assert found["otlp endpoint"][0] == "OK"
+
+
 def test_bad_run_id_fails(tmp_path: Path, mlflow_server: MlflowServer) -> None:
     env = env_for(mlflow_server.url, tmp_path, MLFLOW_RUN_ID="0123456789abcdef")
     done, _ = doctor(tmp_path, env, "--no-trace")
