@@ -23,6 +23,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 
 from traced_run import mlflow_api
 from traced_run.enrich import for_mlflow
+from traced_run.report import mask_url
 from traced_run.settings import Settings
 from traced_run.spool import Target
 
@@ -119,4 +120,4 @@ def _network_reason(reason: object) -> str:
         return "no answer within the timeout"
     if isinstance(reason, OSError) and reason.strerror:
         return reason.strerror.lower()
-    return str(reason) or type(reason).__name__
+    return mask_url(str(reason)) or type(reason).__name__  # library text may quote the URL
