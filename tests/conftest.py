@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 import urllib.request
@@ -22,6 +23,8 @@ import pytest
 BIN = Path(sys.executable).parent
 TRACED_RUN = str(BIN / "traced-run")
 _OURS = ("MLFLOW_", "OTEL_", "TRACED_RUN_")
+SESSION_SPOOL = tempfile.mkdtemp(prefix="traced-run-tests-spool-")
+"""Tests that look at a spool set their own; the rest keep theirs out of ~/.cache."""
 
 
 def free_port() -> int:
@@ -35,6 +38,7 @@ def clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(_OURS) and k != "PYTHONPATH"}
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env["MLFLOW_ENABLE_OTLP_EXPORTER"] = "false"
+    env["TRACED_RUN_SPOOL_DIR"] = SESSION_SPOOL
     env.update(extra)
     return env
 
@@ -74,8 +78,8 @@ class MlflowServer:
 
     def wait_traces(self, experiment: str, count: int, *, timeout: float = 30,
                     by_name: bool = True) -> list[Any]:
-        """Exactly ``count`` complete traces in the experiment (polls, then checks
-        no extra one arrives a little later)."""
+        """Polls until ``count`` traces are there and all complete, then fails
+        if there are more than ``count``."""
 
         def ready() -> list[Any] | None:
             experiment_id = self.experiment_id(experiment) if by_name else experiment
@@ -100,7 +104,9 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowSe
         [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
          "--default-artifact-root", str(root / "artifacts"), "--host", "127.0.0.1",
          "--port", str(port), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, env=clean_env(), cwd=root,
+        # Job workers (about ten processes) do nothing for traces and would load two cores.
+        stdout=log, stderr=subprocess.STDOUT, env=clean_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
+        cwd=root,
     )
     url = f"http://127.0.0.1:{port}"
 
