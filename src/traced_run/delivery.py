@@ -45,6 +45,8 @@ BACKOFF = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 """Seconds between attempts while MLflow does not take batches."""
 SPOOL_RESERVE = 0.25
 """Part of the exit bound kept for writing what is left to the spool."""
+FORK_WAIT = 10.0
+"""Longest a fork waits for the delivery thread to finish importing its modules."""
 
 
 class Delivery:
@@ -55,7 +57,7 @@ class Delivery:
         self._endpoint = settings.traces_endpoint or ""
         self.spool = Spool.of(settings)
         self._reset()
-        os.register_at_fork(after_in_child=self._after_fork)
+        os.register_at_fork(before=self._before_fork, after_in_child=self._after_fork)
 
     def _reset(self) -> None:
         self._wake = threading.Condition()
@@ -79,6 +81,16 @@ class Delivery:
         self.dropped = 0
         self.lost = 0
         self._spooled_traces: set[int] = set()
+        self._loaded = threading.Event()
+
+    def _before_fork(self) -> None:
+        """A fork while the delivery thread imports (the exporter, OpenInference)
+        gives the child half-imported modules whose import locks no thread of the
+        child will release: the child's own delivery thread then fails or hangs,
+        and its exit waits the whole bound. Seen with a multiprocessing fork pool
+        made right after ``import pydantic_ai``; gunicorn --preload forks as early."""
+        if self._thread is not None:
+            self._loaded.wait(FORK_WAIT)
 
     def _after_fork(self) -> None:
         """A forked child starts empty (it never re-sends its parent's queue)
@@ -134,8 +146,10 @@ class Delivery:
         return idle and (self._spool_idle or not self._closing)
 
     def _run(self) -> None:
-        from traced_run.export import Sender, target_of
-
+        try:
+            from traced_run.export import Sender, target_of
+        finally:
+            self._loaded.set()  # a fork may go ahead now (see _before_fork)
         sender = self._sender = Sender(self._settings)
         target = target_of(self._settings)
         with contextlib.suppress(Exception):  # MLflow not reachable yet: the first post says why
