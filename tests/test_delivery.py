@@ -387,8 +387,6 @@ def test_burst_larger_than_the_queue_arrives_whole(app: App, proxy: FaultProxy) 
     assert spooled(spool_of(app)) == []
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: spans made while the delivery thread waits on one post "
-                   "that MLflow never answers are dropped once the queue is full (2048), not spooled")
 def test_queue_full_while_a_post_hangs_spools_rather_than_drops(app: App, proxy: FaultProxy) -> None:
     """The issue's "overflow goes to the spool, not to the floor", when the one
     delivery thread is held by a post: 250 runs of 11 spans, the hanging post

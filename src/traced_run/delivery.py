@@ -73,6 +73,9 @@ class Delivery:
         self._flushing = 0
         self._spool_idle = False
         self._keeping = False
+        self._spill: deque[list[ReadableSpan]] = deque()
+        self._spill_thread: threading.Thread | None = None
+        self._spilling = False
         self.problem: str | None = None
         self.delivered = 0
         self.spooled = 0
@@ -114,7 +117,10 @@ class Delivery:
 
     def submit(self, span: ReadableSpan) -> None:
         with self._wake:
-            if self._closed or len(self._queue) >= self._settings.queue_size:
+            if self._closed:
+                self.dropped += 1
+                return
+            if len(self._queue) >= self._settings.queue_size and not self._spill_oldest():
                 self.dropped += 1
                 return
             self._queue.append(span)
@@ -122,6 +128,39 @@ class Delivery:
                 self._start()
             if len(self._queue) >= BATCH_SIZE:
                 self._wake.notify_all()
+
+    def _spill_oldest(self) -> bool:
+        """The queue is full while the delivery thread is held by one post (a
+        hanging MLflow): hand its oldest batch to the spill thread, which writes
+        it to the spool, so the app's thread neither waits nor loses it. False
+        when the spill thread is as far behind as the queue holds."""
+        if len(self._spill) * BATCH_SIZE >= self._settings.queue_size:
+            return False
+        self._spill.append([self._queue.popleft() for _ in range(min(BATCH_SIZE, len(self._queue)))])
+        if self._spill_thread is None:
+            self._spill_thread = threading.Thread(target=self._spill_run, name="traced-run-spill",
+                                                  daemon=True)
+            self._spill_thread.start()
+        self._wake.notify_all()
+        return True
+
+    def _spill_run(self) -> None:
+        from traced_run.export import encode
+
+        while True:
+            with self._wake:
+                self._wake.wait_for(lambda: bool(self._spill) and not self._closed)
+                batch = self._spill.popleft()
+                self._spilling = True
+            try:
+                self._keep(batch, encode(batch, self._settings))
+            except Exception as error:  # counted, never silent
+                self.problem = f"{self.problem or 'not delivered'}; {type(error).__name__}: {error}"
+                self.lost += len(batch)
+            finally:
+                with self._wake:
+                    self._spilling = False
+                    self._wake.notify_all()
 
     def start(self) -> None:
         """Start the delivery thread now: importing the exporter and looking
@@ -319,10 +358,12 @@ class Delivery:
             self.flush(max(0.0, self._deadline - time.monotonic() - SPOOL_RESERVE))
         with self._wake:
             # A batch the delivery thread is already writing to the spool stays its own.
-            self._wake.wait_for(lambda: not self._keeping, timeout=SPOOL_RESERVE)
+            self._wake.wait_for(lambda: not self._keeping and not self._spilling, timeout=SPOOL_RESERVE)
             self._closed = True
-            left = ([] if self._keeping else list(self._in_flight)) + list(self._queue)
+            spilled = [span for batch in self._spill for span in batch]
+            left = spilled + ([] if self._keeping else list(self._in_flight)) + list(self._queue)
             self._queue.clear()
+            self._spill.clear()
         if left:
             self._spool_on_exit(left)
         self._summary()
