@@ -166,6 +166,22 @@ class App:
         return self.server.wait_traces(self.experiment, count, timeout=timeout)
 
 
+GENEROUS_EXIT = "60"
+"""These tests are about what arrives, not how fast: a loaded machine must not
+turn a slow MLflow answer into a lost trace. The exit bound has its own tests."""
+
+
+def traced_env(app: App, *, experiment: bool = True, exit_timeout: str = GENEROUS_EXIT,
+               **extra: str) -> dict[str, str]:
+    """The app's environment here: MLflow, the test's experiment unless told
+    otherwise, a spool of its own (a batch spooled in one test must not be
+    re-sent into another test's counts) and a generous exit bound."""
+    env = app.env() if experiment else clean_env(MLFLOW_TRACKING_URI=app.server.url)
+    env.update(TRACED_RUN_SPOOL_DIR=str(app.directory / "spool"), TRACED_RUN_EXIT_TIMEOUT=exit_timeout)
+    env.update(extra)
+    return env
+
+
 @pytest.fixture
 def app(tmp_path: Path, mlflow_server: MlflowServer) -> App:
     return App(tmp_path, mlflow_server, f"test-{uuid.uuid4().hex[:12]}")

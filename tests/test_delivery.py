@@ -27,15 +27,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import TRACED_RUN, App, MlflowServer, clean_env, free_port, poll
+from conftest import GENEROUS_EXIT, TRACED_RUN, App, MlflowServer, clean_env, free_port, poll
 from faultproxy import FaultProxy, Mode, fault_proxy
 
 EXIT_TIMEOUT = 2.0
 """traced-run's default exit bound, set explicitly where a test measures it."""
 MARGIN = 3.0
 """Room on top of the bound for interpreter shutdown on a loaded 2-core machine."""
-GENEROUS_EXIT = "60"
-"""For tests about what arrives rather than how fast."""
 RUN_SPANS = 4
 """Spans of one TestModel run that calls its one tool: agent, 2 model requests, tool."""
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from conftest import TRACED_RUN, App, MlflowServer, clean_env, free_port, spans_by_type
+from conftest import TRACED_RUN, App, MlflowServer, clean_env, free_port, spans_by_type, traced_env
 
 EXIT_TIMEOUT = 2.0
 """traced-run's default exit bound, set explicitly where a test measures it."""
@@ -28,8 +28,6 @@ MARGIN = 4.0
 whole runs; without the bound these exits take the export timeout (10 s) or longer."""
 EXIT_MARGIN = 1.5
 """The same room for the exit alone, which imports nothing."""
-GENEROUS_EXIT = "60"
-"""For tests about what arrives rather than how fast (see test_e2e_runs)."""
 SIGTERM_EXIT = 10.0
 """Exit bound of the SIGTERM tests that expect the trace: long enough for a
 loaded MLflow to answer, short against the app's 120 s sleep. The 2 s bound on
@@ -46,17 +44,6 @@ ONE_RUN_APP = """
 
 def one_run_app(name: str, prompt: str, answer: str = "done") -> str:
     return ONE_RUN_APP.format(name=name, prompt=prompt, answer=answer)
-
-
-def traced_env(app: App, *, experiment: bool = True, exit_timeout: str = GENEROUS_EXIT,
-               **extra: str) -> dict[str, str]:
-    """The app's environment here: MLflow, the test's experiment unless told
-    otherwise, a spool of its own (a batch spooled in one test must not be
-    re-sent into another test's counts) and a generous exit bound."""
-    env = app.env() if experiment else clean_env(MLFLOW_TRACKING_URI=app.server.url)
-    env.update(TRACED_RUN_SPOOL_DIR=str(app.directory / "spool"), TRACED_RUN_EXIT_TIMEOUT=exit_timeout)
-    env.update(extra)
-    return env
 
 
 def boot_dir() -> str:

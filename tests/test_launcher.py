@@ -17,15 +17,12 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import AGENT_APP, TRACED_RUN, App, clean_env
+from conftest import AGENT_APP, GENEROUS_EXIT, TRACED_RUN, App, clean_env
 
 import traced_run
 from traced_run.settings import SPECS
 
 SECRET = "hunter2-s3cret"
-GENEROUS_EXIT = "60"
-"""Exit bound for runs that must deliver: these tests are about settings, not the bound,
-and a loaded machine can take more than the default 2 s."""
 UNUSED_URI = "http://127.0.0.1:9"
 """A valid tracking URI for runs that never get as far as sending anything."""
 MARKER_APP = "open('ran', 'w').close(); print('app ran')"
