@@ -22,7 +22,7 @@ from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.trace import Status
 from opentelemetry.util.types import AttributeValue
 
-from traced_run.redact import DEFAULT_RULES, Redactor
+from traced_run.redact import DEFAULT_RULES, Redactor, Rule
 from traced_run.settings import Settings
 
 _processor = OpenInferenceSpanProcessor()
@@ -46,7 +46,8 @@ _CONTENT_KEYS = ("content", "arguments", "result", "response")
 class _Config:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        rules = (DEFAULT_RULES if settings.redact_defaults else ()) + settings.redact
+        own = tuple(Rule(pattern) for pattern in settings.redact)
+        rules = (DEFAULT_RULES if settings.redact_defaults else ()) + own
         self.redactor = Redactor(rules, settings.redaction_marker)
         self.resources: dict[int, tuple[Resource, Resource]] = {}
 
@@ -190,7 +191,10 @@ def _bound_binary(attributes: dict[str, AttributeValue], limit: int) -> None:
         return {**part, "content": f"[{size} bytes not exported: over max_binary_bytes={limit}]"}
 
     for key in (*_MESSAGE_ATTRIBUTES, SPAN_INPUTS, SPAN_OUTPUTS):
-        _rewrite_parts(attributes, key, bounded)
+        value = attributes.get(key)
+        # Parsing every message list of every span to find none was most of this work.
+        if isinstance(value, str) and ('"blob"' in value or '"binary"' in value):
+            _rewrite_parts(attributes, key, bounded)
     for key, value in attributes.items():
         if isinstance(value, str) and value.startswith("data:") and len(value) * 3 // 4 > limit:
             attributes[key] = f"[data URL of {len(value)} characters not exported]"
