@@ -8,18 +8,18 @@ already loaded (``importlib.abc`` alone would pull in ``pathlib`` and
 ``sitecustomize`` (the next one on ``sys.path``) still runs, once.
 """
 
-from __future__ import annotations
-
 import os
 import sys
-from importlib.machinery import ModuleSpec, PathFinder
 
 from traced_run import flags
 
+# Annotations are quoted: ``from __future__ import annotations`` imports a module.
 TYPE_CHECKING = False  # typing itself costs more than this whole module
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
+    from importlib.machinery import ModuleSpec
     from types import ModuleType
+    from typing import Any
 
 BOOT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_boot")
 """The directory holding our ``sitecustomize``; the launcher puts it first on PYTHONPATH."""
@@ -65,7 +65,7 @@ def _check_settings_now() -> None:
         os._exit(report.EXIT_CONFIG)
 
 
-def _on_import(module: ModuleType) -> None:
+def _on_import(module: "ModuleType") -> None:
     from traced_run import pipeline
 
     os.environ[SETTING_UP_ENV] = str(os.getpid())
@@ -78,13 +78,13 @@ def _on_import(module: ModuleType) -> None:
 class _ImportWatcher:
     """Calls ``then(module)`` right after the watched module has executed."""
 
-    def __init__(self, name: str, then: Callable[[ModuleType], None]) -> None:
+    def __init__(self, name: str, then: "Callable[[ModuleType], None]") -> None:
         self._name = name
         self._then = then
 
     def find_spec(
-        self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
-    ) -> ModuleSpec | None:
+        self, fullname: str, path: "Sequence[str] | None", target: "ModuleType | None" = None
+    ) -> "ModuleSpec | None":
         if fullname != self._name:
             return None
         sys.meta_path.remove(self)
@@ -95,7 +95,7 @@ class _ImportWatcher:
         exec_module = loader.exec_module
         then = self._then
 
-        def exec_then_set_up(module: ModuleType) -> None:
+        def exec_then_set_up(module: "ModuleType") -> None:
             exec_module(module)
             then(module)
 
@@ -103,7 +103,9 @@ class _ImportWatcher:
         return spec
 
 
-def _find_spec(fullname: str, path: Sequence[str] | None, target: ModuleType | None) -> ModuleSpec | None:
+def _find_spec(
+    fullname: str, path: "Sequence[str] | None", target: "ModuleType | None"
+) -> "ModuleSpec | None":
     """What the finders after ours would answer: ``importlib.util.find_spec``
     without importing ``importlib.util`` at every interpreter start."""
     for finder in sys.meta_path:
@@ -114,11 +116,22 @@ def _find_spec(fullname: str, path: Sequence[str] | None, target: ModuleType | N
     return None
 
 
+def _path_finder() -> "Any":
+    """``importlib.machinery.PathFinder``, taken from ``sys.meta_path`` where
+    the interpreter put it: importing ``importlib.machinery`` costs a millisecond."""
+    for finder in sys.meta_path:
+        if getattr(finder, "__name__", "") == "PathFinder":
+            return finder
+    from importlib.machinery import PathFinder
+
+    return PathFinder
+
+
 def _run_user_sitecustomize() -> None:
     """Run the ``sitecustomize`` ours shadows, under its own name, exactly once."""
     ours = sys.modules.get("sitecustomize")
     rest = [p for p in sys.path if os.path.abspath(p or os.curdir) != BOOT_DIR]
-    spec = PathFinder.find_spec("sitecustomize", rest)
+    spec = _path_finder().find_spec("sitecustomize", rest)
     if spec is None or spec.loader is None:
         return
     from importlib.util import module_from_spec

@@ -5,9 +5,9 @@ machinery would cost more than everything else it does. The settings table
 takes its spelling of these variables and of a boolean from here.
 """
 
-from __future__ import annotations
-
-TYPE_CHECKING = False  # typing itself costs more than this whole module
+# No ``from __future__ import annotations`` and no typing here: either costs
+# more at interpreter start than this whole module.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
@@ -31,14 +31,14 @@ def parse_bool(text: str) -> bool:
     raise ValueError("expected true or false")
 
 
-def _env(environ: Mapping[str, str], name: str) -> bool | None:
+def _env(environ: "Mapping[str, str]", name: str) -> bool | None:
     try:
         return parse_bool(environ[name]) if environ.get(name, "").strip() else None
     except ValueError:
         return None
 
 
-def _option(environ: Mapping[str, str], name: str) -> bool | None:
+def _option(environ: "Mapping[str, str]", name: str) -> bool | None:
     raw = environ.get(OPTIONS_ENV, "").strip()
     if not raw:
         return None
@@ -51,7 +51,7 @@ def _option(environ: Mapping[str, str], name: str) -> bool | None:
     return value if isinstance(value, bool) else None
 
 
-def switched_off(environ: Mapping[str, str]) -> bool:
+def switched_off(environ: "Mapping[str, str]") -> bool:
     """The launcher's ``--disable``, TRACED_RUN_ENABLED=false or OTEL_SDK_DISABLED=true.
     A value that does not parse is left for the settings to report."""
     decided = _option(environ, "enabled")
@@ -63,7 +63,7 @@ def switched_off(environ: Mapping[str, str]) -> bool:
     return decided is False
 
 
-def strict(environ: Mapping[str, str]) -> bool:
+def strict(environ: "Mapping[str, str]") -> bool:
     """The launcher's ``--strict`` or TRACED_RUN_STRICT=true."""
     decided = _option(environ, "strict")
     return bool(decided if decided is not None else _env(environ, STRICT_ENV))
