@@ -6,6 +6,7 @@ Every process and socket here talks to 127.0.0.1 only, every wait has a deadline
 
 from __future__ import annotations
 
+import compileall
 import contextlib
 import importlib.metadata
 import itertools
@@ -69,10 +70,18 @@ def missing_tools() -> list[str]:
 
 
 def ensure_tools() -> None:
-    """Install what the benchmark compares into the running interpreter's venv if absent."""
+    """Install what the benchmark compares into the running interpreter's venv if
+    absent, and byte-compile traced-run's modules."""
     missing = missing_tools()
-    if not missing:
-        return
+    if missing:
+        _install(missing)
+    # pip compiles a wheel's modules when it installs them; an editable install's
+    # are compiled by the first process that imports them, or, under
+    # PYTHONDONTWRITEBYTECODE, by every process: that would be measured as our start-up.
+    compileall.compile_dir(str(REPO / "src" / "traced_run"), quiet=1)
+
+
+def _install(missing: list[str]) -> None:
     if sys.prefix == sys.base_prefix:
         raise SystemExit(f"missing {', '.join(missing)} and {sys.executable} is not a venv: "
                          f"run the benchmark with a venv's python, or `pip install -e {REPO}[test]` there")
