@@ -205,7 +205,7 @@ def spans_by_type(trace: Any) -> dict[str, list[Any]]:
     return grouped
 
 
-AGENT_APP = """
+AGENT = """
     from pydantic_ai import Agent
     from pydantic_ai.models.test import TestModel
 
@@ -215,7 +215,10 @@ AGENT_APP = """
     def lookup(city: str) -> str:
         \"\"\"Look a city up.\"\"\"
         return f"{city}: sunny"
+"""
+"""The agent of the test apps, with one tool; an app adds the lines that run it."""
 
+AGENT_APP = AGENT + """
     result = agent.run_sync("What is the weather in Paris?")
     print(result.output)
 """
