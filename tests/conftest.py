@@ -4,6 +4,7 @@ processes under ``traced-run``, traces read back through MLflow's API."""
 from __future__ import annotations
 
 import contextlib
+import http.server
 import os
 import shutil
 import socket
@@ -175,6 +176,20 @@ class App:
 
     def traces(self, count: int, timeout: float = 30) -> list[Any]:
         return self.server.wait_traces(self.experiment, count, timeout=timeout)
+
+
+class QuietHandler(http.server.BaseHTTPRequestHandler):
+    """A test's stand-in HTTP server: whole answers in one call, and no log line
+    per request on stderr, where a test's own output is read."""
+
+    def answer(self, status: int, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
 
 
 GENEROUS_EXIT = "60"
