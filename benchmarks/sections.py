@@ -7,10 +7,10 @@ import json
 import statistics
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from harness import (
     APP,
@@ -32,6 +32,7 @@ Setups = dict[str, tuple[list[str], dict[str, str]]]
 TRACED_RUN = str(BIN / "traced-run")
 OTEL_INSTRUMENT = str(BIN / "opentelemetry-instrument")
 EXIT_BOUND_S = 2.0  # traced-run's default exit_timeout
+T = TypeVar("T")
 
 
 @dataclass
@@ -89,6 +90,28 @@ class Bench:
             on_line: Callable[[str], None] | None = None) -> Done:
         return run(argv, env, cwd=self.workdir, timeout=timeout, on_line=on_line)
 
+    def interleave(self, setups: Setups, warmups: int, reps: int, what: str, timeout: float,
+                   read: Callable[[str, Done], T], *, concurrent: bool = False) -> dict[str, list[T]]:
+        """Every setup run in turn, as ``harness.interleave``; ``read`` makes a
+        variant's figure from its finished process."""
+
+        def once(variant: str) -> T:
+            argv, env = setups[variant]
+            return read(variant, self.run(argv, env, timeout=timeout))
+
+        return interleave(list(setups), warmups, reps, once, what, concurrent=concurrent)
+
+    def versus_manual(self, baseline: str, experiment_id: str, args: Sequence[str]) -> Setups:
+        """The app with ``args`` untraced (named ``baseline``), under traced-run, and
+        set up by hand in its code: the three variants sections 2, 3 and 5 compare."""
+        return {
+            baseline: ([PYTHON, *self.app("--setup", "none", *args)], clean_env()),
+            "traced-run": ([TRACED_RUN, "python", *self.app("--setup", "none", *args)],
+                           self.traced_env(experiment_id)),
+            "manual setup in code": ([PYTHON, *self.app("--setup", "manual", *args)],
+                                     self.manual_env(experiment_id)),
+        }
+
 
 def otel_env(uri: str, experiment_id: str) -> dict[str, str]:
     """opentelemetry-instrument (opentelemetry-distro) sending traces only, OTLP/HTTP, to MLflow."""
@@ -141,14 +164,13 @@ def startup(bench: Bench) -> list[Row]:
         "opentelemetry-instrument": ([OTEL_INSTRUMENT, "python", "-c", "pass"], otel_env(uri, "0")),
     }
 
-    def once(variant: str) -> float:
-        argv, env = setups[variant]
-        done = bench.run(argv, env, timeout=60)
+    def wall_ms(variant: str, done: Done) -> float:
         if done.returncode != 0 or done.stderr.strip():
             raise RuntimeError(f"startup {variant}: exit {done.returncode}: {done.stderr[-1000:]}")
         return done.wall_s * 1000
 
-    kept = interleave(list(setups), bench.plan.startup_warmups, bench.plan.startup_reps, once, "1 startup")
+    kept = bench.interleave(setups, bench.plan.startup_warmups, bench.plan.startup_reps, "1 startup", 60,
+                            wall_ms)
     base = statistics.median(kept["bare"])
     measure = "startup `python -c pass` (wall)"
     rows = [Row("1", measure, "bare", kept["bare"], "ms", versus="1.00x (baseline)")]
@@ -166,21 +188,13 @@ def first_import(bench: Bench, experiment_id: str) -> list[Row]:
     """In-process time of the first ``import pydantic_ai`` (traced-run's lazy setup
     runs inside it; the manual variant's number includes its whole setup), and of
     the first agent run after it (work deferred to that point shows there)."""
-    one = ("--runs", "0")
-    setups: Setups = {
-        "bare": ([PYTHON, *bench.app("--setup", "none", *one)], clean_env()),
-        "traced-run": ([TRACED_RUN, "python", *bench.app("--setup", "none", *one)],
-                       bench.traced_env(experiment_id)),
-        "manual setup in code": ([PYTHON, *bench.app("--setup", "manual", *one)],
-                                 bench.manual_env(experiment_id)),
-    }
+    setups = bench.versus_manual("bare", experiment_id, ("--runs", "0"))
 
-    def once(variant: str) -> dict[str, Any]:
-        argv, env = setups[variant]
-        done = bench.run(argv, env, timeout=120)
+    def timings(variant: str, done: Done) -> dict[str, Any]:
         return {**done.result(), "cpu_s": done.cpu_s}
 
-    kept = interleave(list(setups), bench.plan.import_warmups, bench.plan.import_reps, once, "2 import")
+    kept = bench.interleave(setups, bench.plan.import_warmups, bench.plan.import_reps, "2 import", 120,
+                            timings)
     rows = []
     for key, measure in (("import_s", "first `import pydantic_ai` (+ setup), in-process"),
                          ("first_run_s", "then Agent() + first run, in-process"),
@@ -203,22 +217,14 @@ def per_run(bench: Bench, experiment_id: str) -> list[Row]:
     plan = bench.plan
     args = ("--warm", str(plan.per_run_warm_runs), "--warm-seconds", str(plan.per_run_warm_seconds),
             "--runs", str(plan.per_run_runs))
-    setups: Setups = {
-        "untraced": ([PYTHON, *bench.app("--setup", "none", *args)], clean_env()),
-        "traced-run": ([TRACED_RUN, "python", *bench.app("--setup", "none", *args)],
-                       bench.traced_env(experiment_id)),
-        "manual setup in code": ([PYTHON, *bench.app("--setup", "manual", *args)],
-                                 bench.manual_env(experiment_id)),
-    }
+    setups = bench.versus_manual("untraced", experiment_id, args)
 
-    def once(variant: str) -> float:
-        argv, env = setups[variant]
-        done = bench.run(argv, env, timeout=600)
+    def per_run_us(variant: str, done: Done) -> float:
         if variant == "traced-run" and done.stderr.strip():
             bench.notes.append(f"3 per-run, traced-run stderr: {done.stderr.strip().splitlines()[-1]}")
         return float(done.result()["per_run_us"])
 
-    kept = interleave(list(setups), plan.per_run_warmups, plan.per_run_reps, once, "3 per-run")
+    kept = bench.interleave(setups, plan.per_run_warmups, plan.per_run_reps, "3 per-run", 600, per_run_us)
     base = statistics.median(kept["untraced"])
     manual = statistics.median(kept["manual setup in code"])
     measure = (f"agent run (TestModel + tool), {plan.per_run_runs} timed runs after "
@@ -255,15 +261,13 @@ def exit_delay(bench: Bench) -> list[Row]:
                 [OTEL_INSTRUMENT, "python", *bench.app("--setup", "instrument-all", "--runs", "0")],
                 otel_env(uri, "0"))
 
-        def once(variant: str) -> float:
-            argv, env = setups[variant]
-            done = bench.run(argv, env, timeout=120)
+        def exit_delay_s(variant: str, done: Done) -> float:
             if variant.startswith("traced-run") and done.stderr.strip():
                 bench.notes.append(f"4 exit, {variant}, stderr: {done.stderr.strip().splitlines()[-1]}")
             return done.exited_at - float(done.result()["end"])
 
-        kept = interleave(list(setups), bench.plan.exit_warmups, bench.plan.exit_reps, once, "4 exit",
-                          concurrent=bench.plan.exit_concurrent)
+        kept = bench.interleave(setups, bench.plan.exit_warmups, bench.plan.exit_reps, "4 exit", 120,
+                                exit_delay_s, concurrent=bench.plan.exit_concurrent)
     finally:
         listener.close()
     base = statistics.median(kept["normal (untraced)"])
@@ -288,21 +292,13 @@ def exit_delay(bench: Bench) -> list[Row]:
 def peak_rss(bench: Bench, experiment_id: str) -> list[Row]:
     runs = bench.plan.rss_runs
     args = ("--runs", str(runs - 1))  # the app always makes one run first
-    setups: Setups = {
-        "untraced": ([PYTHON, *bench.app("--setup", "none", *args)], clean_env()),
-        "traced-run": ([TRACED_RUN, "python", *bench.app("--setup", "none", *args)],
-                       bench.traced_env(experiment_id)),
-        "manual setup in code": ([PYTHON, *bench.app("--setup", "manual", *args)],
-                                 bench.manual_env(experiment_id)),
-    }
+    setups = bench.versus_manual("untraced", experiment_id, args)
 
-    def once(variant: str) -> float:
-        argv, env = setups[variant]
-        done = bench.run(argv, env, timeout=300)
+    def peak_mb(variant: str, done: Done) -> float:
         done.result()
         return done.maxrss_kb / 1024
 
-    kept = interleave(list(setups), bench.plan.rss_warmups, bench.plan.rss_reps, once, "5 rss")
+    kept = bench.interleave(setups, bench.plan.rss_warmups, bench.plan.rss_reps, "5 rss", 300, peak_mb)
     base = statistics.median(kept["untraced"])
     measure = f"peak RSS (wait4 ru_maxrss), {runs} runs"
     return [

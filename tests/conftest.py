@@ -3,6 +3,8 @@ processes under ``traced-run``, traces read back through MLflow's API."""
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import os
 import shutil
 import socket
@@ -95,39 +97,49 @@ class MlflowServer:
         return found
 
 
+@contextlib.contextmanager
+def start_mlflow(backend_uri: str, root: Path, *, health_timeout: float = 180) -> Iterator[MlflowServer]:
+    """A real MLflow server on ``backend_uri``, its log and artifacts under ``root``,
+    up (healthy) while the ``with`` block runs and stopped after it."""
+    port = free_port()
+    log_path = root / "server.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [str(BIN / "mlflow"), "server", "--backend-store-uri", backend_uri,
+             "--default-artifact-root", str(root / "artifacts"), "--host", "127.0.0.1",
+             "--port", str(port), "--workers", "1"],
+            # Job workers (about ten processes) do nothing for traces and would load two cores.
+            stdout=log, stderr=subprocess.STDOUT, env=clean_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
+            cwd=root,
+        )
+        url = f"http://127.0.0.1:{port}"
+
+        def healthy() -> bool:
+            if process.poll() is not None:
+                raise AssertionError(f"mlflow server exited: {log_path.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                    return bool(response.status == 200)
+            except OSError:
+                return False
+
+        try:
+            poll(healthy, timeout=health_timeout, what=f"mlflow server health ({backend_uri})", interval=0.5)
+            yield MlflowServer(url, process)
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
     root = tmp_path_factory.mktemp("mlflow")
-    port = free_port()
-    log = open(root / "server.log", "wb")  # noqa: SIM115 - closed at teardown
-    process = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--default-artifact-root", str(root / "artifacts"), "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1"],
-        # Job workers (about ten processes) do nothing for traces and would load two cores.
-        stdout=log, stderr=subprocess.STDOUT, env=clean_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
-        cwd=root,
-    )
-    url = f"http://127.0.0.1:{port}"
-
-    def healthy() -> bool:
-        if process.poll() is not None:
-            raise AssertionError(f"mlflow server exited: {(root / 'server.log').read_text()[-2000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                return bool(response.status == 200)
-        except OSError:
-            return False
-
-    poll(healthy, timeout=180, what="mlflow server health", interval=0.5)
-    _warm_up(url, root)
-    yield MlflowServer(url, process)
-    process.terminate()
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-    log.close()
+    with start_mlflow(f"sqlite:///{root / 'mlflow.db'}", root) as server:
+        _warm_up(server.url, root)
+        yield server
 
 
 def _warm_up(url: str, directory: Path) -> None:
@@ -166,6 +178,20 @@ class App:
         return self.server.wait_traces(self.experiment, count, timeout=timeout)
 
 
+class QuietHandler(http.server.BaseHTTPRequestHandler):
+    """A test's stand-in HTTP server: whole answers in one call, and no log line
+    per request on stderr, where a test's own output is read."""
+
+    def answer(self, status: int, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
 GENEROUS_EXIT = "60"
 """These tests are about what arrives, not how fast: a loaded machine must not
 turn a slow MLflow answer into a lost trace. The exit bound has its own tests."""
@@ -194,7 +220,7 @@ def spans_by_type(trace: Any) -> dict[str, list[Any]]:
     return grouped
 
 
-AGENT_APP = """
+AGENT = """
     from pydantic_ai import Agent
     from pydantic_ai.models.test import TestModel
 
@@ -204,7 +230,10 @@ AGENT_APP = """
     def lookup(city: str) -> str:
         \"\"\"Look a city up.\"\"\"
         return f"{city}: sunny"
+"""
+"""The agent of the test apps, with one tool; an app adds the lines that run it."""
 
+AGENT_APP = AGENT + """
     result = agent.run_sync("What is the weather in Paris?")
     print(result.output)
 """

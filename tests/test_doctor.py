@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import TRACED_RUN, MlflowServer, clean_env, free_port
+from conftest import TRACED_RUN, MlflowServer, QuietHandler, clean_env, free_port
 
 from traced_run.settings import Settings
 from traced_run.spool import Spool, Target
@@ -194,29 +194,20 @@ def test_user_sitecustomize_and_spool_backlog_are_reported(tmp_path: Path) -> No
     assert "1 batches (3 spans)" in found["spool"][1] and "1 of them for this endpoint" in found["spool"][1]
 
 
-class _StandIn(http.server.BaseHTTPRequestHandler):
+class _StandIn(QuietHandler):
     """Answers as an MLflow behind auth or with a Host allow-list would."""
 
     mode = "auth"
 
     def do_GET(self) -> None:
         if self.path == "/health":
-            self._answer(200, b"OK")
+            self.answer(200, b"OK")
         elif self.mode == "host":
-            self._answer(403, b"Invalid Host header - possible DNS rebinding attack detected")
+            self.answer(403, b"Invalid Host header - possible DNS rebinding attack detected")
         elif self.path == "/version":
-            self._answer(200, b"3.17.2")
+            self.answer(200, b"3.17.2")
         else:
-            self._answer(401, b'{"error_code": "UNAUTHENTICATED"}')
-
-    def _answer(self, status: int, body: bytes) -> None:
-        self.send_response(status)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
+            self.answer(401, b'{"error_code": "UNAUTHENTICATED"}')
 
 
 @pytest.fixture(params=["auth", "host"])

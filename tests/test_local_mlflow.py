@@ -3,12 +3,14 @@ stopped with everything it started when the command gets SIGTERM."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
 import subprocess
 import sys
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 from conftest import TRACED_RUN, clean_env, free_port, poll
@@ -29,16 +31,23 @@ def processes_using(directory: Path) -> list[str]:
     return found
 
 
-def start(tmp_path: Path, *options: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([TRACED_RUN, "mlflow", "--dir", str(tmp_path / "data"), *options],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env(),
-                            cwd=tmp_path)
+@contextlib.contextmanager
+def started(tmp_path: Path, *options: str) -> Iterator[subprocess.Popen[str]]:
+    """``traced-run mlflow`` running; killed after the block if a failed assert left it running."""
+    command = subprocess.Popen([TRACED_RUN, "mlflow", "--dir", str(tmp_path / "data"), *options],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env(),
+                               cwd=tmp_path)
+    try:
+        yield command
+    finally:
+        if command.poll() is None:
+            command.kill()
+            command.wait()
 
 
 def test_starts_answers_and_stops_on_sigterm(tmp_path: Path) -> None:
     port = free_port()
-    command = start(tmp_path, "--port", str(port))
-    try:
+    with started(tmp_path, "--port", str(port)) as command:
         assert command.stdout is not None
         lines = []
         for line in command.stdout:  # ends when the command exits: then the assert below says why
@@ -66,15 +75,10 @@ def test_starts_answers_and_stops_on_sigterm(tmp_path: Path) -> None:
         except ProcessLookupError:
             pass
         assert processes_using(tmp_path / "data") == []
-    finally:
-        if command.poll() is None:
-            command.kill()
-            command.wait()
 
 
 def test_all_hosts_on_every_address_warns_and_sigterm_stops_the_start(tmp_path: Path) -> None:
-    command = start(tmp_path, "--port", str(free_port()), "--host", "0.0.0.0", "--allow-all-hosts")
-    try:
+    with started(tmp_path, "--port", str(free_port()), "--host", "0.0.0.0", "--allow-all-hosts") as command:
         assert command.stderr is not None
         warning = command.stderr.readline()
         assert warning.startswith("traced-run: WARNING: MLflow listens on 0.0.0.0:"), warning
@@ -84,10 +88,6 @@ def test_all_hosts_on_every_address_warns_and_sigterm_stops_the_start(tmp_path: 
         assert command.wait(timeout=60) == 0
         assert command.stderr.read() == "", "one warning line, nothing else"
         assert processes_using(tmp_path / "data") == []
-    finally:
-        if command.poll() is None:
-            command.kill()
-            command.wait()
 
 
 def test_port_in_use_is_one_line(tmp_path: Path) -> None:

@@ -12,14 +12,13 @@ import os
 import shutil
 import subprocess
 import tempfile
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import AGENT_APP, BIN, App, MlflowServer, clean_env, free_port, poll, spans_by_type
+from conftest import AGENT_APP, App, MlflowServer, free_port, spans_by_type, start_mlflow
 
 PG_BINARIES = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
 
@@ -68,37 +67,9 @@ def postgres() -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def mlflow_on_postgres(postgres: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
-    root = tmp_path_factory.mktemp("mlflow-pg")
-    port = free_port()
-    log = open(root / "server.log", "wb")  # noqa: SIM115 - closed at teardown
-    process = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--backend-store-uri", postgres,
-         "--default-artifact-root", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, cwd=root,
-        env=clean_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"))
-    url = f"http://127.0.0.1:{port}"
-
-    def healthy() -> bool:
-        if process.poll() is not None:
-            raise AssertionError(f"mlflow server exited: {(root / 'server.log').read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                return bool(response.status == 200)
-        except OSError:
-            return False
-
-    try:
-        # The first start creates MLflow's schema in PostgreSQL (its migrations): slower than sqlite.
-        poll(healthy, timeout=300, what="mlflow on postgresql health", interval=0.5)
-        yield MlflowServer(url, process)
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
+    # The first start creates MLflow's schema in PostgreSQL (its migrations): slower than sqlite.
+    with start_mlflow(postgres, tmp_path_factory.mktemp("mlflow-pg"), health_timeout=300) as server:
+        yield server
 
 
 VOLATILE_TAGS = ("mlflow.trace_schema", "mlflow.artifactLocation", "mlflow.trace.sizeBytes",

@@ -11,24 +11,13 @@ from typing import Any
 
 import mlflow
 import pytest
-from conftest import AGENT_APP, App, spans_by_type
+from conftest import AGENT, AGENT_APP, App, spans_by_type
 from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
 
 from traced_run.pipeline import sample_ratio
 from traced_run.settings import Settings
 
-TWO_TURNS = """
-    from opentelemetry import trace
-    from pydantic_ai import Agent
-    from pydantic_ai.models.test import TestModel
-
-    agent = Agent(TestModel(), name="support", instructions="Be brief.")
-
-    @agent.tool_plain
-    def lookup(city: str) -> str:
-        \"\"\"Look a city up.\"\"\"
-        return f"{city}: sunny"
-
+TWO_TURNS = AGENT + """
     first = agent.run_sync("What is the weather in Paris?")
     second = agent.run_sync("And tomorrow?", message_history=first.all_messages())
     print(first.conversation_id)
