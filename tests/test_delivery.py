@@ -10,6 +10,7 @@ for with a sleep. Each test has its own spool directory.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -24,11 +25,13 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pytest
 from conftest import GENEROUS_EXIT, TRACED_RUN, App, MlflowServer, clean_env, free_port, poll
 from faultproxy import FaultProxy, Mode, fault_proxy
+
+from traced_run.delivery import OUTAGE_NOTICE
 
 EXIT_TIMEOUT = 2.0
 """traced-run's default exit bound, set explicitly where a test measures it."""
@@ -63,7 +66,7 @@ LOOP_APP = """
     # Runs until the test creates ./stop (or the safety limit): one run every ~0.2 s.
     i = 0
     while not os.path.exists("stop") and i < {limit}:
-        agent.run_sync(f"{prefix} {{i}}")
+        agent.run_sync(f"burst {{i}}")
         print(f"done {{i}}", flush=True)
         i += 1
         time.sleep({pause})
@@ -160,14 +163,15 @@ def span_counts(server: MlflowServer, experiment: str) -> list[int]:
 
 
 class Lines:
-    """A running app's stdout, read by a thread so the test can wait for a line."""
+    """A running app's stdout (or stderr), read by a thread so the test can wait for a line."""
 
-    def __init__(self, process: subprocess.Popen[bytes]) -> None:
+    def __init__(self, process: subprocess.Popen[bytes], stream: IO[bytes] | None = None) -> None:
         self._process = process
         self.lines: list[str] = []
         self._changed = threading.Condition()
-        assert process.stdout is not None
-        self._thread = threading.Thread(target=self._read, args=(process.stdout,), daemon=True)
+        stream = process.stdout if stream is None else stream
+        assert stream is not None
+        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
         self._thread.start()
 
     def _read(self, stream: Any) -> None:
@@ -180,6 +184,22 @@ class Lines:
         with self._changed:
             if not self._changed.wait_for(lambda: line in self.lines, timeout=timeout):
                 raise AssertionError(f"no {line!r} within {timeout}s; got {self.lines[-5:]}")
+
+    def first(self, start: str, timeout: float = 60) -> str:
+        """The first line that starts with ``start``, once there is one."""
+        def found() -> list[str]:
+            return [line for line in self.lines if line.startswith(start)]
+
+        with self._changed:
+            if not self._changed.wait_for(found, timeout=timeout):
+                raise AssertionError(f"no line starting {start!r} within {timeout}s; got {self.lines[-5:]}")
+            return found()[0]
+
+    def ended(self, timeout: float) -> list[str]:
+        """Every line, once the stream has ended."""
+        self._thread.join(timeout=timeout)
+        assert not self._thread.is_alive(), f"the stream did not end within {timeout}s"
+        return self.lines
 
     def done(self) -> int:
         """How many runs the app reported finished."""
@@ -276,14 +296,98 @@ def test_failing_mid_run_then_recovering_loses_nothing_and_doubles_nothing(
     wait_runs(app.server, app.experiment, "run", runs)
     assert span_counts(app.server, app.experiment) == [RUN_SPANS] * runs
     assert spooled(spool_of(app)) == []
-    # One line when delivery started failing, one at exit: all was sent later.
-    lines = err.decode().splitlines()
-    assert len(lines) == 2, lines
-    failing, summary = lines
-    assert failing.startswith(f"traced-run: cannot deliver traces to {proxy.url}/v1/traces"), failing
-    assert failing.endswith(f"keeping them in {spool_of(app)} and retrying in the background"), failing
+    # The failure was shorter than OUTAGE_NOTICE: one line, at exit; all was sent later.
+    (summary,) = err.decode().splitlines()
     assert re.fullmatch(rf"traced-run: \d+ spans were spooled while {proxy.url}/v1/traces was unreachable "
                         r"\(.+\) and sent later", summary), summary
+
+
+@pytest.mark.parametrize("recovers", [True, False], ids=["recovers", "still-down-at-exit"])
+def test_long_outage_is_said_while_running_and_at_exit_only_if_something_is_left(
+        app: App, proxy: FaultProxy, recovers: bool) -> None:
+    """A service that never exits must learn of an outage while it runs; the
+    exit line then adds only what is still not delivered."""
+    app.write(loop_app("long"))
+    spool = spool_of(app)
+    env = proxied_env(app, proxy, TRACED_RUN_EXIT_TIMEOUT=str(EXIT_TIMEOUT))
+    process = start(app, "python", "app.py", env=env)
+    try:
+        out, said = Lines(process), Lines(process, process.stderr)
+        out.wait_for("done 1")
+        proxy.mode = "refuse"
+        refused = time.monotonic()
+        notice = said.first("traced-run:", timeout=OUTAGE_NOTICE + 30)
+        noticed_after = time.monotonic() - refused
+        if recovers:
+            proxy.mode = "forward"
+            recovered_at = out.done()
+            poll(lambda: set(range(recovered_at)) <= set(run_numbers(
+                [i for i in trace_infos(app.server, app.experiment) if finished(i)], "long")),
+                timeout=60, what=f"runs 0..{recovered_at - 1} sent again while the app runs")
+        (app.directory / "stop").touch()
+        process.wait(timeout=60)
+        lines = said.ended(timeout=10)
+        runs = len([line for line in out.ended(timeout=10) if line.startswith("done ")])
+    finally:
+        stop(process)
+    print(f"outage said {noticed_after:.1f}s after MLflow went down; {runs} runs; stderr: {lines}")
+    assert process.returncode == 0, lines
+    assert OUTAGE_NOTICE <= noticed_after < OUTAGE_NOTICE + 10, noticed_after
+    assert re.fullmatch(rf"traced-run: cannot deliver traces to {re.escape(proxy.url)}/v1/traces since "
+                        rf"\d\d:\d\d:\d\d \(connection refused\); keeping them in {re.escape(str(spool))} "
+                        r"and retrying in the background", notice), notice
+    if recovers:
+        assert lines == [notice]
+    else:
+        assert len(lines) == 2 and lines[0] == notice, lines
+        kept = rf"/v1/traces \(connection refused\): kept in {re.escape(str(spool))}; .*"
+        summary = rf"traced-run: \d+ spans of \d+ traces not delivered to {re.escape(proxy.url)}{kept}"
+        assert re.fullmatch(summary, lines[1]), lines
+        proxy.mode = "forward"
+        flush(app, proxied_env(app, proxy))
+    wait_runs(app.server, app.experiment, "long", runs)
+    assert spooled(spool) == []
+
+
+def test_exit_line_counts_only_this_processs_own_spans(app: App, proxy: FaultProxy) -> None:
+    """A process that sends an earlier process's spooled batches, then has to
+    spool its own, says its own are kept: what it sent of others' is not
+    subtracted from them, nor reported (the earlier process said where they were)."""
+    app.write(tool_agent("first", "agent.run_sync('mine 0')\nagent.run_sync('mine 1')\n"), "first.py")
+    app.write(tool_agent("second", """
+    import os
+    import time
+
+    while not os.path.exists("go"):  # the test lets it run once MLflow refuses again
+        time.sleep(0.05)
+    agent.run_sync("mine 2")
+    """), "second.py")
+    spool = spool_of(app)
+    env = proxied_env(app, proxy, TRACED_RUN_EXIT_TIMEOUT=str(EXIT_TIMEOUT))
+    proxy.mode = "refuse"
+    first = app.run("python", "first.py", env=env)
+    assert first.returncode == 0, first.stderr.decode()
+    assert spooled(spool)
+
+    proxy.mode = "forward"
+    second = start(app, "python", "second.py", env=env)
+    try:
+        wait_runs(app.server, app.experiment, "mine", 2)  # sent from the spool by the second process
+        assert spooled(spool) == []
+        proxy.mode = "refuse"
+        (app.directory / "go").touch()
+        second.wait(timeout=60)
+        assert second.stderr is not None
+        err = second.stderr.read().decode()
+    finally:
+        stop(second)
+    assert second.returncode == 0, err
+    assert err.splitlines() == [
+        f"traced-run: {RUN_SPANS} spans of 1 traces not delivered to {proxy.url}/v1/traces "
+        f"(connection refused): kept in {spool}; the next traced process or `traced-run flush` sends them"]
+    proxy.mode = "forward"
+    flush(app, env)
+    wait_runs(app.server, app.experiment, "mine", 3)
 
 
 def test_a_batch_sent_twice_is_stored_once(app: App, proxy: FaultProxy) -> None:
@@ -433,7 +537,7 @@ def test_batch_mlflow_rejects_is_set_aside_not_retried(app: App, proxy: FaultPro
     assert stat.S_IMODE(rejected.stat().st_mode) == 0o700
     lines = done.stderr.decode().splitlines()
     assert lines == traced_lines(done.stderr) and len(lines) == 1, lines
-    said = f"traced-run: {RUN_SPANS} spans rejected by MLflow, set aside in {rejected}"
+    said = f"traced-run: {RUN_SPANS} spans rejected by MLflow (HTTP 404), set aside in {rejected}"
     assert lines == [said], lines
 
     # Nor does a later flush.
@@ -468,10 +572,12 @@ def test_spool_bound_drops_oldest_first_and_says_how_many(app: App, proxy: Fault
     assert done.returncode == 0, done.stderr.decode()
     lines = done.stderr.decode().splitlines()
     print(f"spool bound: {lines}")
-    # The app runs for seconds: one line when delivery started failing, one at exit.
-    assert lines == traced_lines(done.stderr) and len(lines) <= 2, lines
-    dropped = re.search(r"; (\d+) spans dropped \(.*spool_max_mb=1\)$", lines[-1])
-    assert dropped, lines
+    # The app runs for less than OUTAGE_NOTICE: one line, at exit.
+    (line,) = lines
+    said = re.fullmatch(rf"traced-run: (\d+) spans of \d+ traces not delivered to .* kept in "
+                        rf"{re.escape(str(spool))};.*; (\d+) spans dropped \(spool over spool_max_mb=1\)",
+                        line)
+    assert said, line
 
     batches = spooled(spool)
     total = sum(p.stat().st_size for p in spool.rglob("*") if p.is_file())
@@ -485,7 +591,55 @@ def test_spool_bound_drops_oldest_first_and_says_how_many(app: App, proxy: Fault
     kept_runs = sorted(kept)
     assert kept_runs and kept_runs[0] > 0 and kept_runs == list(range(kept_runs[0], BIG_RUNS)), \
         f"the newest runs stay, the oldest go first: kept {kept_runs}"
-    assert int(dropped.group(1)) == BIG_RUNS * BIG_RUN_SPANS - kept_spans
+    assert int(said.group(1)) == kept_spans, "the line counts spans the bound removed as kept"
+    assert int(said.group(2)) == BIG_RUNS * BIG_RUN_SPANS - kept_spans
+
+
+HUGE_APP = """
+    @agent.tool_plain
+    def fetch_page(url: str) -> str:
+        \"\"\"A very large page.\"\"\"
+        return "x" * 40_000
+
+    for i in range(4):
+        agent.run_sync(f"huge {i} ")
+"""
+
+
+def test_batch_larger_than_the_spool_bound_is_kept_in_parts(app: App, proxy: FaultProxy) -> None:
+    """Four runs that each carry a 40 kB page about ten times (tool result,
+    model input, the agent's messages) make more than 1 MB in one batch: kept
+    in parts, the newest kept and the oldest past the bound dropped and counted."""
+    app.write(tool_agent("huge", HUGE_APP))
+    spool = spool_of(app)
+    proxy.mode = "refuse"
+    # Encoding a megabyte batch again in parts takes longer than the default exit bound here.
+    done = app.run("python", "app.py", env=proxied_env(app, proxy, TRACED_RUN_SPOOL_MAX_MB="1"))
+    assert done.returncode == 0, done.stderr.decode()
+    (line,) = done.stderr.decode().splitlines()
+    print(f"oversized batch: {line}; spool files: {[p.stat().st_size for p in spooled(spool)]}")
+    said = re.fullmatch(r"traced-run: (\d+) spans of \d+ traces not delivered to .* kept in .*; "
+                        r"(\d+) spans dropped \(spool over spool_max_mb=1\)", line)
+    assert said, line
+    kept_spans = 0
+    kept_runs: set[int] = set()
+    for batch in spooled(spool):
+        header, _, payload = batch.read_bytes().partition(b"\n")
+        kept_spans += json.loads(header)["spans"]
+        kept_runs |= {int(n) for n in re.findall(rb"huge (\d+) ", payload)}
+    assert sum(p.stat().st_size for p in spooled(spool)) <= 1024 * 1024
+    assert 3 in kept_runs and 0 not in kept_runs, f"the newest spans stay, the oldest go: kept {kept_runs}"
+    assert int(said.group(1)) == kept_spans
+    assert int(said.group(2)) == 4 * BIG_RUN_SPANS - kept_spans
+
+    proxy.mode = "forward"
+    flush(app, proxied_env(app, proxy))
+    experiment_id = app.server.experiment_id(app.experiment)
+    assert experiment_id is not None
+    found = poll(lambda: [t for t in app.server.traces(experiment_id)
+                          if "huge 3 " in (t.info.request_preview or "")],
+                 timeout=60, what="the newest run's trace")
+    assert len(found[0].data.spans) == BIG_RUN_SPANS
 
 
 def test_spool_is_the_owners_only(app: App, proxy: FaultProxy) -> None:
