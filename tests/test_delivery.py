@@ -810,27 +810,62 @@ def test_uvicorn_workers_one_trace_per_request(app: App, which: Callable[[str], 
 
 
 # --- signals and crashes ------------------------------------------------------------------
-@pytest.mark.parametrize("mlflow", ["up", "hanging"])
-def test_sigterm_mid_run_delivers_or_spools_every_finished_run(app: App, proxy: FaultProxy,
-                                                              mlflow: str) -> None:
-    app.write(loop_app("term", pause=0.1))
+def signal_mid_run(app: App, proxy: FaultProxy, mlflow: str, signum: int,
+                   *args: str) -> tuple[subprocess.Popen[bytes], Lines, bytes, float]:
+    """Run app.py (a loop of agent runs) under traced-run with MLflow up or
+    hanging, send ``signum`` after a few runs; the process, its stdout, its
+    stderr and how long it took to end after the signal."""
     experiment_id = app.server.client().create_experiment(app.experiment)
-    env = proxied_env(app, proxy, TRACED_RUN_EXIT_TIMEOUT=str(EXIT_TIMEOUT))
+    env = proxied_env(app, proxy, TRACED_RUN_EXIT_TIMEOUT=str(EXIT_TIMEOUT),
+                      MLFLOW_EXPERIMENT_ID=str(experiment_id))
     del env["MLFLOW_EXPERIMENT_NAME"]
-    env["MLFLOW_EXPERIMENT_ID"] = str(experiment_id)
     if mlflow == "hanging":
         proxy.mode = "hang"
-    process = start(app, "python", "app.py", env=env)
+    process = start(app, "python", "app.py", *args, env=env)
     try:
         out = Lines(process)
         out.wait_for("done 5")
         signalled = time.monotonic()
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(signum)
         process.wait(timeout=60)
         elapsed = time.monotonic() - signalled
         err = out.finish(timeout=60)
     finally:
         stop(process)
+    return process, out, err, elapsed
+
+
+def every_finished_run_arrives(app: App, proxy: FaultProxy, mlflow: str, said: list[str], prefix: str,
+                               runs: int) -> None:
+    """Delivered, or (MLflow hanging) spooled, said so in one line, and sent by
+    a flush: every run the app finished is there once. The run the signal
+    interrupted may have finished too (before its "done" line), or left spans
+    of an unfinished trace."""
+    if mlflow == "hanging":
+        assert len(said) == 1 and "not delivered" in said[0] and str(spool_of(app)) in said[0], said
+        assert spooled(spool_of(app))
+        proxy.mode = "forward"
+        flush(app, proxied_env(app, proxy))
+        assert spooled(spool_of(app)) == []
+    else:
+        assert said == []
+
+    def ready() -> list[Any] | None:
+        infos = trace_infos(app.server, app.experiment)
+        complete = run_numbers([i for i in infos if finished(i)], prefix)
+        return infos if set(range(runs)) <= set(complete) else None
+
+    infos = poll(ready, timeout=60, what=f"{runs} finished runs", interval=0.5)
+    complete = run_numbers([i for i in infos if finished(i)], prefix)
+    assert complete in (list(range(runs)), list(range(runs + 1))), complete
+    assert len(infos) - len(complete) <= 1, [(i.request_preview, i.state) for i in infos]
+
+
+@pytest.mark.parametrize("mlflow", ["up", "hanging"])
+def test_sigterm_mid_run_delivers_or_spools_every_finished_run(app: App, proxy: FaultProxy,
+                                                              mlflow: str) -> None:
+    app.write(loop_app("term", pause=0.1))
+    process, out, err, elapsed = signal_mid_run(app, proxy, mlflow, signal.SIGTERM)
     runs = out.done()
     print(f"SIGTERM, MLflow {mlflow}: ended {elapsed:.2f}s after the signal, {runs} runs finished; "
           f"stderr: {err.decode().strip()}")
@@ -838,26 +873,64 @@ def test_sigterm_mid_run_delivers_or_spools_every_finished_run(app: App, proxy: 
     assert elapsed < EXIT_TIMEOUT + MARGIN, elapsed
     lines = err.decode().splitlines()
     assert lines == traced_lines(err), lines
-    if mlflow == "hanging":
-        assert len(lines) == 1 and "not delivered" in lines[0] and str(spool_of(app)) in lines[0], lines
-        assert spooled(spool_of(app))
-        proxy.mode = "forward"
-        flush(app, env)
-        assert spooled(spool_of(app)) == []
+    every_finished_run_arrives(app, proxy, mlflow, lines, "term", runs)
+
+
+INTERRUPTED_APP = """
+    import signal
+    import sys
+    import time
+
+    how = sys.argv[1]
+    stopped = []
+    if how == "handler":
+        signal.signal(signal.SIGINT, lambda signum, frame: stopped.append(signum))
+
+
+    def loop() -> None:
+        i = 0
+        while not stopped and i < 400:
+            agent.run_sync(f"int {i}")
+            print(f"done {i}", flush=True)
+            i += 1
+            time.sleep(0.1)
+
+
+    if how == "except":
+        try:
+            loop()
+        except KeyboardInterrupt:
+            print("the app caught KeyboardInterrupt", flush=True)
     else:
-        assert lines == []
+        loop()
+        print(f"the app's handler ran: {stopped}", flush=True)
+"""
 
-    # Every run the app finished is there once; the run the signal interrupted may
-    # have finished too (before its "done" line), or left spans of an unfinished trace.
-    def ready() -> list[Any] | None:
-        infos = trace_infos(app.server, app.experiment)
-        complete = run_numbers([i for i in infos if finished(i)], "term")
-        return infos if set(range(runs)) <= set(complete) else None
 
-    infos = poll(ready, timeout=60, what=f"{runs} finished runs", interval=0.5)
-    complete = run_numbers([i for i in infos if finished(i)], "term")
-    assert complete in (list(range(runs)), list(range(runs + 1))), complete
-    assert len(infos) - len(complete) <= 1, [(i.request_preview, i.state) for i in infos]
+@pytest.mark.parametrize(("how", "mlflow"),
+                         [("except", "up"), ("handler", "hanging"), ("uncaught", "hanging")])
+def test_sigint_mid_run_delivers_or_spools_every_finished_run(app: App, proxy: FaultProxy, how: str,
+                                                             mlflow: str) -> None:
+    """Ctrl-C: KeyboardInterrupt, caught by the app or not, or the app's own
+    SIGINT handler; traced-run delivers through atexit within the exit bound."""
+    app.write(tool_agent("interrupted", INTERRUPTED_APP))
+    process, out, err, elapsed = signal_mid_run(app, proxy, mlflow, signal.SIGINT, how)
+    runs = out.done()
+    print(f"SIGINT ({how}), MLflow {mlflow}: ended {elapsed:.2f}s after the signal, {runs} runs finished; "
+          f"stdout ends {out.lines[-1:]}; stderr: {err.decode().strip()[-300:]}")
+    assert elapsed < EXIT_TIMEOUT + MARGIN, elapsed
+    if how == "uncaught":
+        assert process.returncode == -signal.SIGINT, err.decode()
+        # Python prints the traceback before atexit runs, so our line comes after it.
+        assert [line for line in err.decode().splitlines() if line not in traced_lines(err)][-1] == \
+            "KeyboardInterrupt", err.decode()
+    else:
+        assert process.returncode == 0, err.decode()
+        ran = {"except": "the app caught KeyboardInterrupt",
+               "handler": f"the app's handler ran: [{signal.SIGINT:d}]"}
+        assert out.lines[-1] == ran[how], out.lines[-3:]
+        assert err.decode().splitlines() == traced_lines(err), err.decode()
+    every_finished_run_arrives(app, proxy, mlflow, traced_lines(err), "int", runs)
 
 
 def test_uncaught_exception_in_a_tool_after_good_runs(app: App, proxy: FaultProxy) -> None:
