@@ -10,6 +10,7 @@ for with a sleep. Each test has its own spool directory.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -24,11 +25,13 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pytest
 from conftest import GENEROUS_EXIT, TRACED_RUN, App, MlflowServer, clean_env, free_port, poll
 from faultproxy import FaultProxy, Mode, fault_proxy
+
+from traced_run.delivery import OUTAGE_NOTICE
 
 EXIT_TIMEOUT = 2.0
 """traced-run's default exit bound, set explicitly where a test measures it."""
@@ -160,14 +163,15 @@ def span_counts(server: MlflowServer, experiment: str) -> list[int]:
 
 
 class Lines:
-    """A running app's stdout, read by a thread so the test can wait for a line."""
+    """A running app's stdout (or stderr), read by a thread so the test can wait for a line."""
 
-    def __init__(self, process: subprocess.Popen[bytes]) -> None:
+    def __init__(self, process: subprocess.Popen[bytes], stream: IO[bytes] | None = None) -> None:
         self._process = process
         self.lines: list[str] = []
         self._changed = threading.Condition()
-        assert process.stdout is not None
-        self._thread = threading.Thread(target=self._read, args=(process.stdout,), daemon=True)
+        stream = process.stdout if stream is None else stream
+        assert stream is not None
+        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
         self._thread.start()
 
     def _read(self, stream: Any) -> None:
@@ -180,6 +184,22 @@ class Lines:
         with self._changed:
             if not self._changed.wait_for(lambda: line in self.lines, timeout=timeout):
                 raise AssertionError(f"no {line!r} within {timeout}s; got {self.lines[-5:]}")
+
+    def first(self, start: str, timeout: float = 60) -> str:
+        """The first line that starts with ``start``, once there is one."""
+        def found() -> list[str]:
+            return [line for line in self.lines if line.startswith(start)]
+
+        with self._changed:
+            if not self._changed.wait_for(found, timeout=timeout):
+                raise AssertionError(f"no line starting {start!r} within {timeout}s; got {self.lines[-5:]}")
+            return found()[0]
+
+    def ended(self, timeout: float) -> list[str]:
+        """Every line, once the stream has ended."""
+        self._thread.join(timeout=timeout)
+        assert not self._thread.is_alive(), f"the stream did not end within {timeout}s"
+        return self.lines
 
     def done(self) -> int:
         """How many runs the app reported finished."""
@@ -276,14 +296,98 @@ def test_failing_mid_run_then_recovering_loses_nothing_and_doubles_nothing(
     wait_runs(app.server, app.experiment, "run", runs)
     assert span_counts(app.server, app.experiment) == [RUN_SPANS] * runs
     assert spooled(spool_of(app)) == []
-    # One line when delivery started failing, one at exit: all was sent later.
-    lines = err.decode().splitlines()
-    assert len(lines) == 2, lines
-    failing, summary = lines
-    assert failing.startswith(f"traced-run: cannot deliver traces to {proxy.url}/v1/traces"), failing
-    assert failing.endswith(f"keeping them in {spool_of(app)} and retrying in the background"), failing
+    # The failure was shorter than OUTAGE_NOTICE: one line, at exit; all was sent later.
+    (summary,) = err.decode().splitlines()
     assert re.fullmatch(rf"traced-run: \d+ spans were spooled while {proxy.url}/v1/traces was unreachable "
                         r"\(.+\) and sent later", summary), summary
+
+
+@pytest.mark.parametrize("recovers", [True, False], ids=["recovers", "still-down-at-exit"])
+def test_long_outage_is_said_while_running_and_at_exit_only_if_something_is_left(
+        app: App, proxy: FaultProxy, recovers: bool) -> None:
+    """A service that never exits must learn of an outage while it runs; the
+    exit line then adds only what is still not delivered."""
+    app.write(loop_app("long"))
+    spool = spool_of(app)
+    env = proxied_env(app, proxy, TRACED_RUN_EXIT_TIMEOUT=str(EXIT_TIMEOUT))
+    process = start(app, "python", "app.py", env=env)
+    try:
+        out, said = Lines(process), Lines(process, process.stderr)
+        out.wait_for("done 1")
+        proxy.mode = "refuse"
+        refused = time.monotonic()
+        notice = said.first("traced-run:", timeout=OUTAGE_NOTICE + 30)
+        noticed_after = time.monotonic() - refused
+        if recovers:
+            proxy.mode = "forward"
+            recovered_at = out.done()
+            poll(lambda: set(range(recovered_at)) <= set(run_numbers(
+                [i for i in trace_infos(app.server, app.experiment) if finished(i)], "long")),
+                timeout=60, what=f"runs 0..{recovered_at - 1} sent again while the app runs")
+        (app.directory / "stop").touch()
+        process.wait(timeout=60)
+        lines = said.ended(timeout=10)
+        runs = len([line for line in out.ended(timeout=10) if line.startswith("done ")])
+    finally:
+        stop(process)
+    print(f"outage said {noticed_after:.1f}s after MLflow went down; {runs} runs; stderr: {lines}")
+    assert process.returncode == 0, lines
+    assert OUTAGE_NOTICE <= noticed_after < OUTAGE_NOTICE + 10, noticed_after
+    assert re.fullmatch(rf"traced-run: cannot deliver traces to {re.escape(proxy.url)}/v1/traces since "
+                        rf"\d\d:\d\d:\d\d \(connection refused\); keeping them in {re.escape(str(spool))} "
+                        r"and retrying in the background", notice), notice
+    if recovers:
+        assert lines == [notice]
+    else:
+        assert len(lines) == 2 and lines[0] == notice, lines
+        kept = rf"/v1/traces \(connection refused\): kept in {re.escape(str(spool))}; .*"
+        summary = rf"traced-run: \d+ spans of \d+ traces not delivered to {re.escape(proxy.url)}{kept}"
+        assert re.fullmatch(summary, lines[1]), lines
+        proxy.mode = "forward"
+        flush(app, proxied_env(app, proxy))
+    wait_runs(app.server, app.experiment, "long", runs)
+    assert spooled(spool) == []
+
+
+def test_exit_line_counts_only_this_processs_own_spans(app: App, proxy: FaultProxy) -> None:
+    """A process that sends an earlier process's spooled batches, then has to
+    spool its own, says its own are kept: what it sent of others' is not
+    subtracted from them, nor reported (the earlier process said where they were)."""
+    app.write(tool_agent("first", "agent.run_sync('mine 0')\nagent.run_sync('mine 1')\n"), "first.py")
+    app.write(tool_agent("second", """
+    import os
+    import time
+
+    while not os.path.exists("go"):  # the test lets it run once MLflow refuses again
+        time.sleep(0.05)
+    agent.run_sync("mine 2")
+    """), "second.py")
+    spool = spool_of(app)
+    env = proxied_env(app, proxy, TRACED_RUN_EXIT_TIMEOUT=str(EXIT_TIMEOUT))
+    proxy.mode = "refuse"
+    first = app.run("python", "first.py", env=env)
+    assert first.returncode == 0, first.stderr.decode()
+    assert spooled(spool)
+
+    proxy.mode = "forward"
+    second = start(app, "python", "second.py", env=env)
+    try:
+        wait_runs(app.server, app.experiment, "mine", 2)  # sent from the spool by the second process
+        assert spooled(spool) == []
+        proxy.mode = "refuse"
+        (app.directory / "go").touch()
+        second.wait(timeout=60)
+        assert second.stderr is not None
+        err = second.stderr.read().decode()
+    finally:
+        stop(second)
+    assert second.returncode == 0, err
+    assert err.splitlines() == [
+        f"traced-run: {RUN_SPANS} spans of 1 traces not delivered to {proxy.url}/v1/traces "
+        f"(connection refused): kept in {spool}; the next traced process or `traced-run flush` sends them"]
+    proxy.mode = "forward"
+    flush(app, env)
+    wait_runs(app.server, app.experiment, "mine", 3)
 
 
 def test_a_batch_sent_twice_is_stored_once(app: App, proxy: FaultProxy) -> None:
@@ -339,37 +443,46 @@ BURST_APP = """
         add_tool(k)
     started = time.monotonic()
     for i in range({runs}):
-        agent.run_sync(f"burst {{i}}")
+        agent.run_sync(f"{prefix} {{i}}")
         if i % 10 == 0:
             print(f"done {{i}}", flush=True)
     print(f"{{time.monotonic() - started:.1f}}s", flush=True)
 """
 
 
-def test_burst_larger_than_the_queue_arrives_whole(app: App, proxy: FaultProxy) -> None:
-    """As fast as the app can, while MLflow takes no batch (it hangs) for the
-    first part: the delivery thread waits on one post while the queue passes
-    half its bound; then batches go to the spool (MLflow failed, or the queue
-    is high) and from there to MLflow when it answers again, by this process."""
-    app.write(tool_agent("burst", BURST_APP.format(tools=BURST_TOOLS, runs=BURST_RUNS)))
+def burst_through_a_hang(app: App, proxy: FaultProxy, prefix: str, runs: int,
+                         let_go_after: int) -> tuple[Lines, bytes]:
+    """The burst app, ``runs`` runs of BURST_RUN_SPANS spans, while MLflow
+    hangs until run ``let_go_after`` is done; its stdout and stderr. The post
+    that hangs is held until the proxy lets it go, so the queue holds every
+    span made meanwhile."""
+    app.write(tool_agent(prefix, BURST_APP.format(tools=BURST_TOOLS, runs=runs, prefix=prefix)))
     experiment_id = app.server.client().create_experiment(app.experiment)
-    # The post that hangs is held until the proxy lets it go: the queue then holds
-    # every span made meanwhile, 11 * 151 = 1661 of 2048: over half, not full.
     env = proxied_env(app, proxy, MLFLOW_EXPERIMENT_ID=str(experiment_id), TRACED_RUN_EXIT_TIMEOUT="120",
                       OTEL_EXPORTER_OTLP_TIMEOUT="120")
     del env["MLFLOW_EXPERIMENT_NAME"]
     proxy.mode = "hang"
-    started = time.monotonic()
     process = start(app, "python", "app.py", env=env)
     try:
         out = Lines(process)
-        out.wait_for("done 150", timeout=120)
+        out.wait_for(f"done {let_go_after}", timeout=120)
         proxy.mode = "forward"
         err = out.finish(timeout=240)
     finally:
         stop(process)
-    ended = time.monotonic() - started
     assert process.returncode == 0, err.decode()
+    return out, err
+
+
+def test_burst_larger_than_the_queue_arrives_whole(app: App, proxy: FaultProxy) -> None:
+    """As fast as the app can, while MLflow takes no batch (it hangs) for the
+    first part: the delivery thread waits on one post while the queue passes
+    half its bound (11 * 151 = 1661 spans of 2048: over half, not full); then
+    batches go to the spool (MLflow failed, or the queue is high) and from
+    there to MLflow when it answers again, by this process."""
+    started = time.monotonic()
+    out, err = burst_through_a_hang(app, proxy, "burst", BURST_RUNS, 150)
+    ended = time.monotonic() - started
     infos = wait_runs(app.server, app.experiment, "burst", BURST_RUNS, timeout=120)
     arrived = time.monotonic() - started
     print(f"burst: {BURST_RUNS * BURST_RUN_SPANS} spans made in {out.lines[-1]}, process ended after "
@@ -377,11 +490,8 @@ def test_burst_larger_than_the_queue_arrives_whole(app: App, proxy: FaultProxy) 
     client = app.server.client()
     for info in infos[:: BURST_RUNS // 5]:  # all spans of a sample: fetching all 220 takes a minute here
         assert len(client.get_trace(info.trace_id).data.spans) == BURST_RUN_SPANS
-    lines = traced_lines(err)
-    assert lines == err.decode().splitlines()
-    assert not any("dropped" in line or "lost" in line for line in lines), lines
-    spooled_spans = re.search(r"traced-run: (\d+) spans were spooled while .* and sent later$", lines[-1])
-    assert spooled_spans, lines
+    (line,) = err.decode().splitlines()
+    assert re.fullmatch(r"traced-run: \d+ spans were spooled while .* and sent later", line), line
     assert spooled(spool_of(app)) == []
 
 
@@ -389,22 +499,8 @@ def test_queue_full_while_a_post_hangs_spools_rather_than_drops(app: App, proxy:
     """The issue's "overflow goes to the spool, not to the floor", when the one
     delivery thread is held by a post: 250 runs of 11 spans, the hanging post
     let go only after 240 of them, so the queue must pass 2048 spans."""
-    app.write(tool_agent("flood", BURST_APP.format(tools=BURST_TOOLS, runs=250).replace("burst", "flood")))
-    experiment_id = app.server.client().create_experiment(app.experiment)
-    env = proxied_env(app, proxy, MLFLOW_EXPERIMENT_ID=str(experiment_id), TRACED_RUN_EXIT_TIMEOUT="120",
-                      OTEL_EXPORTER_OTLP_TIMEOUT="120")
-    del env["MLFLOW_EXPERIMENT_NAME"]
-    proxy.mode = "hang"
-    process = start(app, "python", "app.py", env=env)
-    try:
-        out = Lines(process)
-        out.wait_for("done 240", timeout=120)
-        proxy.mode = "forward"
-        err = out.finish(timeout=240)
-    finally:
-        stop(process)
+    _, err = burst_through_a_hang(app, proxy, "flood", 250, 240)
     print(f"flood: {err.decode()}")
-    assert process.returncode == 0, err.decode()
     assert "dropped" not in err.decode(), err.decode()
     wait_runs(app.server, app.experiment, "flood", 250, timeout=120)
 
@@ -433,7 +529,7 @@ def test_batch_mlflow_rejects_is_set_aside_not_retried(app: App, proxy: FaultPro
     assert stat.S_IMODE(rejected.stat().st_mode) == 0o700
     lines = done.stderr.decode().splitlines()
     assert lines == traced_lines(done.stderr) and len(lines) == 1, lines
-    said = f"traced-run: {RUN_SPANS} spans rejected by MLflow, set aside in {rejected}"
+    said = f"traced-run: {RUN_SPANS} spans rejected by MLflow (HTTP 404), set aside in {rejected}"
     assert lines == [said], lines
 
     # Nor does a later flush.
@@ -468,10 +564,12 @@ def test_spool_bound_drops_oldest_first_and_says_how_many(app: App, proxy: Fault
     assert done.returncode == 0, done.stderr.decode()
     lines = done.stderr.decode().splitlines()
     print(f"spool bound: {lines}")
-    # The app runs for seconds: one line when delivery started failing, one at exit.
-    assert lines == traced_lines(done.stderr) and len(lines) <= 2, lines
-    dropped = re.search(r"; (\d+) spans dropped \(.*spool_max_mb=1\)$", lines[-1])
-    assert dropped, lines
+    # The app runs for less than OUTAGE_NOTICE: one line, at exit.
+    (line,) = lines
+    said = re.fullmatch(rf"traced-run: (\d+) spans of \d+ traces not delivered to .* kept in "
+                        rf"{re.escape(str(spool))};.*; (\d+) spans dropped \(spool over spool_max_mb=1\)",
+                        line)
+    assert said, line
 
     batches = spooled(spool)
     total = sum(p.stat().st_size for p in spool.rglob("*") if p.is_file())
@@ -485,7 +583,55 @@ def test_spool_bound_drops_oldest_first_and_says_how_many(app: App, proxy: Fault
     kept_runs = sorted(kept)
     assert kept_runs and kept_runs[0] > 0 and kept_runs == list(range(kept_runs[0], BIG_RUNS)), \
         f"the newest runs stay, the oldest go first: kept {kept_runs}"
-    assert int(dropped.group(1)) == BIG_RUNS * BIG_RUN_SPANS - kept_spans
+    assert int(said.group(1)) == kept_spans, "the line counts spans the bound removed as kept"
+    assert int(said.group(2)) == BIG_RUNS * BIG_RUN_SPANS - kept_spans
+
+
+HUGE_APP = """
+    @agent.tool_plain
+    def fetch_page(url: str) -> str:
+        \"\"\"A very large page.\"\"\"
+        return "x" * 40_000
+
+    for i in range(4):
+        agent.run_sync(f"huge {i} ")
+"""
+
+
+def test_batch_larger_than_the_spool_bound_is_kept_in_parts(app: App, proxy: FaultProxy) -> None:
+    """Four runs that each carry a 40 kB page about ten times (tool result,
+    model input, the agent's messages) make more than 1 MB in one batch: kept
+    in parts, the newest kept and the oldest past the bound dropped and counted."""
+    app.write(tool_agent("huge", HUGE_APP))
+    spool = spool_of(app)
+    proxy.mode = "refuse"
+    # Encoding a megabyte batch again in parts takes longer than the default exit bound here.
+    done = app.run("python", "app.py", env=proxied_env(app, proxy, TRACED_RUN_SPOOL_MAX_MB="1"))
+    assert done.returncode == 0, done.stderr.decode()
+    (line,) = done.stderr.decode().splitlines()
+    print(f"oversized batch: {line}; spool files: {[p.stat().st_size for p in spooled(spool)]}")
+    said = re.fullmatch(r"traced-run: (\d+) spans of \d+ traces not delivered to .* kept in .*; "
+                        r"(\d+) spans dropped \(spool over spool_max_mb=1\)", line)
+    assert said, line
+    kept_spans = 0
+    kept_runs: set[int] = set()
+    for batch in spooled(spool):
+        header, _, payload = batch.read_bytes().partition(b"\n")
+        kept_spans += json.loads(header)["spans"]
+        kept_runs |= {int(n) for n in re.findall(rb"huge (\d+) ", payload)}
+    assert sum(p.stat().st_size for p in spooled(spool)) <= 1024 * 1024
+    assert 3 in kept_runs and 0 not in kept_runs, f"the newest spans stay, the oldest go: kept {kept_runs}"
+    assert int(said.group(1)) == kept_spans
+    assert int(said.group(2)) == 4 * BIG_RUN_SPANS - kept_spans
+
+    proxy.mode = "forward"
+    flush(app, proxied_env(app, proxy))
+    experiment_id = app.server.experiment_id(app.experiment)
+    assert experiment_id is not None
+    found = poll(lambda: [t for t in app.server.traces(experiment_id)
+                          if "huge 3 " in (t.info.request_preview or "")],
+                 timeout=60, what="the newest run's trace")
+    assert len(found[0].data.spans) == BIG_RUN_SPANS
 
 
 def test_spool_is_the_owners_only(app: App, proxy: FaultProxy) -> None:
@@ -656,27 +802,62 @@ def test_uvicorn_workers_one_trace_per_request(app: App, which: Callable[[str], 
 
 
 # --- signals and crashes ------------------------------------------------------------------
-@pytest.mark.parametrize("mlflow", ["up", "hanging"])
-def test_sigterm_mid_run_delivers_or_spools_every_finished_run(app: App, proxy: FaultProxy,
-                                                              mlflow: str) -> None:
-    app.write(loop_app("term", pause=0.1))
+def signal_mid_run(app: App, proxy: FaultProxy, mlflow: str, signum: int,
+                   *args: str) -> tuple[subprocess.Popen[bytes], Lines, bytes, float]:
+    """Run app.py (a loop of agent runs) under traced-run with MLflow up or
+    hanging, send ``signum`` after a few runs; the process, its stdout, its
+    stderr and how long it took to end after the signal."""
     experiment_id = app.server.client().create_experiment(app.experiment)
-    env = proxied_env(app, proxy, TRACED_RUN_EXIT_TIMEOUT=str(EXIT_TIMEOUT))
+    env = proxied_env(app, proxy, TRACED_RUN_EXIT_TIMEOUT=str(EXIT_TIMEOUT),
+                      MLFLOW_EXPERIMENT_ID=str(experiment_id))
     del env["MLFLOW_EXPERIMENT_NAME"]
-    env["MLFLOW_EXPERIMENT_ID"] = str(experiment_id)
     if mlflow == "hanging":
         proxy.mode = "hang"
-    process = start(app, "python", "app.py", env=env)
+    process = start(app, "python", "app.py", *args, env=env)
     try:
         out = Lines(process)
         out.wait_for("done 5")
         signalled = time.monotonic()
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(signum)
         process.wait(timeout=60)
         elapsed = time.monotonic() - signalled
         err = out.finish(timeout=60)
     finally:
         stop(process)
+    return process, out, err, elapsed
+
+
+def every_finished_run_arrives(app: App, proxy: FaultProxy, mlflow: str, said: list[str], prefix: str,
+                               runs: int) -> None:
+    """Delivered, or (MLflow hanging) spooled, said so in one line, and sent by
+    a flush: every run the app finished is there once. The run the signal
+    interrupted may have finished too (before its "done" line), or left spans
+    of an unfinished trace."""
+    if mlflow == "hanging":
+        assert len(said) == 1 and "not delivered" in said[0] and str(spool_of(app)) in said[0], said
+        assert spooled(spool_of(app))
+        proxy.mode = "forward"
+        flush(app, proxied_env(app, proxy))
+        assert spooled(spool_of(app)) == []
+    else:
+        assert said == []
+
+    def ready() -> list[Any] | None:
+        infos = trace_infos(app.server, app.experiment)
+        complete = run_numbers([i for i in infos if finished(i)], prefix)
+        return infos if set(range(runs)) <= set(complete) else None
+
+    infos = poll(ready, timeout=60, what=f"{runs} finished runs", interval=0.5)
+    complete = run_numbers([i for i in infos if finished(i)], prefix)
+    assert complete in (list(range(runs)), list(range(runs + 1))), complete
+    assert len(infos) - len(complete) <= 1, [(i.request_preview, i.state) for i in infos]
+
+
+@pytest.mark.parametrize("mlflow", ["up", "hanging"])
+def test_sigterm_mid_run_delivers_or_spools_every_finished_run(app: App, proxy: FaultProxy,
+                                                              mlflow: str) -> None:
+    app.write(loop_app("term", pause=0.1))
+    process, out, err, elapsed = signal_mid_run(app, proxy, mlflow, signal.SIGTERM)
     runs = out.done()
     print(f"SIGTERM, MLflow {mlflow}: ended {elapsed:.2f}s after the signal, {runs} runs finished; "
           f"stderr: {err.decode().strip()}")
@@ -684,26 +865,64 @@ def test_sigterm_mid_run_delivers_or_spools_every_finished_run(app: App, proxy: 
     assert elapsed < EXIT_TIMEOUT + MARGIN, elapsed
     lines = err.decode().splitlines()
     assert lines == traced_lines(err), lines
-    if mlflow == "hanging":
-        assert len(lines) == 1 and "not delivered" in lines[0] and str(spool_of(app)) in lines[0], lines
-        assert spooled(spool_of(app))
-        proxy.mode = "forward"
-        flush(app, env)
-        assert spooled(spool_of(app)) == []
+    every_finished_run_arrives(app, proxy, mlflow, lines, "term", runs)
+
+
+INTERRUPTED_APP = """
+    import signal
+    import sys
+    import time
+
+    how = sys.argv[1]
+    stopped = []
+    if how == "handler":
+        signal.signal(signal.SIGINT, lambda signum, frame: stopped.append(signum))
+
+
+    def loop() -> None:
+        i = 0
+        while not stopped and i < 400:
+            agent.run_sync(f"int {i}")
+            print(f"done {i}", flush=True)
+            i += 1
+            time.sleep(0.1)
+
+
+    if how == "except":
+        try:
+            loop()
+        except KeyboardInterrupt:
+            print("the app caught KeyboardInterrupt", flush=True)
     else:
-        assert lines == []
+        loop()
+        print(f"the app's handler ran: {stopped}", flush=True)
+"""
 
-    # Every run the app finished is there once; the run the signal interrupted may
-    # have finished too (before its "done" line), or left spans of an unfinished trace.
-    def ready() -> list[Any] | None:
-        infos = trace_infos(app.server, app.experiment)
-        complete = run_numbers([i for i in infos if finished(i)], "term")
-        return infos if set(range(runs)) <= set(complete) else None
 
-    infos = poll(ready, timeout=60, what=f"{runs} finished runs", interval=0.5)
-    complete = run_numbers([i for i in infos if finished(i)], "term")
-    assert complete in (list(range(runs)), list(range(runs + 1))), complete
-    assert len(infos) - len(complete) <= 1, [(i.request_preview, i.state) for i in infos]
+@pytest.mark.parametrize(("how", "mlflow"),
+                         [("except", "up"), ("handler", "hanging"), ("uncaught", "hanging")])
+def test_sigint_mid_run_delivers_or_spools_every_finished_run(app: App, proxy: FaultProxy, how: str,
+                                                             mlflow: str) -> None:
+    """Ctrl-C: KeyboardInterrupt, caught by the app or not, or the app's own
+    SIGINT handler; traced-run delivers through atexit within the exit bound."""
+    app.write(tool_agent("interrupted", INTERRUPTED_APP))
+    process, out, err, elapsed = signal_mid_run(app, proxy, mlflow, signal.SIGINT, how)
+    runs = out.done()
+    print(f"SIGINT ({how}), MLflow {mlflow}: ended {elapsed:.2f}s after the signal, {runs} runs finished; "
+          f"stdout ends {out.lines[-1:]}; stderr: {err.decode().strip()[-300:]}")
+    assert elapsed < EXIT_TIMEOUT + MARGIN, elapsed
+    if how == "uncaught":
+        assert process.returncode == -signal.SIGINT, err.decode()
+        # Python prints the traceback before atexit runs, so our line comes after it.
+        assert [line for line in err.decode().splitlines() if line not in traced_lines(err)][-1] == \
+            "KeyboardInterrupt", err.decode()
+    else:
+        assert process.returncode == 0, err.decode()
+        ran = {"except": "the app caught KeyboardInterrupt",
+               "handler": f"the app's handler ran: [{signal.SIGINT:d}]"}
+        assert out.lines[-1] == ran[how], out.lines[-3:]
+        assert err.decode().splitlines() == traced_lines(err), err.decode()
+    every_finished_run_arrives(app, proxy, mlflow, traced_lines(err), "int", runs)
 
 
 def test_uncaught_exception_in_a_tool_after_good_runs(app: App, proxy: FaultProxy) -> None:

@@ -8,9 +8,14 @@ waits, and when the queue runs high, batches go straight to the spool. When
 MLflow answers again and the queue is idle, the spool is sent back, oldest
 first, by this process or the next traced one. A batch MLflow rejects as
 invalid is set aside with the reason. At exit (normal, uncaught exception,
-SIGTERM, ``os._exit`` in a forked child) the process waits at most
-``exit_timeout``, spools whatever is left, and says in one line what it had
-to spool, set aside or drop.
+SIGINT, SIGTERM, ``os._exit`` in a forked child) the process waits at most
+``exit_timeout`` and spools whatever is left.
+
+What the user is told, once: an outage that outlasts ``OUTAGE_NOTICE`` while
+the process runs is one line then (a service that never exits must learn of
+it); at exit, one line says what of this process's own spans is still in the
+spool, was dropped or set aside, and, unless the outage was already told,
+what was spooled and sent later. Nothing when all was delivered.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +38,7 @@ from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 from traced_run import report
 from traced_run.report import mask_url
 from traced_run.settings import Settings
-from traced_run.spool import Spool
+from traced_run.spool import Spool, Target
 
 if TYPE_CHECKING:
     from traced_run.export import Outcome, Sender
@@ -47,6 +53,9 @@ SPOOL_RESERVE = 0.25
 """Part of the exit bound kept for writing what is left to the spool."""
 FORK_WAIT = 10.0
 """Longest a fork waits for the delivery thread to finish importing its modules."""
+OUTAGE_NOTICE = 10.0
+"""Seconds MLflow may take no batch before a running process says so: a
+shorter outage, or one a process exits during, is told only by the exit line."""
 
 
 class Delivery:
@@ -67,6 +76,9 @@ class Delivery:
         self._sender: Sender | None = None
         self._down_until = 0.0
         self._failures = 0
+        self._outage_since: float | None = None
+        self._outage_wall = 0.0
+        self._outage_told = False
         self._closing = False
         self._closed = False
         self._deadline = 0.0
@@ -78,12 +90,19 @@ class Delivery:
         self._spilling = False
         self.problem: str | None = None
         self.delivered = 0
-        self.spooled = 0
-        self.resent = 0
+        self._own: dict[str, tuple[int, frozenset[int]]] = {}
+        """This process's batches in the spool, by name: spans, trace ids."""
+        self._sent_later = 0
         self.rejected = 0
+        self._rejected_told = 0
+        self._statuses: set[int] = set()
         self.dropped = 0
+        self._oversized = 0
+        """Spans dropped as each alone larger than the spool's bound."""
+        self._orphans_dropped = 0
+        self._unwritten = 0
+        """Spans a thread is writing to the spool."""
         self.lost = 0
-        self._spooled_traces: set[int] = set()
         self._loaded = threading.Event()
 
     def _before_fork(self) -> None:
@@ -217,6 +236,7 @@ class Delivery:
             with self._wake:
                 self._in_flight = []
                 self._wake.notify_all()
+            self._tell_long_outage()
 
     def _spool_turn_after_batch(self) -> bool:
         """Under steady traffic the queue is never idle: after each batch, one
@@ -257,16 +277,28 @@ class Delivery:
     def _up(self) -> None:
         self._failures = 0
         self._down_until = 0.0
+        self._outage_since = None
 
     def _failed(self, outcome: Outcome) -> None:
         self.problem = outcome.reason
-        self._down_until = time.monotonic() + BACKOFF[min(self._failures, len(BACKOFF) - 1)]
+        now = time.monotonic()
+        self._down_until = now + BACKOFF[min(self._failures, len(BACKOFF) - 1)]
         self._failures += 1
-        # Once per outage, not per reason (a timeout, then a reset, then a 503 are one
-        # outage); at exit, close() sums up in one line.
-        if self._failures == 1 and not self._closing:
-            report.say(f"cannot deliver traces to {mask_url(self._endpoint)} ({outcome.reason}); keeping "
-                       f"them in {self.spool.directory} and retrying in the background")
+        if self._outage_since is None:
+            self._outage_since = now
+            self._outage_wall = time.time()
+
+    def _tell_long_outage(self) -> None:
+        """One line per outage (a timeout, then a reset, then a 503 are one
+        outage), once it has lasted OUTAGE_NOTICE; the clock time keeps the
+        line of a later outage from reading as a repeat."""
+        since = self._outage_since
+        if since is None or self._closing or time.monotonic() - since < OUTAGE_NOTICE:
+            return
+        started = time.strftime("%H:%M:%S", time.localtime(self._outage_wall))
+        report.say(f"cannot deliver traces to {mask_url(self._endpoint)} since {started} ({self.problem}); "
+                   f"keeping them in {self.spool.directory} and retrying in the background")
+        self._outage_told = True
 
     def _keep_in_flight(self, batch: Sequence[ReadableSpan], payload: bytes) -> None:
         """Spool the batch this thread holds, unless close() took it over: a
@@ -284,32 +316,81 @@ class Delivery:
                 self._wake.notify_all()
 
     def _keep(self, batch: Sequence[ReadableSpan], payload: bytes) -> None:
+        """Write the batch to the spool, in parts if it is larger than the
+        bound. Until each part is written its spans count as unwritten: when
+        the exit bound runs out meanwhile, the exit line says so, since this
+        thread then ends with the process."""
         from traced_run.export import target_of
 
-        traces = {span.context.trace_id for span in batch if span.context}
-        try:
-            evicted = self.spool.put(target_of(self._settings), len(batch), len(traces), payload)
-        except OSError as error:
-            self.lost += len(batch)
-            self.problem = f"{self.problem or 'not delivered'}; cannot write the spool: {error.strerror}"
-            return
+        target = target_of(self._settings)
         with self._wake:
-            self.spooled += len(batch)
-            self._spooled_traces |= traces
-            self.dropped += evicted
-            self._spool_idle = False
+            self._unwritten += len(batch)
+        left = len(batch)
+        try:
+            for spans, piece in self._pieces(batch, payload):
+                self._put(target, spans, piece)
+                left -= len(spans)
+        except Exception as error:  # encoding a part: counted, never silent
+            self.problem = f"{self.problem or 'not delivered'}; {type(error).__name__}: {error}"
+            with self._wake:
+                self.lost += left
+        finally:
+            with self._wake:
+                self._unwritten -= left
+
+    def _put(self, target: Target, spans: Sequence[ReadableSpan], piece: bytes) -> None:
+        traces = frozenset(span.context.trace_id for span in spans if span.context)
+        try:
+            name, orphans = self.spool.put(target, len(spans), len(traces), piece)
+        except OSError as error:
+            self.problem = f"{self.problem or 'not delivered'}; cannot write the spool: {error.strerror}"
+            with self._wake:
+                self._unwritten -= len(spans)
+                self.lost += len(spans)
+            return
+        with self._wake:  # one step with _unwritten, so the exit line never counts a part twice
+            self._unwritten -= len(spans)
+            self._orphans_dropped += orphans
+            if name is None:
+                self._oversized += len(spans)
+            else:
+                self._own[name] = (len(spans), traces)
+                self._spool_idle = False
+
+    def _pieces(self, batch: Sequence[ReadableSpan],
+                payload: bytes) -> Iterator[tuple[Sequence[ReadableSpan], bytes]]:
+        """The batch in parts the spool's bound holds, oldest first: a part
+        larger than the whole bound would be removed by it at once, so a batch
+        is halved until its parts fit, and only a single span larger than the
+        bound is dropped."""
+        from traced_run.export import encode
+
+        if len(batch) == 1 or self.spool.fits(len(payload)):
+            yield batch, payload
+            return
+        half = len(batch) // 2
+        for part in (batch[:half], batch[half:]):
+            yield from self._pieces(part, encode(part, self._settings))
 
     def _set_aside(self, batch: Sequence[ReadableSpan], payload: bytes, outcome: Outcome) -> None:
         from traced_run.export import target_of
 
-        self.rejected += len(batch)
-        self.problem = outcome.reason
         traces = len({span.context.trace_id for span in batch if span.context})
         target = target_of(self._settings)
         aside = self.spool.put_rejected(target, len(batch), traces, payload, outcome.reason)
-        if not self._closing:  # at exit, close() sums up in one line
-            report.say(f"MLflow rejected a batch of {len(batch)} spans ({outcome.reason}); "
-                       f"set aside in {aside}")
+        self._rejected(len(batch), aside, outcome)
+
+    def _rejected(self, spans: int, aside: Path, outcome: Outcome) -> None:
+        """Said when it happens (a running service must learn of it), or, when
+        leaving, by the exit line."""
+        with self._wake:
+            self.rejected += spans
+            if outcome.status is not None:
+                self._statuses.add(outcome.status)
+            if self._closing:
+                return
+            self._rejected_told += spans
+        report.say(f"MLflow rejected a batch of {spans} spans ({outcome.reason}); set aside in {aside}")
 
     def _send_spooled_one(self) -> bool:
         """Send one spooled batch, if MLflow is taking batches; the queue keeps
@@ -320,12 +401,15 @@ class Delivery:
             outcome = self._sender.post(batch.payload, batch.target, self._attempt_timeout())
             if outcome.delivered:
                 self.spool.done(batch)
-                self.resent += batch.spans
+                with self._wake:
+                    if self._own.pop(batch.name, None) is not None:
+                        self._sent_later += batch.spans
                 self._up()
                 return True
             if outcome.invalid:
-                aside = self.spool.reject(batch, outcome.reason)
-                report.say(f"MLflow rejected a spooled batch ({outcome.reason}); set aside in {aside}")
+                with self._wake:
+                    self._own.pop(batch.name, None)
+                self._rejected(batch.spans, self.spool.reject(batch, outcome.reason), outcome)
                 return True
             self.spool.release(batch)
             self._failed(outcome)
@@ -383,24 +467,44 @@ class Delivery:
             self.problem = f"{self.problem}; {type(error).__name__}: {error}"
 
     def _summary(self) -> None:
-        kept = self.spooled - self.resent
+        """Of this process's own spans only: batches of other processes it sent
+        from the spool are theirs to account for (they said where they kept them)."""
+        with self._wake:
+            own = dict(self._own)
+            unwritten = self._unwritten
+        waiting, removed = self.spool.fates(own)
+        kept = sum(own[name][0] for name in waiting)
+        traces = len(frozenset().union(*(own[name][1] for name in waiting)))
+        over_spool = self._oversized + sum(own[name][0] for name in removed)
+        # Gone from the spool but neither removed by the bound nor sent by us: another traced
+        # process or `traced-run flush` sent it (one that set it aside said so itself).
+        sent_later = self._sent_later + sum(spans for name, (spans, _) in own.items()
+                                            if name not in waiting and name not in removed)
+        where = mask_url(self._endpoint)
+        why = self.problem or f"the queue ran past half of queue_size={self._settings.queue_size}"
         parts = []
-        if self.spooled:
-            where = mask_url(self._endpoint)
-            if kept > 0:
-                parts.append(f"{self.spooled} spans of {len(self._spooled_traces)} traces not delivered to "
-                             f"{where} ({self.problem}): kept in {self.spool.directory}; the next traced "
-                             f"process or `traced-run flush` sends them")
-            else:
-                parts.append(f"{self.spooled} spans were spooled while {where} was unreachable "
-                             f"({self.problem}) and sent later")
-        if self.rejected:
-            parts.append(f"{self.rejected} spans rejected by MLflow, set aside in {self.spool.rejected}")
-        if self.dropped:
-            parts.append(f"{self.dropped} spans dropped (queue_size={self._settings.queue_size} full, or "
-                         f"spool over spool_max_mb={self._settings.spool_max_mb})")
+        if kept:
+            parts.append(f"{kept} spans of {traces} traces not delivered to {where} ({why}): kept in "
+                         f"{self.spool.directory}; the next traced process or `traced-run flush` sends them")
+        elif sent_later and not self._outage_told:
+            parts.append(f"{sent_later} spans were spooled while {where} was unreachable ({why}) and "
+                         f"sent later")
+        if self.rejected > self._rejected_told:
+            statuses = ", ".join(str(status) for status in sorted(self._statuses))
+            parts.append(f"{self.rejected - self._rejected_told} spans rejected by MLflow (HTTP {statuses}), "
+                         f"set aside in {self.spool.rejected}")
+        if self.dropped or over_spool:
+            causes = [f"queue_size={self._settings.queue_size} full"] if self.dropped else []
+            causes += [f"spool over spool_max_mb={self._settings.spool_max_mb}"] if over_spool else []
+            parts.append(f"{self.dropped + over_spool} spans dropped ({', '.join(causes)})")
+        if self._orphans_dropped:
+            parts.append(f"{self._orphans_dropped} spans that ended processes had spooled were dropped "
+                         f"(spool over spool_max_mb={self._settings.spool_max_mb})")
         if self.lost:
             parts.append(f"{self.lost} spans lost ({self.problem})")
+        if unwritten:
+            parts.append(f"{unwritten} spans may be lost (exit_timeout={self._settings.exit_timeout:g}s ran "
+                         f"out while they were written to the spool)")
         if parts:
             report.say("; ".join(parts))
 

@@ -39,9 +39,11 @@ class Outcome:
     invalid: bool
     """MLflow refused the batch itself; it goes aside, not back to the spool."""
     reason: str
+    status: int | None = None
+    """The HTTP status MLflow answered with, if it answered."""
 
 
-DELIVERED = Outcome(True, False, "")
+DELIVERED = Outcome(True, False, "", 200)
 
 
 def target_of(settings: Settings) -> Target:
@@ -98,7 +100,7 @@ class Sender:
             return DELIVERED
         except urllib.error.HTTPError as error:
             reason = f"HTTP {error.code} {error.reason}{_detail(error)}"
-            return Outcome(False, error.code in INVALID, reason)
+            return Outcome(False, error.code in INVALID, reason, error.code)
         except TimeoutError:
             return Outcome(False, False, f"no answer within {timeout:.1f}s")
         except urllib.error.URLError as error:

@@ -6,8 +6,11 @@ temporary name and renamed, so a reader never sees half a batch; a process
 claims a file by renaming it before sending it, so two processes draining the
 same spool never send the same batch at once. The directory is the owner's
 only (0700, files 0600) and bounded in size: past the bound the oldest batches
-are removed, and counted. Batches MLflow rejected as invalid are moved aside
-to ``rejected/`` with the reason beside them, for a person to inspect.
+are removed, and counted. The process that wrote a removed batch counts it:
+while it runs, the remover leaves an empty ``.dropped`` file in the batch's
+place for it to find at exit; a batch of a process that has ended is counted by
+the remover. Batches MLflow rejected as invalid are moved aside to
+``rejected/`` with the reason beside them, for a person to inspect.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,8 +28,11 @@ from traced_run.settings import Settings
 
 SUFFIX = ".otlp"
 CLAIMED = ".claimed"
+DROPPED = ".dropped"
 STALE_CLAIM_SECONDS = 300.0
 """A claim older than this was left by a process that died while sending."""
+HEADER_ROOM = 4096
+"""More than a batch's header line takes (endpoint, experiment, run id, counts)."""
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,11 @@ class Batch:
     traces: int
     payload: bytes
     path: Path
+
+    @property
+    def name(self) -> str:
+        """Its name in the spool, unclaimed: what ``put`` returned for it."""
+        return self.path.name.split(CLAIMED)[0]
 
 
 def default_directory() -> Path:
@@ -75,10 +86,36 @@ class Spool:
             path.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chmod(path, 0o700)
 
-    def put(self, target: Target, spans: int, traces: int, payload: bytes) -> int:
-        """Keep a batch; returns how many spans of older batches the size bound removed."""
-        self._write(self.directory, target, spans, traces, payload)
-        return self._enforce_bound()
+    def put(self, target: Target, spans: int, traces: int, payload: bytes) -> tuple[str | None, int]:
+        """Keep a batch: its name (None when it alone is larger than the bound:
+        writing it would remove every other batch, then itself), and how many
+        spans of ended processes' batches the bound removed to make room."""
+        if len(_header_line(target, spans, traces)) + len(payload) > self.max_bytes:
+            return None, 0
+        path = self._write(self.directory, target, spans, traces, payload)
+        return path.name, self._enforce_bound()
+
+    def fits(self, size: int) -> bool:
+        """Whether a batch of ``size`` bytes is well within the bound on its own."""
+        return size + HEADER_ROOM <= self.max_bytes
+
+    def fates(self, names: Collection[str]) -> tuple[set[str], set[str]]:
+        """Of these batches, written by this process: those still waiting
+        (claimed ones included) and those the bound removed. The rest were sent,
+        by this process or another, or set aside by the one that sent them."""
+        if not names:  # most processes: no need to read the directory at exit
+            return set(), set()
+        try:
+            entries = os.listdir(self.directory)
+        except FileNotFoundError:
+            return set(), set()
+        present = {entry.split(CLAIMED)[0] for entry in entries if SUFFIX in entry}
+        dropped = {entry.removesuffix(DROPPED) + SUFFIX for entry in entries if entry.endswith(DROPPED)}
+        waiting = present.intersection(names)
+        removed = dropped.intersection(names) - waiting
+        for name in removed:
+            (self.directory / name).with_suffix(DROPPED).unlink(missing_ok=True)
+        return waiting, removed
 
     def put_rejected(self, target: Target, spans: int, traces: int, payload: bytes, reason: str) -> Path:
         """Set a batch MLflow refused as invalid aside, with the reason beside it."""
@@ -88,12 +125,12 @@ class Spool:
 
     def _write(self, directory: Path, target: Target, spans: int, traces: int, payload: bytes) -> Path:
         self._ready()
-        header = json.dumps({**asdict(target), "spans": spans, "traces": traces}).encode()
+        header = _header_line(target, spans, traces)
         path = directory / f"{time.time_ns():020d}-{os.getpid()}-{os.urandom(4).hex()}{SUFFIX}"
         fd, temporary = tempfile.mkstemp(dir=directory, prefix=".writing-")
         try:
             with os.fdopen(fd, "wb") as stream:  # mkstemp creates it 0600
-                stream.write(header + b"\n" + payload)
+                stream.write(header + payload)
             os.replace(temporary, path)
         except BaseException:
             Path(temporary).unlink(missing_ok=True)
@@ -107,21 +144,30 @@ class Spool:
             return []
 
     def _enforce_bound(self) -> int:
+        """Remove the oldest batches past the bound; the spans of ended processes' batches removed."""
         files = self._files()
         sizes = {path: _size(path) for path in files}
         total = sum(sizes.values())
-        removed = 0
+        orphans = 0
         for path in files:  # oldest first: names start with the time
             if total <= self.max_bytes:
                 break
             header = _header(path) or {}
+            writer = _writer(path.name)
+            # Marked before it goes, so its writer never finds it neither waiting nor removed.
+            mark = path.with_suffix(DROPPED) if writer is not None and _alive(writer) else None
+            if mark is not None:
+                mark.touch(mode=0o600)
             try:
                 path.unlink()
-            except FileNotFoundError:
+            except FileNotFoundError:  # claimed for a send meanwhile: not removed
+                if mark is not None:
+                    mark.unlink(missing_ok=True)
                 continue
             total -= sizes[path]
-            removed += int(str(header.get("spans", 0)))
-        return removed
+            if mark is None:
+                orphans += int(str(header.get("spans", 0)))
+        return orphans
 
     def count(self) -> tuple[int, int]:
         """Batches and spans waiting."""
@@ -164,14 +210,13 @@ class Spool:
 
     def release(self, batch: Batch) -> None:
         """Give a claimed batch back: it could not be sent now."""
-        original = batch.path.name.split(CLAIMED)[0]
         with contextlib.suppress(FileNotFoundError):
-            os.replace(batch.path, batch.path.with_name(original))
+            os.replace(batch.path, batch.path.with_name(batch.name))
 
     def reject(self, batch: Batch, reason: str) -> Path:
         """Move a claimed batch MLflow refused as invalid aside, with the reason beside it."""
         self._ready()
-        aside = self.rejected / batch.path.name.split(CLAIMED)[0]
+        aside = self.rejected / batch.name
         os.replace(batch.path, aside)
         _write_reason(aside, reason)
         return aside
@@ -183,6 +228,11 @@ class Spool:
             return
         now = time.time()
         for path in entries:
+            if path.name.endswith(DROPPED):
+                writer = _writer(path.name)
+                if writer is None or not _alive(writer):  # its writer ended without looking
+                    path.unlink(missing_ok=True)
+                continue
             if CLAIMED not in path.name:
                 continue
             pid = path.name.rsplit("-", 1)[-1]
@@ -194,6 +244,16 @@ class Spool:
             if not alive or stale:
                 with contextlib.suppress(FileNotFoundError):
                     os.replace(path, path.with_name(path.name.split(CLAIMED)[0]))
+
+
+def _header_line(target: Target, spans: int, traces: int) -> bytes:
+    return json.dumps({**asdict(target), "spans": spans, "traces": traces}).encode() + b"\n"
+
+
+def _writer(name: str) -> int | None:
+    """The pid of the process that wrote a batch: names are ``<time>-<pid>-<random>``."""
+    parts = name.split("-")
+    return int(parts[1]) if len(parts) > 2 and parts[1].isdigit() else None
 
 
 def _write_reason(batch: Path, reason: str) -> None:
