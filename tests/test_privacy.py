@@ -184,6 +184,7 @@ def test_the_spool_holds_only_redacted_spans(app: App, tmp_path: Path) -> None:
     ("postgres://bob:pa55word@db:5432/app", "postgres://bob:[REDACTED]@db:5432/app"),
     ("https://example.com/a:b@c", "https://example.com/a:b@c"),  # a path, not a password
     ('{"api_key": "abc123", "n": 1}', '{"api_key": "[REDACTED]", "n": 1}'),
+    ('{"token": 123456, "n": 1}', '{"token": "[REDACTED]", "n": 1}'),  # still JSON
     ("password=hunter2&user=bob", "password=[REDACTED]&user=bob"),
     ("AKIAABCDEFGHIJKLMNOP", "[REDACTED]"),
     ("ghp_" + "a" * 36, "[REDACTED]"),

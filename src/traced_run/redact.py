@@ -8,6 +8,7 @@ arguments and error messages most often; they err towards redacting.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -42,6 +43,10 @@ DEFAULT_RULES: tuple[Rule, ...] = (
          r"[\"']?\s*[:=]\s*[\"']?([^\s\"',;&{}\[\]]+)",
          ("api", "secret", "passw", "pwd", "token")),
 )
+
+
+_JSON_KEY_END = re.compile(r'"\s*:\s*$')
+"""What precedes an unquoted JSON value: a key's closing quote and the colon."""
 
 
 class Redactor:
@@ -80,4 +85,7 @@ class Redactor:
         if match.re.groups == 0 or match.start(1) < 0:
             return self._marker
         whole, start, end = match.group(0), match.start(1) - match.start(0), match.end(1) - match.start(0)
-        return whole[:start] + self._marker + whole[end:]
+        before = whole[:start]
+        # A bare JSON value (``"token": 123``) becomes a JSON string, so the text stays valid JSON.
+        marker = json.dumps(self._marker) if _JSON_KEY_END.search(before) else self._marker
+        return before + marker + whole[end:]
