@@ -80,6 +80,8 @@ class Sender:
         settings = self._settings
         try:
             experiment_id = self.resolve(target)
+        except mlflow_api.MlflowUnreachable as error:
+            return Outcome(False, False, _network_reason(error.reason))
         except mlflow_api.MlflowError as error:
             return Outcome(False, False, str(error))
         headers = {"Content-Type": "application/x-protobuf", "x-mlflow-experiment-id": experiment_id}

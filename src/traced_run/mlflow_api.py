@@ -48,8 +48,14 @@ def _call(settings: Settings, method: str, path: str, body: dict[str, Any] | Non
             detail = {}
         raise MlflowHttpError(error.code, str(detail.get("error_code", "")), mask_url(url)) from None
     except (OSError, ValueError) as error:
-        reason = getattr(error, "reason", error)
-        raise MlflowError(f"cannot reach MLflow at {mask_url(settings.tracking_uri)}: {reason}") from None
+        raise MlflowUnreachable(mask_url(settings.tracking_uri), getattr(error, "reason", error)) from None
+
+
+class MlflowUnreachable(MlflowError):
+    def __init__(self, url: str, reason: object) -> None:
+        self.reason = reason
+        """The network error; the exit line names the endpoint already and shows only this."""
+        super().__init__(f"cannot reach MLflow at {url}: {reason}")
 
 
 class MlflowHttpError(MlflowError):
