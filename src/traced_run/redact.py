@@ -62,17 +62,14 @@ class Redactor:
         return bool(self._rules)
 
     def redact(self, text: str) -> str:
-        # Nearly every text holds no needle at all: one plain loop settles it.
         lowered = text.lower()
+        # Nearly every text holds no needle at all: one plain loop settles it,
+        # and only the rules without needles are left to run.
+        rules = self._unscreened
         for needle in self._needles:
             if needle in lowered:
-                return self._apply(self._rules, text)
-        return self._apply(self._unscreened, text)
-
-    def _apply(self, rules: list[tuple[re.Pattern[str], tuple[str, ...]]], text: str) -> str:
-        if not rules:
-            return text
-        lowered = text.lower()
+                rules = self._rules
+                break
         for rule, needles in rules:
             if needles and not any(needle in lowered for needle in needles):
                 continue
