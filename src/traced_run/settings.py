@@ -76,22 +76,6 @@ def _experiment_id_yaml(value: Any) -> str:
     return _experiment_id(_text_yaml(value))
 
 
-def _seconds(text: str) -> float:
-    try:
-        seconds = float(text)
-    except ValueError:
-        raise ValueError("expected a number of seconds") from None
-    if not 0 < seconds <= 3600:
-        raise ValueError("expected a number of seconds above 0 and at most 3600")
-    return seconds
-
-
-def _seconds_yaml(value: Any) -> float:
-    if isinstance(value, bool):
-        raise ValueError("expected a number of seconds")
-    return _seconds(str(value))
-
-
 def _version(text: str) -> int:
     if text.strip() not in ("2", "3", "4", "5", "6"):
         raise ValueError("expected one of 2, 3, 4, 5, 6")
@@ -118,17 +102,6 @@ def _count_yaml(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise ValueError("expected a whole number")
     return _count(str(value))
-
-
-def _compression(text: str) -> str:
-    value = text.strip().lower()
-    if value not in ("gzip", "deflate", "none"):
-        raise ValueError("expected gzip, deflate or none")
-    return value
-
-
-def _compression_yaml(value: Any) -> str:
-    return _compression(_text_yaml(value))
 
 
 def _pairs(text: str) -> dict[str, str]:
@@ -203,45 +176,53 @@ def _patterns_yaml(value: Any) -> tuple[str, ...]:
     return _patterns(value)
 
 
-def _ratio(text: str) -> float:
-    try:
-        ratio = float(text)
-    except ValueError:
-        raise ValueError("expected a number from 0 to 1") from None
-    if not 0 <= ratio <= 1:
-        raise ValueError("expected a number from 0 to 1")
-    return ratio
+def _choice(*choices: str) -> Kind:
+    """One of a few words, any case."""
+    expected = f"expected {', '.join(choices[:-1])} or {choices[-1]}"
+
+    def parse(text: str) -> str:
+        value = text.strip().lower()
+        if value not in choices:
+            raise ValueError(expected)
+        return value
+
+    return Kind("|".join(choices), parse, lambda value: parse(_text_yaml(value)))
 
 
-def _ratio_yaml(value: Any) -> float:
-    if isinstance(value, bool):
-        raise ValueError("expected a number from 0 to 1")
-    return _ratio(str(value))
+def _number(name: str, expected: str, in_range: Callable[[float], bool], out_of_range: str) -> Kind:
+    """A float ``in_range`` accepts; YAML's true and false are not numbers."""
 
+    def parse(text: str) -> float:
+        try:
+            number = float(text)
+        except ValueError:
+            raise ValueError(expected) from None
+        if not in_range(number):
+            raise ValueError(out_of_range)
+        return number
 
-def _mode(text: str) -> str:
-    value = text.strip().lower()
-    if value not in ("otlp", "mlflow"):
-        raise ValueError("expected otlp or mlflow")
-    return value
+    def check_yaml(value: Any) -> float:
+        if isinstance(value, bool):
+            raise ValueError(expected)
+        return parse(str(value))
 
-
-def _mode_yaml(value: Any) -> str:
-    return _mode(_text_yaml(value))
+    return Kind(name, parse, check_yaml)
 
 
 BOOL = Kind("bool", parse_bool, _bool_yaml)
 TEXT = Kind("string", _text, _text_yaml)
 URL = Kind("url", _url, _url_yaml)
 EXPERIMENT_ID = Kind("experiment id", _experiment_id, _experiment_id_yaml)
-SECONDS = Kind("seconds", _seconds, _seconds_yaml)
+SECONDS = _number("seconds", "expected a number of seconds", lambda seconds: 0 < seconds <= 3600,
+                  "expected a number of seconds above 0 and at most 3600")
 VERSION = Kind("2..6", _version, _version_yaml)
 COUNT = Kind("count", _count, _count_yaml)
-COMPRESSION = Kind("gzip|deflate|none", _compression, _compression_yaml)
+COMPRESSION = _choice("gzip", "deflate", "none")
 PAIRS = Kind("mapping", _pairs, _pairs_yaml)
 PATTERNS = Kind("list of regexes", _patterns_text, _patterns_yaml)
-RATIO = Kind("0..1", _ratio, _ratio_yaml)
-MODE = Kind("otlp|mlflow", _mode, _mode_yaml)
+RATIO = _number("0..1", "expected a number from 0 to 1", lambda ratio: 0 <= ratio <= 1,
+                "expected a number from 0 to 1")
+MODE = _choice("otlp", "mlflow")
 
 
 @dataclass(frozen=True)
