@@ -216,6 +216,8 @@ class Delivery:
         while True:
             with self._wake:
                 self._wake.wait_for(self._batch_due, timeout=0 if more_spooled else BATCH_DELAY)
+                if self._closed:  # close() kept what was left and said so: sending on would belie it
+                    return
                 take = min(BATCH_SIZE, len(self._queue))
                 batch = [self._queue.popleft() for _ in range(take)]
                 self._in_flight = batch
@@ -265,14 +267,17 @@ class Delivery:
             return
         assert self._sender is not None
         outcome = self._sender.post(payload, target, timeout)
-        if outcome.delivered:
-            self.delivered += len(batch)
-            self._up()
-        elif outcome.invalid:
-            self._set_aside(batch, payload, outcome)
-        else:
-            self._failed(outcome)
-            self._keep_in_flight(batch, payload)
+        with self._holding_in_flight() as held:
+            if not held:
+                return
+            if outcome.delivered:
+                self.delivered += len(batch)
+                self._up()
+            elif outcome.invalid:
+                self._set_aside(batch, payload, outcome)
+            else:
+                self._failed(outcome)
+                self._keep(batch, payload)
 
     def _up(self) -> None:
         self._failures = 0
@@ -300,20 +305,29 @@ class Delivery:
                    f"keeping them in {self.spool.directory} and retrying in the background")
         self._outage_told = True
 
-    def _keep_in_flight(self, batch: Sequence[ReadableSpan], payload: bytes) -> None:
-        """Spool the batch this thread holds, unless close() took it over: a
-        batch written by both would be counted, and re-sent, twice."""
+    @contextlib.contextmanager
+    def _holding_in_flight(self) -> Iterator[bool]:
+        """Take the fate of the batch this thread holds (spool it, set it aside,
+        count it delivered), unless close() took it over: False then, since a
+        batch handled by both would be kept, or set aside, and re-sent twice.
+        While held, close() waits (within SPOOL_RESERVE) and leaves it to us."""
         with self._wake:
             if self._closed:
+                yield False
                 return
             self._keeping = True
         try:
-            self._keep(batch, payload)
+            yield True
         finally:
             with self._wake:
                 self._keeping = False
                 self._in_flight = []
                 self._wake.notify_all()
+
+    def _keep_in_flight(self, batch: Sequence[ReadableSpan], payload: bytes) -> None:
+        with self._holding_in_flight() as held:
+            if held:
+                self._keep(batch, payload)
 
     def _keep(self, batch: Sequence[ReadableSpan], payload: bytes) -> None:
         """Write the batch to the spool, in parts if it is larger than the
@@ -395,7 +409,7 @@ class Delivery:
     def _send_spooled_one(self) -> bool:
         """Send one spooled batch, if MLflow is taking batches; the queue keeps
         priority. True when it was sent and there may be more."""
-        if self._down() or self._sender is None:
+        if self._down() or self._sender is None or self._closed:
             return False
         for batch in self.spool.claim(self._endpoint):
             outcome = self._sender.post(batch.payload, batch.target, self._attempt_timeout())
