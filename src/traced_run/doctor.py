@@ -19,6 +19,7 @@ not exist yet. ``--no-trace`` skips the proof.
 from __future__ import annotations
 
 import argparse
+import gzip
 import importlib.metadata
 import json
 import os
@@ -34,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from traced_run import mlflow_api, report
+from traced_run import compat, mlflow_api, report
 from traced_run.report import mask_url
 from traced_run.settings import SPECS, Settings, default_of
 from traced_run.sources import Loaded, load, shown
@@ -47,8 +48,6 @@ PROOF_WAIT = 6.0
 """Seconds the proof trace may take to be readable once MLflow took it."""
 CHILD_TIMEOUT = 10.0
 """Seconds the bootstrap check's child interpreter may take."""
-MIN_MLFLOW = (3, 6)
-"""The first MLflow with the OTLP route ``/v1/traces``."""
 DOCTOR_TAG = "traced_run.doctor"
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
@@ -112,16 +111,6 @@ def _version(distribution: str) -> str | None:
         return None
 
 
-def _numbers(version: str) -> tuple[int, ...]:
-    parts: list[int] = []
-    for piece in version.split("."):
-        digits = "".join(c for c in piece if c.isdigit()) if piece[:1].isdigit() else ""
-        if not digits:
-            break
-        parts.append(int(digits))
-    return tuple(parts)
-
-
 def check_versions(found: Findings) -> dict[str, str | None]:
     """Installed versions, and whether they are ones traced-run works with."""
     versions: dict[str, str | None] = {"python": ".".join(map(str, sys.version_info[:3]))}
@@ -135,9 +124,8 @@ def check_versions(found: Findings) -> dict[str, str | None]:
     if pydantic_ai is None:
         problems.append((WARN, "pydantic-ai is not installed in this environment: nothing to trace",
                          "install traced-run in the app's own environment"))
-    elif _numbers(pydantic_ai) < (1, 20):
-        problems.append((WARN, f"pydantic-ai {pydantic_ai} is older than 1.20 (untested)",
-                         "upgrade pydantic-ai"))
+    problems += [(FAIL, problem, "install a supported release: until then the app runs untraced")
+                 for problem in compat.problems()]
     otel = {k: v for k, v in versions.items() if k.startswith("opentelemetry-")}
     missing = [k for k, v in {**otel, "openinference-instrumentation-pydantic-ai":
                               versions["openinference-instrumentation-pydantic-ai"]}.items() if v is None]
@@ -277,9 +265,11 @@ class MlflowChecks:
             return False
         self.found.add(OK, "host header", "accepted")
         version = answer.body.decode("utf-8", "replace").strip()
-        if _numbers(version)[:2] < MIN_MLFLOW:
-            self.found.add(FAIL, "mlflow version", f"MLflow {version} has no OTLP route /v1/traces",
-                           "upgrade the server to MLflow >= 3.6")
+        supported = compat.ranges().get(compat.MLFLOW, "")
+        if supported and not compat.allows(supported, version):
+            self.found.add(FAIL, "mlflow version", f"MLflow {version} is not supported (traced-run supports "
+                           f"MLflow {supported}; older ones have no OTLP route /v1/traces)",
+                           f"upgrade the server: pip install 'mlflow{supported}'")
             return False
         self.found.add(OK, "mlflow version", f"MLflow {version}")
         return True
@@ -381,8 +371,19 @@ class MlflowChecks:
         if not (200 <= answer.status < 300 or empty_ok):
             self.found.add(FAIL, "otlp endpoint", f"{shown}: {_detail(answer)}")
             return False
-        self.found.add(OK, "otlp endpoint", f"{shown} accepts OTLP/HTTP protobuf ({answer.ms:.0f} ms)")
+        self.found.add(OK, "otlp endpoint", f"{shown} accepts OTLP/HTTP protobuf ({answer.ms:.0f} ms); "
+                       f"{self.compression()}")
         return True
+
+    def compression(self) -> str:
+        """Which bodies the server reads: the same empty request, gzip-compressed.
+        MLflow 3.6 reads a gzip body as protobuf and refuses it; traced-run then sends plain."""
+        answer = _request(self.settings.traces_endpoint or "", method="POST", data=gzip.compress(b""),
+                          headers={**self.headers(), "Content-Encoding": "gzip"})
+        if answer.status is not None and (200 <= answer.status < 300 or b"no spans" in answer.body):
+            return "takes gzip bodies"
+        return ("refuses gzip bodies: traced-run sends uncompressed there (it learns that at the first "
+                "refused batch)")
 
     def end_to_end(self) -> None:
         from traced_run.export import Sender

@@ -1,0 +1,75 @@
+"""Supported versions: README's table is the compatibility matrix's definition
+(tests/compat/matrix.py; tests/compat/cells.py runs it), the ranges traced-run
+checks at run time are the ones pyproject.toml declares, and a release outside
+them is named in one sentence with the range and the fix."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from traced_run import compat
+
+sys.path.insert(0, str(Path(__file__).parent / "compat"))
+import matrix
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_supported_versions_table_is_the_matrix() -> None:
+    text = README.read_text()
+    found = re.search(r"<!-- compat-matrix:begin -->\n(.*?)<!-- compat-matrix:end -->", text, re.S)
+    assert found, "README lost its compat-matrix markers"
+    assert found.group(1) == matrix.table(), "regenerate it: python tests/compat/matrix.py"
+
+
+def test_the_ranges_checked_at_run_time_are_pyprojects() -> None:
+    declared = matrix.supported_ranges()
+    installed = compat.ranges()
+    for name in (*compat.CHECKED, compat.MLFLOW):
+        assert installed[name] == declared[name], f"{name}: reinstall traced-run (pip install -e .)"
+
+
+def test_every_cell_stays_inside_the_ranges_but_the_one_below_the_floor() -> None:
+    ranges = matrix.supported_ranges()
+    for cell in matrix.CELLS:
+        inside = compat.allows(ranges["pydantic-ai-slim"], cell.pydantic_ai)
+        assert inside == cell.supported, cell
+        assert compat.allows(ranges["opentelemetry-sdk"], matrix.pinned(cell.otel, "opentelemetry-sdk"))
+        assert compat.allows(ranges["mlflow"], cell.server)
+        assert compat.allows(ranges["python"], cell.python)
+
+
+@pytest.mark.parametrize(("specifier", "version", "allowed"), [
+    (">=1.32,<3", "1.32.0", True),
+    (">=1.32,<3", "2.68.0", True),
+    (">=1.32,<3", "1.31.9", False),
+    (">=1.32,<3", "3.0.0", False),
+    (">=1.32,<3", "3.0.0b1", False),
+    (">=0.60b0", "0.60b0", True),
+    (">=0.60b0", "0.59b0", False),
+    (">=3.6", "3.6.0", True),
+    (">=3.6", "3.5.1", False),
+    (">=3.6", "3.18.0.dev0", True),
+])
+def test_allows_compares_release_numbers(specifier: str, version: str, allowed: bool) -> None:
+    assert compat.allows(specifier, version) is allowed
+
+
+def test_ranges_come_from_dependencies_and_the_two_extras_only() -> None:
+    requirements = ["opentelemetry-sdk>=1.39", "pyyaml>=6",
+                    'pydantic-ai-slim>=1.32,<3; extra == "pydantic-ai"', 'mlflow>=3.6; extra == "mlflow"',
+                    'pytest>=8; extra == "test"', 'traced-run[mlflow,pydantic-ai]; extra == "test"']
+    assert compat.ranges(requirements) == {"opentelemetry-sdk": ">=1.39", "pyyaml": ">=6",
+                                           "pydantic-ai-slim": ">=1.32,<3", "mlflow": ">=3.6"}
+
+
+def test_a_release_outside_its_range_is_one_sentence_with_the_range_and_the_fix() -> None:
+    installed = {"pydantic-ai-slim": "1.31.0", "opentelemetry-sdk": "1.45.2"}
+    found = compat.problems(installed.get, {"pydantic-ai-slim": ">=1.32,<3", "opentelemetry-sdk": ">=1.39"})
+    assert found == ["pydantic-ai-slim 1.31.0 is not supported (traced-run supports "
+                     "pydantic-ai-slim>=1.32,<3; pip install 'pydantic-ai-slim>=1.32,<3')"]
+    assert compat.problems({"opentelemetry-sdk": "1.45.2"}.get, {"pydantic-ai-slim": ">=1.32,<3"}) == []
