@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gzip
 import http.client
+import time
 import urllib.error
 import urllib.request
 import zlib
@@ -31,6 +32,8 @@ RETRYABLE = {408, 425, 429, 500, 502, 503, 504}
 """Statuses after which the same batch may well be taken later."""
 INVALID = {400, 404, 413, 415, 422}
 """Statuses that say the batch itself (or where it is addressed) is wrong: sending it again cannot help."""
+REFUSED_ENCODING = {400, 415}
+"""Statuses a server that cannot read a compressed body answers it with."""
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,9 @@ class Sender:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._experiments: dict[str, str] = {}
+        self._uncompressed: set[str] = set()
+        """Endpoints that refused a compressed body and took it plain: sent plain from then on."""
+        self._tried_plain: set[str] = set()
 
     def resolve(self, target: Target) -> str:
         """The experiment id for ``target``; raises MlflowError when MLflow cannot say."""
@@ -89,26 +95,52 @@ class Sender:
             headers["x-mlflow-run-id"] = target.run_id
         headers.update(mlflow_api.auth_headers(settings))
         headers.update(settings.headers)
-        if settings.compression == "gzip":
-            payload = gzip.compress(payload, compresslevel=6)
-            headers["Content-Encoding"] = "gzip"
-        elif settings.compression == "deflate":
-            payload = zlib.compress(payload)
-            headers["Content-Encoding"] = "deflate"
-        request = urllib.request.Request(target.endpoint, data=payload, method="POST", headers=headers)
-        try:
-            with urllib.request.urlopen(request, timeout=max(timeout, 0.05)) as response:
-                response.read()
-            return DELIVERED
-        except urllib.error.HTTPError as error:
-            reason = f"HTTP {error.code} {error.reason}{_detail(error)}"
-            return Outcome(False, error.code in INVALID, reason, error.code)
-        except TimeoutError:
-            return Outcome(False, False, f"no answer within {timeout:.1f}s")
-        except urllib.error.URLError as error:
-            return Outcome(False, False, _network_reason(error.reason))
-        except (OSError, http.client.HTTPException) as error:
-            return Outcome(False, False, _network_reason(error))
+        compression = "none" if target.endpoint in self._uncompressed else settings.compression
+        deadline = time.monotonic() + timeout
+        outcome = _send(target.endpoint, payload, headers, compression, timeout)
+        if compression != "none" and outcome.status in REFUSED_ENCODING:
+            return self._plain_once(target.endpoint, payload, headers, deadline, outcome)
+        return outcome
+
+    def _plain_once(self, endpoint: str, payload: bytes, headers: dict[str, str], deadline: float,
+                    refused: Outcome) -> Outcome:
+        """MLflow before 3.7 reads a gzip or deflate body as protobuf and answers 400 "Invalid
+        OpenTelemetry protobuf format": at the first such refusal (once per endpoint and process)
+        the batch goes again uncompressed, and if that is taken, so does every later one."""
+        if endpoint in self._tried_plain:
+            return refused
+        plain = _send(endpoint, payload, headers, "none", deadline - time.monotonic())
+        if plain.status is not None:
+            self._tried_plain.add(endpoint)
+        if plain.delivered:
+            self._uncompressed.add(endpoint)
+            return plain
+        return refused if plain.status in REFUSED_ENCODING else plain
+
+
+def _send(endpoint: str, payload: bytes, headers: dict[str, str], compression: str,
+          timeout: float) -> Outcome:
+    headers = dict(headers)
+    if compression == "gzip":
+        payload = gzip.compress(payload, compresslevel=6)
+        headers["Content-Encoding"] = "gzip"
+    elif compression == "deflate":
+        payload = zlib.compress(payload)
+        headers["Content-Encoding"] = "deflate"
+    request = urllib.request.Request(endpoint, data=payload, method="POST", headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=max(timeout, 0.05)) as response:
+            response.read()
+        return DELIVERED
+    except urllib.error.HTTPError as error:
+        reason = f"HTTP {error.code} {error.reason}{_detail(error)}"
+        return Outcome(False, error.code in INVALID, reason, error.code)
+    except TimeoutError:
+        return Outcome(False, False, f"no answer within {timeout:.1f}s")
+    except urllib.error.URLError as error:
+        return Outcome(False, False, _network_reason(error.reason))
+    except (OSError, http.client.HTTPException) as error:
+        return Outcome(False, False, _network_reason(error))
 
 
 def _detail(error: urllib.error.HTTPError) -> str:
