@@ -5,13 +5,19 @@ them is named in one sentence with the range and the fix."""
 
 from __future__ import annotations
 
+import http.server
 import re
 import sys
+import threading
 from pathlib import Path
 
 import pytest
+from conftest import QuietHandler
 
 from traced_run import compat
+from traced_run.export import Sender
+from traced_run.settings import Settings
+from traced_run.spool import Target
 
 sys.path.insert(0, str(Path(__file__).parent / "compat"))
 import matrix
@@ -73,3 +79,43 @@ def test_a_release_outside_its_range_is_one_sentence_with_the_range_and_the_fix(
     assert found == ["pydantic-ai-slim 1.31.0 is not supported (traced-run supports "
                      "pydantic-ai-slim>=1.32,<3; pip install 'pydantic-ai-slim>=1.32,<3')"]
     assert compat.problems({"opentelemetry-sdk": "1.45.2"}.get, {"pydantic-ai-slim": ">=1.32,<3"}) == []
+
+
+class _PlainOnly(QuietHandler):
+    """MLflow 3.6's answers: a compressed body is read as protobuf and refused."""
+
+    seen: list[str | None]
+    takes_plain: bool
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        encoding = self.headers.get("Content-Encoding")
+        self.seen.append(encoding)
+        if encoding or not self.takes_plain:
+            self.answer(400, b'{"detail":"Invalid OpenTelemetry protobuf format"}')
+        else:
+            self.answer(200, b"{}")
+
+
+@pytest.mark.parametrize("takes_plain", [True, False], ids=["plain taken", "nothing taken"])
+def test_a_server_that_refuses_gzip_gets_plain_bodies_learnt_once(takes_plain: bool) -> None:
+    seen: list[str | None] = []
+    handler = type("Handler", (_PlainOnly,), {"seen": seen, "takes_plain": takes_plain})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        target = Target(f"http://127.0.0.1:{server.server_port}/v1/traces", "0", None, None)
+        sender = Sender(Settings(tracking_uri=f"http://127.0.0.1:{server.server_port}"))
+        first = sender.post(b"", target, timeout=5)
+        second = sender.post(b"", target, timeout=5)
+    finally:
+        server.shutdown()
+    if takes_plain:
+        # the refused batch is sent again plain; later ones go plain at once
+        assert (first.delivered, second.delivered) == (True, True)
+        assert seen == ["gzip", None, None]
+    else:
+        # a batch the server refuses either way is set aside as refused, and the plain try is not repeated
+        assert (first.invalid, second.invalid) == (True, True)
+        assert "Invalid OpenTelemetry protobuf format" in first.reason
+        assert seen == ["gzip", None, "gzip"]
