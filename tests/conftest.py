@@ -98,14 +98,16 @@ class MlflowServer:
 
 
 @contextlib.contextmanager
-def start_mlflow(backend_uri: str, root: Path, *, health_timeout: float = 180) -> Iterator[MlflowServer]:
+def start_mlflow(backend_uri: str, root: Path, *, health_timeout: float = 180,
+                 mlflow: Path = BIN / "mlflow") -> Iterator[MlflowServer]:
     """A real MLflow server on ``backend_uri``, its log and artifacts under ``root``,
-    up (healthy) while the ``with`` block runs and stopped after it."""
+    up (healthy) while the ``with`` block runs and stopped after it; ``mlflow`` is
+    the command of the MLflow release to run."""
     port = free_port()
     log_path = root / "server.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [str(BIN / "mlflow"), "server", "--backend-store-uri", backend_uri,
+            [str(mlflow), "server", "--backend-store-uri", backend_uri,
              "--default-artifact-root", str(root / "artifacts"), "--host", "127.0.0.1",
              "--port", str(port), "--workers", "1"],
             # Job workers (about ten processes) do nothing for traces and would load two cores.

@@ -397,7 +397,8 @@ class MlflowChecks:
         if not outcome.delivered:
             self.found.add(FAIL, "end-to-end", f"MLflow did not take the proof trace: {outcome.reason}")
             return
-        path = "/api/3.0/mlflow/traces/get?" + urllib.parse.urlencode({"trace_id": trace_id})
+        # The trace's info: this route is in every MLflow from 3.6 (`traces/get` came later).
+        path = "/api/3.0/mlflow/traces/" + urllib.parse.quote(trace_id)
         deadline = time.monotonic() + PROOF_WAIT
         while True:
             answer = self.get(path)
