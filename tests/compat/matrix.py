@@ -33,6 +33,8 @@ class Server:
     conversation_as_text: bool = False
     """It keeps an LLM span's conversation (``mlflow.spanInputs``) as the JSON text
     traced-run sent, not as a list: its OTLP receiver does not decode that attribute."""
+    session: bool = True
+    """Its OTLP receiver turns ``session.id`` into the trace's ``mlflow.trace.session``."""
     extra: tuple[str, ...] = ()
     """What else its venv pins to start at all."""
     dependencies_of: str = ""
@@ -50,8 +52,8 @@ class Server:
 
 SERVERS = {s.version: s for s in (
     # 3.6 and 3.7 import a name SQLAlchemy 2.1 removed.
-    Server("3.6.0", gzip=False, conversation_as_text=True, extra=("sqlalchemy<2.1",)),
-    Server("3.7.0", gzip=True, extra=("sqlalchemy<2.1",)),
+    Server("3.6.0", gzip=False, conversation_as_text=True, session=False, extra=("sqlalchemy<2.1",)),
+    Server("3.7.0", gzip=True, conversation_as_text=True, session=False, extra=("sqlalchemy<2.1",)),
     Server("3.17.2", gzip=True),
     # mlflow 3.18.0 pins mlflow-skinny==3.18.0 and mlflow-tracing==3.18.0, which PyPI does
     # not have (November 2026): pip cannot install it as published. Its wheel carries the
@@ -133,7 +135,7 @@ def table() -> str:
     lines = ["| | supported | run by the matrix |", "|---|---|---|"]
     lines += [f"| {what} | `{spec}` | {tested} |" for what, spec, tested in rows]
     lines += ["", "| cell | Python | pydantic-ai | OpenTelemetry | MLflow server | gzip bodies "
-              "| LLM span inputs | expected |", "|---|---|---|---|---|---|---|---|"]
+              "| LLM span inputs | trace session | expected |", "|---|---|---|---|---|---|---|---|---|"]
     for cell in CELLS:
         server = SERVERS[cell.server]
         expected = "traces" if cell.supported else "one `traced-run:` line, untraced"
@@ -141,6 +143,7 @@ def table() -> str:
                      f"{pinned(cell.otel, 'opentelemetry-sdk')} ({cell.otel_label}) | {server.version} | "
                      f"{'taken' if server.gzip else 'refused: sent plain'} | "
                      f"{_inputs(server) if cell.supported else '-'} | "
+                     f"{('set' if server.session else 'not set') if cell.supported else '-'} | "
                      f"{expected} |")
     return "\n".join(lines) + "\n"
 
