@@ -12,8 +12,8 @@ session; the kill switch loads nothing and sends nothing; a user
 server takes gzip. A cell below a floor must instead refuse in one line.
 
 Venvs are installed two at a time (this is a 2-core machine), servers start
-as soon as theirs is ready; pip's own cache serves every venv after the first
-download. Venvs are kept under build/compat and reused while their
+as soon as theirs is ready; every wheel is downloaded once into a wheelhouse
+that serves all venvs. Venvs are kept under build/compat and reused while their
 requirements are unchanged (only traced-run is reinstalled): CI starts from a
 fresh clone, so it makes them all.
 
@@ -43,6 +43,7 @@ from matrix import CELLS, ROOT, SERVERS, Cell, Server, supported_ranges
 
 HERE = Path(__file__).resolve().parent
 WORK = ROOT / "build" / "compat"
+WHEELHOUSE = WORK / "wheelhouse"
 PARALLEL = 2
 INSTALL_TIMEOUT = 900
 RUN_TIMEOUT = 180
@@ -64,17 +65,29 @@ def _run(argv: list[str], *, timeout: float = INSTALL_TIMEOUT,
     return done
 
 
+_fetching = threading.Lock()
+
+
 def venv(directory: Path, python: str, *installs: tuple[str, ...]) -> Path:
     """A venv made by ``installs`` (pip install arguments, in order), reused when an
-    earlier run made the same one."""
+    earlier run made the same one.
+
+    Each step first brings the wheels it needs into one wheelhouse (pip takes a wheel
+    already there over the index's copy of the same release), then installs from the
+    wheelhouse alone: the servers' hundred-odd dependencies are downloaded once, not
+    once per venv (pip's HTTP cache stays empty on these machines)."""
     marker = directory / "matrix-requirements.txt"
     wanted = "\n".join([python, *(" ".join(step) for step in installs)])
     if marker.exists() and marker.read_text() == wanted:
         return directory
     shutil.rmtree(directory, ignore_errors=True)
     _run([python, "-m", "venv", str(directory)])
+    house = ("--find-links", str(WHEELHOUSE))
+    inside = str(directory / "bin" / "python")
     for step in installs:
-        _run([str(directory / "bin" / "python"), *PIP, *step])
+        with _fetching:  # two pips writing one wheelhouse could read each other's half-written files
+            _run([inside, "-m", "pip", "wheel", "--quiet", "-w", str(WHEELHOUSE), *house, *step])
+        _run([inside, *PIP, "--no-index", *house, *step])
     marker.write_text(wanted)
     return directory
 
