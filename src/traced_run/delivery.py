@@ -182,9 +182,8 @@ class Delivery:
                     self._wake.notify_all()
 
     def start(self) -> None:
-        """Start the delivery thread now: importing the exporter and looking
-        the experiment up are then done before the first batch is due, and a
-        spool left by earlier processes is sent."""
+        """Start the delivery thread now: importing the exporter is then done
+        before the first batch is due, and a spool left by earlier processes is sent."""
         with self._wake:
             if self._thread is None:
                 self._start()
@@ -205,13 +204,12 @@ class Delivery:
 
     def _run(self) -> None:
         try:
-            from traced_run.export import Sender, target_of
+            from traced_run.export import Sender
         finally:
             self._loaded.set()  # a fork may go ahead now (see _before_fork)
-        sender = self._sender = Sender(self._settings)
-        target = target_of(self._settings)
-        with contextlib.suppress(Exception):  # MLflow not reachable yet: the first post says why
-            sender.resolve(target)
+        # The experiment is looked up (and created) by the first post, not here: a
+        # process that sends nothing must not create one.
+        self._sender = Sender(self._settings)
         more_spooled = True  # a spool left by earlier processes goes first
         while True:
             with self._wake:
