@@ -10,12 +10,19 @@ same app run without traced-run must print the same line.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
+import socket
+import subprocess
 import textwrap
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import App, clean_env, spans_by_type, traced_env
+from conftest import TRACED_RUN, App, clean_env, free_port, poll, spans_by_type, traced_env
 
 MINE = """
     import json
@@ -317,3 +324,96 @@ def test_mlflow_autolog_in_the_app_gives_one_trace_per_run_and_one_line(app: App
     for trace in traces:
         assert len(spans_by_type(trace)["TOOL"]) == 1, [s.name for s in trace.data.spans]
         assert not any(s.name.startswith("invoke_agent") for s in trace.data.spans), "no second copy"
+
+
+# --- a FastAPI service with its own OpenTelemetry ----------------------------------------
+
+FASTAPI_APP = """
+    from fastapi import FastAPI
+    from opentelemetry import trace
+    from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+    from opentelemetry.sdk.trace import TracerProvider
+    from pydantic_ai import Agent
+    from pydantic_ai.models.test import TestModel
+
+    trace.set_tracer_provider(TracerProvider())
+    api = FastAPI()
+    FastAPIInstrumentor.instrument_app(api)
+    support = Agent(TestModel(), name="support", instructions="Be brief.")
+
+
+    @support.tool_plain
+    def balance(customer: str) -> str:
+        \"\"\"The customer's balance.\"\"\"
+        return "$123.45"
+
+
+    @api.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+
+    @api.post("/chat")
+    async def chat(prompt: str) -> dict[str, str]:
+        result = await support.run(prompt)
+        return {"answer": result.output}
+"""
+
+
+@contextlib.contextmanager
+def serving(app: App, command: list[str], port: int, env: dict[str, str]) -> Iterator[Path]:
+    """A server started under traced-run, up while the block runs, then stopped with SIGTERM;
+    yields its log (stdout and stderr)."""
+    log = app.directory / "server.log"
+    with open(log, "wb") as stream:
+        server = subprocess.Popen([TRACED_RUN, *command], cwd=app.directory, env=env, stdout=stream,
+                                  stderr=subprocess.STDOUT)
+    try:
+        def up() -> bool:
+            if server.poll() is not None:
+                raise AssertionError(f"server exited: {log.read_text()[-3000:]}")
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            except OSError:
+                return False
+            return True
+
+        poll(up, timeout=90, what=f"{command[0]} on port {port}", interval=0.3)
+        yield log
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=60)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+
+
+def request(url: str, method: str = "GET", data: bytes | None = None) -> str:
+    with urllib.request.urlopen(urllib.request.Request(url, data=data, method=method), timeout=60) as answer:
+        return str(answer.read().decode())
+
+
+def test_fastapi_with_its_own_instrumentation_one_trace_per_chat_none_for_health(
+        app: App, which: Callable[[str], str]) -> None:
+    app.write(FASTAPI_APP)
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    with serving(app, [which("uvicorn"), "--host", "127.0.0.1", "--port", str(port), "app:api"], port,
+                 traced_env(app)) as log:
+        for _ in range(3):
+            request(f"{base}/health")
+        answers = [request(f"{base}/chat?prompt=Balance+of+{who}%3F", "POST") for who in ("Ann", "Bob")]
+        for _ in range(3):
+            request(f"{base}/health")
+    assert all("123.45" in answer for answer in answers), answers
+    assert "traced-run:" not in log.read_text(), log.read_text()
+    traces = app.traces(2)
+    for trace in traces:
+        (root,) = [s for s in trace.data.spans if s.parent_id is None]
+        assert root.name == "POST /chat", sorted(s.name for s in trace.data.spans)
+        kinds = spans_by_type(trace)
+        assert len(kinds["AGENT"]) == 1 and len(kinds["LLM"]) == 2 and len(kinds["TOOL"]) == 1
+        assert trace.info.tags.get("mlflow.traceName") == "support"
+        assert trace.info.tags.get("service.name") == "uvicorn"
+        assert "123.45" in str(trace.info.response_preview)
+    assert sorted(str(t.info.request_preview) for t in traces) == ['"Balance of Ann?"', '"Balance of Bob?"']
