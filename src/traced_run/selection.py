@@ -20,6 +20,7 @@ Response) and the agent's name as the trace name; spans of a resource whose
 from __future__ import annotations
 
 import json
+import os
 import sys
 import threading
 from collections import OrderedDict, deque
@@ -52,6 +53,8 @@ class TraceSelection(SpanProcessor):
         self._service_name = service_name
         self._max_waiting = max_waiting
         self._lock = threading.Lock()
+        # A fork while an app thread holds the lock would leave it held for ever in the child.
+        os.register_at_fork(after_in_child=self._new_lock)
         self._decided: OrderedDict[int, ReadableSpan | str] = OrderedDict()
         """Trace id -> the trace's outermost pydantic-ai span, or why the trace does not go."""
         self._waiting: OrderedDict[int, deque[ReadableSpan]] = OrderedDict()
@@ -61,6 +64,9 @@ class TraceSelection(SpanProcessor):
         self._resources: dict[int, tuple[Resource, Resource]] = {}
         self._told_incomplete = False
         self._told_autolog = False
+
+    def _new_lock(self) -> None:
+        self._lock = threading.Lock()
 
     def on_start(self, span: Span, parent_context: Context | None = None) -> None:
         scope = span.instrumentation_scope
