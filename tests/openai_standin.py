@@ -36,6 +36,7 @@ import http.server
 import itertools
 import json
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -97,18 +98,35 @@ class _Turn:
 def example_from_schema(schema: dict[str, Any], variant: int = 0) -> Any:
     """A value valid against ``schema``; a different ``variant`` gives a different value
     where the schema allows one."""
-    return _example(schema, schema, variant)
+    return _Examples(schema, variant).build(schema)
 
 
-def _example(schema: Any, root: dict[str, Any], variant: int) -> Any:
-    if not isinstance(schema, dict):
-        return None
-    if "$ref" in schema:
-        target: Any = root
-        for key in schema["$ref"].removeprefix("#/").split("/"):
+class _Examples:
+    def __init__(self, root: dict[str, Any], variant: int) -> None:
+        self.root = root
+        self.variant = variant
+        self.expanding: list[str] = []
+        """The $refs being built: a nullable branch back into one of them is left null, so
+        recursive models end."""
+
+    def build(self, schema: Any, offset: int = 0) -> Any:
+        if not isinstance(schema, dict) or "$ref" not in schema:
+            return _example(schema, self, self.variant + offset)
+        ref = schema["$ref"]
+        target: Any = self.root
+        for key in ref.removeprefix("#").split("/"):
             if key:
                 target = target[key.replace("~1", "/").replace("~0", "~")]
-        return _example(target, root, variant)
+        self.expanding.append(ref)
+        try:
+            return self.build(target, offset)
+        finally:
+            self.expanding.pop()
+
+
+def _example(schema: Any, examples: _Examples, variant: int) -> Any:
+    if not isinstance(schema, dict):
+        return None
     if "const" in schema:
         return schema["const"]
     if schema.get("enum"):
@@ -118,13 +136,17 @@ def _example(schema: Any, root: dict[str, Any], variant: int) -> Any:
         return schema["examples"][0]
     for combinator in ("anyOf", "oneOf"):
         if combinator in schema:
-            branches = [b for b in schema[combinator] if b.get("type") != "null"] or schema[combinator]
-            return _example(branches[0], root, variant)
+            branches = [b for b in schema[combinator]
+                        if b.get("type") != "null" and b.get("$ref") not in examples.expanding]
+            if not branches:
+                nullable = {"type": "null"} in schema[combinator]
+                return None if nullable else examples.build(schema[combinator][0])
+            return examples.build(branches[0])
     if "allOf" in schema:
         merged: dict[str, Any] = {}
         for part in schema["allOf"]:
             merged.update(part)
-        return _example(merged, root, variant)
+        return examples.build(merged)
     kind = schema.get("type")
     if isinstance(kind, list):
         kind = next((k for k in kind if k != "null"), "null")
@@ -133,15 +155,15 @@ def _example(schema: Any, root: dict[str, Any], variant: int) -> Any:
     if kind == "object":
         properties = schema.get("properties", {})
         return {
-            name: _example(properties.get(name, {}), root, variant) for name in schema.get("required", [])
+            name: examples.build(properties.get(name, {})) for name in schema.get("required", [])
         }
     if kind == "array":
         count = max(schema.get("minItems", 1), 1)
         if "maxItems" in schema:
             count = min(count, schema["maxItems"])
         if isinstance(schema.get("prefixItems"), list):
-            return [_example(s, root, variant) for s in schema["prefixItems"]]
-        return [_example(schema.get("items", {}), root, variant + i) for i in range(count)]
+            return [examples.build(s) for s in schema["prefixItems"]]
+        return [examples.build(schema.get("items", {}), i) for i in range(count)]
     if kind in ("integer", "number"):
         return _number(schema, variant)
     if kind == "boolean":
@@ -352,8 +374,6 @@ class _Server(http.server.ThreadingHTTPServer):
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # The default prints a traceback to stderr; a test reads `errors` instead.
-        import sys
-
         error = sys.exc_info()[1]
         if error is not None and not isinstance(error, (ConnectionError, TimeoutError)):
             self.standin.errors.append(error)
@@ -451,7 +471,8 @@ class _ResponsesAnswer:
         self.id = f"resp_{uuid.uuid4().hex}"
         self.created_at = int(time.time())
         self.message_id = f"msg_{uuid.uuid4().hex}"
-        self.call_ids = [(f"fc_{uuid.uuid4().hex}", f"call_{uuid.uuid4().hex[:24]}") for _ in self.answer.calls]
+        self.call_ids = [(f"fc_{uuid.uuid4().hex}", f"call_{uuid.uuid4().hex[:24]}")
+                         for _ in self.answer.calls]
 
     def _message(self, text: str, status: str) -> dict[str, Any]:
         return {"id": self.message_id, "type": "message", "role": "assistant", "status": status,
@@ -480,7 +501,8 @@ class _ResponsesAnswer:
         if done:
             input_tokens = _tokens([body.get("instructions"), body.get("input"), body.get("tools")])
             output_tokens = _tokens([self.answer.text, [c.arguments for c in self.answer.calls]])
-            usage = {"input_tokens": input_tokens, "input_tokens_details": {"cached_tokens": 0},
+            usage = {"input_tokens": input_tokens,
+                     "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
                      "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": 0},
                      "total_tokens": input_tokens + output_tokens}
         return {
@@ -545,7 +567,7 @@ class _ChatAnswer:
 
     def _tool_calls(self) -> list[dict[str, Any]]:
         return [{"id": call_id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
-                for call_id, c in zip(self.call_ids, self.answer.calls)]
+                for call_id, c in zip(self.call_ids, self.answer.calls, strict=True)]
 
     def _usage(self) -> dict[str, Any]:
         prompt = _tokens([self.body.get("messages"), self.body.get("tools")])
@@ -557,8 +579,9 @@ class _ChatAnswer:
                                               "rejected_prediction_tokens": 0}}
 
     def _envelope(self, kind: str) -> dict[str, Any]:
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.body.get("model", "gpt-5.2"),
-                "service_tier": "default", "system_fingerprint": None}
+        return {"id": self.id, "object": kind, "created": self.created,
+                "model": self.body.get("model", "gpt-5.2"), "service_tier": "default",
+                "system_fingerprint": None}
 
     def send(self, handler: _Handler) -> None:
         if not self.body.get("stream"):
@@ -574,7 +597,8 @@ class _ChatAnswer:
 
         def emit(delta: dict[str, Any], finish_reason: str | None = None) -> None:
             chunk = {**self._envelope("chat.completion.chunk"),
-                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]}
+                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason,
+                                  "logprobs": None}]}
             if with_usage:
                 chunk["usage"] = None
             handler.send_event(json.dumps(chunk))
@@ -583,7 +607,7 @@ class _ChatAnswer:
         if self.answer.text is not None:
             for piece in _chunks(self.answer.text, self.standin.stream_words):
                 emit({"content": piece})
-        for index, (call_id, call) in enumerate(zip(self.call_ids, self.answer.calls)):
+        for index, (call_id, call) in enumerate(zip(self.call_ids, self.answer.calls, strict=True)):
             emit({"tool_calls": [{"index": index, "id": call_id, "type": "function",
                                   "function": {"name": call.name, "arguments": ""}}]})
             for piece in _halves(call.arguments):
