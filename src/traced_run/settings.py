@@ -220,7 +220,7 @@ def _pairs(text: str) -> dict[str, str]:
     """``k1=v1,k2=v2`` with percent-encoding, as OTEL_*_HEADERS and
     OTEL_RESOURCE_ATTRIBUTES spell mappings."""
     pairs: dict[str, str] = {}
-    for item in text.split(","):
+    for item in _bounded(text, MAX_PAIRS * (MAX_KEY + MAX_VALUE)).split(","):
         if not item.strip():
             continue
         key, sep, value = item.partition("=")
