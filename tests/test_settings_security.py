@@ -297,10 +297,9 @@ def test_an_unexpected_error_while_loading_is_one_config_error(monkeypatch: pyte
     assert error_of({"TRACED_RUN_CONFIG": str(config)}) == "cannot read the settings: MemoryError"
 
 
-@pytest.mark.parametrize("text", [DEEP, BOMB])
-def test_env_only_a_hostile_file_leaves_the_app_running_untraced(text: str, cwd: Path) -> None:
+def test_env_only_a_hostile_file_leaves_the_app_running_untraced(cwd: Path) -> None:
     boot = launch("--print-pythonpath", cwd=cwd, env=clean_env()).stdout.strip()
-    (cwd / "traced-run.yaml").write_text(text)
+    (cwd / "traced-run.yaml").write_text(DEEP)
     (cwd / "app.py").write_text(textwrap.dedent(AGENT_APP))
     done = subprocess.run([sys.executable, "app.py"], cwd=cwd, capture_output=True, text=True, timeout=120,
                           env=clean_env(PYTHONPATH=boot, MLFLOW_TRACKING_URI=UNUSED_URI))

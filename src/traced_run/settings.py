@@ -346,12 +346,13 @@ BOOL = Kind("bool", parse_bool, _bool_yaml)
 TEXT = _text_kind("string", _text, f"one line, at most {MAX_TEXT} characters")
 USER_NAME = _text_kind("string", _user_name, f"one line without ':', at most {MAX_TEXT} characters")
 PASSWORD = _text_kind("string", _password, f"at most {MAX_SECRET} characters")
-TOKEN = _text_kind("string", _header_value, f"Latin-1 without control characters, at most {MAX_SECRET}")
+TOKEN = _text_kind("string", _header_value,
+                   f"Latin-1 without control characters, at most {MAX_SECRET} characters")
 URL = _text_kind("url", _url, f"no query or fragment, at most {MAX_URL} characters")
 PATH = _text_kind("path", _path, f"~ expanded, at most {MAX_PATH} characters")
 EXPERIMENT_ID = _text_kind("experiment id", _experiment_id, "digits")
 EXPERIMENT_NAME = _text_kind("string", _experiment_name,
-                             f"one line, at most {MAX_EXPERIMENT_NAME} characters (MLflow's limit)")
+                             f"one line, at most {MAX_EXPERIMENT_NAME} characters, MLflow's limit")
 RUN_ID = _text_kind("run id", _run_id, "MLflow's run id characters")
 SECONDS = _number("seconds", "expected a number of seconds", lambda seconds: 0 < seconds <= 3600,
                   "expected a number of seconds above 0 and at most 3600")
