@@ -80,6 +80,10 @@ def _problem(source: str, name: str, spec: Spec, raw: Any, why: str) -> ConfigEr
         what = "(value hidden)"
     else:
         text = mask_url(str(raw))
+        if "@" in text and "://" not in text:
+            # A wrong value that is almost a URL ("http:/user:pw@host"): what precedes
+            # the "@" would be credentials in one.
+            text = "***@" + text.rpartition("@")[2]
         what = repr(text[:SHOWN_VALUE] + "..." if len(text) > SHOWN_VALUE else text)
     return ConfigError(f"{source}: {name}: {why}, got {what}")
 
