@@ -18,9 +18,10 @@ from typing import Any
 
 import pytest
 from conftest import AGENT_APP, TRACED_RUN, clean_env
+from test_settings import error_of
 
 from traced_run import report, sources
-from traced_run.report import ConfigError, mask_url
+from traced_run.report import mask_url
 from traced_run.settings import SPECS
 from traced_run.sources import OPTIONS_ENV, load
 
@@ -30,19 +31,9 @@ UNUSED_URI = "http://127.0.0.1:9"
 
 @pytest.fixture(autouse=True)
 def cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A working directory of its own, like the cloned repository of finding 3."""
-    work = tmp_path / "repo"
-    work.mkdir()
-    monkeypatch.chdir(work)
-    return work
-
-
-def error_of(environ: dict[str, str]) -> str:
-    with pytest.raises(ConfigError) as info:
-        load(environ)
-    message = str(info.value)
-    assert "\n" not in message and "\r" not in message, message
-    return message
+    """Each test's own working directory, like the cloned repository of finding 3."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
 
 
 def launch(*argv: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
