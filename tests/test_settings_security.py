@@ -9,6 +9,7 @@ promise."""
 from __future__ import annotations
 
 import base64
+import os
 import subprocess
 import sys
 import textwrap
@@ -377,3 +378,26 @@ def test_argument_list_too_long_says_what_traced_run_added(cwd: Path) -> None:
     assert line.startswith("cannot run true: its arguments and environment together are more than the "
                            "system allows (Argument list too long); traced-run adds "), line
     assert line.endswith(f" bytes of it (PYTHONPATH, {OPTIONS_ENV})")
+
+
+def test_env_only_no_error_of_ours_reaches_the_apps_import(cwd: Path) -> None:
+    """Not only a hostile file: whatever traced-run raises while it sets up (here a
+    RecursionError, planted by a user sitecustomize) is one line, and the app runs."""
+    boot = launch("--print-pythonpath", cwd=cwd, env=clean_env()).stdout.strip()
+    (cwd / "user").mkdir()
+    (cwd / "user" / "sitecustomize.py").write_text(textwrap.dedent("""
+        import traced_run.pipeline
+
+        def install():
+            raise RecursionError("maximum recursion depth exceeded")
+
+        traced_run.pipeline.install = install
+    """))
+    (cwd / "app.py").write_text(textwrap.dedent(AGENT_APP))
+    done = subprocess.run([sys.executable, "app.py"], cwd=cwd, capture_output=True, text=True, timeout=120,
+                          env=clean_env(PYTHONPATH=f"{boot}{os.pathsep}{cwd / 'user'}",
+                                        MLFLOW_TRACKING_URI=UNUSED_URI))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == '{"lookup":"a: sunny"}\n'
+    assert one_line(done.stderr) == ("could not set up tracing: RecursionError: maximum recursion depth "
+                                     "exceeded; the app runs untraced")
