@@ -287,13 +287,14 @@ def _split_list(text: str) -> list[str]:
 def _patterns(items: list[str]) -> tuple[str, ...]:
     if len(items) > MAX_PATTERNS:
         raise ValueError(f"expected at most {MAX_PATTERNS} patterns, not {len(items)}")
-    for item in items:
+    for number, item in enumerate(items, 1):
         if len(item) > MAX_PATTERN:
-            raise ValueError(f"a pattern longer than {MAX_PATTERN} characters")
+            raise ValueError(f"pattern {number} is longer than {MAX_PATTERN} characters")
         try:
             re.compile(item)
         except (re.error, RecursionError, OverflowError) as error:
-            raise ValueError(f"{item!r} is not a regular expression ({error})") from None
+            # Numbered, not quoted: the pattern may have come from a ${VAR}, never echoed.
+            raise ValueError(f"pattern {number} is not a regular expression ({error})") from None
     return tuple(items)
 
 

@@ -149,6 +149,8 @@ def _expand_all(value: Any, where: str, name: str, environ: Mapping[str, str]) -
         return _expand(value, where, name, environ)
     if isinstance(value, dict):
         return {k: _expand_all(v, where, name, environ) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand_all(item, where, name, environ) for item in value]
     return value
 
 
