@@ -185,6 +185,16 @@ def test_a_bare_token_before_the_host_is_refused_and_not_shown(url: str) -> None
     assert SECRET not in message and "***@" in message
 
 
+def test_the_same_credentials_in_both_urls_are_one_pair_and_different_ones_are_refused() -> None:
+    environ = {"MLFLOW_TRACKING_URI": f"https://alice:{SECRET}@mlflow.example.com",
+               "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"https://alice:{SECRET}@collector.example.com/v1/traces"}
+    settings = load(environ).settings
+    assert (settings.username, settings.password) == ("alice", SECRET)
+    assert settings.traces_endpoint == "https://collector.example.com/v1/traces"
+    message = error_of({**environ, "MLFLOW_TRACKING_URI": "https://bob:other@mlflow.example.com"})
+    assert "the other URL sets credentials too; keep one" in message and SECRET not in message
+
+
 def test_credentials_in_the_url_and_elsewhere_are_refused() -> None:
     message = error_of({"MLFLOW_TRACKING_URI": f"https://alice:{SECRET}@mlflow.example.com",
                         "MLFLOW_TRACKING_TOKEN": "other"})

@@ -354,7 +354,7 @@ def _move_url_credentials(chosen: dict[str, Value]) -> None:
             raise ConfigError(f"{given.source}: {name}: the user name or password in the URL: {error}, "
                               f"got {shown_url!r}") from None
         others = [f"{other} ({chosen[other].source})" for other in ("username", "password", "token")
-                  if other in chosen and chosen[other].source != f"{given.source} (from the URL)"]
+                  if other in chosen and not chosen[other].source.endswith(" (from the URL)")]
         if others or (found is not None and found != pair):
             also = ", ".join(others) if others else "the other URL"
             raise ConfigError(f"{given.source}: {name}: the URL carries a user name and password, and "
