@@ -289,6 +289,15 @@ def test_no_setting_takes_a_value_without_bound(name: str) -> None:
     assert len(message) < 400, "the error quotes a bounded part of the value"
 
 
+def test_options_json_nested_too_deep_is_a_damaged_variable(cwd: Path) -> None:
+    deep = "[" * 60_000 + "]" * 60_000  # within the 128 KiB an environment variable may hold
+    assert error_of({OPTIONS_ENV: deep}) == f"env {OPTIONS_ENV}: not the JSON the launcher writes"
+    boot = launch("--print-pythonpath", cwd=cwd, env=clean_env()).stdout.strip()
+    done = subprocess.run([sys.executable, "-c", "print('ran')"], cwd=cwd, capture_output=True, text=True,
+                          timeout=60, env=clean_env(PYTHONPATH=boot, **{OPTIONS_ENV: deep}))
+    assert (done.returncode, done.stdout, done.stderr) == (0, "ran\n", "")
+
+
 def test_an_unexpected_error_while_loading_is_one_config_error(monkeypatch: pytest.MonkeyPatch,
                                                                 tmp_path: Path) -> None:
     """Whatever goes wrong inside (a RecursionError, a MemoryError), load() raises

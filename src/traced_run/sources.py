@@ -121,7 +121,7 @@ def _options_layer(environ: Mapping[str, str]) -> dict[str, Value]:
         return {}
     try:
         given = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: JSON nested thousands deep
         raise ConfigError(f"env {OPTIONS_ENV}: not the JSON the launcher writes") from None
     if not isinstance(given, dict):
         raise ConfigError(f"env {OPTIONS_ENV}: not the JSON the launcher writes")
