@@ -369,8 +369,9 @@ def test_experiment_names_and_run_ids_are_checked_against_mlflows_limits() -> No
     assert load({"MLFLOW_EXPERIMENT_NAME": "e" * 500}).settings.experiment_name == "e" * 500
     message = error_of({"MLFLOW_EXPERIMENT_NAME": "e" * 501})
     assert message.startswith("env MLFLOW_EXPERIMENT_NAME: experiment_name: expected at most 500 characters")
-    message = error_of({"MLFLOW_RUN_ID": "run id\r\nx"})
-    assert message.startswith("env MLFLOW_RUN_ID: run_id: expected an MLflow run id")
+    for run_id in ("run id\r\nx", "r\u00e9sum\u00e9", "r" * 257):
+        message = error_of({"MLFLOW_RUN_ID": run_id})
+        assert message.startswith("env MLFLOW_RUN_ID: run_id: expected an MLflow run id")
 
 
 def test_a_tilde_in_the_spool_dir_is_the_home_directory(monkeypatch: pytest.MonkeyPatch,

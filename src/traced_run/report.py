@@ -29,8 +29,8 @@ _lock = threading.Lock()
 # end): users paste unencoded "@", "/", ":", spaces and even line breaks in passwords and
 # tokens, and a masked host or path is harmless where a shown password is not.
 _USERINFO = re.compile(r"(?<=://)(?:(?!://).)*@", re.DOTALL)
-# Control characters (a server's ANSI escapes, a CR that rewrites the line) are shown, not obeyed.
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+"""C0, DEL and C1: a server's ANSI escapes, a CR that rewrites the line, a header break."""
 
 
 class ConfigError(Exception):
@@ -47,7 +47,7 @@ def mask_url(text: str) -> str:
 def printable(text: str) -> str:
     """One line, fit for a terminal or a log: whitespace runs become one space, other
     control characters their ``\\xNN`` escape."""
-    return _CONTROL.sub(lambda found: f"\\x{ord(found[0]):02x}", " ".join(text.split()))
+    return CONTROL.sub(lambda found: f"\\x{ord(found[0]):02x}", " ".join(text.split()))
 
 
 def say(message: str) -> None:

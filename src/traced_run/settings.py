@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from traced_run.flags import ENABLED_ENV, SDK_DISABLED_ENV, STRICT_ENV, parse_bool
+from traced_run.report import CONTROL
 
 MAX_TEXT = 1000
 """Characters in a plain string setting (names, ids, the marker)."""
@@ -34,9 +35,9 @@ MAX_PATTERNS = 64
 MAX_PATTERN = 1000
 MAX_EXPERIMENT_NAME = 500
 """MLflow refuses a longer experiment name."""
-_RUN_ID = re.compile(r"[a-zA-Z0-9][\w\-]{0,255}")
-"""MLflow's own check of a run id (mlflow.utils.validation._RUN_ID_REGEX)."""
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_RUN_ID = re.compile(r"[a-zA-Z0-9][\w\-]{0,255}", re.ASCII)
+"""MLflow's own check of a run id (mlflow.utils.validation._RUN_ID_REGEX), ASCII
+only: the run id is sent as the x-mlflow-run-id header."""
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 """An HTTP field name (RFC 9110 token)."""
 _BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
@@ -79,7 +80,7 @@ def _bounded(text: str, maximum: int) -> str:
 def _one_line(text: str, maximum: int) -> str:
     """Stripped, within ``maximum``, without line breaks or other control characters."""
     text = _bounded(text.strip(), maximum)
-    if _CONTROL.search(text):
+    if CONTROL.search(text):
         raise ValueError("expected text without line breaks or other control characters")
     return text
 
@@ -107,7 +108,7 @@ def _password(text: str) -> str:
 def _header_value(text: str) -> str:
     """A value that goes into an HTTP header as it is (a token, an extra header)."""
     text = _bounded(text.strip(), MAX_SECRET)
-    if _CONTROL.search(text):
+    if CONTROL.search(text):
         raise ValueError("expected no line breaks or other control characters")
     try:
         text.encode("latin-1")
@@ -118,7 +119,7 @@ def _header_value(text: str) -> str:
 
 def _url(text: str) -> str:
     url = _bounded(text.strip(), MAX_URL).rstrip("/")
-    if _CONTROL.search(url) or " " in url:
+    if CONTROL.search(url) or " " in url:
         raise ValueError("expected a URL without spaces or control characters")
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
