@@ -195,6 +195,18 @@ def test_the_same_credentials_in_both_urls_are_one_pair_and_different_ones_are_r
     assert "the other URL sets credentials too; keep one" in message and SECRET not in message
 
 
+def test_credentials_of_one_url_never_go_to_the_other_urls_host() -> None:
+    message = error_of({"MLFLOW_TRACKING_URI": "https://mlflow.example.com",
+                        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"https://c:{SECRET}@collector.example/v1/traces"})
+    assert message == ("env OTEL_EXPORTER_OTLP_TRACES_ENDPOINT: endpoint: the URL carries a user name and "
+                       "password, which tracking_uri (env MLFLOW_TRACKING_URI) would get too, on another "
+                       "host; give that URL the same credentials, or set MLFLOW_TRACKING_USERNAME and "
+                       "MLFLOW_TRACKING_PASSWORD to send them to both")
+    settings = load({"MLFLOW_TRACKING_URI": f"https://a:{SECRET}@mlflow.example.com",
+                     "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "https://mlflow.example.com/v1/traces"}).settings
+    assert settings.password == SECRET, "the same host may have them"
+
+
 def test_credentials_in_the_url_and_elsewhere_are_refused() -> None:
     message = error_of({"MLFLOW_TRACKING_URI": f"https://alice:{SECRET}@mlflow.example.com",
                         "MLFLOW_TRACKING_TOKEN": "other"})

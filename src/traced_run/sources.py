@@ -329,10 +329,13 @@ def _refuse_what_an_unnamed_file_may_not_set(from_file: dict[str, Value], chosen
 def _move_url_credentials(chosen: dict[str, Value]) -> None:
     """``https://user:password@host`` becomes the URL without them plus username and
     password: urllib would send neither, and a URL is printed and stored where a
-    password must not be. Anything else before "@" (a bare token) is refused."""
+    password must not be. Anything else before "@" (a bare token) is refused, and so
+    are credentials of one URL when the other names another host, which would get
+    them too (username and password go with every request)."""
     from urllib.parse import urlsplit, urlunsplit
 
     found: tuple[str, str] | None = None
+    carried: list[str] = []
     for name in ("tracking_uri", "endpoint"):
         given = chosen.get(name)
         if given is None:
@@ -360,9 +363,18 @@ def _move_url_credentials(chosen: dict[str, Value]) -> None:
             raise ConfigError(f"{given.source}: {name}: the URL carries a user name and password, and "
                               f"{also} sets credentials too; keep one, got {shown_url!r}")
         found = pair
+        carried.append(name)
         chosen[name] = Value(urlunsplit(parts._replace(netloc=host)), given.source)
         chosen["username"] = Value(pair[0], f"{given.source} (from the URL)")
         chosen["password"] = Value(pair[1], f"{given.source} (from the URL)")
+    if len(carried) == 1 and "tracking_uri" in chosen and "endpoint" in chosen:
+        (name,) = carried
+        other = "endpoint" if name == "tracking_uri" else "tracking_uri"
+        if urlsplit(chosen[name].value).netloc != urlsplit(chosen[other].value).netloc:
+            raise ConfigError(f"{chosen[name].source}: {name}: the URL carries a user name and password, "
+                              f"which {other} ({chosen[other].source}) would get too, on another host; "
+                              "give that URL the same credentials, or set MLFLOW_TRACKING_USERNAME and "
+                              "MLFLOW_TRACKING_PASSWORD to send them to both")
 
 
 def _resolve_groups(layers: list[dict[str, Value]], chosen: dict[str, Value]) -> None:
