@@ -95,11 +95,6 @@ def check_settings(loaded: Loaded, found: Findings) -> None:
     elif not settings.traces_endpoint:
         found.add(FAIL, "settings", "no MLflow tracking URI",
                   "set MLFLOW_TRACKING_URI (or --tracking-uri, or tracking_uri in traced-run.yaml)")
-    elif any("@" in urllib.parse.urlsplit(url).netloc for url in (settings.tracking_uri, settings.endpoint)
-             if url):
-        # urllib sends no credentials from a URL: it takes "user:password@host" for the host name.
-        found.add(FAIL, "settings", "the MLflow URL carries a user name and password, which are not sent",
-                  "put them in MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD instead")
     else:
         found.add(OK, "settings", f"valid; {len(changed)} set, the rest at their defaults "
                   "(`traced-run config` shows all)")
