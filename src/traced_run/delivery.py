@@ -65,6 +65,8 @@ class Delivery:
         self._settings = settings
         self._endpoint = settings.traces_endpoint or ""
         self.spool = Spool.of(settings)
+        self.interrupt: Callable[[str], object] | None = None
+        """Set by the pipeline: ends the open spans of agent runs when the process leaves."""
         self._reset()
         os.register_at_fork(before=self._before_fork, after_in_child=self._after_fork)
 
@@ -129,7 +131,7 @@ class Delivery:
         real_exit = os._exit
 
         def exit_after_delivery(status: int) -> Any:
-            self.close()
+            self.close("os._exit")
             real_exit(status)
 
         os._exit = exit_after_delivery
@@ -438,8 +440,14 @@ class Delivery:
             finally:
                 self._flushing -= 1
 
-    def close(self) -> None:
-        """Deliver or spool what is queued within ``exit_timeout``; say what happened."""
+    def close(self, why: str = "process exit") -> None:
+        """End what is still open of agent runs (``why`` says what cut them off), deliver
+        or spool what is queued within ``exit_timeout``; say what happened."""
+        with self._wake:
+            if self._closed:
+                return
+        if self.interrupt is not None:
+            self.interrupt(why)
         with self._wake:
             if self._closed:
                 return
@@ -533,12 +541,12 @@ class Delivery:
 class _ChainedSigterm:
     """Delivers, then does what SIGTERM did before: the app's handler, or dying by it."""
 
-    def __init__(self, close: Callable[[], None], previous: Any) -> None:
+    def __init__(self, close: Callable[[str], None], previous: Any) -> None:
         self._close = close
         self._previous = previous
 
     def __call__(self, signum: int, frame: FrameType | None) -> None:
-        self._close()
+        self._close(signal.Signals(signum).name)
         if callable(self._previous):
             self._previous(signum, frame)
         elif self._previous != signal.SIG_IGN:

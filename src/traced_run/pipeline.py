@@ -97,8 +97,9 @@ def _instrument(settings: Settings, ratio: float) -> None:
     attributes["service.name"] = service
     attributes.setdefault("host.name", socket.gethostname())
     private = TracerProvider(resource=Resource.create(attributes), shutdown_on_exit=False)
-    router = Router(TraceSelection(processor, service_name=service), private,
-                    (PYDANTIC_AI_SCOPE, pydantic_ai.__version__))
+    selection = TraceSelection(processor, service_name=service)
+    delivery.interrupt = selection.interrupt
+    router = Router(selection, private, (PYDANTIC_AI_SCOPE, pydantic_ai.__version__))
     router.watch(InstrumentationSettings)
     Agent.instrument_all(InstrumentationSettings(tracer_provider=private, **options))
     delivery.install_exit_hooks()
