@@ -158,3 +158,17 @@ def _context(span: object) -> object:
     from opentelemetry import trace
 
     return trace.set_span_in_context(span)  # type: ignore[arg-type]
+
+
+def test_a_forked_child_never_ends_its_parents_open_spans(setup: tuple[TracerProvider, TraceSelection,
+                                                                       Passed]) -> None:
+    import os
+
+    provider, chosen, passed = setup
+    with provider.get_tracer(PYDANTIC_AI_SCOPE).start_as_current_span("invoke_agent a"):
+        child = os.fork()
+        if child == 0:
+            os._exit(chosen.interrupt("os._exit"))  # how many it ended, as its exit status
+        _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert passed.names() == ["invoke_agent a"]

@@ -57,8 +57,7 @@ class TraceSelection(SpanProcessor):
         self._service_name = service_name
         self._max_waiting = max_waiting
         self._lock = threading.Lock()
-        # A fork while an app thread holds the lock would leave it held for ever in the child.
-        os.register_at_fork(after_in_child=self._new_lock)
+        os.register_at_fork(after_in_child=self._forked)
         self._decided: OrderedDict[int, ReadableSpan | str] = OrderedDict()
         """Trace id -> the trace's outermost pydantic-ai span, or why the trace does not go."""
         self._waiting: OrderedDict[int, deque[ReadableSpan]] = OrderedDict()
@@ -73,8 +72,12 @@ class TraceSelection(SpanProcessor):
         self._told_incomplete = False
         self._told_autolog = False
 
-    def _new_lock(self) -> None:
+    def _forked(self) -> None:
+        """In a forked child: a fork while an app thread held the lock would leave it held
+        for ever; and the spans open in the parent are the parent's to end (a worker of a
+        pool a tool started must not end its parent's run as interrupted)."""
         self._lock = threading.Lock()
+        self._open = {}
 
     def on_start(self, span: Span, parent_context: Context | None = None) -> None:
         scope = span.instrumentation_scope
