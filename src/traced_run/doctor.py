@@ -27,9 +27,7 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -38,6 +36,7 @@ from traced_run import mlflow_api, report
 from traced_run.report import mask_url
 from traced_run.settings import SPECS, Settings, default_of
 from traced_run.sources import Loaded, load, shown
+from traced_run.transport import NO_TRACKING_URI, Answer, auth_headers, otlp_headers, printable, request
 
 STEP_TIMEOUT = 2.0
 """Seconds one network request may take."""
@@ -73,7 +72,8 @@ class Findings:
     trace: dict[str, Any] = field(default_factory=dict)
 
     def add(self, status: str, check: str, what: str, hint: str = "") -> Check:
-        found = Check(status, check, " ".join(what.split()), hint)
+        # Server answers are quoted in `what`: escaped, they cannot move the terminal's cursor.
+        found = Check(status, check, printable(" ".join(what.split())), printable(hint))
         self.checks.append(found)
         return found
 
@@ -93,8 +93,8 @@ def check_settings(loaded: Loaded, found: Findings) -> None:
         found.add(WARN, "settings", f"tracing is turned off ({loaded.sources['enabled']})",
                   "unset it (TRACED_RUN_ENABLED / OTEL_SDK_DISABLED / --disable) to trace")
     elif not settings.traces_endpoint:
-        found.add(FAIL, "settings", "no MLflow tracking URI",
-                  "set MLFLOW_TRACKING_URI (or --tracking-uri, or tracking_uri in traced-run.yaml)")
+        what, _, hint = NO_TRACKING_URI.partition(": ")
+        found.add(FAIL, "settings", what, hint)
     elif any("@" in urllib.parse.urlsplit(url).netloc for url in (settings.tracking_uri, settings.endpoint)
              if url):
         # urllib sends no credentials from a URL: it takes "user:password@host" for the host name.
@@ -158,57 +158,20 @@ def check_versions(found: Findings) -> dict[str, str | None]:
 # -- MLflow over the network ---------------------------------------------------------------
 
 
-@dataclass
-class Answer:
-    status: int | None
-    """HTTP status; None when there was no answer."""
-    body: bytes = b""
-    problem: str = ""
-    """Why there was no answer: refused, timed out, ..."""
-    ms: float = 0.0
-
-    def json(self) -> Any:
-        try:
-            return json.loads(self.body or b"{}")
-        except ValueError:
-            return {}
-
-    @property
-    def bad_host(self) -> bool:
-        return self.status == 403 and b"Invalid Host header" in self.body
-
-
 def _request(url: str, *, method: str = "GET", data: bytes | None = None,
-             headers: dict[str, str] | None = None, timeout: float = STEP_TIMEOUT) -> Answer:
-    started = time.monotonic()
-    request = urllib.request.Request(url, data=data, method=method, headers=headers or {})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            body = response.read(1 << 20)
-            return Answer(response.status, body, ms=(time.monotonic() - started) * 1000)
-    except urllib.error.HTTPError as error:
-        try:
-            body = error.read(4096)
-        except OSError:
-            body = b""
-        return Answer(error.code, body, ms=(time.monotonic() - started) * 1000)
-    except (TimeoutError, urllib.error.URLError, OSError, ValueError) as error:
-        reason: object = getattr(error, "reason", error)
-        if isinstance(reason, TimeoutError) or isinstance(error, TimeoutError):
-            problem = f"no answer within {timeout:.0f} s"
-        elif "@" in urllib.parse.urlsplit(url).netloc:
-            problem = type(reason).__name__  # its text may quote the password in the URL
-        elif isinstance(reason, OSError) and reason.strerror:
-            problem = reason.strerror.lower()
-        else:
-            problem = str(reason) or type(reason).__name__
-        return Answer(None, problem=problem, ms=(time.monotonic() - started) * 1000)
+             headers: dict[str, str] | None = None) -> Answer:
+    return request(url, method=method, data=data, headers=headers, timeout=STEP_TIMEOUT)
+
+
+def _bad_host(answer: Answer) -> bool:
+    return answer.status == 403 and b"Invalid Host header" in answer.body
 
 
 def _detail(answer: Answer) -> str:
     """MLflow's error code, or the start of the body, for a FAIL line."""
-    code = answer.json().get("error_code") if answer.body.startswith(b"{") else None
-    text = str(code) if code else " ".join(answer.body.decode("utf-8", "replace").split())[:120]
+    if answer.status is not None and 300 <= answer.status < 400:
+        return answer.problem
+    text = answer.error_code() or answer.text(120)
     return f"HTTP {answer.status}" + (f" {text}" if text else "")
 
 
@@ -224,7 +187,7 @@ class MlflowChecks:
         self.proof = proof
         self.base = settings.tracking_uri or ""
         self.shown = mask_url(self.base)
-        self.auth = mlflow_api.auth_headers(settings)
+        self.auth = auth_headers(settings)
         self.experiment_id: str | None = None
 
     def run(self) -> None:
@@ -264,7 +227,7 @@ class MlflowChecks:
     def version_and_host(self) -> bool:
         # /health skips MLflow's Host header check; /version does not.
         answer = self.get("/version")
-        if answer.bad_host:
+        if _bad_host(answer):
             host = urllib.parse.urlsplit(self.base).netloc.rpartition("@")[2]
             self.found.add(FAIL, "host header", f"MLflow refuses the Host header {host!r} "
                            "(403 Invalid Host header)",
@@ -276,7 +239,7 @@ class MlflowChecks:
                            "is MLFLOW_TRACKING_URI an MLflow tracking server?")
             return False
         self.found.add(OK, "host header", "accepted")
-        version = answer.body.decode("utf-8", "replace").strip()
+        version = answer.text(40)
         if _numbers(version)[:2] < MIN_MLFLOW:
             self.found.add(FAIL, "mlflow version", f"MLflow {version} has no OTLP route /v1/traces",
                            "upgrade the server to MLflow >= 3.6")
@@ -317,7 +280,7 @@ class MlflowChecks:
                                f"(id {experiment.get('experiment_id')}) is deleted",
                                "restore it in MLflow or set another experiment")
                 return False
-            self.experiment_id = str(experiment["experiment_id"])
+            self.experiment_id = printable(str(experiment["experiment_id"]))
             self.found.add(OK, "experiment", f"{experiment.get('name')!r} is id {self.experiment_id}")
             return True
         if answer.status == 404 and settings.experiment_name and not settings.experiment_id:
@@ -350,17 +313,11 @@ class MlflowChecks:
             return
         self.found.add(OK, "run id", f"{run_id!r} exists ({info.get('status', '?')})")
 
-    def headers(self) -> dict[str, str]:
-        headers = {"Content-Type": "application/x-protobuf",
-                   "x-mlflow-experiment-id": self.experiment_id or mlflow_api.DEFAULT_EXPERIMENT_ID}
-        headers.update(self.auth)
-        headers.update(self.settings.headers)
-        return headers
-
     def check_otlp(self) -> bool:
         # An empty ExportTraceServiceRequest is a valid request that stores nothing.
         endpoint = self.settings.traces_endpoint or ""
-        answer = _request(endpoint, method="POST", data=b"", headers=self.headers())
+        headers = otlp_headers(self.settings, self.experiment_id or mlflow_api.DEFAULT_EXPERIMENT_ID, None)
+        answer = _request(endpoint, method="POST", data=b"", headers=headers)
         shown = mask_url(endpoint)
         if answer.status is None:
             self.found.add(FAIL, "otlp endpoint", f"{shown}: {answer.problem}",

@@ -30,6 +30,7 @@ from traced_run import flags, mlflow_native, report
 from traced_run.delivery import Delivery, DeliveryProcessor
 from traced_run.settings import Settings
 from traced_run.sources import load
+from traced_run.transport import NO_TRACKING_URI
 
 _installed = False
 _install_lock = threading.Lock()
@@ -74,9 +75,7 @@ def _instrument(settings: Settings, ratio: float) -> None:
     from pydantic_ai.models.instrumented import InstrumentationSettings
 
     if not settings.traces_endpoint:
-        raise report.ConfigError(
-            "no MLflow tracking URI: set MLFLOW_TRACKING_URI, --tracking-uri or tracking_uri"
-        )
+        raise report.ConfigError(NO_TRACKING_URI)
     delivery = Delivery(settings)
     options: dict[str, Any] = {
         "include_content": settings.include_content,
