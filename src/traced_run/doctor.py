@@ -36,6 +36,7 @@ from traced_run import mlflow_api, report
 from traced_run.report import mask_url
 from traced_run.settings import SPECS, Settings, default_of
 from traced_run.sources import Loaded, load, shown
+from traced_run.spool import Spool, SpoolRefused, Target
 from traced_run.transport import NO_TRACKING_URI, Answer, auth_headers, otlp_headers, printable, request
 
 STEP_TIMEOUT = 2.0
@@ -44,6 +45,8 @@ TOTAL_BOUND = 12.0
 """Seconds all MLflow checks together may take (a proof read-back polls within it)."""
 PROOF_WAIT = 6.0
 """Seconds the proof trace may take to be readable once MLflow took it."""
+SPOOL_BOUND = 5.0
+"""Seconds reading the spool may take."""
 CHILD_TIMEOUT = 10.0
 """Seconds the bootstrap check's child interpreter may take."""
 MIN_MLFLOW = (3, 6)
@@ -343,7 +346,6 @@ class MlflowChecks:
 
     def end_to_end(self) -> None:
         from traced_run.export import Sender
-        from traced_run.spool import Target
 
         payload, trace_id = synthetic_trace(self.settings)
         started = time.monotonic()
@@ -440,26 +442,30 @@ def check_bootstrap(env: dict[str, str], found: Findings) -> None:
 
 
 def check_spool(settings: Settings, found: Findings) -> dict[str, Any]:
-    from traced_run.spool import Spool
-
+    """What the spool holds; reads, changes nothing (a file that is no batch is
+    set aside by the next sender, not here)."""
     spool = Spool.of(settings)
-    batches, spans = spool.count()
-    endpoint = settings.traces_endpoint or ""
-    here = sum(1 for _ in spool.pending(endpoint)) if endpoint else 0
     try:
-        rejected = sum(1 for p in spool.rejected.iterdir() if p.name.endswith(".otlp"))
-    except OSError:
-        rejected = 0
-    state = {"directory": str(spool.directory), "batches": batches, "spans": spans,
-             "for_this_endpoint": here, "rejected": rejected}
-    if batches:
-        found.add(WARN, "spool", f"{batches} batches ({spans} spans) waiting in {spool.directory}, {here} of "
-                  "them for this endpoint", "`traced-run flush` sends them once MLflow answers")
+        seen = spool.survey(settings.traces_endpoint or "")
+    except OSError as error:
+        found.add(FAIL, "spool", str(error) if isinstance(error, SpoolRefused)
+                  else f"cannot read {spool.directory}: {error.strerror}")
+        return {"directory": str(spool.directory), "problem": str(error)}
+    state = {"directory": str(spool.directory), "batches": seen.batches, "spans": seen.spans,
+             "for_this_endpoint": seen.for_endpoint, "rejected": seen.rejected, "unreadable": seen.unreadable}
+    if seen.batches:
+        found.add(WARN, "spool", f"{seen.batches} batches ({seen.spans} spans) waiting in {spool.directory}, "
+                  f"{seen.for_endpoint} of them for this endpoint",
+                  "`traced-run flush` sends them once MLflow answers")
     else:
         found.add(OK, "spool", f"empty ({spool.directory})")
-    if rejected:
+    if seen.unreadable:
+        found.add(WARN, "spool unreadable", f"{seen.unreadable} files named like batches are none "
+                  f"(first: {seen.first_unreadable})", "`traced-run flush` sets them aside in "
+                  f"{spool.rejected}; delete them")
+    if seen.rejected:
         found.add(WARN, "spool rejected",
-                  f"{rejected} batches MLflow refused are set aside in {spool.rejected}",
+                  f"{seen.rejected} batches MLflow refused are set aside in {spool.rejected}",
                   "read their .reason.txt; delete them when done")
     return state
 
@@ -491,7 +497,7 @@ def run(env: dict[str, str], *, proof: bool = True) -> tuple[Findings, dict[str,
     extra["versions"] = check_versions(found)
     local = Findings()
     check_bootstrap(env, local)
-    extra["spool"] = check_spool(loaded.settings, local)
+    extra["spool"] = _bounded_spool_check(loaded.settings, local)
     if worker.is_alive() or worker.ident is not None:
         worker.join(max(0.0, TOTAL_BOUND - (time.monotonic() - started)))
         if worker.is_alive():
@@ -502,12 +508,33 @@ def run(env: dict[str, str], *, proof: bool = True) -> tuple[Findings, dict[str,
     return found, extra
 
 
-def _guarded(step: Callable[[], None], found: Findings) -> Callable[[], None]:
+def _bounded_spool_check(settings: Settings, found: Findings) -> dict[str, Any]:
+    """check_spool on a thread: a spool on a file system that hangs (a dead
+    NFS mount) cannot hold the doctor either."""
+    state: dict[str, Any] = {}
+    spool = Findings()
+
+    def step() -> None:
+        state.update(check_spool(settings, spool))
+
+    worker = threading.Thread(target=_guarded(step, spool, "spool"), name="traced-run-doctor-spool",
+                              daemon=True)
+    worker.start()
+    worker.join(SPOOL_BOUND)
+    if worker.is_alive():
+        found.add(FAIL, "spool", f"reading the spool did not finish within {SPOOL_BOUND:.0f} s",
+                  "check the file system it is on (TRACED_RUN_SPOOL_DIR)")
+        return {"problem": "timed out"}
+    found.checks += spool.checks
+    return state
+
+
+def _guarded(step: Callable[[], None], found: Findings, check: str = "mlflow") -> Callable[[], None]:
     def guarded() -> None:
         try:
             step()
         except Exception as error:  # a doctor that crashes tells nothing: report it as a check
-            found.add(FAIL, "mlflow", f"unexpected {type(error).__name__}: {error}")
+            found.add(FAIL, check, f"unexpected {type(error).__name__}: {error}")
 
     return guarded
 
