@@ -159,7 +159,10 @@ def request(url: str, *, method: str = "GET", data: bytes | None = None,
         prepared = urllib.request.Request(without_userinfo(url), data=data, method=method,
                                           headers=headers or {})
         with _opener().open(prepared, timeout=timeout) as response:
-            return answer(response.status, response.read(BODY_LIMIT))
+            body = response.read(BODY_LIMIT)
+            if response.length and len(body) < BODY_LIMIT:  # the connection closed before the end
+                return answer(None, problem=f"the answer was cut short after {len(body)} bytes")
+            return answer(response.status, body)
     except urllib.error.HTTPError as error:
         try:
             body = error.read(ERROR_BODY_LIMIT)
