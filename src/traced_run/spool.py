@@ -258,7 +258,7 @@ class Spool:
         with self._made() as fd:
             name = _new_name()
             _write(fd, name, _header_line(target, spans, traces, payload) + payload)
-            return name, self._enforce_bound(fd)
+            return name, _enforce_bound(fd, self.max_bytes)
 
     def fits(self, size: int) -> bool:
         """Whether a batch of ``size`` bytes is well within the bound on its own."""
@@ -272,40 +272,7 @@ class Spool:
             _write(aside, _reason_of(name), _reason_text(reason))
         return self.rejected / name
 
-    def _enforce_bound(self, fd: int) -> int:
-        """Remove the oldest batches past the bound; the spans of ended processes' batches removed."""
-        sizes = {name: _regular_size(fd, name) for name in self._waiting(fd)}
-        total = sum(sizes.values())
-        orphans = 0
-        for name, size in sizes.items():  # oldest first: names start with the time
-            if total <= self.max_bytes:
-                break
-            entry = parse(name)
-            assert entry is not None
-            header = _read_header(fd, name, self.max_bytes)
-            # Marked before it goes, so its writer never finds it neither waiting nor removed.
-            mark = _dropped_of(name) if _alive(entry.writer) else None
-            if mark is not None:
-                os.close(os.open(mark, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                                 dir_fd=fd))
-            try:
-                os.unlink(name, dir_fd=fd)
-            except FileNotFoundError:  # claimed for a send meanwhile: not removed
-                if mark is not None:
-                    _unlink(fd, mark)
-                continue
-            total -= size
-            if mark is None and isinstance(header, Header):
-                orphans += header.spans
-        return orphans
-
     # -- reading ----------------------------------------------------------------------------
-
-    @staticmethod
-    def _waiting(fd: int) -> list[str]:
-        """Unclaimed batches, oldest first."""
-        found = (parse(name) for name in os.listdir(fd))
-        return sorted(e.batch for e in found if e is not None and e.kind == "otlp" and e.claimer is None)
 
     def fates(self, names: Collection[str]) -> tuple[set[str], set[str]]:
         """Of these batches, written by this process: those still waiting
@@ -313,6 +280,12 @@ class Spool:
         by this process or another, or set aside by the one that sent them."""
         if not names:  # most processes: no need to read the directory at exit
             return set(), set()
+        try:
+            return self._fates(names)
+        except OSError:  # the directory went, or was swapped, since: the exit line must still come
+            return set(names), set()
+
+    def _fates(self, names: Collection[str]) -> tuple[set[str], set[str]]:
         with self._existing() as fd:
             if fd is None:
                 return set(), set()
@@ -333,7 +306,7 @@ class Spool:
                 return Survey()
             batches = spans = here = unreadable = 0
             first = ""
-            for name in self._waiting(fd):
+            for name in _waiting(fd):
                 header = _read_header(fd, name, self.max_bytes)
                 if isinstance(header, str):
                     unreadable += 1
@@ -358,8 +331,8 @@ class Spool:
         with self._existing() as fd:
             if fd is None:
                 return
-            self._reclaim_stale(fd)
-            for name in self._waiting(fd):
+            _reclaim_stale(fd)
+            for name in _waiting(fd):
                 header = _read_header(fd, name, self.max_bytes)
                 if isinstance(header, str):
                     self._set_aside_unreadable(fd, name, header)
@@ -427,30 +400,65 @@ class Spool:
             _write(aside, _reason_of(batch.name), _reason_text(reason))
         return self.rejected / batch.name
 
-    def _reclaim_stale(self, fd: int) -> None:
-        """Give back the claims of processes that died while sending; remove
-        the marks and half-written files of processes that ended."""
-        now = time.time()
-        for name in os.listdir(fd):
-            if name.startswith(_WRITING):
-                with contextlib.suppress(OSError):
-                    if now - os.stat(name, dir_fd=fd, follow_symlinks=False).st_mtime > STALE_CLAIM_SECONDS:
-                        _unlink(fd, name)
-                continue
-            entry = parse(name)
-            if entry is None:
-                continue
-            if entry.kind == "dropped" and not _alive(entry.writer):  # its writer ended without looking
-                _unlink(fd, name)
-            if entry.claimer is None:
-                continue
-            try:
-                stale = now - os.stat(name, dir_fd=fd, follow_symlinks=False).st_mtime > STALE_CLAIM_SECONDS
-            except FileNotFoundError:
-                continue
-            if stale or not _alive(entry.claimer):
-                with contextlib.suppress(FileNotFoundError):
-                    os.replace(name, entry.batch, src_dir_fd=fd, dst_dir_fd=fd)
+
+def _waiting(fd: int) -> list[str]:
+    """Unclaimed batches, oldest first."""
+    found = (parse(name) for name in os.listdir(fd))
+    return sorted(e.batch for e in found if e is not None and e.kind == "otlp" and e.claimer is None)
+
+
+def _enforce_bound(fd: int, max_bytes: int) -> int:
+    """Remove the oldest batches past the bound; the spans of ended processes' batches removed."""
+    sizes = {name: _regular_size(fd, name) for name in _waiting(fd)}
+    total = sum(sizes.values())
+    orphans = 0
+    for name, size in sizes.items():  # oldest first: names start with the time
+        if total <= max_bytes:
+            break
+        entry = parse(name)
+        assert entry is not None
+        header = _read_header(fd, name, max_bytes)
+        # Marked before it goes, so its writer never finds it neither waiting nor removed.
+        mark = _dropped_of(name) if _alive(entry.writer) else None
+        if mark is not None:
+            os.close(os.open(mark, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                             dir_fd=fd))
+        try:
+            os.unlink(name, dir_fd=fd)
+        except FileNotFoundError:  # claimed for a send meanwhile: not removed
+            if mark is not None:
+                _unlink(fd, mark)
+            continue
+        total -= size
+        if mark is None and isinstance(header, Header):
+            orphans += header.spans
+    return orphans
+
+
+def _reclaim_stale(fd: int) -> None:
+    """Give back the claims of processes that died while sending; remove
+    the marks and half-written files of processes that ended."""
+    now = time.time()
+    for name in os.listdir(fd):
+        if name.startswith(_WRITING):
+            with contextlib.suppress(OSError):
+                if now - os.stat(name, dir_fd=fd, follow_symlinks=False).st_mtime > STALE_CLAIM_SECONDS:
+                    _unlink(fd, name)
+            continue
+        entry = parse(name)
+        if entry is None:
+            continue
+        if entry.kind == "dropped" and not _alive(entry.writer):  # its writer ended without looking
+            _unlink(fd, name)
+        if entry.claimer is None:
+            continue
+        try:
+            stale = now - os.stat(name, dir_fd=fd, follow_symlinks=False).st_mtime > STALE_CLAIM_SECONDS
+        except FileNotFoundError:
+            continue
+        if stale or not _alive(entry.claimer):
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(name, entry.batch, src_dir_fd=fd, dst_dir_fd=fd)
 
 
 @contextlib.contextmanager
