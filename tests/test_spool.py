@@ -18,12 +18,16 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from traced_run import spool as spool_module
 from traced_run.export import Outcome
-from traced_run.spool import Batch, Spool, SpoolRefused, Target, parse
+from traced_run.spool import Spool, Target
+
+if TYPE_CHECKING:
+    from traced_run.spool import Batch
 
 ENDPOINT = "http://127.0.0.1:9/v1/traces"
 TARGET = Target(ENDPOINT, "0", None, None)
@@ -78,7 +82,7 @@ def plant(spool: Spool, content: bytes, name: str = "00000000000000000001-1-0000
 def test_put_claim_done_round_trip(spool: Spool) -> None:
     name, orphans = spool.put(TARGET, 3, 1, b"payload")
     assert name is not None and orphans == 0
-    entry = parse(name)
+    entry = spool_module.parse(name)
     assert entry is not None and entry.writer == os.getpid() and entry.kind == "otlp"
     (batch,) = taken(spool)
     assert (batch.name, batch.spans, batch.traces, batch.payload) == (name, 3, 1, b"payload")
@@ -221,7 +225,7 @@ def test_the_reason_file_is_written_without_following_a_symlink(spool: Spool, tm
 
 
 def refused(step: Callable[[], object]) -> str:
-    with pytest.raises(SpoolRefused) as caught:
+    with pytest.raises(spool_module.SpoolRefused) as caught:
         step()
     line = str(caught.value)
     assert "\n" not in line
