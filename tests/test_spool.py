@@ -155,7 +155,7 @@ def test_a_batch_larger_than_the_bound_is_not_written(tmp_path: Path) -> None:
 def test_a_password_in_the_endpoint_is_never_written_to_the_spool(spool: Spool) -> None:
     with_password = "http://alice:s3cret-pw@127.0.0.1:9/v1/traces"
     spool.put(Target(with_password, "0", None, None), 1, 1, b"p")
-    stored = b"".join(p.read_bytes() for p in spool.directory.iterdir())
+    stored = b"".join(p.read_bytes() for p in spool.directory.iterdir() if p.is_file())
     assert b"s3cret-pw" not in stored and b"alice" not in stored
     (batch,) = taken(spool, with_password)  # still found by the process that has the credentials
     assert batch.target.endpoint == with_password
@@ -179,19 +179,25 @@ def test_a_password_in_the_endpoint_is_never_written_to_the_spool(spool: Spool) 
 ])
 def test_a_file_that_is_no_readable_batch_is_set_aside_once(spool: Spool, content: bytes, why: str) -> None:
     planted = plant(spool, content)
-    assert spool.survey(ENDPOINT).unreadable == 1
     assert taken(spool) == []
     assert not planted.exists() and (spool.rejected / planted.name).exists()
     assert why in (spool.rejected / planted.name.replace(".otlp", ".reason.txt")).read_text()
     assert (spool.unreadable, taken(spool), spool.unreadable) == (1, [], 1)  # once
+    survey = spool.survey(ENDPOINT)
+    assert (survey.batches, survey.unreadable, survey.rejected) == (0, 0, 1)
+
+
+def test_the_doctors_survey_counts_a_file_that_is_no_batch_and_leaves_it(spool: Spool) -> None:
+    planted = plant(spool, b"[" * 60000 + b"\nx")
+    survey = spool.survey(ENDPOINT)
+    assert (survey.batches, survey.unreadable) == (0, 1) and "not JSON" in survey.first_unreadable
+    assert planted.exists()
 
 
 def test_a_fifo_named_like_a_batch_never_blocks(spool: Spool) -> None:
     spool.directory.mkdir(mode=0o700)
     fifo = spool.directory / "00000000000000000001-1-0000000a.otlp"
     os.mkfifo(fifo)
-    survey = bounded(lambda: spool.survey(ENDPOINT))
-    assert isinstance(survey, spool_module.Survey) and survey.unreadable == 1
     assert bounded(lambda: taken(spool)) == []
     assert stat.S_ISFIFO(os.lstat(spool.rejected / fifo.name).st_mode)  # moved, never opened
     assert "not a regular file" in (spool.rejected / fifo.name.replace(".otlp", ".reason.txt")).read_text()
@@ -213,7 +219,7 @@ def test_the_reason_file_is_written_without_following_a_symlink(spool: Spool, tm
     victim.write_text("precious\n")
     name, _ = spool.put(TARGET, 1, 1, b"p")
     assert name is not None
-    spool.rejected.mkdir(mode=0o700)
+    spool.rejected.mkdir(mode=0o700, exist_ok=True)
     (spool.rejected / name.replace(".otlp", ".reason.txt")).symlink_to(victim)
     (batch,) = spool.claim(ENDPOINT)
     spool.reject(batch, "HTTP 404 Not Found")
@@ -225,9 +231,10 @@ def test_the_reason_file_is_written_without_following_a_symlink(spool: Spool, tm
 
 
 def refused(step: Callable[[], object]) -> str:
-    with pytest.raises(spool_module.SpoolRefused) as caught:
+    with pytest.raises(OSError) as caught:
         step()
     line = str(caught.value)
+    assert type(caught.value).__name__ == "SpoolRefused", line
     assert "\n" not in line
     return line
 
@@ -258,8 +265,8 @@ def test_a_symlinked_spool_directory_or_rejected_dir_is_refused_not_chmod_ed(
 
 def test_a_spool_directory_that_is_a_file_is_one_line_not_a_traceback(spool: Spool) -> None:
     spool.directory.write_text("not a directory")
+    assert "is not a directory" in refused(lambda: list(spool.claim(ENDPOINT)))
     assert "is not a directory" in refused(lambda: spool.survey(ENDPOINT))
-    refused(lambda: list(spool.claim(ENDPOINT)))
 
 
 def test_directories_traced_run_makes_are_private_and_its_files_0600(tmp_path: Path) -> None:
