@@ -137,12 +137,12 @@ def _flush(argv: list[str], env: dict[str, str]) -> int:
     loaded = _load(env)
     if loaded is None:
         return report.EXIT_CONFIG
-    from traced_run.flush import flush
-    from traced_run.transport import NO_TRACKING_URI
-
     if not loaded.settings.traces_endpoint:
+        from traced_run.transport import NO_TRACKING_URI
+
         report.say(NO_TRACKING_URI)
         return report.EXIT_CONFIG
+    from traced_run.flush import flush
 
     return flush(loaded.settings)
 
