@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 from conftest import AGENT_APP, TRACED_RUN, QuietHandler, clean_env
+from test_spool import second_user  # noqa: F401 - the fixture `nobody`: a second local user
 
 TOKEN = "s3cret-bearer-token-for-redirects"
 BATCH = "00000000000000000001-1-0000000a.otlp"
@@ -148,16 +149,6 @@ def test_control_characters_in_a_server_answer_reach_neither_the_terminal_nor_a_
 
 
 # --- the spool of another user (finding 1) ------------------------------------------------
-
-
-@pytest.fixture
-def nobody() -> pwd.struct_passwd:
-    if os.geteuid() != 0:
-        pytest.skip("needs root, to give a spool directory to a second local user")
-    try:
-        return pwd.getpwnam("nobody")
-    except KeyError:
-        pytest.skip("no user 'nobody' on this machine")
 
 
 def test_flush_as_root_neither_sends_from_nor_writes_into_another_users_spool(

@@ -294,8 +294,9 @@ def test_an_existing_private_enough_directory_is_used_as_it_is(tmp_path: Path) -
 # --- another local user (as root: `nobody`) ----------------------------------------------
 
 
-@pytest.fixture
-def nobody() -> Iterator[pwd.struct_passwd]:
+@pytest.fixture(name="nobody")
+def second_user() -> Iterator[pwd.struct_passwd]:
+    """The user ``nobody``, to whom root can give a directory (test_security_spool_http uses it too)."""
     if os.geteuid() != 0:
         pytest.skip("needs root, to give a directory to a second local user")
     try:
