@@ -131,13 +131,17 @@ def test_closed_port_fails_fast_without_secrets(tmp_path: Path) -> None:
     print(f"doctor against a closed port: {seconds:.2f} s")
 
 
-def test_password_in_the_url_is_a_fail_and_never_printed(tmp_path: Path) -> None:
-    env = env_for(f"http://someone:{SECRET}@127.0.0.1:{free_port()}", tmp_path)
+def test_password_in_the_url_becomes_basic_auth_and_is_never_printed(tmp_path: Path) -> None:
+    port = free_port()
+    env = env_for(f"http://someone:{SECRET}@127.0.0.1:{port}", tmp_path)
     done, _ = doctor(tmp_path, env, "--json")
-    assert done.returncode == 1
     assert SECRET not in done.stdout + done.stderr
-    settings = next(c for c in json.loads(done.stdout)["checks"] if c["check"] == "settings")
-    assert settings["status"] == "FAIL" and "MLFLOW_TRACKING_PASSWORD" in settings["hint"]
+    document = json.loads(done.stdout)
+    settings = next(c for c in document["checks"] if c["check"] == "settings")
+    assert settings["status"] == "OK"
+    assert document["settings"]["tracking_uri"]["value"] == f'"http://127.0.0.1:{port}"'
+    assert document["settings"]["password"] == {"value": '"***"',
+                                                "source": "env MLFLOW_TRACKING_URI (from the URL)"}
 
 
 @pytest.fixture

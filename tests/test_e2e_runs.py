@@ -364,7 +364,7 @@ def _coexisting_app(setup: str, first: str) -> str:
     [(_LOGFIRE_SETUP, "setup"), (_LOGFIRE_SETUP, "import"), (_SDK_SETUP, "import")],
     ids=["logfire-before-import", "logfire-after-import", "sdk-provider-after-import"],
 )
-def test_app_with_its_own_tracing_gets_its_spans_and_mlflow_one_trace(app: App, setup: str,
+def test_app_with_its_own_tracing_keeps_it_and_mlflow_gets_one_trace(app: App, setup: str,
                                                                         first: str) -> None:
     app.write(_coexisting_app(setup, first))
     done = app.run("python", "app.py", env=traced_env(app))
@@ -373,15 +373,9 @@ def test_app_with_its_own_tracing_gets_its_spans_and_mlflow_one_trace(app: App, 
     answer, exported = done.stdout.decode().splitlines()
     assert answer == '{"lookup":"a: sunny"}'
 
-    mine = json.loads(exported)
-    assert sorted(name for name, _, _ in mine) == [
-        "chat test", "chat test", "execute_tool lookup", "invoke_agent coexisting"]
-    assert len({span_id for _, span_id, _ in mine}) == 4, "each span once in the app's own exporter"
-    assert [kind for _, _, kind in mine] == [None] * 4, "the app's spans are left as pydantic-ai made them"
+    assert json.loads(exported) == [], "the app did not instrument pydantic-ai: its exporter gets none of it"
 
     (trace,) = app.traces(1)
     assert sorted(str(s.span_type) for s in trace.data.spans) == ["AGENT", "LLM", "LLM", "TOOL"]
     assert len({s.span_id for s in trace.data.spans}) == 4
-    assert {int(s.span_id, 16) for s in trace.data.spans} == {span_id for _, span_id, _ in mine}, \
-        "MLflow holds the very spans the app's own exporter saw"
     assert agent_root(trace).inputs == "Weather with my own tracing?"

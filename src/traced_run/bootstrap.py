@@ -66,11 +66,15 @@ def _check_settings_now() -> None:
 
 
 def _on_import(module: "ModuleType") -> None:
-    from traced_run import pipeline
-
     os.environ[SETTING_UP_ENV] = str(os.getpid())
     try:
+        from traced_run import pipeline
+
         pipeline.install()
+    except Exception as error:  # runs inside the app's `import pydantic_ai`: fail open, whatever it is
+        from traced_run import report
+
+        report.say(f"could not set up tracing: {type(error).__name__}: {error}; the app runs untraced")
     finally:
         os.environ.pop(SETTING_UP_ENV, None)
 

@@ -9,6 +9,7 @@ with one line and exit code 78; the options reach the app's processes through
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -37,6 +38,16 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(report.EXIT_USAGE)
 
 
+class _Once(argparse.Action):
+    """An option given twice is a mistake (which one was meant?), not "the last wins"."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        if getattr(namespace, self.dest) is not None:
+            parser.error(f"option {option_string} given twice")
+        setattr(namespace, self.dest, values)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="traced-run",
@@ -54,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
                                 help=spec.doc + env)
         else:
             parser.add_argument(spec.option, dest=name, metavar=spec.kind.name.upper().replace(" ", "_"),
-                                help=spec.doc + env)
+                                action=_Once, help=spec.doc + env)
     parser.add_argument("--print-pythonpath", action="store_true",
                         help="print the directory to put on PYTHONPATH to trace without the launcher")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="the command to run, e.g. python app.py")
@@ -81,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = {name: getattr(args, name) for name, spec in SPECS.items()
                if spec.option is not None and getattr(args, name) is not None}
     if "config" in options:
-        options["config"] = os.path.abspath(options["config"])
+        options["config"] = os.path.abspath(os.path.expanduser(options["config"]))
     env = child_environment(options, dict(os.environ))
     command = list(args.command)
     subcommand = SUBCOMMANDS.get(command[0]) if command else None
@@ -96,8 +107,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         report.say("no command given: traced-run [OPTIONS] COMMAND [ARGS...] (see traced-run --help)")
         return report.EXIT_USAGE
     if loaded.settings.enabled and not loaded.settings.traces_endpoint:
-        report.say("no MLflow tracking URI: set MLFLOW_TRACKING_URI, --tracking-uri or tracking_uri "
-                   "in the config file")
+        from traced_run.transport import NO_TRACKING_URI
+
+        report.say(NO_TRACKING_URI)
         return report.EXIT_CONFIG
     return _exec(command, env)
 
@@ -137,7 +149,9 @@ def _flush(argv: list[str], env: dict[str, str]) -> int:
     if loaded is None:
         return report.EXIT_CONFIG
     if not loaded.settings.traces_endpoint:
-        report.say("no MLflow tracking URI: set MLFLOW_TRACKING_URI, --tracking-uri or tracking_uri")
+        from traced_run.transport import NO_TRACKING_URI
+
+        report.say(NO_TRACKING_URI)
         return report.EXIT_CONFIG
     from traced_run.flush import flush
 
@@ -162,6 +176,9 @@ SUBCOMMANDS: dict[str, Callable[[list[str], dict[str, str]], int]] = {
 
 
 def _exec(command: list[str], env: dict[str, str]) -> int:
+    if not command[0]:
+        report.say("command not found: '' (the command name is empty)")
+        return report.EXIT_NOT_FOUND
     try:
         os.execvpe(command[0], command, env)
     except FileNotFoundError:
@@ -171,7 +188,13 @@ def _exec(command: list[str], env: dict[str, str]) -> int:
         report.say(f"command not executable: {command[0]}")
         return report.EXIT_NOT_EXECUTABLE
     except OSError as error:
-        report.say(f"cannot run {command[0]}: {error.strerror or error}")
+        if error.errno == errno.E2BIG:
+            ours = len(env.get(OPTIONS_ENV, "")) + len(BOOT_DIR) + 1
+            report.say(f"cannot run {command[0]}: its arguments and environment together are more than "
+                       f"the system allows (Argument list too long); traced-run adds {ours} bytes of it "
+                       f"(PYTHONPATH, {OPTIONS_ENV})")
+        else:
+            report.say(f"cannot run {command[0]}: {error.strerror or error}")
         return report.EXIT_NOT_EXECUTABLE
 
 

@@ -10,26 +10,19 @@ process.
 
 from __future__ import annotations
 
-import gzip
-import http.client
 import time
-import urllib.error
-import urllib.request
-import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.trace import ReadableSpan
 
 from traced_run import mlflow_api
 from traced_run.enrich import for_mlflow
-from traced_run.report import mask_url
 from traced_run.settings import Settings
 from traced_run.spool import Target
+from traced_run.transport import Answer, post_otlp
 
-RETRYABLE = {408, 425, 429, 500, 502, 503, 504}
-"""Statuses after which the same batch may well be taken later."""
 INVALID = {400, 404, 413, 415, 422}
 """Statuses that say the batch itself (or where it is addressed) is wrong: sending it again cannot help."""
 REFUSED_ENCODING = {400, 415}
@@ -69,6 +62,7 @@ class Sender:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._experiments: dict[str, str] = {}
+        self._plain = replace(settings, compression="none")
         self._uncompressed: set[str] = set()
         """Endpoints that refused a compressed body and took it plain: sent plain from then on."""
         self._tried_plain: set[str] = set()
@@ -83,77 +77,34 @@ class Sender:
         return self._experiments[name]
 
     def post(self, payload: bytes, target: Target, timeout: float) -> Outcome:
-        settings = self._settings
+        """One attempt; any other answer than 2xx (a redirect too) is a failure the Outcome names."""
         try:
             experiment_id = self.resolve(target)
         except mlflow_api.MlflowUnreachable as error:
-            return Outcome(False, False, _network_reason(error.reason))
+            return Outcome(False, False, error.reason)
         except mlflow_api.MlflowError as error:
             return Outcome(False, False, str(error))
-        headers = {"Content-Type": "application/x-protobuf", "x-mlflow-experiment-id": experiment_id}
-        if target.run_id:
-            headers["x-mlflow-run-id"] = target.run_id
-        headers.update(mlflow_api.auth_headers(settings))
-        headers.update(settings.headers)
-        compression = "none" if target.endpoint in self._uncompressed else settings.compression
+        endpoint = target.endpoint
+        settings = self._plain if endpoint in self._uncompressed else self._settings
         deadline = time.monotonic() + timeout
-        outcome = _send(target.endpoint, payload, headers, compression, timeout)
-        if compression != "none" and outcome.status in REFUSED_ENCODING:
-            return self._plain_once(target.endpoint, payload, headers, deadline, outcome)
-        return outcome
+        answer = post_otlp(settings, endpoint, payload, experiment_id, target.run_id, timeout)
+        if (answer.status in REFUSED_ENCODING and settings.compression != "none"
+                and endpoint not in self._tried_plain):
+            answer = self._plain_once(endpoint, payload, experiment_id, target.run_id, deadline, answer)
+        if answer.ok:
+            return DELIVERED
+        return Outcome(False, answer.status in INVALID, answer.problem, answer.status)
 
-    def _plain_once(self, endpoint: str, payload: bytes, headers: dict[str, str], deadline: float,
-                    refused: Outcome) -> Outcome:
+    def _plain_once(self, endpoint: str, payload: bytes, experiment_id: str, run_id: str | None,
+                    deadline: float, refused: Answer) -> Answer:
         """MLflow before 3.7 reads a gzip or deflate body as protobuf and answers 400 "Invalid
         OpenTelemetry protobuf format": at the first such refusal (once per endpoint and process)
         the batch goes again uncompressed, and if that is taken, so does every later one."""
-        if endpoint in self._tried_plain:
-            return refused
-        plain = _send(endpoint, payload, headers, "none", deadline - time.monotonic())
+        remaining = max(deadline - time.monotonic(), 0.05)
+        plain = post_otlp(self._plain, endpoint, payload, experiment_id, run_id, remaining)
         if plain.status is not None:
             self._tried_plain.add(endpoint)
-        if plain.delivered:
+        if plain.ok:
             self._uncompressed.add(endpoint)
             return plain
         return refused if plain.status in REFUSED_ENCODING else plain
-
-
-def _send(endpoint: str, payload: bytes, headers: dict[str, str], compression: str,
-          timeout: float) -> Outcome:
-    headers = dict(headers)
-    if compression == "gzip":
-        payload = gzip.compress(payload, compresslevel=6)
-        headers["Content-Encoding"] = "gzip"
-    elif compression == "deflate":
-        payload = zlib.compress(payload)
-        headers["Content-Encoding"] = "deflate"
-    request = urllib.request.Request(endpoint, data=payload, method="POST", headers=headers)
-    try:
-        with urllib.request.urlopen(request, timeout=max(timeout, 0.05)) as response:
-            response.read()
-        return DELIVERED
-    except urllib.error.HTTPError as error:
-        reason = f"HTTP {error.code} {error.reason}{_detail(error)}"
-        return Outcome(False, error.code in INVALID, reason, error.code)
-    except TimeoutError:
-        return Outcome(False, False, f"no answer within {timeout:.1f}s")
-    except urllib.error.URLError as error:
-        return Outcome(False, False, _network_reason(error.reason))
-    except (OSError, http.client.HTTPException) as error:
-        return Outcome(False, False, _network_reason(error))
-
-
-def _detail(error: urllib.error.HTTPError) -> str:
-    try:
-        body = error.read(300).decode("utf-8", "replace").strip()
-    except OSError:
-        return ""
-    return f": {' '.join(body.split())[:200]}" if body else ""
-
-
-def _network_reason(reason: object) -> str:
-    if isinstance(reason, TimeoutError):
-        return "no answer within the timeout"
-    if isinstance(reason, OSError) and reason.strerror:
-        return reason.strerror.lower()
-    return mask_url(str(reason)) or type(reason).__name__  # library text may quote the URL

@@ -46,7 +46,7 @@ def _option(environ: "Mapping[str, str]", name: str) -> bool | None:
 
     try:
         value = json.loads(raw).get(name)
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         return None
     return value if isinstance(value, bool) else None
 

@@ -1,15 +1,18 @@
 """Builds the span pipeline once per process and switches on pydantic-ai's
 instrumentation for every agent.
 
-Which TracerProvider receives the spans is decided at the first span, not at
-import: an app that configures logfire or its own SDK provider after importing
-pydantic_ai (the usual order) gets our processor added to its provider; an app
-that configures nothing gets a private provider. The global provider is never
-replaced, so the app's own ``set_tracer_provider`` keeps working.
+Agents the app does not instrument use traced-run's settings and a private
+tracer provider. Agents the app (or logfire, or MLflow's autolog) does
+instrument keep their settings and their destination: the ``Router`` joins
+traced-run's processor to the provider their spans go to. Either way the spans
+pass ``selection`` (whole agent traces only) on their way to ``delivery``. The
+global provider is never replaced, so the app's own ``set_tracer_provider``
+keeps working.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import sys
@@ -28,8 +31,10 @@ from opentelemetry.util.types import Attributes
 
 from traced_run import compat, flags, mlflow_native, report
 from traced_run.delivery import Delivery, DeliveryProcessor
+from traced_run.selection import PYDANTIC_AI_SCOPE, TraceSelection
 from traced_run.settings import Settings
 from traced_run.sources import load
+from traced_run.transport import NO_TRACKING_URI
 
 _installed = False
 _install_lock = threading.Lock()
@@ -71,13 +76,12 @@ def _fail(message: str, *, strict_code: int, strict: bool) -> None:
 
 
 def _instrument(settings: Settings, ratio: float) -> None:
+    import pydantic_ai
     from pydantic_ai import Agent
     from pydantic_ai.models.instrumented import InstrumentationSettings
 
     if not settings.traces_endpoint:
-        raise report.ConfigError(
-            "no MLflow tracking URI: set MLFLOW_TRACKING_URI, --tracking-uri or tracking_uri"
-        )
+        raise report.ConfigError(NO_TRACKING_URI)
     delivery = Delivery(settings)
     options: dict[str, Any] = {
         "include_content": settings.include_content,
@@ -88,8 +92,16 @@ def _instrument(settings: Settings, ratio: float) -> None:
     processor: SpanProcessor = DeliveryProcessor(delivery)
     if ratio < 1:
         processor = _SampledProcessor(processor, ratio)
-    provider = _DeferredProvider(settings, processor)
-    Agent.instrument_all(InstrumentationSettings(tracer_provider=provider, **options))
+    service = settings.service_name or _service_name()
+    attributes = dict(settings.resource_attributes)
+    attributes["service.name"] = service
+    attributes.setdefault("host.name", socket.gethostname())
+    private = TracerProvider(resource=Resource.create(attributes), shutdown_on_exit=False)
+    selection = TraceSelection(processor, service_name=service)
+    delivery.interrupt = selection.interrupt
+    router = Router(selection, private, (PYDANTIC_AI_SCOPE, pydantic_ai.__version__))
+    router.watch(InstrumentationSettings)
+    Agent.instrument_all(InstrumentationSettings(tracer_provider=private, **options))
     delivery.install_exit_hooks()
     delivery.start()
 
@@ -152,53 +164,126 @@ def _service_name() -> str:
     return os.path.splitext(base)[0] or "python"
 
 
-class _DeferredProvider(trace.TracerProvider):
-    """Hands out tracers whose real provider is chosen at the first span."""
+class Router:
+    """Makes every pydantic-ai span reach traced-run, whoever set up pydantic-ai's instrumentation.
 
-    def __init__(self, settings: Settings, processor: SpanProcessor) -> None:
-        self._settings = settings
+    The app may instrument pydantic-ai itself (``logfire.instrument_pydantic_ai()``,
+    its own ``Agent.instrument_all(...)``, ``agent.instrument = ...``,
+    ``InstrumentedModel``, MLflow's autolog): each of those builds an
+    ``InstrumentationSettings``, whose tracer decides where the spans go. Every
+    such object is watched: its spans keep going where the app sends them, and
+    the provider they go to gets traced-run's processor as well (joined once).
+    Settings without a provider follow pydantic-ai's rule (the global provider)
+    while the app has set one, and go to traced-run's private provider while
+    it has not (pydantic-ai would record nothing then). The global provider the
+    app sets is joined too, so the spans around an agent run (the HTTP request
+    span) are seen from their start. Agents nobody instrumented use traced-run's
+    own settings and its private provider, so the app's destinations get exactly
+    what they got without traced-run.
+    """
+
+    def __init__(self, processor: SpanProcessor, private: TracerProvider, scope: tuple[str, str]) -> None:
         self._processor = processor
-        self._target: trace.TracerProvider | None = None
+        self.private = private
+        self.scope = scope
         self._lock = threading.Lock()
+        self._joined: dict[int, object] = {}
+        """What carries our processor, by id (the object is kept, so no id is reused)."""
+        self._told: set[str] = set()
+        self._global: tuple[object, trace.TracerProvider] | None = None
+        self.join(private)
 
-    def get_tracer(
-        self,
-        instrumenting_module_name: str,
-        instrumenting_library_version: str | None = None,
-        schema_url: str | None = None,
-        attributes: Attributes | None = None,
-    ) -> trace.Tracer:
-        return _DeferredTracer(self, (instrumenting_module_name, instrumenting_library_version, schema_url))
+    def watch(self, settings_class: type) -> None:
+        """Route the tracer of every ``InstrumentationSettings`` made from now on; and
+        join each global provider the app sets from now on, and the one it has set."""
+        original_init = settings_class.__init__  # type: ignore[misc]
+        router = self
 
-    def resolve(self) -> trace.TracerProvider:
+        # wraps() keeps the signature: logfire reads it to choose the arguments it passes.
+        @functools.wraps(original_init)
+        def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+            original_init(self, *args, **kwargs)
+            self.tracer = router.tracer_for(kwargs.get("tracer_provider"), self.tracer)
+
+        settings_class.__init__ = __init__  # type: ignore[misc]
+        original_set = trace.set_tracer_provider
+
+        @functools.wraps(original_set)
+        def set_tracer_provider(tracer_provider: trace.TracerProvider) -> None:
+            original_set(tracer_provider)
+            router.global_provider()
+
+        trace.set_tracer_provider = set_tracer_provider
+        self.global_provider()
+
+    def tracer_for(self, provider: trace.TracerProvider | None, tracer: trace.Tracer) -> trace.Tracer:
+        if provider is None or isinstance(provider, trace.ProxyTracerProvider):
+            return _RoutedTracer(self, None, None)
+        if not hasattr(provider, "add_span_processor"):
+            return _RoutedTracer(self, provider, tracer)
+        self.join(provider)
+        return _RoutedTracer(self, provider, tracer)
+
+    def join(self, provider: Any) -> bool:
+        """Add our processor to ``provider`` unless it carries it; False if it cannot take one.
+        logfire's provider wraps an SDK provider that a second ``logfire.configure()``
+        replaces: the wrapped one is what carries processors."""
+        if not hasattr(provider, "add_span_processor"):
+            return False
+        carrier = getattr(provider, "provider", provider)
+        if id(carrier) in self._joined:
+            return True
         with self._lock:
-            if self._target is None:
-                self._target = self._choose()
-            return self._target
+            if id(carrier) not in self._joined:
+                provider.add_span_processor(self._processor)
+                self._joined[id(carrier)] = carrier
+        return True
 
-    def _choose(self) -> trace.TracerProvider:
-        current: Any = trace.get_tracer_provider()
-        if hasattr(current, "add_span_processor"):
-            current.add_span_processor(self._processor)
-            return current  # type: ignore[no-any-return]
-        attributes = dict(self._settings.resource_attributes)
-        attributes["service.name"] = self._settings.service_name or _service_name()
-        attributes.setdefault("host.name", socket.gethostname())
-        provider = TracerProvider(resource=Resource.create(attributes), shutdown_on_exit=False)
-        provider.add_span_processor(self._processor)
-        return provider
+    def global_provider(self) -> trace.TracerProvider:
+        """Where settings without a provider send spans now: the app's global provider
+        (joined) once it has set one, else ours."""
+        current = trace.get_tracer_provider()
+        known = self._global
+        if known is not None and known[0] is current:
+            return known[1]
+        target = current if self.join(current) else self.private
+        self._global = (current, target)
+        return target
+
+    def cannot_join(self, provider: object) -> None:
+        kind = f"{type(provider).__module__}.{type(provider).__qualname__}"
+        if kind in self._told:
+            return
+        self._told.add(kind)
+        report.say(f"the app gives pydantic-ai the tracer provider {kind}, which traced-run cannot add "
+                   f"its processor to: those agent runs are not sent to MLflow (give pydantic-ai an "
+                   f"OpenTelemetry SDK TracerProvider, or none)")
 
 
-class _DeferredTracer(trace.Tracer):
-    def __init__(self, provider: _DeferredProvider, key: tuple[str, str | None, str | None]) -> None:
+class _RoutedTracer(trace.Tracer):
+    """A pydantic-ai tracer whose spans go where the app sends them, with traced-run joined there."""
+
+    def __init__(self, router: Router, provider: trace.TracerProvider | None,
+                 tracer: trace.Tracer | None) -> None:
+        self._router = router
         self._provider = provider
-        self._key = key
-        self._tracer: trace.Tracer | None = None
+        self._tracer = tracer
+        self._by_provider: dict[int, tuple[trace.TracerProvider, trace.Tracer]] = {}
 
     def _real(self) -> trace.Tracer:
-        if self._tracer is None:
-            self._tracer = self._provider.resolve().get_tracer(*self._key)
-        return self._tracer
+        provider, tracer = self._provider, self._tracer
+        if provider is None:
+            return self._tracer_of(self._router.global_provider())
+        if not self._router.join(provider):
+            self._router.cannot_join(provider)
+        assert tracer is not None
+        return tracer
+
+    def _tracer_of(self, provider: trace.TracerProvider) -> trace.Tracer:
+        known = self._by_provider.get(id(provider))
+        if known is None or known[0] is not provider:
+            known = self._by_provider[id(provider)] = (provider, provider.get_tracer(*self._router.scope))
+        return known[1]
 
     def start_span(
         self,

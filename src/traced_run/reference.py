@@ -13,12 +13,25 @@ HEADER = """\
 # Precedence: launcher options > environment variables > this file > defaults.
 # An empty environment variable counts as unset. ${VAR} in a value is replaced
 # from the environment, so secrets stay out of this file.
+# Found as ./traced-run.yaml without being named (--config, TRACED_RUN_CONFIG), this
+# file may not set the keys marked "named file only" (see README, Security).
 # Every key below is commented out at its default: uncomment what you change.
 """
 
 
 def _default_yaml(name: str) -> str:
     return shown(name, default_of(name))
+
+
+def _type(spec: Spec) -> str:
+    return f"{spec.kind.name} ({spec.kind.limit})" if spec.kind.limit else spec.kind.name
+
+
+def _trust(spec: Spec) -> str:
+    """The sentence on what a ./traced-run.yaml nobody named may not do with this key."""
+    if spec.trust is None:
+        return ""
+    return f"Named file only when it would {spec.trust.what} (not from an unnamed ./traced-run.yaml)."
 
 
 def _where(spec: Spec) -> str:
@@ -39,8 +52,9 @@ def example_config() -> str:
         spec = SPECS[item.name]
         if not spec.in_yaml:
             continue
+        trust = f"\n# {_trust(spec)}" if spec.trust else ""
         blocks.append(
-            f"\n# {spec.doc}\n# type: {spec.kind.name}; {_where(spec)}\n"
+            f"\n# {spec.doc}{trust}\n# type: {_type(spec)}; {_where(spec)}\n"
             f"# {item.name}: {_default_yaml(item.name)}\n"
         )
     return "".join(blocks)
@@ -54,6 +68,8 @@ def markdown_reference() -> str:
         "Generated from `src/traced_run/settings.py` (`traced-run config --reference`).",
         "Precedence: launcher options > environment variables > YAML file > defaults;",
         "an empty environment variable counts as unset. Secrets are never printed.",
+        "\"Named file only\": a `./traced-run.yaml` found in the working directory, not named by",
+        "`--config` or `TRACED_RUN_CONFIG`, may not set it so (README, Security).",
         "",
         "| YAML key | environment | option | type | default | what it does |",
         "| --- | --- | --- | --- | --- | --- |",
@@ -65,7 +81,8 @@ def markdown_reference() -> str:
         env += "".join(f"<br>`{var}=true` turns off" for var in spec.env_off)
         option = f"`{spec.option}`" if spec.option else ""
         secret = " Secret: never printed." if spec.secret else ""
-        kind = spec.kind.name.replace("|", "\\|")  # a bare | would end the table cell
+        kind = _type(spec).replace("|", "\\|")  # a bare | would end the table cell
+        trust = f" {_trust(spec)}" if spec.trust else ""
         lines.append(f"| {key} | {env} | {option} | {kind} | `{_default_yaml(item.name)}` "
-                     f"| {spec.doc}{secret} |")
+                     f"| {spec.doc}{secret}{trust} |")
     return "\n".join(lines) + "\n"

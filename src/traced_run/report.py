@@ -25,23 +25,35 @@ EXIT_NOT_FOUND = 127
 
 _said: set[str] = set()
 _lock = threading.Lock()
-# The password runs to the last "@" of the URL: users paste unencoded "@" and "/" in
-# passwords, and a masked path is harmless where a shown password is not.
-_USERINFO = re.compile(r"(?<=://)[^/@\s:]*:\S*@")
+# What a URL carries before its host runs to the last "@" before the next "://" (or the
+# end): users paste unencoded "@", "/", ":", spaces and even line breaks in passwords and
+# tokens, and a masked host or path is harmless where a shown password is not.
+_USERINFO = re.compile(r"(?<=://)(?:(?!://).)*@", re.DOTALL)
+CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+"""C0, DEL and C1: a server's ANSI escapes, a CR that rewrites the line, a header break."""
 
 
 class ConfigError(Exception):
     """A setting is wrong; ``str()`` is the one line that says where and why."""
 
 
-def mask_url(url: str) -> str:
-    """Hide the password a URL may carry (``https://user:secret@host``)."""
-    return _USERINFO.sub("***@", url)
+def mask_url(text: str) -> str:
+    """``text`` with the credentials of every URL in it hidden: ``https://user:secret@host``
+    and ``https://token@host`` become ``https://***@host``. Every message, ``traced-run
+    config`` and the doctor show values through this."""
+    return _USERINFO.sub("***@", text)
+
+
+def printable(text: str) -> str:
+    """One line, fit for a terminal or a log: whitespace runs become one space, other
+    control characters their ``\\xNN`` escape."""
+    return CONTROL.sub(lambda found: f"\\x{ord(found[0]):02x}", " ".join(text.split()))
 
 
 def say(message: str) -> None:
-    """Write ``traced-run: <message>`` to stderr once per process."""
-    line = " ".join(message.split())
+    """Write ``traced-run: <message>`` to stderr once per process, URL credentials
+    masked and control characters escaped."""
+    line = printable(mask_url(message))
     with _lock:
         if line in _said:
             return

@@ -10,6 +10,7 @@ text is parsed, and one line of documentation. Parsing and precedence
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -17,6 +18,29 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from traced_run.flags import ENABLED_ENV, SDK_DISABLED_ENV, STRICT_ENV, parse_bool
+from traced_run.report import CONTROL
+
+MAX_TEXT = 1000
+"""Characters in a plain string setting (names, ids, the marker)."""
+MAX_SECRET = 8192
+"""Characters in a password or token."""
+MAX_URL = 2048
+MAX_PATH = 4096
+MAX_PAIRS = 64
+"""Entries in a mapping setting (headers, tags, resource attributes)."""
+MAX_KEY = 250
+"""Characters in a mapping's key: MLflow's limit for a tag key."""
+MAX_VALUE = 4096
+MAX_PATTERNS = 64
+MAX_PATTERN = 1000
+MAX_EXPERIMENT_NAME = 500
+"""MLflow refuses a longer experiment name."""
+_RUN_ID = re.compile(r"[a-zA-Z0-9][\w\-]{0,255}", re.ASCII)
+"""MLflow's own check of a run id (mlflow.utils.validation._RUN_ID_REGEX), ASCII
+only: the run id is sent as the x-mlflow-run-id header."""
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+"""An HTTP field name (RFC 9110 token)."""
+_BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 
 
 @dataclass(frozen=True)
@@ -24,11 +48,13 @@ class Kind:
     """How a setting's text (env var, option) or YAML value becomes its value."""
 
     name: str
-    """Shown in docs: ``bool``, ``url``, ``seconds``..."""
+    """Shown in docs and as the option's metavar: ``bool``, ``url``, ``seconds``..."""
     parse_text: Callable[[str], Any]
     """Parses an env var or option; raises ValueError with what was expected."""
     check_yaml: Callable[[Any], Any]
     """Checks (and converts) a value that YAML already typed."""
+    limit: str = ""
+    """The bound a value must keep, for the docs: ``at most 1000 characters``."""
 
 
 def _bool_yaml(value: Any) -> bool:
@@ -39,18 +65,62 @@ def _bool_yaml(value: Any) -> bool:
     raise ValueError("expected true or false")
 
 
-def _text(text: str) -> str:
-    return text.strip()
-
-
-def _text_yaml(value: Any) -> str:
+def _scalar_text(value: Any) -> str:
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise ValueError("expected a string")
-    return str(value).strip()
+    return str(value)
+
+
+def _bounded(text: str, maximum: int) -> str:
+    if len(text) > maximum:
+        raise ValueError(f"expected at most {maximum} characters, not {len(text)}")
+    return text
+
+
+def _one_line(text: str, maximum: int) -> str:
+    """Stripped, within ``maximum``, without line breaks or other control characters."""
+    text = _bounded(text.strip(), maximum)
+    if CONTROL.search(text):
+        raise ValueError("expected text without line breaks or other control characters")
+    return text
+
+
+def _text_kind(name: str, check: Callable[[str], str], limit: str) -> Kind:
+    return Kind(name, check, lambda value: check(_scalar_text(value)), limit)
+
+
+def _text(text: str) -> str:
+    return _one_line(text, MAX_TEXT)
+
+
+def _user_name(text: str) -> str:
+    name = _one_line(text, MAX_TEXT)
+    if ":" in name:
+        raise ValueError("a Basic-auth user name cannot hold ':'")
+    return name
+
+
+def _password(text: str) -> str:
+    # Sent base64-encoded: any character is safe on the wire; only the length is bounded.
+    return _bounded(text.strip(), MAX_SECRET)
+
+
+def _header_value(text: str) -> str:
+    """A value that goes into an HTTP header as it is (a token, an extra header)."""
+    text = _bounded(text.strip(), MAX_SECRET)
+    if CONTROL.search(text):
+        raise ValueError("expected no line breaks or other control characters")
+    try:
+        text.encode("latin-1")
+    except UnicodeEncodeError:
+        raise ValueError("expected only Latin-1 characters (HTTP sends nothing else)") from None
+    return text
 
 
 def _url(text: str) -> str:
-    url = text.strip().rstrip("/")
+    url = _bounded(text.strip(), MAX_URL).rstrip("/")
+    if CONTROL.search(url) or " " in url:
+        raise ValueError("expected a URL without spaces or control characters")
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError("expected an http:// or https:// URL with a host")
@@ -58,22 +128,37 @@ def _url(text: str) -> str:
         parts.port  # noqa: B018 - raises ValueError on a non-numeric port
     except ValueError:
         raise ValueError("the URL's port is not a number") from None
+    if "?" in url or "#" in url:
+        raise ValueError("expected a URL without a query (?...) or fragment (#...)")
     return url
 
 
-def _url_yaml(value: Any) -> str:
-    return _url(_text_yaml(value))
+def _path(text: str) -> str:
+    path = os.path.expanduser(_bounded(text.strip(), MAX_PATH))
+    if "\x00" in path:
+        raise ValueError("expected a path without NUL characters")
+    return path
 
 
 def _experiment_id(text: str) -> str:
-    text = text.strip()
+    text = _bounded(text.strip(), 64)
     if not text.isdigit():
         raise ValueError("expected a numeric MLflow experiment id")
     return text
 
 
-def _experiment_id_yaml(value: Any) -> str:
-    return _experiment_id(_text_yaml(value))
+def _experiment_name(text: str) -> str:
+    name = _one_line(text, MAX_EXPERIMENT_NAME)
+    if not name:
+        raise ValueError("expected a name")
+    return name
+
+
+def _run_id(text: str) -> str:
+    text = text.strip()
+    if not _RUN_ID.fullmatch(text):
+        raise ValueError("expected an MLflow run id (letters, digits, '_' and '-', at most 256)")
+    return text
 
 
 def _version(text: str) -> int:
@@ -88,36 +173,62 @@ def _version_yaml(value: Any) -> int:
     return _version(str(value))
 
 
-def _count(text: str) -> int:
+def _count(maximum: int) -> Kind:
+    """A whole number from 1 to ``maximum``."""
+
+    def parse(text: str) -> int:
+        try:
+            count = int(_bounded(text, 32))
+        except ValueError:
+            raise ValueError("expected a whole number") from None
+        if not 1 <= count <= maximum:
+            raise ValueError(f"expected a whole number from 1 to {maximum}")
+        return count
+
+    def check_yaml(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ValueError("expected a whole number")
+        return parse(str(value))
+
+    return Kind("count", parse, check_yaml, f"1 to {maximum}")
+
+
+def unquote_strict(text: str) -> str:
+    """Strict percent-decoding: a stray ``%`` or bytes that are not UTF-8 are errors, not
+    replaced with something else than what was meant."""
+    from urllib.parse import unquote
+
+    if _BAD_PERCENT.search(text):
+        raise ValueError("invalid percent-encoding: '%' must be followed by two hex digits")
     try:
-        count = int(text)
-    except ValueError:
-        raise ValueError("expected a whole number") from None
-    if count < 1:
-        raise ValueError("expected a whole number of at least 1")
-    return count
+        return unquote(text, errors="strict")
+    except UnicodeDecodeError:
+        raise ValueError("invalid percent-encoding: the bytes are not UTF-8") from None
 
 
-def _count_yaml(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise ValueError("expected a whole number")
-    return _count(str(value))
+def _bounded_pairs(pairs: dict[str, str]) -> dict[str, str]:
+    if len(pairs) > MAX_PAIRS:
+        raise ValueError(f"expected at most {MAX_PAIRS} entries, not {len(pairs)}")
+    for key, value in pairs.items():
+        if len(key) > MAX_KEY:
+            raise ValueError(f"a name longer than {MAX_KEY} characters")
+        if len(value) > MAX_VALUE:
+            raise ValueError(f"the value of {key[:40]!r} is longer than {MAX_VALUE} characters")
+    return pairs
 
 
 def _pairs(text: str) -> dict[str, str]:
     """``k1=v1,k2=v2`` with percent-encoding, as OTEL_*_HEADERS and
     OTEL_RESOURCE_ATTRIBUTES spell mappings."""
-    from urllib.parse import unquote
-
     pairs: dict[str, str] = {}
-    for item in text.split(","):
+    for item in _bounded(text, MAX_PAIRS * (MAX_KEY + MAX_VALUE)).split(","):
         if not item.strip():
             continue
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ValueError("expected key=value pairs separated by commas")
-        pairs[unquote(key.strip())] = unquote(value.strip())
-    return pairs
+        pairs[unquote_strict(key.strip())] = unquote_strict(value.strip())
+    return _bounded_pairs(pairs)
 
 
 def _pairs_yaml(value: Any) -> dict[str, str]:
@@ -128,7 +239,26 @@ def _pairs_yaml(value: Any) -> dict[str, str]:
         if not isinstance(key, str) or isinstance(item, (Mapping, list)) or item is None:
             raise ValueError("expected a mapping of names to plain values")
         pairs[key] = str(item).lower() if isinstance(item, bool) else str(item)
-    return pairs
+    return _bounded_pairs(pairs)
+
+
+def _headers(pairs: dict[str, str]) -> dict[str, str]:
+    """Checked now, so a header cannot fail (or fold) at the first post of a batch."""
+    checked: dict[str, str] = {}
+    for name, value in pairs.items():
+        name = name.strip()
+        if not _HEADER_NAME.fullmatch(name):
+            raise ValueError(f"{_quoted(name)} is not an HTTP header name")
+        try:
+            checked[name] = _header_value(value)
+        except ValueError as error:
+            raise ValueError(f"header {name}: {error}") from None
+    return checked
+
+
+def _quoted(name: str) -> str:
+    """A name (not a secret) as an error quotes it: short, control characters escaped."""
+    return repr(name[:40] + ("..." if len(name) > 40 else ""))
 
 
 def _split_list(text: str) -> list[str]:
@@ -156,11 +286,16 @@ def _split_list(text: str) -> list[str]:
 
 
 def _patterns(items: list[str]) -> tuple[str, ...]:
-    for item in items:
+    if len(items) > MAX_PATTERNS:
+        raise ValueError(f"expected at most {MAX_PATTERNS} patterns, not {len(items)}")
+    for number, item in enumerate(items, 1):
+        if len(item) > MAX_PATTERN:
+            raise ValueError(f"pattern {number} is longer than {MAX_PATTERN} characters")
         try:
             re.compile(item)
-        except re.error as error:
-            raise ValueError(f"{item!r} is not a regular expression ({error})") from None
+        except (re.error, RecursionError, OverflowError) as error:
+            # Numbered, not quoted: the pattern may have come from a ${VAR}, never echoed.
+            raise ValueError(f"pattern {number} is not a regular expression ({error})") from None
     return tuple(items)
 
 
@@ -186,7 +321,7 @@ def _choice(*choices: str) -> Kind:
             raise ValueError(expected)
         return value
 
-    return Kind("|".join(choices), parse, lambda value: parse(_text_yaml(value)))
+    return Kind("|".join(choices), parse, lambda value: parse(_scalar_text(value)))
 
 
 def _number(name: str, expected: str, in_range: Callable[[float], bool], out_of_range: str) -> Kind:
@@ -194,7 +329,7 @@ def _number(name: str, expected: str, in_range: Callable[[float], bool], out_of_
 
     def parse(text: str) -> float:
         try:
-            number = float(text)
+            number = float(_bounded(text, 64))
         except ValueError:
             raise ValueError(expected) from None
         if not in_range(number):
@@ -210,19 +345,50 @@ def _number(name: str, expected: str, in_range: Callable[[float], bool], out_of_
 
 
 BOOL = Kind("bool", parse_bool, _bool_yaml)
-TEXT = Kind("string", _text, _text_yaml)
-URL = Kind("url", _url, _url_yaml)
-EXPERIMENT_ID = Kind("experiment id", _experiment_id, _experiment_id_yaml)
+TEXT = _text_kind("string", _text, f"one line, at most {MAX_TEXT} characters")
+USER_NAME = _text_kind("string", _user_name, f"one line without ':', at most {MAX_TEXT} characters")
+PASSWORD = _text_kind("string", _password, f"at most {MAX_SECRET} characters")
+TOKEN = _text_kind("string", _header_value,
+                   f"Latin-1 without control characters, at most {MAX_SECRET} characters")
+URL = _text_kind("url", _url, f"no query or fragment, at most {MAX_URL} characters")
+PATH = _text_kind("path", _path, f"~ expanded, at most {MAX_PATH} characters")
+EXPERIMENT_ID = _text_kind("experiment id", _experiment_id, "digits")
+EXPERIMENT_NAME = _text_kind("string", _experiment_name,
+                             f"one line, at most {MAX_EXPERIMENT_NAME} characters, MLflow's limit")
+RUN_ID = _text_kind("run id", _run_id, "MLflow's run id characters")
 SECONDS = _number("seconds", "expected a number of seconds", lambda seconds: 0 < seconds <= 3600,
                   "expected a number of seconds above 0 and at most 3600")
 VERSION = Kind("2..6", _version, _version_yaml)
-COUNT = Kind("count", _count, _count_yaml)
 COMPRESSION = _choice("gzip", "deflate", "none")
-PAIRS = Kind("mapping", _pairs, _pairs_yaml)
-PATTERNS = Kind("list of regexes", _patterns_text, _patterns_yaml)
+PAIRS = Kind("mapping", _pairs, _pairs_yaml,
+             f"at most {MAX_PAIRS} entries; names up to {MAX_KEY}, values up to {MAX_VALUE} characters")
+HEADERS = Kind("mapping", lambda text: _headers(_pairs(text)), lambda value: _headers(_pairs_yaml(value)),
+               f"at most {MAX_PAIRS} HTTP headers; Latin-1 values without control characters")
+PATTERNS = Kind("list of regexes", _patterns_text, _patterns_yaml,
+                f"at most {MAX_PATTERNS}, each up to {MAX_PATTERN} characters")
 RATIO = _number("0..1", "expected a number from 0 to 1", lambda ratio: 0 <= ratio <= 1,
                 "expected a number from 0 to 1")
 MODE = _choice("otlp", "mlflow")
+
+
+@dataclass(frozen=True)
+class Trust:
+    """What a ``./traced-run.yaml`` found in the working directory, which nobody
+    named, may not do: a cloned repository must not choose where traces and
+    credentials go, or make traces reveal more than the defaults do."""
+
+    refuses: Callable[[Any], bool]
+    """True for a value such a file may not set."""
+    what: str
+    """Completes "a config file nobody named may not ...": ``choose where traces go``."""
+
+
+def _always(value: Any) -> bool:
+    return True
+
+
+DESTINATION = Trust(_always, "choose where traces go")
+CREDENTIALS = Trust(_always, "choose the credentials or headers traces are sent with")
 
 
 @dataclass(frozen=True)
@@ -241,8 +407,13 @@ class Spec:
     secret: bool = False
     """Never printed: shown as ``***`` (mappings: each value)."""
     in_yaml: bool = True
-    exclusive_group: str | None = None
-    """Settings of one group exclude each other; the highest source naming one decides."""
+    group: str | None = None
+    """Settings of one group are decided together: the highest source naming any of
+    them decides all, and the others' values from lower sources are dropped."""
+    exclusive: bool = False
+    """One source may name only one setting of the group."""
+    trust: Trust | None = None
+    """What a config file found in the working directory, not named, may not set."""
     merged: bool = False
     """Mappings merge key by key across sources instead of the winner replacing all."""
 
@@ -261,7 +432,7 @@ class Settings:
     """traced-run's effective settings, after every source was applied."""
 
     config: str | None = setting(None, Spec(
-        TEXT, "YAML file to read; default ./traced-run.yaml when it exists.",
+        PATH, "YAML file to read; default ./traced-run.yaml when it exists (see Security).",
         env=("TRACED_RUN_CONFIG",), option="--config", in_yaml=False))
     enabled: bool = setting(True, Spec(
         BOOL, "Trace at all. false (or OTEL_SDK_DISABLED=true) loads nothing beyond the bootstrap.",
@@ -272,31 +443,33 @@ class Settings:
         env=(STRICT_ENV,), option="--strict", option_value=True))
     tracking_uri: str | None = setting(None, Spec(
         URL, "MLflow tracking server URL; traces go to <tracking_uri>/v1/traces.",
-        env=("MLFLOW_TRACKING_URI",), option="--tracking-uri"))
+        env=("MLFLOW_TRACKING_URI",), option="--tracking-uri", group="destination", trust=DESTINATION))
     experiment_id: str | None = setting(None, Spec(
         EXPERIMENT_ID, "MLflow experiment id; with neither id nor name, experiment 0 (Default).",
-        env=("MLFLOW_EXPERIMENT_ID",), option="--experiment-id", exclusive_group="experiment"))
+        env=("MLFLOW_EXPERIMENT_ID",), option="--experiment-id", group="experiment",
+        exclusive=True))
     experiment_name: str | None = setting(None, Spec(
-        TEXT, "MLflow experiment name, created when missing.",
-        env=("MLFLOW_EXPERIMENT_NAME",), option="--experiment-name", exclusive_group="experiment"))
+        EXPERIMENT_NAME, "MLflow experiment name, created when missing.",
+        env=("MLFLOW_EXPERIMENT_NAME",), option="--experiment-name", group="experiment",
+        exclusive=True))
     run_id: str | None = setting(None, Spec(
-        TEXT, "MLflow run id the traces are linked to.",
+        RUN_ID, "MLflow run id the traces are linked to.",
         env=("MLFLOW_RUN_ID",), option="--run-id"))
     username: str | None = setting(None, Spec(
-        TEXT, "MLflow basic-auth user name.", env=("MLFLOW_TRACKING_USERNAME",)))
+        USER_NAME, "MLflow basic-auth user name.", env=("MLFLOW_TRACKING_USERNAME",), trust=CREDENTIALS))
     password: str | None = setting(None, Spec(
-        TEXT, "MLflow basic-auth password; write ${VAR} in YAML, not the password.",
-        env=("MLFLOW_TRACKING_PASSWORD",), secret=True))
+        PASSWORD, "MLflow basic-auth password; write ${VAR} in YAML, not the password.",
+        env=("MLFLOW_TRACKING_PASSWORD",), secret=True, trust=CREDENTIALS))
     token: str | None = setting(None, Spec(
-        TEXT, "MLflow bearer token, used when no user name is set.",
-        env=("MLFLOW_TRACKING_TOKEN",), secret=True))
+        TOKEN, "MLflow bearer token, used when no user name is set.",
+        env=("MLFLOW_TRACKING_TOKEN",), secret=True, trust=CREDENTIALS))
     endpoint: str | None = setting(None, Spec(
         URL, "Full OTLP/HTTP traces URL, e.g. a collector's; default <tracking_uri>/v1/traces.",
-        env=("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",)))
+        env=("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",), group="destination", trust=DESTINATION))
     headers: dict[str, str] = setting({}, Spec(
-        PAIRS, "Extra HTTP headers sent with every export (values are never printed).",
+        HEADERS, "Extra HTTP headers sent with every export (values are never printed).",
         env=("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "OTEL_EXPORTER_OTLP_HEADERS"), secret=True,
-        merged=True))
+        merged=True, trust=CREDENTIALS))
     timeout: float = setting(10.0, Spec(
         SECONDS, "Seconds one export request may take, retries included (as the OTel SDK reads it).",
         env=("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT")))
@@ -313,13 +486,15 @@ class Settings:
         SECONDS, "Longest a process waits at exit (or SIGTERM) for its spans to be delivered.",
         env=("TRACED_RUN_EXIT_TIMEOUT",)))
     queue_size: int = setting(2048, Spec(
-        COUNT, "Most finished spans held in memory; past half of it, batches go to the spool instead.",
+        _count(1_000_000), "Most finished spans held in memory; past half of it, batches go to the spool "
+        "instead.",
         env=("TRACED_RUN_QUEUE_SIZE",)))
     spool_dir: str | None = setting(None, Spec(
-        TEXT, "Where undelivered batches wait for a later send; default ~/.cache/traced-run/spool.",
-        env=("TRACED_RUN_SPOOL_DIR",)))
+        PATH, "Where undelivered batches wait for a later send; default ~/.cache/traced-run/spool.",
+        env=("TRACED_RUN_SPOOL_DIR",), trust=Trust(_always, "choose where traces are kept on disk")))
     spool_max_mb: int = setting(256, Spec(
-        COUNT, "Most megabytes the spool holds; past it the oldest batches are removed, and counted.",
+        _count(1_048_576), "Most megabytes the spool holds; past it the oldest batches are removed, "
+        "and counted.",
         env=("TRACED_RUN_SPOOL_MAX_MB",)))
     instrumentation_version: int | None = setting(None, Spec(
         VERSION, "pydantic-ai instrumentation format version; default pydantic-ai's own.",
@@ -338,12 +513,14 @@ class Settings:
         env=("TRACED_RUN_REDACT",)))
     redact_defaults: bool = setting(True, Spec(
         BOOL, "Also redact common secrets: API keys, bearer tokens, passwords in URLs and key=value.",
-        env=("TRACED_RUN_REDACT_DEFAULTS",)))
+        env=("TRACED_RUN_REDACT_DEFAULTS",),
+        trust=Trust(lambda on: on is False, "turn off the default redaction")))
     redaction_marker: str = setting("[REDACTED]", Spec(
         TEXT, "What a redacted secret is replaced with.", env=("TRACED_RUN_REDACTION_MARKER",)))
     max_binary_bytes: int = setting(65536, Spec(
-        COUNT, "Largest binary message part (image, audio) exported; a larger one is replaced by "
-        "its size.", env=("TRACED_RUN_MAX_BINARY_BYTES",)))
+        _count(64 * 1024 * 1024), "Largest binary message part (image, audio) exported; a larger one is "
+        "replaced by its size.", env=("TRACED_RUN_MAX_BINARY_BYTES",),
+        trust=Trust(lambda size: size > 65536, "export binary parts larger than the default 65536 bytes")))
     session_id: str | None = setting(None, Spec(
         TEXT, "MLflow trace session of every trace; default pydantic-ai's conversation id.",
         env=("TRACED_RUN_SESSION_ID",)))
@@ -360,7 +537,8 @@ class Settings:
         env=("TRACED_RUN_SAMPLE_RATIO",)))
     mode: str = setting("otlp", Spec(
         MODE, "otlp: our pipeline over OTLP/HTTP; mlflow: MLflow's own mlflow.pydantic_ai.autolog() "
-        "(needs the mlflow package in the app).", env=("TRACED_RUN_MODE",)))
+        "(needs the mlflow package in the app).", env=("TRACED_RUN_MODE",),
+        trust=Trust(lambda mode: mode == "mlflow", "switch to mode mlflow, which skips redaction")))
 
     @property
     def traces_endpoint(self) -> str | None:

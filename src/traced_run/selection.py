@@ -1,0 +1,303 @@
+"""Decides which traces go to MLflow: those that hold a pydantic-ai span, whole.
+
+traced-run's processor sits on whichever tracer provider pydantic-ai's spans
+go to, and that may be the app's own (logfire's, or one FastAPI's
+instrumentation also uses), which carries every span of the app: health
+checks, database calls, HTTP requests with no agent in them. A span that ends
+before anything in its trace has been seen of pydantic-ai waits here; the
+trace is wanted as soon as a pydantic-ai span starts in it, and its waiting
+spans go on then; when the trace's local root (no parent, or a parent in
+another process) ends with no agent seen, what waited is dropped. So the
+decision does not depend on when the app set up its provider, and an HTTP
+request span around an agent run arrives as the trace's root.
+
+When that root is the app's span, it gets the agent's prompt and output as
+its inputs and outputs (MLflow shows the root's as the trace's Request and
+Response) and the agent's name as the trace name; spans of a resource whose
+``service.name`` the SDK made up (``unknown_service``) get traced-run's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from collections import OrderedDict, deque
+from typing import Any
+
+from opentelemetry.context import Context
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
+from opentelemetry.trace import Status, StatusCode
+from opentelemetry.util.types import AttributeValue
+
+from traced_run import report
+
+PYDANTIC_AI_SCOPE = "pydantic-ai"
+"""The instrumentation scope name pydantic-ai gives every tracer it asks for."""
+TRACE_NAME_TAG = "mlflow.traceTag.mlflow.traceName"
+MAX_WAITING = 4096
+"""Spans of undecided traces held at once; past it the oldest are dropped."""
+MAX_OPEN = 65536
+"""Open spans tracked at once (an agent trace's open spans are ended if the process leaves mid-run)."""
+MAX_DECIDED = 8192
+"""Traces whose decision is remembered, for spans that end after their local root."""
+
+_NO_AGENT = "no agent"
+_LEFT_TO_MLFLOW = "MLflow's autolog records it"
+
+
+class TraceSelection(SpanProcessor):
+    """Passes on the spans of agent traces to ``inner``; holds the rest until their trace is decided."""
+
+    def __init__(self, inner: SpanProcessor, *, service_name: str, max_waiting: int = MAX_WAITING) -> None:
+        self._inner = inner
+        self._service_name = service_name
+        self._max_waiting = max_waiting
+        self._lock = threading.Lock()
+        os.register_at_fork(after_in_child=self._forked)
+        self._decided: OrderedDict[int, ReadableSpan | str] = OrderedDict()
+        """Trace id -> the trace's outermost pydantic-ai span, or why the trace does not go."""
+        self._waiting: OrderedDict[int, deque[ReadableSpan]] = OrderedDict()
+        self._waiting_spans = 0
+        self._evicted: OrderedDict[int, int] = OrderedDict()
+        """Undecided traces whose waiting spans the bound dropped, with how many."""
+        self._open: dict[int, Span] = {}
+        """Spans started and not yet ended, by span id: what an interrupted run leaves open."""
+        self._prompts: dict[int, AttributeValue] = {}
+        """Wanted trace id -> the messages its latest model call was sent (the prompt of a run cut off)."""
+        self._resources: dict[int, tuple[Resource, Resource]] = {}
+        self._told_incomplete = False
+        self._told_autolog = False
+
+    def _forked(self) -> None:
+        """In a forked child: a fork while an app thread held the lock would leave it held
+        for ever; and the spans open in the parent are the parent's to end (a worker of a
+        pool a tool started must not end its parent's run as interrupted)."""
+        self._lock = threading.Lock()
+        self._open = {}
+
+    def on_start(self, span: Span, parent_context: Context | None = None) -> None:
+        scope = span.instrumentation_scope
+        if scope is None or scope.name != PYDANTIC_AI_SCOPE:
+            with self._lock:
+                self._track(span)
+            return
+        trace_id = span.context.trace_id
+        with self._lock:
+            self._track(span)
+            decided = self._decided.get(trace_id, _NO_AGENT)
+            if decided is not _NO_AGENT:  # wanted already, or left to MLflow's autolog
+                return
+            if _autolog_records_it():
+                self._remember(trace_id, _LEFT_TO_MLFLOW)
+                self._drop_waiting(trace_id)
+                tell_autolog, self._told_autolog = not self._told_autolog, True
+                waiting, evicted = deque[ReadableSpan](), 0
+            else:
+                tell_autolog = False
+                self._remember(trace_id, span)
+                waiting = self._drop_waiting(trace_id)
+                evicted = self._evicted.pop(trace_id, 0)
+        for earlier in waiting:
+            self._inner.on_end(self._shaped(earlier, None))
+        if evicted:
+            self._tell_incomplete(evicted)
+        if tell_autolog:
+            report.say("mlflow.pydantic_ai.autolog() is on in this app and records its agent runs in MLflow "
+                       "itself: traced-run leaves those runs to it, so each is one trace (traced-run's "
+                       "spool, redaction and content settings do not apply to them)")
+
+    def on_end(self, span: ReadableSpan) -> None:
+        context = span.context
+        if context is None:
+            return
+        trace_id = context.trace_id
+        local_root = span.parent is None or span.parent.is_remote
+        with self._lock:
+            self._open.pop(context.span_id, None)
+            agent = self._decided.get(trace_id)
+            if agent is None:
+                if not local_root:
+                    self._wait(trace_id, span)
+                    return
+                self._drop_waiting(trace_id)
+                self._evicted.pop(trace_id, None)
+                self._remember(trace_id, _NO_AGENT)
+                return
+            if isinstance(agent, ReadableSpan):
+                messages = (span.attributes or {}).get("gen_ai.input.messages")
+                if messages is not None:
+                    self._prompts[trace_id] = messages
+            messages = self._prompts.pop(trace_id, None) if local_root else None
+        if isinstance(agent, str):
+            return
+        self._inner.on_end(self._shaped(span, agent if local_root else None, messages))
+
+    def _track(self, span: Span) -> None:
+        """Remember an open span (lock held); spans never ended (a leak in the app) are
+        forgotten oldest first past the bound."""
+        self._open[span.context.span_id] = span
+        if len(self._open) > MAX_OPEN:
+            del self._open[next(iter(self._open))]
+
+    def interrupt(self, why: str) -> int:
+        """End, in the copies MLflow gets, every span of an agent trace still open (the
+        process is leaving mid-run), with an error status saying ``why``: the trace then
+        arrives complete instead of in progress for ever. Returns how many were open."""
+        now = time.time_ns()
+        with self._lock:
+            cut = [span for span in self._open.values()
+                   if isinstance(self._decided.get(span.context.trace_id), ReadableSpan)]
+            # The outermost pydantic-ai span (the agent run) has no messages before it ends.
+            prompts = {span.context.span_id: self._prompts.get(span.context.trace_id) for span in cut
+                       if self._decided.get(span.context.trace_id) is span}
+            for span in cut:
+                del self._open[span.context.span_id]
+        # Children first, so each trace's root is the last of it to arrive, as in a finished run.
+        for span in sorted(cut, key=lambda span: span.start_time or 0, reverse=True):
+            self.on_end(_ended(span, now, f"interrupted: {why}", prompts.get(span.context.span_id)))
+        return len(cut)
+
+    def _drop_waiting(self, trace_id: int) -> deque[ReadableSpan]:
+        waiting = self._waiting.pop(trace_id, deque())
+        self._waiting_spans -= len(waiting)
+        return waiting
+
+    def _remember(self, trace_id: int, agent: ReadableSpan | str) -> None:
+        self._decided[trace_id] = agent
+        self._decided.move_to_end(trace_id)
+        while len(self._decided) > MAX_DECIDED:
+            self._decided.popitem(last=False)
+
+    def _wait(self, trace_id: int, span: ReadableSpan) -> None:
+        """Hold ``span`` (lock held); past the bound, the oldest waiting span is dropped:
+        most such spans never see an agent (a long-lived websocket's messages, say)."""
+        self._waiting.setdefault(trace_id, deque()).append(span)
+        self._waiting_spans += 1
+        if self._waiting_spans <= self._max_waiting:
+            return
+        oldest = next(iter(self._waiting))
+        spans = self._waiting[oldest]
+        spans.popleft()
+        if not spans:
+            del self._waiting[oldest]
+        self._waiting_spans -= 1
+        self._evicted[oldest] = self._evicted.get(oldest, 0) + 1
+        self._evicted.move_to_end(oldest)
+        while len(self._evicted) > MAX_DECIDED:
+            self._evicted.popitem(last=False)
+
+    def _tell_incomplete(self, dropped: int) -> None:
+        if self._told_incomplete:
+            return
+        self._told_incomplete = True
+        report.say(f"an agent ran in a trace after {dropped} of its earlier spans were dropped (more than "
+                   f"{self._max_waiting} spans of traces with no agent yet were waiting): it reaches MLflow "
+                   f"without them")
+
+    def _shaped(self, span: ReadableSpan, agent: ReadableSpan | None,
+                messages: AttributeValue | None = None) -> ReadableSpan:
+        """``span`` as MLflow should get it: the agent's summary on an app's root span, and a
+        real service name. The span itself is the app's too, so changes go on a copy."""
+        resource = self._resource(span.resource)
+        summary = _summary(span, agent, messages) if agent is not None and agent is not span else None
+        if resource is span.resource and not summary:
+            return span
+        attributes = dict(span.attributes or {})
+        for key, value in (summary or {}).items():
+            attributes.setdefault(key, value)
+        return ReadableSpan(
+            name=span.name, context=span.context, parent=span.parent, resource=resource,
+            attributes=attributes, events=span.events, links=span.links, kind=span.kind,
+            status=span.status, start_time=span.start_time, end_time=span.end_time,
+            instrumentation_scope=span.instrumentation_scope,
+        )
+
+    def _resource(self, resource: Resource) -> Resource:
+        cached = self._resources.get(id(resource))
+        if cached is not None and cached[0] is resource:
+            return cached[1]
+        service = resource.attributes.get("service.name")
+        named = resource
+        if not isinstance(service, str) or service.startswith("unknown_service"):
+            named = resource.merge(Resource({"service.name": self._service_name}))
+        self._resources[id(resource)] = (resource, named)
+        return named
+
+    def shutdown(self) -> None:
+        self._inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self._inner.force_flush(timeout_millis)
+
+
+def _ended(span: Span, now: int, why: str, messages: AttributeValue | None) -> ReadableSpan:
+    """A copy of the open ``span`` as if it had ended now with an error; an agent run
+    cut off (it has no messages of its own yet) gets the prompt of its last model call."""
+    attributes = dict(span.attributes or {})
+    if messages is not None and "pydantic_ai.all_messages" not in attributes:
+        prompt = _last_prompt(messages)
+        if prompt is not None:
+            attributes["input.value"] = prompt
+    return ReadableSpan(
+        name=span.name, context=span.get_span_context(), parent=span.parent, resource=span.resource,
+        attributes=attributes, events=span.events, links=span.links, kind=span.kind,
+        status=Status(StatusCode.ERROR, why), start_time=span.start_time, end_time=now,
+        instrumentation_scope=span.instrumentation_scope,
+    )
+
+
+def _autolog_records_it() -> bool:
+    """MLflow's own pydantic-ai autolog has a span open around this run (its
+    spans carry ``mlflow.message.format``); it sends the run to MLflow itself."""
+    mlflow = sys.modules.get("mlflow")
+    current = getattr(mlflow, "get_current_active_span", None)
+    if current is None:
+        return False
+    try:
+        span = current()
+        return span is not None and span.get_attribute("mlflow.message.format") == "pydantic_ai"
+    except Exception:  # an MLflow we do not know: not a reason to lose the run
+        return False
+
+
+def _summary(root: ReadableSpan, agent: ReadableSpan,
+             messages: AttributeValue | None) -> dict[str, AttributeValue]:
+    """The agent run's prompt, output and name, for a root span that is the app's own; the
+    prompt of its last model call (``messages``) when the run was cut off."""
+    if root.instrumentation_scope is not None and root.instrumentation_scope.name == PYDANTIC_AI_SCOPE:
+        return {}
+    attributes = agent.attributes or {}
+    summary: dict[str, AttributeValue] = {}
+    prompt = _last_prompt(attributes.get("pydantic_ai.all_messages", messages))
+    if prompt is not None:
+        summary["input.value"] = prompt
+    output = attributes.get("final_result")
+    if isinstance(output, str):
+        summary["output.value"] = output
+    name = attributes.get("gen_ai.agent.name")
+    if isinstance(name, str) and name:
+        summary[TRACE_NAME_TAG] = name
+    return summary
+
+
+def _last_prompt(messages: AttributeValue | None) -> str | None:
+    """The text of the last user message: the prompt of the run (earlier ones are its history)."""
+    if not isinstance(messages, str):
+        return None
+    try:
+        parsed: Any = json.loads(messages)
+    except ValueError:
+        return None
+    for message in reversed(parsed if isinstance(parsed, list) else []):
+        if not isinstance(message, dict) or message.get("role") != "user":
+            continue
+        texts = [part.get("content") for part in message.get("parts") or ()
+                 if isinstance(part, dict) and part.get("type") == "text"]
+        text = "\n".join(text for text in texts if isinstance(text, str))
+        if text:
+            return text
+    return None

@@ -1,0 +1,439 @@
+"""Hostile settings (issue 16): a config file planted in the working directory,
+secrets in odd shapes, inputs without bounds. Each test here failed on 066f5f4.
+
+Most run ``traced_run.sources.load`` in process on a plain environment mapping;
+a few run the launcher or the env-only bootstrap as real processes, since what
+the user sees (exit code, the one stderr line, the app still running) is the
+promise."""
+
+from __future__ import annotations
+
+import base64
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import AGENT_APP, TRACED_RUN, clean_env
+from test_settings import error_of
+
+from traced_run import report, sources
+from traced_run.report import mask_url
+from traced_run.settings import SPECS
+from traced_run.sources import OPTIONS_ENV, load
+
+SECRET = "hunter2-s3cret"
+UNUSED_URI = "http://127.0.0.1:9"
+
+
+@pytest.fixture(autouse=True)
+def cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test's own working directory, like the cloned repository of finding 3."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def launch(*argv: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([TRACED_RUN, *argv], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=60)
+
+
+def one_line(stderr: str) -> str:
+    assert "Traceback" not in stderr, stderr
+    lines = stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("traced-run: "), stderr
+    return lines[0].removeprefix("traced-run: ")
+
+
+# -- 3. who may redirect the traces ------------------------------------------------------
+
+
+def test_a_file_in_the_working_directory_never_outdoes_the_tracking_uri_from_the_environment(
+        cwd: Path) -> None:
+    (cwd / "traced-run.yaml").write_text("endpoint: http://attacker.example:4318/v1/traces\n")
+    settings = load({"MLFLOW_TRACKING_URI": "https://mlflow.mine.example",
+                     "MLFLOW_TRACKING_TOKEN": SECRET}).settings
+    assert settings.traces_endpoint == "https://mlflow.mine.example/v1/traces"
+    assert settings.endpoint is None
+
+
+def test_a_named_file_does_not_outdo_the_environment_either(tmp_path: Path) -> None:
+    """Destination is decided as a pair by the highest source naming either part."""
+    named = tmp_path / "team.yaml"
+    named.write_text("endpoint: http://collector:4318/v1/traces\n")
+    loaded = load({"TRACED_RUN_CONFIG": str(named), "MLFLOW_TRACKING_URI": "https://mlflow.mine.example"})
+    assert loaded.settings.traces_endpoint == "https://mlflow.mine.example/v1/traces"
+    # one source may still name both: an OTLP collector and MLflow's REST API
+    loaded = load({"MLFLOW_TRACKING_URI": "https://mlflow.mine.example",
+                   "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://collector:4318/v1/traces"})
+    assert loaded.settings.traces_endpoint == "http://collector:4318/v1/traces"
+    assert loaded.settings.tracking_uri == "https://mlflow.mine.example"
+
+
+UNNAMED_REFUSED = [
+    ("tracking_uri: http://attacker.example:5000", "choose where traces go"),
+    ("endpoint: http://attacker.example:4318/v1/traces", "choose where traces go"),
+    ("token: ${T}", "choose the credentials or headers traces are sent with"),
+    ("username: mallory", "choose the credentials or headers traces are sent with"),
+    ("password: ${T}", "choose the credentials or headers traces are sent with"),
+    ("headers: {Authorization: Bearer theirs}", "choose the credentials or headers traces are sent with"),
+    ("spool_dir: ./spool", "choose where traces are kept on disk"),
+    ("redact_defaults: false", "turn off the default redaction"),
+    ("max_binary_bytes: 10000000", "export binary parts larger than the default 65536 bytes"),
+    ("mode: mlflow", "switch to mode mlflow, which skips redaction"),
+]
+
+
+@pytest.mark.parametrize(("line", "what"), UNNAMED_REFUSED)
+def test_a_file_nobody_named_may_not_redirect_or_weaken_privacy(line: str, what: str, cwd: Path) -> None:
+    config = cwd / "traced-run.yaml"
+    config.write_text(f"experiment_name: from-the-repo\n{line}\n")
+    environ = {"T": SECRET}
+    if not line.startswith(("tracking_uri", "endpoint")):
+        environ["MLFLOW_TRACKING_URI"] = "https://mlflow.mine.example"
+    message = error_of(environ)
+    assert message == (f"{config}:2: {line.split(':')[0]}: a traced-run.yaml found in the working directory "
+                       f"may not {what}; name the file (--config FILE or TRACED_RUN_CONFIG=FILE) if you "
+                       "trust it")
+    # named, the same file is trusted
+    loaded = load({**environ, "TRACED_RUN_CONFIG": str(config)})
+    assert loaded.settings.experiment_name == "from-the-repo"
+    loaded = load({**environ, OPTIONS_ENV: f'{{"config": "{config}"}}'})
+    assert loaded.settings.experiment_name == "from-the-repo"
+
+
+@pytest.mark.parametrize("line", ["redact_defaults: true", "max_binary_bytes: 1024", "mode: otlp",
+                                  "tags: {team: agents}", "include_content: false", "timeout: 3"])
+def test_a_file_nobody_named_may_still_set_what_keeps_traces_where_and_as_private_as_they_were(
+        line: str, cwd: Path) -> None:
+    (cwd / "traced-run.yaml").write_text(f"experiment_name: from-the-repo\n{line}\n")
+    loaded = load({"MLFLOW_TRACKING_URI": "https://mlflow.mine.example"})
+    assert loaded.settings.experiment_name == "from-the-repo"
+
+
+def test_an_unnamed_files_destination_is_fine_when_a_higher_source_decides_it(cwd: Path) -> None:
+    """Effect, not presence: the file's tracking_uri is dropped, so nothing goes there."""
+    (cwd / "traced-run.yaml").write_text("tracking_uri: http://attacker.example:5000\n")
+    loaded = load({"MLFLOW_TRACKING_URI": "https://mlflow.mine.example"})
+    assert loaded.settings.traces_endpoint == "https://mlflow.mine.example/v1/traces"
+
+
+def test_the_launcher_in_a_cloned_repository_refuses_its_file_before_anything_runs(cwd: Path) -> None:
+    (cwd / "traced-run.yaml").write_text("endpoint: http://127.0.0.1:9/v1/traces\nredact_defaults: false\n")
+    done = launch("python", "-c", "open('ran', 'w').close()", cwd=cwd,
+                  env=clean_env(MLFLOW_TRACKING_TOKEN=SECRET))
+    assert done.returncode == 78
+    assert one_line(done.stderr).startswith(f"{cwd / 'traced-run.yaml'}:1: endpoint: a traced-run.yaml "
+                                            "found in the working directory may not choose where traces go")
+    assert not (cwd / "ran").exists() and done.stdout == ""
+
+
+# -- 5. secrets printed or stored ---------------------------------------------------------
+
+MASKED = [
+    (f"http://alice:{SECRET}@host:5000/x", "http://***@host:5000/x"),
+    (f"http://alice:hun ter2\t{SECRET}@host", "http://***@host"),
+    (f"http://alice:a\r\n{SECRET}@host", "http://***@host"),
+    (f"http://alice:p@ss:{SECRET}@host/p", "http://***@host/p"),
+    (f"http://alice:p%40{SECRET}%3A@host", "http://***@host"),
+    (f"https://{SECRET}@host", "https://***@host"),
+    (f"https://:{SECRET}@host", "https://***@host"),
+    (f"to http://a:{SECRET}@h1/x and https://b:{SECRET}@h2 done",
+     "to http://***@h1/x and https://***@h2 done"),
+    ("http://host:5000/v1/traces", "http://host:5000/v1/traces"),
+]
+
+
+@pytest.mark.parametrize(("text", "masked"), MASKED)
+def test_mask_url_hides_whatever_a_url_carries_before_its_host(text: str, masked: str) -> None:
+    assert mask_url(text) == masked
+
+
+def test_every_message_is_masked_and_one_line_with_control_characters_escaped(
+        capfd: pytest.CaptureFixture[str]) -> None:
+    report.say(f"cannot deliver to http://alice:pa ss{SECRET}@h/v1/traces (\x1b[31mred\x1b[0m\r\nfaked)")
+    err = capfd.readouterr().err
+    assert err == "traced-run: cannot deliver to http://***@h/v1/traces (\\x1b[31mred\\x1b[0m faked)\n"
+
+
+@pytest.mark.parametrize(("var", "url"), [
+    ("MLFLOW_TRACKING_URI", f"https://alice:{SECRET}@mlflow.example.com/"),
+    ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", f"https://alice:{SECRET}@collector.example.com/v1/traces"),
+])
+def test_a_password_in_the_url_becomes_basic_auth_and_leaves_the_url(var: str, url: str) -> None:
+    loaded = load({var: url})
+    name = "tracking_uri" if var == "MLFLOW_TRACKING_URI" else "endpoint"
+    assert SECRET not in str(getattr(loaded.settings, name))
+    assert (loaded.settings.username, loaded.settings.password) == ("alice", SECRET)
+    assert loaded.sources["password"] == f"env {var} (from the URL)"
+
+
+def test_a_percent_encoded_password_in_the_url_is_decoded() -> None:
+    loaded = load({"MLFLOW_TRACKING_URI": "https://al%20ice:p%40ss%3Aw%2F@mlflow.example.com"})
+    assert loaded.settings.tracking_uri == "https://mlflow.example.com"
+    assert (loaded.settings.username, loaded.settings.password) == ("al ice", "p@ss:w/")
+
+
+@pytest.mark.parametrize("url", [f"https://{SECRET}@mlflow.example.com", f"https://:{SECRET}@h.example"])
+def test_a_bare_token_before_the_host_is_refused_and_not_shown(url: str) -> None:
+    message = error_of({"MLFLOW_TRACKING_URI": url})
+    assert message.startswith("env MLFLOW_TRACKING_URI: tracking_uri: the URL carries credentials")
+    assert SECRET not in message and "***@" in message
+
+
+def test_the_same_credentials_in_both_urls_are_one_pair_and_different_ones_are_refused() -> None:
+    environ = {"MLFLOW_TRACKING_URI": f"https://alice:{SECRET}@mlflow.example.com",
+               "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"https://alice:{SECRET}@collector.example.com/v1/traces"}
+    settings = load(environ).settings
+    assert (settings.username, settings.password) == ("alice", SECRET)
+    assert settings.traces_endpoint == "https://collector.example.com/v1/traces"
+    message = error_of({**environ, "MLFLOW_TRACKING_URI": "https://bob:other@mlflow.example.com"})
+    assert "the other URL sets credentials too; keep one" in message and SECRET not in message
+
+
+def test_credentials_of_one_url_never_go_to_the_other_urls_host() -> None:
+    message = error_of({"MLFLOW_TRACKING_URI": "https://mlflow.example.com",
+                        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"https://c:{SECRET}@collector.example/v1/traces"})
+    assert message == ("env OTEL_EXPORTER_OTLP_TRACES_ENDPOINT: endpoint: the URL carries a user name and "
+                       "password, which tracking_uri (env MLFLOW_TRACKING_URI) would get too, on another "
+                       "host; give that URL the same credentials, or set MLFLOW_TRACKING_USERNAME and "
+                       "MLFLOW_TRACKING_PASSWORD to send them to both")
+    settings = load({"MLFLOW_TRACKING_URI": f"https://a:{SECRET}@mlflow.example.com",
+                     "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "https://mlflow.example.com/v1/traces"}).settings
+    assert settings.password == SECRET, "the same host may have them"
+
+
+def test_credentials_in_the_url_and_elsewhere_are_refused() -> None:
+    message = error_of({"MLFLOW_TRACKING_URI": f"https://alice:{SECRET}@mlflow.example.com",
+                        "MLFLOW_TRACKING_TOKEN": "other"})
+    assert "token (env MLFLOW_TRACKING_TOKEN) sets credentials too; keep one" in message
+    assert SECRET not in message
+
+
+def test_config_doctor_exit_line_and_spool_never_show_a_password_of_the_url(cwd: Path) -> None:
+    """The user's view of a tracking URI with a password (finding 5): ``config``,
+    the doctor, and an app whose batch ends in the spool (closed port)."""
+    url = f"http://alice:pa%20ss{SECRET}@127.0.0.1:9"
+    env = clean_env(MLFLOW_TRACKING_URI=url, TRACED_RUN_SPOOL_DIR=str(cwd / "spool"),
+                    TRACED_RUN_EXIT_TIMEOUT="1")
+    shown = launch("config", cwd=cwd, env=env)
+    assert shown.returncode == 0 and shown.stderr == ""
+    assert "tracking_uri: \"http://127.0.0.1:9\"" in shown.stdout and "username: \"alice\"" in shown.stdout
+    doctor = launch("doctor", "--no-trace", cwd=cwd, env=env)
+    (cwd / "app.py").write_text(textwrap.dedent(AGENT_APP))
+    ran = launch("python", "app.py", cwd=cwd, env=env)
+    assert ran.returncode == 0, ran.stderr
+    assert "not delivered to http://127.0.0.1:9/v1/traces" in ran.stderr
+    spooled = b"".join(p.read_bytes() for p in (cwd / "spool").rglob("*") if p.is_file())
+    assert spooled, "the batch was spooled"
+    basic = base64.b64encode(f"alice:pa ss{SECRET}".encode()).decode()
+    for text in (shown.stdout, doctor.stdout, doctor.stderr, ran.stderr, spooled.decode("latin-1")):
+        assert SECRET not in text and "pa%20ss" not in text and basic not in text
+
+
+@pytest.mark.parametrize("value", [f"Bearer {SECRET}\r\nX-Injected: 1", f"Bearer {SECRET}\n folded",
+                                   f"Bearer {SECRET}\u2028x", f"Bearer {SECRET}\u20ac"])
+def test_a_token_that_cannot_be_a_header_is_refused_at_load_not_shown(value: str) -> None:
+    message = error_of({"MLFLOW_TRACKING_TOKEN": value})
+    assert message.startswith("env MLFLOW_TRACKING_TOKEN: token: expected ")
+    assert message.endswith("got (value hidden)") and SECRET not in message
+
+
+def test_the_value_of_a_var_is_never_echoed(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("timeout: ${T}\nservice_name: ok\n")
+    message = error_of({"TRACED_RUN_CONFIG": str(config), "T": SECRET})
+    assert message == f"{config}:1: timeout: expected a number of seconds, got '${{T}}'"
+    config.write_text("tags:\n  team: ${T}\n")
+    message = error_of({"TRACED_RUN_CONFIG": str(config), "T": f"a%zz{SECRET}" * 500})
+    assert SECRET not in message and "${T}" in message
+    config.write_text("redact: [ok, '${T}']\n")
+    message = error_of({"TRACED_RUN_CONFIG": str(config), "T": f"({SECRET}"})
+    assert message.startswith(f"{config}:1: redact: pattern 2 is not a regular expression (missing )")
+    assert SECRET not in message and message.endswith(", got " + repr(str(["ok", "${T}"])))
+
+
+# -- 6. parsing without bounds ------------------------------------------------------------
+
+DEEP = "tags: " + "[" * 300 + "]" * 300 + "\n"
+BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]\n"
+    for i in range(12)) + "service_name: *m\n"
+
+
+@pytest.mark.parametrize(("text", "problem"), [
+    (DEEP, "malformed YAML: nested deeper than 8 levels"),
+    ("redact: &r [a, b]\ntags: *r\n", "malformed YAML: aliases (*name) are not allowed in a config file"),
+    (BOMB, "malformed YAML: aliases (*name) are not allowed in a config file"),
+    ("timeout: 3\nservice_name: a\ntimeout: 4\n",
+     "malformed YAML: duplicate key 'timeout' (first on line 1)"),
+    ("headers:\n  x-a: 1\n  x-a: 2\n", "malformed YAML: duplicate key 'x-a' (first on line 2)"),
+])
+def test_hostile_yaml_is_one_line_fast(text: str, problem: str, tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(text)
+    started = time.monotonic()
+    message = error_of({"TRACED_RUN_CONFIG": str(config)})
+    assert time.monotonic() - started < 1
+    assert message.startswith(f"{config}:") and message.endswith(problem), message
+
+
+def test_a_config_file_over_256_kib_is_refused_unread(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("service_name: " + "x" * 20_000_000 + "\n")
+    started = time.monotonic()
+    message = error_of({"TRACED_RUN_CONFIG": str(config)})
+    assert time.monotonic() - started < 1
+    assert message == f"{config}: the config file is larger than 256 KiB; is it the right file?"
+
+
+@pytest.mark.parametrize("name", [n for n, spec in SPECS.items() if spec.env])
+def test_no_setting_takes_a_value_without_bound(name: str) -> None:
+    huge = ("1" if name in ("experiment_id", "queue_size", "spool_max_mb", "max_binary_bytes")
+            else "a=b," if SPECS[name].kind.name == "mapping" else "a") * 100_000
+    var = SPECS[name].env[0]
+    message = error_of({var: huge})
+    assert message.startswith(f"env {var}: {name}: ")
+    assert len(message) < 400, "the error quotes a bounded part of the value"
+
+
+def test_options_json_nested_too_deep_is_a_damaged_variable(cwd: Path) -> None:
+    deep = "[" * 60_000 + "]" * 60_000  # within the 128 KiB an environment variable may hold
+    assert error_of({OPTIONS_ENV: deep}) == f"env {OPTIONS_ENV}: not the JSON the launcher writes"
+    boot = launch("--print-pythonpath", cwd=cwd, env=clean_env()).stdout.strip()
+    done = subprocess.run([sys.executable, "-c", "print('ran')"], cwd=cwd, capture_output=True, text=True,
+                          timeout=60, env=clean_env(PYTHONPATH=boot, **{OPTIONS_ENV: deep}))
+    assert (done.returncode, done.stdout, done.stderr) == (0, "ran\n", "")
+
+
+def test_an_unexpected_error_while_loading_is_one_config_error(monkeypatch: pytest.MonkeyPatch,
+                                                                tmp_path: Path) -> None:
+    """Whatever goes wrong inside (a RecursionError, a MemoryError), load() raises
+    the one exception its callers turn into a line."""
+    config = tmp_path / "c.yaml"
+    config.write_text("timeout: 3\n")
+
+    def boom(*args: Any) -> Any:
+        raise MemoryError
+
+    monkeypatch.setattr(sources, "_yaml_layer", boom)
+    assert error_of({"TRACED_RUN_CONFIG": str(config)}) == "cannot read the settings: MemoryError"
+
+
+def test_env_only_a_hostile_file_leaves_the_app_running_untraced(cwd: Path) -> None:
+    boot = launch("--print-pythonpath", cwd=cwd, env=clean_env()).stdout.strip()
+    (cwd / "traced-run.yaml").write_text(DEEP)
+    (cwd / "app.py").write_text(textwrap.dedent(AGENT_APP))
+    done = subprocess.run([sys.executable, "app.py"], cwd=cwd, capture_output=True, text=True, timeout=120,
+                          env=clean_env(PYTHONPATH=boot, MLFLOW_TRACKING_URI=UNUSED_URI))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == '{"lookup":"a: sunny"}\n'
+    assert one_line(done.stderr).endswith("; the app runs untraced")
+
+
+# -- 8. header names and values, checked at load ------------------------------------------
+
+
+@pytest.mark.parametrize(("headers", "problem"), [
+    ("x-a=one%0D%0AX-Injected: 1", "header x-a: expected no line breaks or other control characters"),
+    ("x-a=one%0A%20folded", "header x-a: expected no line breaks or other control characters"),
+    ("x-a=%E2%82%AC", "header x-a: expected only Latin-1 characters (HTTP sends nothing else)"),
+    ("x-a=%zz", "invalid percent-encoding: '%' must be followed by two hex digits"),
+    ("x-a=%ff", "invalid percent-encoding: the bytes are not UTF-8"),
+    ("x%20a=1", "'x a' is not an HTTP header name"),
+    ("x:a=1", "'x:a' is not an HTTP header name"),
+])
+def test_a_header_that_cannot_be_sent_is_refused_at_load(headers: str, problem: str) -> None:
+    message = error_of({"OTEL_EXPORTER_OTLP_HEADERS": headers})
+    assert message == f"env OTEL_EXPORTER_OTLP_HEADERS: headers: {problem}, got (value hidden)"
+
+
+def test_a_yaml_header_with_a_line_break_is_refused(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text('headers:\n  Authorization: "Bearer x\\r\\nX-Evil: 1"\n')
+    message = error_of({"TRACED_RUN_CONFIG": str(config)})
+    assert message == (f"{config}:1: headers: header Authorization: expected no line breaks or other "
+                       "control characters, got (value hidden)")
+
+
+def test_the_launcher_refuses_a_header_with_exit_78(cwd: Path) -> None:
+    done = launch("true", cwd=cwd, env=clean_env(MLFLOW_TRACKING_URI=UNUSED_URI,
+                                                 OTEL_EXPORTER_OTLP_TRACES_HEADERS=f"x-k={SECRET}%0D%0Ax"))
+    assert done.returncode == 78
+    assert SECRET not in one_line(done.stderr)
+
+
+# -- 9. the smaller ones -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("url", ["http://mlflow:5000/?x=1", "http://mlflow:5000#top", "http://mlflow:5000/a?"])
+def test_a_tracking_uri_with_a_query_or_fragment_is_refused(url: str) -> None:
+    message = error_of({"MLFLOW_TRACKING_URI": url})
+    assert message == (f"env MLFLOW_TRACKING_URI: tracking_uri: expected a URL without a query (?...) or "
+                       f"fragment (#...), got {url.rstrip('/')!r}")
+
+
+def test_experiment_names_and_run_ids_are_checked_against_mlflows_limits() -> None:
+    assert load({"MLFLOW_EXPERIMENT_NAME": "e" * 500}).settings.experiment_name == "e" * 500
+    message = error_of({"MLFLOW_EXPERIMENT_NAME": "e" * 501})
+    assert message.startswith("env MLFLOW_EXPERIMENT_NAME: experiment_name: expected at most 500 characters")
+    for run_id in ("run id\r\nx", "r\u00e9sum\u00e9", "r" * 257):
+        message = error_of({"MLFLOW_RUN_ID": run_id})
+        assert message.startswith("env MLFLOW_RUN_ID: run_id: expected an MLflow run id")
+
+
+def test_a_tilde_in_the_spool_dir_is_the_home_directory(monkeypatch: pytest.MonkeyPatch,
+                                                        tmp_path: Path) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert load({"TRACED_RUN_SPOOL_DIR": "~/spool"}).settings.spool_dir == str(tmp_path / "spool")
+
+
+def test_a_repeated_option_and_an_empty_command_are_one_line_each(cwd: Path) -> None:
+    env = clean_env(MLFLOW_TRACKING_URI=UNUSED_URI)
+    (cwd / "a.yaml").write_text("timeout: 3\n")
+    done = launch("--config", "a.yaml", "--config", "a.yaml", "true", cwd=cwd, env=env)
+    assert done.returncode == 2
+    assert one_line(done.stderr) == "option --config given twice (see traced-run --help)"
+    done = launch("", cwd=cwd, env=env)
+    assert done.returncode == 127
+    assert one_line(done.stderr) == "command not found: '' (the command name is empty)"
+
+
+def test_argument_list_too_long_says_what_traced_run_added(cwd: Path) -> None:
+    # An argument longer than Linux's MAX_ARG_STRLEN (128 KiB): exec fails with E2BIG.
+    code = ("import sys; from traced_run.cli import main; "
+            "sys.exit(main(['--service-name', 'svc', 'true', 'a' * 200_000]))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=60,
+                          env=clean_env(MLFLOW_TRACKING_URI=UNUSED_URI))
+    assert done.returncode == 126
+    line = one_line(done.stderr)
+    assert line.startswith("cannot run true: its arguments and environment together are more than the "
+                           "system allows (Argument list too long); traced-run adds "), line
+    assert line.endswith(f" bytes of it (PYTHONPATH, {OPTIONS_ENV})")
+
+
+def test_env_only_no_error_of_ours_reaches_the_apps_import(cwd: Path) -> None:
+    """Not only a hostile file: whatever traced-run raises while it sets up (here a
+    RecursionError, planted by a user sitecustomize) is one line, and the app runs."""
+    boot = launch("--print-pythonpath", cwd=cwd, env=clean_env()).stdout.strip()
+    (cwd / "user").mkdir()
+    (cwd / "user" / "sitecustomize.py").write_text(textwrap.dedent("""
+        import traced_run.pipeline
+
+        def install():
+            raise RecursionError("maximum recursion depth exceeded")
+
+        traced_run.pipeline.install = install
+    """))
+    (cwd / "app.py").write_text(textwrap.dedent(AGENT_APP))
+    done = subprocess.run([sys.executable, "app.py"], cwd=cwd, capture_output=True, text=True, timeout=120,
+                          env=clean_env(PYTHONPATH=f"{boot}{os.pathsep}{cwd / 'user'}",
+                                        MLFLOW_TRACKING_URI=UNUSED_URI))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == '{"lookup":"a: sunny"}\n'
+    assert one_line(done.stderr) == ("could not set up tracing: RecursionError: maximum recursion depth "
+                                     "exceeded; the app runs untraced")
