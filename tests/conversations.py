@@ -33,6 +33,8 @@ PIXEL = base64.b64decode(
     "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg==")
 """A 1x1 PNG: a BinaryContent image well within max_binary_bytes."""
 IMAGE_URL = "https://example.com/receipt.png"
+RESULTS = {"balance": "owes 42.50 EUR", "orders": "has 2 orders in transit", "address": "lives at 1 Main St"}
+"""What each tool of the support agent returns, after the customer."""
 
 
 def _tool_results_came_back(messages: list[ModelMessage]) -> bool:
@@ -58,15 +60,15 @@ def _support(name: str, model: FunctionModel) -> Agent[None, str]:
 
     @agent.tool_plain
     def balance(customer: str) -> str:
-        return f"{customer} owes 42.50 EUR"
+        return f"{customer} {RESULTS['balance']}"
 
     @agent.tool_plain
     def orders(customer: str) -> str:
-        return f"{customer} has 2 orders in transit"
+        return f"{customer} {RESULTS['orders']}"
 
     @agent.tool_plain
     def address(customer: str) -> str:
-        return f"{customer} lives at 1 Main St"
+        return f"{customer} {RESULTS['address']}"
 
     return agent
 

@@ -35,8 +35,7 @@ playwright = pytest.importorskip("playwright.sync_api", reason="playwright is in
 SCREENSHOTS = os.environ.get("SCREENSHOTS_DIR")
 PROMPT = conversations.PROMPT
 WITHHELD = "[content not exported]"
-RESULTS = {"balance": "owes 42.50 EUR", "orders": "has 2 orders in transit", "address": "lives at 1 Main St"}
-"""What each tool of the support agent returns, after the customer."""
+RESULTS = conversations.RESULTS
 
 
 @dataclass
