@@ -92,14 +92,21 @@ class View:
     def __init__(self, page: Any, server: MlflowServer) -> None:
         self.page = page
         self.server = server
+        self.experiment_id = ""
 
     def text(self) -> str:
         return str(self.page.inner_text("body"))
 
+    def traces(self, runs: Runs, query: str = "") -> None:
+        """The experiment's Traces tab (with ``query``, a trace opened over it)."""
+        if runs.experiment_id != self.experiment_id:  # the UI does not follow a hash change to another one
+            self.page.goto("about:blank")
+            self.experiment_id = runs.experiment_id
+        self.page.goto(f"{self.server.url}/#/experiments/{runs.experiment_id}/traces{query}")
+
     def trace(self, runs: Runs, trace: Any) -> None:
         """The trace's view, its span tree loaded."""
-        self.page.goto(f"{self.server.url}/#/experiments/{runs.experiment_id}/traces"
-                       f"?selectedEvaluationId={trace.info.trace_id}")
+        self.traces(runs, f"?selectedEvaluationId={trace.info.trace_id}")
         short = trace.info.trace_id.removeprefix("tr-")[:8]
         poll(lambda: f"Trace\n{short}" in self.text() and "\nSpans\n" in self.text(), timeout=60,
              what=f"the view of trace {short}")
@@ -246,8 +253,8 @@ def test_images_show_as_placeholders_not_base64(view: View, runs: Runs) -> None:
     (trace,) = runs.traces["images"]
     view.trace(runs, trace)
     panel = view.span("chat function:model:")
-    panel.shows(["User", "What are these?", f"[image image/png: {conversations.IMAGE_URL}]",
-                 f"[image image/png, {len(conversations.PIXEL)} bytes]"], ["Assistant", "Two receipts."])
+    panel.shows(["User", "What are these?", f"[image/png: {conversations.IMAGE_URL}]",
+                 f"[image/png, {len(conversations.PIXEL)} bytes]"], ["Assistant", "Two receipts."])
     assert "iVBORw0KGgo" not in view.text()
     view.screenshot("images")
 
@@ -299,11 +306,12 @@ def test_without_content_the_view_shows_the_structure_only(view: View, hidden: R
 # -- the trace list -------------------------------------------------------------------------
 
 def test_the_trace_list_shows_prompt_answer_tokens_session_and_user(view: View, runs: Runs) -> None:
-    view.page.goto(f"{view.server.url}/#/experiments/{runs.experiment_id}/traces")
+    view.traces(runs)
     poll(lambda: "Done: 3 lookups." in view.text(), timeout=60, what="the trace list")
     view.page.get_by_role("button", name="Display").click()
     view.page.get_by_text("Columns", exact=True).hover()
-    for column in ("User", "Trace name"):
+    # User and name on, and room for them: timing columns off.
+    for column in ("User", "Trace name", "Time", "Duration", "State"):
         view.page.get_by_role("menuitemcheckbox", name=column).click()
     view.page.keyboard.press("Escape")
     view.page.keyboard.press("Escape")
@@ -320,4 +328,5 @@ def test_the_trace_list_shows_prompt_answer_tokens_session_and_user(view: View, 
     lines: list[str] = poll(row, timeout=30, what="the two-tools trace's row with its user")
     assert _in_order(["two-tools", f'"{PROMPT}"', '"Done: 2 lookups."', "alice", session,
                       str(trace.info.token_usage["total_tokens"])], lines), lines
+    view.page.set_viewport_size({"width": 1600, "height": 900})  # every column on screen
     view.screenshot("list")

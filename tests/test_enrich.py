@@ -153,8 +153,8 @@ def test_images_are_placeholders_in_the_chat_and_bounded_elsewhere(record: Any) 
     pixel = len(conversations.PIXEL)
     spans = record("images")
     ((inputs, _),) = model_calls(spans)
-    assert inputs == [text("user", "What are these?", f"[image image/png: {conversations.IMAGE_URL}]",
-                           f"[image image/png, {pixel} bytes]")]
+    assert inputs == [text("user", "What are these?", f"[image/png: {conversations.IMAGE_URL}]",
+                           f"[image/png, {pixel} bytes]")]
     (llm,) = (span for span in spans if span.name.startswith("chat "))
     assert "iVBORw0KGgo" in str((llm.attributes or {})["gen_ai.input.messages"])  # within max_binary_bytes
     bounded = record("images", Settings(max_binary_bytes=16))

@@ -170,7 +170,7 @@ def _shown(part: Any) -> Any:
         return part if parsed is None else {**part, "arguments": parsed}
     if kind == "thinking":
         return {"type": "text", "content": f"[thinking] {part.get('content', _WITHHELD)}"}
-    what = " ".join(str(part[key]) for key in ("modality", "mime_type", "media_type") if key in part) or kind
+    what = next((str(part[key]) for key in ("mime_type", "media_type", "modality") if part.get(key)), kind)
     content = part.get("content")
     if kind in ("blob", "binary") and isinstance(content, str):
         return {"type": "text", "content": f"[{what}, {_base64_size(content)} bytes]"}
