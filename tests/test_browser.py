@@ -111,21 +111,23 @@ class View:
         poll(lambda: f"Trace\n{short}" in self.text() and "\nSpans\n" in self.text(), timeout=60,
              what=f"the view of trace {short}")
 
-    def span(self, name: str, index: int = -1) -> Panel:
-        """Select the ``index``-th span called ``name`` and read its pane."""
-        names = self.page.get_by_text(name, exact=True)
-        poll(names.count, timeout=30, what=f"span {name}")
-        names.nth(index % names.count()).click()
+    def pane(self) -> Panel | None:
+        text = self.text()
+        inputs, found, outputs = text[text.find("Inputs / Outputs"):].partition("\nOutputs\n")
+        return Panel(_lines(inputs), _lines(outputs)) if found else None
+
+    def span(self, trace: Any, kind: str = "LLM") -> Panel:
+        """Select the trace's last span of ``kind`` (by its id) and read its pane,
+        once it has replaced the pane of the span selected before."""
+        span = max(spans_by_type(trace)[kind], key=lambda s: s.start_time_ns)
+        before = self.pane()
+        self.page.get_by_test_id(f"span-title-row-{span.span_id}").click()
 
         def pane() -> Panel | None:
-            text = self.text()
-            header = text.rfind(f"{name}\n", 0, text.find("Inputs / Outputs"))
-            inputs, found, outputs = text[text.find("Inputs / Outputs"):].partition("\nOutputs\n")
-            if header < 0 or not found:
-                return None
-            return Panel(_lines(inputs), _lines(outputs))
+            now = self.pane()
+            return now if now != before else None
 
-        found: Panel = poll(pane, timeout=30, what=f"the pane of span {name}")
+        found: Panel = poll(pane, timeout=30, what=f"the pane of span {span.name}")
         return found
 
     def tool_call_ids(self) -> list[str]:
@@ -187,19 +189,19 @@ def test_parallel_tool_calls_each_show_their_result(view: View, runs: Runs, kind
                                                     tools: tuple[str, ...]) -> None:
     (trace,) = runs.traces[kind]
     view.trace(runs, trace)
-    panel = view.span("chat function:model:", -1)
+    panel = view.span(trace)
     panel.shows(_conversation_of(tools), ["Assistant", f"Done: {len(tools)} lookups."])
     ids = [f"call_{tool}" for tool in tools]
     assert view.tool_call_ids() == ids + ids  # the calls, then each result under its call's id
     view.screenshot(kind)
     # The agent (root) span shows the prompt and the answer.
-    view.span(f"invoke_agent {kind}").shows([PROMPT], [f"Done: {len(tools)} lookups."])
+    view.span(trace, "AGENT").shows([PROMPT], [f"Done: {len(tools)} lookups."])
 
 
 def test_a_retry_shows_the_prompt_the_model_got(view: View, runs: Runs) -> None:
     (trace,) = runs.traces["retries"]
     view.trace(runs, trace)
-    panel = view.span("chat function:model:", -1)
+    panel = view.span(trace)
     panel.shows(["User", "Refund my order.",
                  "Assistant", "Tool calls", "refund", "amount", "lots",
                  "refund", "\"Field required\"",  # pydantic-ai's validation retry, its errors as JSON
@@ -214,7 +216,7 @@ def test_a_retry_shows_the_prompt_the_model_got(view: View, runs: Runs) -> None:
 def test_structured_output_shows_the_final_result_call(view: View, runs: Runs) -> None:
     (trace,) = runs.traces["structured"]
     view.trace(runs, trace)
-    view.span("chat function:model:").shows(["User", "Refund o-1 by 12.50."],
+    view.span(trace).shows(["User", "Refund o-1 by 12.50."],
                                             ["Assistant", "Tool calls", "final_result", "order", "o-1",
                                              "amount", "12.5"])
     view.screenshot("structured")
@@ -223,9 +225,9 @@ def test_structured_output_shows_the_final_result_call(view: View, runs: Runs) -
 def test_a_second_turn_shows_the_whole_history(view: View, runs: Runs) -> None:
     first, second = runs.traces["multi-turn"]
     view.trace(runs, first)  # a plain-text run
-    view.span("chat function:model:").shows(["User", "Hi there."], ["Assistant", "Hello! How can I help?"])
+    view.span(first).shows(["User", "Hi there."], ["Assistant", "Hello! How can I help?"])
     view.trace(runs, second)
-    panel = view.span("chat function:model:")
+    panel = view.span(second)
     panel.shows(["User", "Hi there.", "Assistant", "Hello! How can I help?",
                  "User", "When does my order ship?"], ["Assistant", "Your order ships Friday."])
     view.screenshot("multi-turn")
@@ -234,7 +236,7 @@ def test_a_second_turn_shows_the_whole_history(view: View, runs: Runs) -> None:
 def test_system_prompt_and_instructions_are_shown(view: View, runs: Runs) -> None:
     (trace,) = runs.traces["prompts"]
     view.trace(runs, trace)
-    view.span("chat function:model:").shows(
+    view.span(trace).shows(
         ["System", "Answer in one sentence.", "The customer is on the gold tier.",  # static, then dynamic
          "System", "You are the support desk of ACME.", "User", "Can I upgrade?"], ["Assistant", "Ok."])
     view.screenshot("prompts")
@@ -243,7 +245,7 @@ def test_system_prompt_and_instructions_are_shown(view: View, runs: Runs) -> Non
 def test_thinking_is_shown_with_the_answer(view: View, runs: Runs) -> None:
     (trace,) = runs.traces["thinking"]
     view.trace(runs, trace)
-    view.span("chat function:model:").shows(
+    view.span(trace).shows(
         ["User", "When will it ship?"],
         ["Assistant", "[thinking] The customer wants a date; orders ship on Fridays.", "Friday."])
     view.screenshot("thinking")
@@ -252,7 +254,7 @@ def test_thinking_is_shown_with_the_answer(view: View, runs: Runs) -> None:
 def test_images_show_as_placeholders_not_base64(view: View, runs: Runs) -> None:
     (trace,) = runs.traces["images"]
     view.trace(runs, trace)
-    panel = view.span("chat function:model:")
+    panel = view.span(trace)
     panel.shows(["User", "What are these?", f"[image/png: {conversations.IMAGE_URL}]",
                  f"[image/png, {len(conversations.PIXEL)} bytes]"], ["Assistant", "Two receipts."])
     assert "iVBORw0KGgo" not in view.text()
@@ -264,12 +266,12 @@ def test_streamed_and_iterated_runs_show_the_same_conversation_and_tokens(view: 
                                                                          kind: str) -> None:
     (plain,) = runs.traces["run-sync"]
     view.trace(runs, plain)
-    expected = view.span("chat test")
+    expected = view.span(plain)
     results = [line for tool in ("balance", "orders", "address") for line in (tool, f"a {RESULTS[tool]}")]
     expected.shows(["System", "Be brief.", "User", PROMPT, "Assistant", "Tool calls", *results])
     (trace,) = runs.traces[kind]
     view.trace(runs, trace)
-    assert view.span("chat test") == expected
+    assert view.span(trace) == expected
     usage = trace.info.token_usage
     assert usage["input_tokens"] + usage["output_tokens"] == usage["total_tokens"], usage
     assert f"{usage['total_tokens']} tokens" in view.text()  # the trace's header
@@ -293,7 +295,7 @@ def test_token_counts_add_up_for_every_run_kind(runs: Runs) -> None:
 def test_without_content_the_view_shows_the_structure_only(view: View, hidden: Runs) -> None:
     (trace,) = hidden.traces["two-tools"]
     view.trace(hidden, trace)
-    panel = view.span("chat function:model:", -1)
+    panel = view.span(trace)
     panel.shows(["User", WITHHELD, "Assistant", "Tool calls", "balance", "orders",
                  "balance", WITHHELD, "orders", WITHHELD], ["Assistant", WITHHELD])
     text = view.text()
