@@ -130,6 +130,11 @@ class View:
         found: Panel = poll(pane, timeout=30, what=f"the pane of span {span.name}")
         return found
 
+    def tokens(self, span: Any) -> int:
+        """The token count the span tree shows under a span."""
+        metrics = self.page.get_by_test_id(f"span-metric-row-{span.span_id}").inner_text()
+        return int(_lines(metrics)[-1])
+
     def tool_call_ids(self) -> list[str]:
         """The ids behind each 'Copy tool call ID' button of the pane, top to bottom."""
         ids = []
@@ -275,6 +280,7 @@ def test_streamed_and_iterated_runs_show_the_same_conversation_and_tokens(view: 
     usage = trace.info.token_usage
     assert usage["input_tokens"] + usage["output_tokens"] == usage["total_tokens"], usage
     assert f"{usage['total_tokens']} tokens" in view.text()  # the trace's header
+    assert sum(view.tokens(span) for span in spans_by_type(trace)["LLM"]) == usage["total_tokens"]
     if kind == "run-stream":
         view.screenshot("streamed")
 
