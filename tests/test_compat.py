@@ -119,3 +119,11 @@ def test_a_server_that_refuses_gzip_gets_plain_bodies_learnt_once(takes_plain: b
         assert (first.invalid, second.invalid) == (True, True)
         assert "Invalid OpenTelemetry protobuf format" in first.reason
         assert seen == ["gzip", None, "gzip"]
+
+
+def test_a_python_the_machine_lacks_is_found_missing_so_its_cell_is_skipped_not_passed() -> None:
+    import cells
+
+    assert cells.interpreter("3.99") is None
+    found = cells.interpreter(f"{sys.version_info.major}.{sys.version_info.minor}")
+    assert found and Path(found).exists()
