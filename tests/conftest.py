@@ -7,6 +7,7 @@ import contextlib
 import http.server
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -112,7 +113,7 @@ def start_mlflow(backend_uri: str, root: Path, *, health_timeout: float = 180,
              "--port", str(port), "--workers", "1"],
             # Job workers (about ten processes) do nothing for traces and would load two cores.
             stdout=log, stderr=subprocess.STDOUT, env=clean_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
-            cwd=root,
+            cwd=root, start_new_session=True,
         )
         url = f"http://127.0.0.1:{port}"
 
@@ -129,11 +130,15 @@ def start_mlflow(backend_uri: str, root: Path, *, health_timeout: float = 180,
             poll(healthy, timeout=health_timeout, what=f"mlflow server health ({backend_uri})", interval=0.5)
             yield MlflowServer(url, process)
         finally:
-            process.terminate()
+            # The whole group: MLflow 3.6 and 3.7 leave their uvicorn child running when
+            # only `mlflow server` is terminated.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
             try:
                 process.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                process.kill()
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="session")
