@@ -17,6 +17,9 @@ ENABLED_ENV = "TRACED_RUN_ENABLED"
 SDK_DISABLED_ENV = "OTEL_SDK_DISABLED"
 """OpenTelemetry's own kill switch: ``true`` turns traced-run off too."""
 STRICT_ENV = "TRACED_RUN_STRICT"
+LAUNCHED_ENV = "TRACED_RUN_LAUNCHED"
+"""The shell launcher puts its pid here before it becomes the command: that process
+(and no child of it) checks the settings at start-up, as the launcher would have."""
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
