@@ -28,50 +28,61 @@ NO_TRACKING_URI = ("no MLflow tracking URI: set MLFLOW_TRACKING_URI, --tracking-
 
 # -- generated from the settings table; tests/test_startup.py fails when it drifts ----------
 ENV = {
-    "TRACED_RUN_CONFIG": "",
-    "TRACED_RUN_ENABLED": "bool",
-    "OTEL_SDK_DISABLED": "bool",
-    "TRACED_RUN_STRICT": "bool",
-    "MLFLOW_TRACKING_URI": "url",
-    "MLFLOW_EXPERIMENT_ID": "id",
-    "MLFLOW_EXPERIMENT_NAME": "text",
-    "MLFLOW_RUN_ID": "",
-    "MLFLOW_TRACKING_USERNAME": "text",
-    "MLFLOW_TRACKING_PASSWORD": "text",
-    "MLFLOW_TRACKING_TOKEN": "text",
-    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "url",
-    "OTEL_EXPORTER_OTLP_TRACES_HEADERS": "",
-    "OTEL_EXPORTER_OTLP_HEADERS": "",
-    "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT": "",
-    "OTEL_EXPORTER_OTLP_TIMEOUT": "",
-    "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION": "",
-    "OTEL_EXPORTER_OTLP_COMPRESSION": "",
-    "OTEL_SERVICE_NAME": "text",
-    "OTEL_RESOURCE_ATTRIBUTES": "",
-    "TRACED_RUN_EXIT_TIMEOUT": "",
-    "TRACED_RUN_QUEUE_SIZE": "",
-    "TRACED_RUN_SPOOL_DIR": "path",
-    "TRACED_RUN_SPOOL_MAX_MB": "",
-    "TRACED_RUN_INSTRUMENTATION_VERSION": "",
-    "TRACED_RUN_INCLUDE_CONTENT": "bool",
-    "TRACED_RUN_CAPTURE_CONTENT": "bool",
-    "TRACED_RUN_INCLUDE_BINARY_CONTENT": "bool",
-    "TRACED_RUN_REDACT": "",
-    "TRACED_RUN_REDACT_DEFAULTS": "bool",
-    "TRACED_RUN_REDACTION_MARKER": "text",
-    "TRACED_RUN_MAX_BINARY_BYTES": "",
-    "TRACED_RUN_SESSION_ID": "text",
-    "TRACED_RUN_USER_ID": "text",
-    "TRACED_RUN_TAGS": "",
-    "TRACED_RUN_TRACE_NAME": "text",
-    "TRACED_RUN_SAMPLE_RATIO": "",
-    "TRACED_RUN_MODE": "",
+    "TRACED_RUN_CONFIG": ("config", ""),
+    "TRACED_RUN_ENABLED": ("enabled", "bool"),
+    "OTEL_SDK_DISABLED": ("enabled", "bool"),
+    "TRACED_RUN_STRICT": ("strict", "bool"),
+    "MLFLOW_TRACKING_URI": ("tracking_uri", "url"),
+    "MLFLOW_EXPERIMENT_ID": ("experiment_id", "id"),
+    "MLFLOW_EXPERIMENT_NAME": ("experiment_name", "text"),
+    "MLFLOW_RUN_ID": ("run_id", ""),
+    "MLFLOW_TRACKING_USERNAME": ("username", "text"),
+    "MLFLOW_TRACKING_PASSWORD": ("password", "text"),
+    "MLFLOW_TRACKING_TOKEN": ("token", "text"),
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": ("endpoint", "url"),
+    "OTEL_EXPORTER_OTLP_TRACES_HEADERS": ("headers", ""),
+    "OTEL_EXPORTER_OTLP_HEADERS": ("headers", ""),
+    "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT": ("timeout", ""),
+    "OTEL_EXPORTER_OTLP_TIMEOUT": ("timeout", ""),
+    "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION": ("compression", ""),
+    "OTEL_EXPORTER_OTLP_COMPRESSION": ("compression", ""),
+    "OTEL_SERVICE_NAME": ("service_name", "text"),
+    "OTEL_RESOURCE_ATTRIBUTES": ("resource_attributes", ""),
+    "TRACED_RUN_EXIT_TIMEOUT": ("exit_timeout", ""),
+    "TRACED_RUN_QUEUE_SIZE": ("queue_size", ""),
+    "TRACED_RUN_SPOOL_DIR": ("spool_dir", "path"),
+    "TRACED_RUN_SPOOL_MAX_MB": ("spool_max_mb", ""),
+    "TRACED_RUN_INSTRUMENTATION_VERSION": ("instrumentation_version", ""),
+    "TRACED_RUN_INCLUDE_CONTENT": ("include_content", "bool"),
+    "TRACED_RUN_CAPTURE_CONTENT": ("include_content", "bool"),
+    "TRACED_RUN_INCLUDE_BINARY_CONTENT": ("include_binary_content", "bool"),
+    "TRACED_RUN_REDACT": ("redact", ""),
+    "TRACED_RUN_REDACT_DEFAULTS": ("redact_defaults", "bool"),
+    "TRACED_RUN_REDACTION_MARKER": ("redaction_marker", "text"),
+    "TRACED_RUN_MAX_BINARY_BYTES": ("max_binary_bytes", ""),
+    "TRACED_RUN_SESSION_ID": ("session_id", "text"),
+    "TRACED_RUN_USER_ID": ("user_id", "text"),
+    "TRACED_RUN_TAGS": ("tags", ""),
+    "TRACED_RUN_TRACE_NAME": ("trace_name", "text"),
+    "TRACED_RUN_SAMPLE_RATIO": ("sample_ratio", ""),
+    "TRACED_RUN_MODE": ("mode", ""),
 }
-"""Each environment variable the table reads, with the plain form this module
-accepts for it; ``""``: none, a value set there takes the full check."""
-EXCLUSIVE = (("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"),)
-"""Variables of which one source may set only one."""
-DESTINATION = ("MLFLOW_TRACKING_URI", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+"""Each environment variable the table reads: its setting, and the plain form this module
+accepts for it (``""``: none, a value set there takes the full check)."""
+OPTIONS = {
+    "config": "",
+    "enabled": "bool",
+    "strict": "bool",
+    "tracking_uri": "url",
+    "experiment_id": "id",
+    "experiment_name": "text",
+    "run_id": "",
+    "service_name": "text",
+}
+"""The settings a launcher option sets, as TRACED_RUN_OPTIONS names them, and their plain form."""
+EXCLUSIVE = (("experiment_id", "experiment_name"),)
+"""Settings of which one source may name only one."""
+DESTINATION = ("tracking_uri", "endpoint")
 DEFAULT_CONFIG = "traced-run.yaml"
 # -- end of generated part -------------------------------------------------------------------
 
@@ -100,16 +111,27 @@ def no_destination(settings: "Settings") -> "str | None":
 
 
 def _plainly_valid(environ: "Mapping[str, str]") -> bool:
-    if environ.get(flags.OPTIONS_ENV, "").strip() or os.path.isfile(DEFAULT_CONFIG):
+    options = flags.options(environ)
+    if options is None or os.path.isfile(DEFAULT_CONFIG):
         return False
-    given = [var for var in ENV if environ.get(var, "").strip()]
-    for var in given:
-        if not _plain(ENV[var], environ[var]):
+    from_env: set[str] = set()
+    for var, (name, kind) in ENV.items():
+        text = environ.get(var, "")
+        if text.strip():
+            if not _plain(kind, text):
+                return False
+            from_env.add(name)
+    for name, value in options.items():
+        option_kind = OPTIONS.get(name)
+        if option_kind == "bool":
+            if not isinstance(value, bool):
+                return False
+        elif option_kind is None or not isinstance(value, str) or not _plain(option_kind, value):
             return False
     for group in EXCLUSIVE:
-        if sum(var in given for var in group) > 1:
+        if sum(name in from_env for name in group) > 1 or sum(name in options for name in group) > 1:
             return False
-    return flags.switched_off(environ) or any(var in given for var in DESTINATION)
+    return flags.switched_off(environ) or any(name in from_env or name in options for name in DESTINATION)
 
 
 def _plain(kind: str, value: str) -> bool:
@@ -119,7 +141,8 @@ def _plain(kind: str, value: str) -> bool:
         except ValueError:
             return False
         return True
-    if not kind or len(value) > PLAIN_LENGTH or not value.isascii() or not value.isprintable():
+    if (not kind or not value.strip() or len(value) > PLAIN_LENGTH or not value.isascii()
+            or not value.isprintable()):
         return False
     if kind == "text":
         return ":" not in value
