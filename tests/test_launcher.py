@@ -211,6 +211,28 @@ def test_the_shell_launcher_knows_the_options_of_the_settings_table() -> None:
                      if spec.option and spec.option_value is not None}
 
 
+@pytest.mark.parametrize(("argv", "fast"), [
+    (["python", "-c", "pass"], True),
+    (["--strict", "--experiment-name", "x", "--run-id=r1", "--", "python", "app.py"], True),
+    (["pip", "--version"], True),
+    (["python", "-I", "-c", "pass"], False),
+    (["--config", "team.yaml", "python", "-c", "pass"], False),
+    (["--experiment", "x", "python", "-c", "pass"], False),  # abbreviated: argparse decides
+    (["--service-name", "a\"b", "python", "-c", "pass"], False),
+    (["true"], False),
+    (["config"], False),
+], ids=["python", "options", "venv script", "python -I", "--config", "abbreviated", "quote", "true",
+        "config"])
+def test_the_shell_launcher_starts_no_python_of_its_own_for_the_common_case(
+        argv: list[str], fast: bool, tmp_path: Path) -> None:
+    """``sh -x`` shows what the launcher execs: the command itself, or the Python launcher."""
+    done = subprocess.run(["sh", "-x", TRACED_RUN, *argv], cwd=tmp_path, capture_output=True, text=True,
+                          env=clean_env(MLFLOW_TRACKING_URI=UNUSED_URI), timeout=60)
+    execs = [line for line in done.stderr.splitlines() if line.startswith("+ exec ")]
+    assert len(execs) == 1, done.stderr
+    assert ("traced-run-py" not in execs[0]) == fast, execs
+
+
 @pytest.mark.parametrize("launcher", LAUNCHERS)
 def test_the_app_gets_the_options_and_the_bootstrap_and_nothing_stale(launcher: str, tmp_path: Path) -> None:
     env = clean_env(MLFLOW_TRACKING_URI=UNUSED_URI, PYTHONPATH="/elsewhere",

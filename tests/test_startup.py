@@ -2,7 +2,10 @@
 pydantic_ai has loaded nothing beyond a bare interpreter's modules but our
 ``sitecustomize``, ``traced_run``, its ``bootstrap`` and ``flags`` (each
 further import at every interpreter start is time every Python process of a
-deployment pays)."""
+deployment pays). Under the shell launcher the process it becomes also checks
+the settings at start-up (the launcher no longer does it in an interpreter of
+its own): that adds ``traced_run.startcheck`` and, for plain values, nothing
+else."""
 
 from __future__ import annotations
 
