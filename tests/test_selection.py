@@ -124,3 +124,51 @@ def test_decisions_remembered_are_bounded(monkeypatch: pytest.MonkeyPatch,
         with provider.get_tracer("app").start_as_current_span("request"):
             pass
     assert len(chosen._decided) == 10
+
+
+def test_interrupt_ends_the_open_spans_of_agent_traces_only(setup: tuple[TracerProvider, TraceSelection,
+                                                                         Passed]) -> None:
+    provider, chosen, passed = setup
+    app = provider.get_tracer("app")
+    agent = provider.get_tracer(PYDANTIC_AI_SCOPE)
+    idle = app.start_span("websocket with no agent")
+    root = app.start_span("POST /chat")
+    with app.start_as_current_span("child", context=_context(root)):
+        pass
+    run = agent.start_span("invoke_agent a", context=_context(root))
+    with agent.start_as_current_span("chat test", context=_context(run)) as chat:
+        chat.set_attribute("gen_ai.input.messages", '[{"role":"user","parts":[{"type":"text",'
+                                                    '"content":"Cut off?"}]}]')
+    tool = agent.start_span("execute_tool slow", context=_context(run))
+    assert chosen.interrupt("SIGTERM") == 3
+    assert passed.names() == ["child", "chat test", "execute_tool slow", "invoke_agent a", "POST /chat"]
+    for name in ("execute_tool slow", "invoke_agent a", "POST /chat"):
+        span = passed.by_name(name)
+        assert span.status.description == "interrupted: SIGTERM" and span.end_time is not None
+    assert (passed.by_name("POST /chat").attributes or {})["input.value"] == "Cut off?"
+    assert chosen.interrupt("process exit") == 0, "each open span is ended once"
+    for span in (tool, run, root, idle):
+        span.end()
+    # A run that goes on after all (the app's own SIGTERM handler let it finish) sends its real
+    # ends too, under the same span ids: MLflow stores a span once, so the real end wins.
+    assert passed.names()[5:] == ["execute_tool slow", "invoke_agent a", "POST /chat"]
+
+
+def _context(span: object) -> object:
+    from opentelemetry import trace
+
+    return trace.set_span_in_context(span)  # type: ignore[arg-type]
+
+
+def test_a_forked_child_never_ends_its_parents_open_spans(setup: tuple[TracerProvider, TraceSelection,
+                                                                       Passed]) -> None:
+    import os
+
+    provider, chosen, passed = setup
+    with provider.get_tracer(PYDANTIC_AI_SCOPE).start_as_current_span("invoke_agent a"):
+        child = os.fork()
+        if child == 0:
+            os._exit(chosen.interrupt("os._exit"))  # how many it ended, as its exit status
+        _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert passed.names() == ["invoke_agent a"]

@@ -153,7 +153,9 @@ def _flush(argv: list[str], env: dict[str, str]) -> int:
     if loaded is None:
         return report.EXIT_CONFIG
     if not loaded.settings.traces_endpoint:
-        report.say("no MLflow tracking URI: set MLFLOW_TRACKING_URI, --tracking-uri or tracking_uri")
+        from traced_run.transport import NO_TRACKING_URI
+
+        report.say(NO_TRACKING_URI)
         return report.EXIT_CONFIG
     from traced_run.flush import flush
 

@@ -23,12 +23,14 @@ import json
 import os
 import sys
 import threading
+import time
 from collections import OrderedDict, deque
 from typing import Any
 
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
+from opentelemetry.trace import Status, StatusCode
 from opentelemetry.util.types import AttributeValue
 
 from traced_run import report
@@ -38,6 +40,8 @@ PYDANTIC_AI_SCOPE = "pydantic-ai"
 TRACE_NAME_TAG = "mlflow.traceTag.mlflow.traceName"
 MAX_WAITING = 4096
 """Spans of undecided traces held at once; past it the oldest are dropped."""
+MAX_OPEN = 65536
+"""Open spans tracked at once (an agent trace's open spans are ended if the process leaves mid-run)."""
 MAX_DECIDED = 8192
 """Traces whose decision is remembered, for spans that end after their local root."""
 
@@ -53,27 +57,37 @@ class TraceSelection(SpanProcessor):
         self._service_name = service_name
         self._max_waiting = max_waiting
         self._lock = threading.Lock()
-        # A fork while an app thread holds the lock would leave it held for ever in the child.
-        os.register_at_fork(after_in_child=self._new_lock)
+        os.register_at_fork(after_in_child=self._forked)
         self._decided: OrderedDict[int, ReadableSpan | str] = OrderedDict()
         """Trace id -> the trace's outermost pydantic-ai span, or why the trace does not go."""
         self._waiting: OrderedDict[int, deque[ReadableSpan]] = OrderedDict()
         self._waiting_spans = 0
         self._evicted: OrderedDict[int, int] = OrderedDict()
         """Undecided traces whose waiting spans the bound dropped, with how many."""
+        self._open: dict[int, Span] = {}
+        """Spans started and not yet ended, by span id: what an interrupted run leaves open."""
+        self._prompts: dict[int, AttributeValue] = {}
+        """Wanted trace id -> the messages its latest model call was sent (the prompt of a run cut off)."""
         self._resources: dict[int, tuple[Resource, Resource]] = {}
         self._told_incomplete = False
         self._told_autolog = False
 
-    def _new_lock(self) -> None:
+    def _forked(self) -> None:
+        """In a forked child: a fork while an app thread held the lock would leave it held
+        for ever; and the spans open in the parent are the parent's to end (a worker of a
+        pool a tool started must not end its parent's run as interrupted)."""
         self._lock = threading.Lock()
+        self._open = {}
 
     def on_start(self, span: Span, parent_context: Context | None = None) -> None:
         scope = span.instrumentation_scope
         if scope is None or scope.name != PYDANTIC_AI_SCOPE:
+            with self._lock:
+                self._track(span)
             return
         trace_id = span.context.trace_id
         with self._lock:
+            self._track(span)
             decided = self._decided.get(trace_id, _NO_AGENT)
             if decided is not _NO_AGENT:  # wanted already, or left to MLflow's autolog
                 return
@@ -103,6 +117,7 @@ class TraceSelection(SpanProcessor):
         trace_id = context.trace_id
         local_root = span.parent is None or span.parent.is_remote
         with self._lock:
+            self._open.pop(context.span_id, None)
             agent = self._decided.get(trace_id)
             if agent is None:
                 if not local_root:
@@ -112,9 +127,39 @@ class TraceSelection(SpanProcessor):
                 self._evicted.pop(trace_id, None)
                 self._remember(trace_id, _NO_AGENT)
                 return
+            if isinstance(agent, ReadableSpan):
+                messages = (span.attributes or {}).get("gen_ai.input.messages")
+                if messages is not None:
+                    self._prompts[trace_id] = messages
+            messages = self._prompts.pop(trace_id, None) if local_root else None
         if isinstance(agent, str):
             return
-        self._inner.on_end(self._shaped(span, agent if local_root else None))
+        self._inner.on_end(self._shaped(span, agent if local_root else None, messages))
+
+    def _track(self, span: Span) -> None:
+        """Remember an open span (lock held); spans never ended (a leak in the app) are
+        forgotten oldest first past the bound."""
+        self._open[span.context.span_id] = span
+        if len(self._open) > MAX_OPEN:
+            del self._open[next(iter(self._open))]
+
+    def interrupt(self, why: str) -> int:
+        """End, in the copies MLflow gets, every span of an agent trace still open (the
+        process is leaving mid-run), with an error status saying ``why``: the trace then
+        arrives complete instead of in progress for ever. Returns how many were open."""
+        now = time.time_ns()
+        with self._lock:
+            cut = [span for span in self._open.values()
+                   if isinstance(self._decided.get(span.context.trace_id), ReadableSpan)]
+            # The outermost pydantic-ai span (the agent run) has no messages before it ends.
+            prompts = {span.context.span_id: self._prompts.get(span.context.trace_id) for span in cut
+                       if self._decided.get(span.context.trace_id) is span}
+            for span in cut:
+                del self._open[span.context.span_id]
+        # Children first, so each trace's root is the last of it to arrive, as in a finished run.
+        for span in sorted(cut, key=lambda span: span.start_time or 0, reverse=True):
+            self.on_end(_ended(span, now, f"interrupted: {why}", prompts.get(span.context.span_id)))
+        return len(cut)
 
     def _drop_waiting(self, trace_id: int) -> deque[ReadableSpan]:
         waiting = self._waiting.pop(trace_id, deque())
@@ -153,11 +198,12 @@ class TraceSelection(SpanProcessor):
                    f"{self._max_waiting} spans of traces with no agent yet were waiting): it reaches MLflow "
                    f"without them")
 
-    def _shaped(self, span: ReadableSpan, agent: ReadableSpan | None) -> ReadableSpan:
+    def _shaped(self, span: ReadableSpan, agent: ReadableSpan | None,
+                messages: AttributeValue | None = None) -> ReadableSpan:
         """``span`` as MLflow should get it: the agent's summary on an app's root span, and a
         real service name. The span itself is the app's too, so changes go on a copy."""
         resource = self._resource(span.resource)
-        summary = _summary(span, agent) if agent is not None and agent is not span else None
+        summary = _summary(span, agent, messages) if agent is not None and agent is not span else None
         if resource is span.resource and not summary:
             return span
         attributes = dict(span.attributes or {})
@@ -188,6 +234,22 @@ class TraceSelection(SpanProcessor):
         return self._inner.force_flush(timeout_millis)
 
 
+def _ended(span: Span, now: int, why: str, messages: AttributeValue | None) -> ReadableSpan:
+    """A copy of the open ``span`` as if it had ended now with an error; an agent run
+    cut off (it has no messages of its own yet) gets the prompt of its last model call."""
+    attributes = dict(span.attributes or {})
+    if messages is not None and "pydantic_ai.all_messages" not in attributes:
+        prompt = _last_prompt(messages)
+        if prompt is not None:
+            attributes["input.value"] = prompt
+    return ReadableSpan(
+        name=span.name, context=span.get_span_context(), parent=span.parent, resource=span.resource,
+        attributes=attributes, events=span.events, links=span.links, kind=span.kind,
+        status=Status(StatusCode.ERROR, why), start_time=span.start_time, end_time=now,
+        instrumentation_scope=span.instrumentation_scope,
+    )
+
+
 def _autolog_records_it() -> bool:
     """MLflow's own pydantic-ai autolog has a span open around this run (its
     spans carry ``mlflow.message.format``); it sends the run to MLflow itself."""
@@ -202,13 +264,15 @@ def _autolog_records_it() -> bool:
         return False
 
 
-def _summary(root: ReadableSpan, agent: ReadableSpan) -> dict[str, AttributeValue]:
-    """The agent run's prompt, output and name, for a root span that is the app's own."""
+def _summary(root: ReadableSpan, agent: ReadableSpan,
+             messages: AttributeValue | None) -> dict[str, AttributeValue]:
+    """The agent run's prompt, output and name, for a root span that is the app's own; the
+    prompt of its last model call (``messages``) when the run was cut off."""
     if root.instrumentation_scope is not None and root.instrumentation_scope.name == PYDANTIC_AI_SCOPE:
         return {}
     attributes = agent.attributes or {}
     summary: dict[str, AttributeValue] = {}
-    prompt = _last_prompt(attributes.get("pydantic_ai.all_messages"))
+    prompt = _last_prompt(attributes.get("pydantic_ai.all_messages", messages))
     if prompt is not None:
         summary["input.value"] = prompt
     output = attributes.get("final_result")

@@ -23,9 +23,6 @@ if TYPE_CHECKING:
 
     from traced_run.settings import Settings
 
-NO_TRACKING_URI = ("no MLflow tracking URI: set MLFLOW_TRACKING_URI, --tracking-uri or tracking_uri "
-                   "in the config file")
-
 # -- generated from the settings table; tests/test_startup.py fails when it drifts ----------
 ENV = {
     "TRACED_RUN_CONFIG": ("config", ""),
@@ -107,7 +104,11 @@ def problem(environ: "Mapping[str, str]") -> "str | None":
 
 def no_destination(settings: "Settings") -> "str | None":
     """Tracing on and nowhere to send: the launcher refuses to start the command."""
-    return NO_TRACKING_URI if settings.enabled and not settings.traces_endpoint else None
+    if settings.enabled and not settings.traces_endpoint:
+        from traced_run.transport import NO_TRACKING_URI
+
+        return NO_TRACKING_URI
+    return None
 
 
 def _plainly_valid(environ: "Mapping[str, str]") -> bool:
