@@ -49,7 +49,7 @@ def _calls(count: int) -> Callable[[list[ModelMessage], AgentInfo], ModelRespons
     def model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
         if _tool_results_came_back(messages):
             return ModelResponse(parts=[TextPart(f"Done: {count} lookups.")])
-        return ModelResponse(parts=[ToolCallPart(tool, {"customer": "c-7"}, tool_call_id=f"call_{tool}")
+        return ModelResponse(parts=[ToolCallPart(tool, {"customer": "cust-Q7"}, tool_call_id=f"call_{tool}")
                                     for tool in tools])
 
     return model

@@ -181,8 +181,8 @@ def _in_order(expected: Sequence[str], lines: list[str]) -> bool:
 
 def _conversation_of(tools: tuple[str, ...]) -> list[str]:
     """What the last model call of a run of the support agent was sent, as shown."""
-    calls = [line for tool in tools for line in (tool, "customer", "c-7")]
-    answers = [line for tool in tools for line in (tool, f"c-7 {RESULTS[tool]}")]
+    calls = [line for tool in tools for line in (tool, "customer", "cust-Q7")]
+    answers = [line for tool in tools for line in (tool, f"cust-Q7 {RESULTS[tool]}")]
     return ["System", "Be brief.", "User", PROMPT, "Assistant", "Tool calls", *calls, *answers]
 
 

@@ -77,7 +77,7 @@ def text(role: str, *contents: str) -> dict[str, Any]:
     return {"role": role, "parts": [{"type": "text", "content": content} for content in contents]}
 
 
-def call(*tools: str, customer: str = "c-7") -> dict[str, Any]:
+def call(*tools: str, customer: str = "cust-Q7") -> dict[str, Any]:
     return {"role": "assistant", "parts": [{"type": "tool_call", "id": f"call_{tool}", "name": tool,
                                             "arguments": {"customer": customer}} for tool in tools]}
 
@@ -106,7 +106,7 @@ def test_parallel_tool_calls_each_get_a_result_message(record: Any, kind: str,
                                                        tools: tuple[str, ...]) -> None:
     asking, answering = model_calls(record(kind))
     assert asking == ([SYSTEM, USER], [call(*tools)])
-    results = [result(tool, f"c-7 {conversations.RESULTS[tool]}") for tool in tools]
+    results = [result(tool, f"cust-Q7 {conversations.RESULTS[tool]}") for tool in tools]
     answer = text("assistant", f"Done: {len(tools)} lookups.")
     assert answering == ([SYSTEM, USER, call(*tools), *results], [answer])
 
@@ -191,5 +191,5 @@ def test_without_content_the_chat_keeps_roles_and_tool_names_only(record: Any) -
     assert inputs[0] == text("user", WITHHELD) and outputs == [text("assistant", WITHHELD)]
     assert renders_as_chat(inputs) and renders_as_chat(outputs)
     values = " ".join(str(value) for span in spans for value in (span.attributes or {}).values())
-    for said in (conversations.PROMPT, "Be brief.", "42.50", "in transit", "c-7", "Done: 2 lookups."):
+    for said in (conversations.PROMPT, "Be brief.", "42.50", "in transit", "cust-Q7", "Done: 2 lookups."):
         assert said not in values
