@@ -272,6 +272,9 @@ def test_failing_mid_run_then_recovering_loses_nothing_and_doubles_nothing(
     try:
         out = Lines(process)
         out.wait_for("done 2")
+        # The experiment is looked up with the first post: it must be known before MLflow fails,
+        # or every attempt fails at the look-up and no post is ever answered `failure`.
+        poll(lambda: 200 in proxy.statuses(), timeout=30, what="a first batch delivered")
         proxy.mode = failure
         poll(lambda: proxy.count(mode=failure) >= 2, timeout=30, what=f"two posts answered {failure}")
         proxy.mode = "forward"
