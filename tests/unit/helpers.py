@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import ClassVar
 
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan
@@ -34,9 +35,9 @@ class FakeSender:
     """Stands in for ``export.Sender``: answers from ``answers`` (the last one
     for ever), or, when gated, only once the test releases each post."""
 
-    answers: list[Outcome] = [DELIVERED]
+    answers: ClassVar[list[Outcome]] = [DELIVERED]
     gated = False
-    posts: list[bytes] = []
+    posts: ClassVar[list[bytes]] = []
     posted = threading.Semaphore(0)
     release = threading.Semaphore(0)
 
@@ -60,5 +61,7 @@ class FakeSender:
         return cls.answers.pop(0) if len(cls.answers) > 1 else cls.answers[0]
 
 
-def delivery_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name in ("traced-run-delivery", "traced-run-spill")]
+def delivery_threads(before: set[threading.Thread]) -> list[threading.Thread]:
+    """The delivery and spill threads started since ``before`` was taken."""
+    return [t for t in threading.enumerate()
+            if t.name in ("traced-run-delivery", "traced-run-spill") and t not in before]

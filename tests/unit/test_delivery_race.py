@@ -5,6 +5,7 @@ sent twice); now the answer to a batch close() took over is not the thread's."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from traced_run.spool import Spool
 def test_a_late_answer_to_a_batch_close_kept_is_not_handled_again(
         tmp_path: Path, sender: type[FakeSender], capfd: pytest.CaptureFixture[str]) -> None:
     sender.reset(NOT_FOUND, gated=True)
+    before = set(threading.enumerate())
     delivery = Delivery(settings(tmp_path, exit_timeout=0.6))
     for span in trace(1, 3):
         delivery.submit(span)
@@ -25,7 +27,7 @@ def test_a_late_answer_to_a_batch_close_kept_is_not_handled_again(
 
     delivery.close("process exit")  # the post hangs past the exit bound: close() keeps the batch
     sender.release.release()  # now MLflow answers, too late
-    threads = delivery_threads()
+    threads = delivery_threads(before)
     for thread in threads:
         thread.join(timeout=5)
 

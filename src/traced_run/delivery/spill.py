@@ -144,7 +144,9 @@ class Spill:
     def _run(self) -> None:
         while True:
             with self._lock:
-                self._lock.wait_for(lambda: bool(self._batches) and not self._closed)
+                self._lock.wait_for(lambda: bool(self._batches) or self._closed)
+                if self._closed:  # the exit path took what was left
+                    return
                 batch = self._batches.popleft()
                 self._busy = True
             try:
