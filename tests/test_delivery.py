@@ -304,6 +304,46 @@ def test_failing_mid_run_then_recovering_loses_nothing_and_doubles_nothing(
                         r"\(.+\) and sent later", summary), summary
 
 
+OUTAGE = 6.0
+"""Seconds MLflow fails in the recovery test: long enough for the back-off to reach its cap."""
+
+
+def test_a_running_process_finds_mlflow_again_within_two_seconds_and_asks_little_meanwhile(
+        app: App, proxy: FaultProxy) -> None:
+    """A long-running service: while MLflow answers 503 it is asked at most about once a
+    second; once it answers again, the process sends within ~2 s, spool included."""
+    app.write(loop_app("back", pause=0.1))
+    process = start(app, "python", "app.py", env=proxied_env(app, proxy))
+    try:
+        out = Lines(process)
+        out.wait_for("done 2")
+        poll(lambda: 200 in proxy.statuses(), timeout=30, what="a first batch delivered")
+        proxy.mode = "503"
+        time.sleep(OUTAGE)  # the outage itself: what is measured is the process's behaviour in it
+        asked = proxy.count(path="/", mode="503")
+        proxy.mode = "forward"
+        back = time.monotonic()
+        seen = len(proxy.seen)
+        poll(lambda: any(s.status == 200 and s.path.startswith("/v1/traces") for s in proxy.seen[seen:]),
+             timeout=30, what="a batch delivered after MLflow came back")
+        found_after = time.monotonic() - back
+        recovered_at = out.done()
+        poll(lambda: set(range(recovered_at)) <= set(run_numbers(
+            [i for i in trace_infos(app.server, app.experiment) if finished(i)], "back")),
+            timeout=30, what=f"runs 0..{recovered_at - 1}, spooled in the outage, sent while the app runs")
+        drained_after = time.monotonic() - back
+        assert process.poll() is None, "the app ended before its spool was sent"
+        (app.directory / "stop").touch()
+        err = out.finish(timeout=90)
+    finally:
+        stop(process)
+    print(f"recovery: {asked} requests in a {OUTAGE:g}s outage; first batch {found_after:.2f}s after "
+          f"MLflow was back, the outage's runs all there after {drained_after:.2f}s; stderr: {err.decode()}")
+    assert asked <= OUTAGE / 1.0 + 3, f"{asked} requests while MLflow was down"
+    assert found_after < 2.5, f"MLflow found again {found_after:.2f}s after it came back"
+    assert spooled(spool_of(app)) == []
+
+
 @pytest.mark.parametrize("recovers", [True, False], ids=["recovers", "still-down-at-exit"])
 def test_long_outage_is_said_while_running_and_at_exit_only_if_something_is_left(
         app: App, proxy: FaultProxy, recovers: bool) -> None:

@@ -377,13 +377,16 @@ class Spool:
     def send(self, endpoint: str,
              post: Callable[[Batch], Outcome]) -> Generator[tuple[Batch, Outcome, Path | None]]:
         """The protocol every sender follows: claim the oldest batch for
-        ``endpoint``, ``post`` it, then remove it (taken), set it aside
-        (refused as invalid: where to, third) or give it back (not taken: the
-        last one, since the rest would fare the same now)."""
+        ``endpoint``, ``post`` it, then remove it (taken; the traces MLflow
+        rejected alone, if any, set aside), set it aside (refused as invalid:
+        where to, third) or give it back (not taken: the last one, since the
+        rest would fare the same now)."""
         for batch in self.claim(endpoint):
             outcome = post(batch)
             aside = None
             if outcome.delivered:
+                for part in outcome.rejected:  # the traces MLflow rejected alone go aside alone
+                    aside = self.put_rejected(batch.target, part.spans, 1, part.payload, part.outcome.reason)
                 self.done(batch)
             elif outcome.invalid:
                 aside = self.reject(batch, outcome.reason)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import ClassVar
 
@@ -10,7 +11,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanContext
 
-from traced_run.export import DELIVERED, Outcome
+from traced_run.export import DELIVERED, Outcome, Sender
 from traced_run.settings import Settings
 from traced_run.spool import Target
 
@@ -31,22 +32,22 @@ def settings(tmp_path: Path, **more: object) -> Settings:
     return Settings(tracking_uri="http://127.0.0.1:9", spool_dir=str(tmp_path / "spool"), **more)  # type: ignore[arg-type]
 
 
-class FakeSender:
-    """Stands in for ``export.Sender``: answers from ``answers`` (the last one
-    for ever), or, when gated, only once the test releases each post."""
+class FakeSender(Sender):
+    """Stands in for ``export.Sender`` (its ``post`` only): answers from ``judge``
+    when set, else from ``answers`` (the last one for ever); when gated, only
+    once the test releases each post."""
 
+    judge: ClassVar[Callable[[bytes], Outcome] | None] = None
     answers: ClassVar[list[Outcome]] = [DELIVERED]
     gated = False
     posts: ClassVar[list[bytes]] = []
     posted = threading.Semaphore(0)
     release = threading.Semaphore(0)
 
-    def __init__(self, settings: Settings) -> None:
-        pass
-
     @classmethod
     def reset(cls, *answers: Outcome, gated: bool = False) -> None:
         cls.answers = list(answers) or [DELIVERED]
+        cls.judge = None
         cls.gated = gated
         cls.posts = []
         cls.posted = threading.Semaphore(0)
@@ -58,6 +59,8 @@ class FakeSender:
         cls.posted.release()
         if cls.gated:
             cls.release.acquire(timeout=30)
+        if cls.judge is not None:
+            return cls.judge(payload)
         return cls.answers.pop(0) if len(cls.answers) > 1 else cls.answers[0]
 
 

@@ -19,7 +19,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 from traced_run import report
 from traced_run.delivery.ledger import Ledger
 from traced_run.delivery.queue import SpanQueue
-from traced_run.delivery.spill import Keeper
+from traced_run.delivery.spill import Keeper, traces_of
 from traced_run.report import mask_url
 from traced_run.settings import Settings
 from traced_run.spool import SpoolRefused
@@ -157,15 +157,18 @@ class DeliveryThread:
                     self._keeper.keep(batch, payload)
             return
         assert self._sender is not None
-        outcome = self._sender.post(payload, target_of(self._settings), timeout)
+        outcome = self._sender.post_by_trace(payload, target_of(self._settings), timeout)
         with self._queue.hold() as held:
             if not held:  # close() took the batch over while it was posted: the answer is not ours
                 return
             if outcome.delivered:
-                self._ledger.delivered(len(batch))
+                self._ledger.delivered(len(batch) - sum(part.spans for part in outcome.rejected))
+                for part in outcome.rejected:
+                    self._keeper.set_aside(part.payload, part.spans, 1, part.outcome, self._queue.leaving())
                 self._backoff.up()
             elif outcome.invalid:
-                self._keeper.set_aside(batch, payload, outcome, self._queue.leaving())
+                self._keeper.set_aside(payload, len(batch), len(traces_of(batch)), outcome,
+                                       self._queue.leaving())
             else:
                 self._failed(outcome)
                 self._keeper.keep(batch, payload)
@@ -194,7 +197,7 @@ class DeliveryThread:
         if self._backoff.down() or sender is None or self._queue.closed:
             return False
         try:
-            with contextlib.closing(self._spool.send(self._endpoint, lambda batch: sender.post(
+            with contextlib.closing(self._spool.send(self._endpoint, lambda batch: sender.post_by_trace(
                     batch.payload, batch.target, self._attempt_timeout()))) as sending:
                 for batch, outcome, aside in sending:
                     # a batch given back to the spool is still this process's
@@ -202,6 +205,9 @@ class DeliveryThread:
                         self._ledger.finished_spooled(batch.name, batch.spans, outcome.delivered)
                     if outcome.delivered:
                         self._backoff.up()
+                        if aside is not None:  # some of its traces, rejected alone, went aside
+                            self._keeper.rejected(sum(part.spans for part in outcome.rejected), aside,
+                                                  outcome.rejected[0].outcome, self._queue.leaving())
                         return True
                     if aside is not None:
                         self._keeper.rejected(batch.spans, aside, outcome, self._queue.leaving())

@@ -84,13 +84,11 @@ class Keeper:
         for part in _halves(batch):
             yield from self._pieces(part, encode(part, self._settings))
 
-    def set_aside(self, batch: Sequence[ReadableSpan], payload: bytes, outcome: Outcome,
-                  leaving: bool) -> None:
+    def set_aside(self, payload: bytes, spans: int, traces: int, outcome: Outcome, leaving: bool) -> None:
         from traced_run.export import target_of
 
-        aside = self.spool.put_rejected(target_of(self._settings), len(batch), len(traces_of(batch)),
-                                        payload, outcome.reason)
-        self.rejected(len(batch), aside, outcome, leaving)
+        aside = self.spool.put_rejected(target_of(self._settings), spans, traces, payload, outcome.reason)
+        self.rejected(spans, aside, outcome, leaving)
 
     def rejected(self, spans: int, aside: Path, outcome: Outcome, leaving: bool) -> None:
         """Said when it happens (a running service must learn of it), or, when
