@@ -104,7 +104,7 @@ def keeper(tmp_path: Path, max_bytes: int) -> tuple[Keeper, Ledger, Spool]:
     config = settings(tmp_path)
     spool = Spool(tmp_path / "spool", max_bytes)
     ledger = Ledger(config, spool)
-    return Keeper(config, spool, ledger), ledger, spool
+    return Keeper(config, spool, ledger, lambda: None), ledger, spool
 
 
 def test_kept_batches_are_counted_as_this_processs_own(tmp_path: Path) -> None:
@@ -145,6 +145,23 @@ def test_a_batch_mlflow_does_not_take_is_spooled_and_sent_again_when_it_is_back(
     delivery.close()
     said = capfd.readouterr().err.strip()
     assert said.startswith("traced-run: 3 spans were spooled while") and said.endswith("and sent later"), said
+
+
+def test_under_steady_traffic_the_spool_is_sent_again_while_the_app_runs(
+        tmp_path: Path, sender: type[FakeSender]) -> None:
+    sender.reset(REFUSED, REFUSED, REFUSED, DELIVERED)
+    delivery = Delivery(settings(tmp_path))
+    delivery.start()
+    spool = Spool.of(settings(tmp_path))
+    deadline = time.monotonic() + 10
+    n = 0
+    while (n < 10 or spool.survey(ENDPOINT).spans) and time.monotonic() < deadline:
+        n += 1
+        for s in trace(n, 2):  # a run ends every 0.1 s: the queue is never idle for a batch's delay
+            delivery.submit(s)
+        time.sleep(0.1)
+    assert spool.survey(ENDPOINT).spans == 0, "what was spooled in the outage waits for the exit"
+    delivery.close()
 
 
 def test_while_mlflow_is_down_attempts_are_few(tmp_path: Path, sender: type[FakeSender]) -> None:

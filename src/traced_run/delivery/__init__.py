@@ -73,7 +73,8 @@ class Delivery:
         never re-sends its parent's queue), starts its own thread when it has
         spans, and is flushed by the ``os._exit`` wrapper it inherits."""
         self.ledger = Ledger(self._settings, self.spool)
-        self._keeper = Keeper(self._settings, self.spool, self.ledger)
+        self._keeper = Keeper(self._settings, self.spool, self.ledger,
+                              lambda: self._queue.set_spool_idle(False))
         self._spill = Spill(self._keeper, BATCH_SIZE)
         self._queue = SpanQueue(self._settings.queue_size, self._spill, self._start_locked)
         self._backoff = Backoff()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -38,10 +38,12 @@ def traces_of(spans: Sequence[ReadableSpan]) -> frozenset[int]:
 class Keeper:
     """Writes batches to the spool, and sets aside the ones MLflow rejects."""
 
-    def __init__(self, settings: Settings, spool: Spool, ledger: Ledger) -> None:
+    def __init__(self, settings: Settings, spool: Spool, ledger: Ledger, spooled: Callable[[], None]) -> None:
         self._settings = settings
         self.spool = spool
         self._ledger = ledger
+        self._spooled = spooled
+        """Called once a batch is in the spool: the delivery thread has some to send again."""
 
     def keep(self, batch: Sequence[ReadableSpan], payload: bytes | None = None) -> None:
         """Write the batch to the spool, in parts if it is larger than the
@@ -69,6 +71,8 @@ class Keeper:
             self._ledger.unwritten(len(spans), f"cannot write the spool: {error.strerror}")
             return
         self._ledger.written(len(spans), name, traces, orphans)
+        if name is not None:
+            self._spooled()
 
     def _pieces(self, batch: Sequence[ReadableSpan],
                 payload: bytes) -> Iterator[tuple[Sequence[ReadableSpan], bytes]]:
