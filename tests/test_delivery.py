@@ -262,6 +262,20 @@ def test_down_for_the_first_process_up_for_the_second(app: App, proxy: FaultProx
 FAILURES: list[Mode] = ["503", "429", "hang", "cut"]
 
 
+def all_runs_arrive_then_stop(app: App, process: subprocess.Popen[bytes], out: Lines, prefix: str,
+                              since: float) -> tuple[float, bytes]:
+    """Every run the app has done so far reaches MLflow (spooled ones sent again) before it
+    ends: seconds from ``since`` until they all had; then the app is stopped: its stderr."""
+    done = out.done()
+    poll(lambda: set(range(done)) <= set(run_numbers(
+        [i for i in trace_infos(app.server, app.experiment) if finished(i)], prefix)),
+        timeout=60, what=f"runs 0..{done - 1} sent again while the app runs")
+    arrived = time.monotonic() - since
+    assert process.poll() is None, "the app ended before its spool was sent"
+    (app.directory / "stop").touch()
+    return arrived, out.finish(timeout=90)
+
+
 @pytest.mark.parametrize("failure", FAILURES)
 def test_failing_mid_run_then_recovering_loses_nothing_and_doubles_nothing(
         app: App, proxy: FaultProxy, failure: Mode) -> None:
@@ -278,16 +292,8 @@ def test_failing_mid_run_then_recovering_loses_nothing_and_doubles_nothing(
         proxy.mode = failure
         poll(lambda: proxy.count(mode=failure) >= 2, timeout=30, what=f"two posts answered {failure}")
         proxy.mode = "forward"
-        recovered_at = out.done()
         # While the app still runs, this process sends what it spooled during the failure.
-        wait_started = time.monotonic()
-        poll(lambda: set(range(recovered_at)) <= set(run_numbers(
-            [i for i in trace_infos(app.server, app.experiment) if finished(i)], "run")),
-            timeout=60, what=f"runs 0..{recovered_at - 1} sent again while the app runs")
-        resent_after = time.monotonic() - wait_started
-        assert process.poll() is None, "the app ended before its spool was sent"
-        (app.directory / "stop").touch()
-        err = out.finish(timeout=90)
+        resent_after, err = all_runs_arrive_then_stop(app, process, out, "run", time.monotonic())
     finally:
         stop(process)
     runs = out.done()
@@ -327,14 +333,7 @@ def test_a_running_process_finds_mlflow_again_within_two_seconds_and_asks_little
         poll(lambda: any(s.status == 200 and s.path.startswith("/v1/traces") for s in proxy.seen[seen:]),
              timeout=30, what="a batch delivered after MLflow came back")
         found_after = time.monotonic() - back
-        recovered_at = out.done()
-        poll(lambda: set(range(recovered_at)) <= set(run_numbers(
-            [i for i in trace_infos(app.server, app.experiment) if finished(i)], "back")),
-            timeout=30, what=f"runs 0..{recovered_at - 1}, spooled in the outage, sent while the app runs")
-        drained_after = time.monotonic() - back
-        assert process.poll() is None, "the app ended before its spool was sent"
-        (app.directory / "stop").touch()
-        err = out.finish(timeout=90)
+        drained_after, err = all_runs_arrive_then_stop(app, process, out, "back", back)
     finally:
         stop(process)
     print(f"recovery: {asked} requests in a {OUTAGE:g}s outage; first batch {found_after:.2f}s after "
