@@ -11,6 +11,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanContext
 
+from traced_run.delivery import Delivery
 from traced_run.export import DELIVERED, Outcome, Sender
 from traced_run.settings import Settings
 from traced_run.spool import Target
@@ -62,6 +63,14 @@ class FakeSender(Sender):
         if cls.judge is not None:
             return cls.judge(payload)
         return cls.answers.pop(0) if len(cls.answers) > 1 else cls.answers[0]
+
+
+def submit_together(delivery: Delivery, spans: list[ReadableSpan]) -> None:
+    """Queue ``spans`` so that the delivery thread takes them as one batch (it takes
+    under the queue's lock; a loaded machine may otherwise let it take the first alone)."""
+    with delivery._queue.lock:
+        for one in spans:
+            delivery.submit(one)
 
 
 def delivery_threads(before: set[threading.Thread]) -> list[threading.Thread]:

@@ -6,12 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers import NOT_FOUND, FakeSender, settings, span, trace
 from opentelemetry.sdk.trace import ReadableSpan
 
 from traced_run.delivery import Delivery
 from traced_run.export import DELIVERED, Outcome, by_trace, encode, target_of
 from traced_run.spool import Spool
+from unit.helpers import NOT_FOUND, FakeSender, settings, span, submit_together, trace
 
 ENDPOINT = "http://127.0.0.1:9/v1/traces"
 BAD = b"poison"
@@ -40,8 +40,7 @@ def test_a_rejected_batch_loses_only_the_trace_mlflow_rejects(
     sender.reset()
     sender.judge = judge
     delivery = Delivery(settings(tmp_path))
-    for s in spans_of_three_traces():
-        delivery.submit(s)
+    submit_together(delivery, spans_of_three_traces())
     assert delivery.flush(5)
     delivery.close()
     assert len(sender.posts) == 4, "the whole batch, then each of its three traces once"
@@ -77,8 +76,7 @@ def test_a_spooled_batch_mlflow_rejects_is_split_once_too(
 def test_a_batch_of_one_trace_is_not_posted_again(tmp_path: Path, sender: type[FakeSender]) -> None:
     sender.reset(NOT_FOUND)
     delivery = Delivery(settings(tmp_path))
-    for s in trace(1, 3):
-        delivery.submit(s)
+    submit_together(delivery, trace(1, 3))
     assert delivery.flush(5)
     delivery.close()
     assert len(sender.posts) == 1

@@ -9,7 +9,6 @@ from collections import deque
 from pathlib import Path
 
 import pytest
-from helpers import REFUSED, FakeSender, settings, span, trace
 
 from traced_run.delivery import Delivery
 from traced_run.delivery.ledger import Ledger
@@ -18,6 +17,7 @@ from traced_run.delivery.sender import BACKOFF, Backoff
 from traced_run.delivery.spill import Keeper
 from traced_run.export import DELIVERED, encode
 from traced_run.spool import Spool
+from unit.helpers import REFUSED, FakeSender, settings, span, submit_together, trace
 
 ENDPOINT = "http://127.0.0.1:9/v1/traces"
 
@@ -133,8 +133,7 @@ def test_a_batch_mlflow_does_not_take_is_spooled_and_sent_again_when_it_is_back(
     sender.reset(REFUSED, REFUSED, DELIVERED)
     delivery = Delivery(settings(tmp_path))
     delivery.start()
-    for s in trace(1, 3):
-        delivery.submit(s)
+    submit_together(delivery, trace(1, 3))
     assert delivery.flush(5)
     spool = Spool.of(settings(tmp_path))
     deadline = time.monotonic() + 5

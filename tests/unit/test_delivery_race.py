@@ -9,10 +9,10 @@ import threading
 from pathlib import Path
 
 import pytest
-from helpers import NOT_FOUND, FakeSender, delivery_threads, settings, trace
 
 from traced_run.delivery import Delivery
 from traced_run.spool import Spool
+from unit.helpers import NOT_FOUND, FakeSender, delivery_threads, settings, submit_together, trace
 
 
 def test_a_late_answer_to_a_batch_close_kept_is_not_handled_again(
@@ -20,8 +20,7 @@ def test_a_late_answer_to_a_batch_close_kept_is_not_handled_again(
     sender.reset(NOT_FOUND, gated=True)
     before = set(threading.enumerate())
     delivery = Delivery(settings(tmp_path, exit_timeout=0.6))
-    for span in trace(1, 3):
-        delivery.submit(span)
+    submit_together(delivery, trace(1, 3))
     delivery.flush(0)  # the batch is due now
     assert sender.posted.acquire(timeout=10), "the delivery thread never posted"
 

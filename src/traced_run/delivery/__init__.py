@@ -114,17 +114,18 @@ class Delivery:
     def close(self, why: str = "process exit") -> None:
         """End what is still open of agent runs (``why`` says what cut them off), deliver
         or spool what is queued within ``exit_timeout``; say what happened."""
-        if self._queue.closed:
+        if self._queue.is_closed():
             return
         if self.interrupt is not None:
             self.interrupt(why)
         self._backoff.retry_now()
-        if not self._queue.begin_closing(self._settings.exit_timeout):
+        deadline = self._queue.begin_closing(self._settings.exit_timeout)
+        if deadline is None:
             return
         with self._queue.lock:
             started = self._thread is not None
         if started:
-            self._queue.flush(max(0.0, self._queue.deadline - time.monotonic() - SPOOL_RESERVE))
+            self._queue.flush(max(0.0, deadline - time.monotonic() - SPOOL_RESERVE))
         reserve_end = time.monotonic() + SPOOL_RESERVE
         left = self._queue.close(SPOOL_RESERVE)
         left = self._spill.close(max(0.0, reserve_end - time.monotonic())) + left

@@ -63,11 +63,11 @@ class SpanQueue:
         self._holding = False
         """The delivery thread is deciding the fate of its batch: close() waits, then leaves it."""
         self._flushing = 0
-        self.closing = False
-        self.closed = False
-        self.deadline = 0.0
+        self._closing = False
+        self._closed = False
+        self._deadline = 0.0
         """When the exit bound runs out (once closing)."""
-        self.spool_idle = False
+        self._spool_idle = False
         """The delivery thread found no spooled batch MLflow would take now."""
 
     # -- the app's threads -------------------------------------------------------------------
@@ -75,7 +75,7 @@ class SpanQueue:
     def put(self, span: ReadableSpan) -> bool:
         """Queue a span; False when it is dropped (closed, or full with the spill as far behind)."""
         with self.lock:
-            if self.closed:
+            if self._closed:
                 return False
             if len(self._spans) >= self._size and not self._spill_oldest():
                 return False
@@ -102,8 +102,8 @@ class SpanQueue:
     # -- the delivery thread -----------------------------------------------------------------
 
     def _batch_due(self) -> bool:
-        urgent = self.closing or self._flushing
-        leaving_with_spool = self.closing and not self.spool_idle
+        urgent = self._closing or self._flushing
+        leaving_with_spool = self._closing and not self._spool_idle
         return len(self._spans) >= BATCH_SIZE or bool(urgent and self._spans) or leaving_with_spool
 
     def take(self, wait: float) -> list[ReadableSpan] | None:
@@ -111,7 +111,7 @@ class SpanQueue:
         turn) once one is due or ``wait`` is over; None once closed."""
         with self.lock:
             self.lock.wait_for(self._batch_due, timeout=wait)
-            if self.closed:  # close() kept what was left and said so: sending on would belie it
+            if self._closed:  # close() kept what was left and said so: sending on would belie it
                 return None
             self._in_flight = whole_traces(self._spans, BATCH_SIZE)
             return self._in_flight
@@ -122,7 +122,7 @@ class SpanQueue:
         aside, count it delivered), unless close() took it over: False then, since
         a batch handled by both would be kept, or set aside, and re-sent twice."""
         with self.lock:
-            if self.closed:
+            if self._closed:
                 yield False
                 return
             self._holding = True
@@ -140,25 +140,33 @@ class SpanQueue:
 
     def leaving(self) -> bool:
         with self.lock:
-            return self.closing
+            return self._closing
+
+    def is_closed(self) -> bool:
+        with self.lock:
+            return self._closed
+
+    def spool_is_idle(self) -> bool:
+        with self.lock:
+            return self._spool_idle
 
     def attempt_timeout(self, timeout: float, reserve: float) -> float:
         """``timeout``, or when leaving what is left of the exit bound but ``reserve``."""
         with self.lock:
-            if self.closing:
-                return max(0.0, self.deadline - time.monotonic() - reserve)
+            if self._closing:
+                return max(0.0, self._deadline - time.monotonic() - reserve)
             return timeout
 
     def set_spool_idle(self, idle: bool) -> None:
         with self.lock:
-            self.spool_idle = idle
+            self._spool_idle = idle
 
     # -- flush and the exit path -------------------------------------------------------------
 
     def _settled(self) -> bool:
         """Nothing queued or in flight; when leaving, also no spooled batch MLflow would take now."""
         idle = not self._spans and not self._in_flight
-        return idle and (self.spool_idle or not self.closing)
+        return idle and (self._spool_idle or not self._closing)
 
     def flush(self, timeout: float) -> bool:
         """Wait for what is queued now to be handled; True when it was within ``timeout``."""
@@ -171,16 +179,17 @@ class SpanQueue:
             finally:
                 self._flushing -= 1
 
-    def begin_closing(self, exit_timeout: float) -> bool:
-        """Leaving: every batch is due now, within ``exit_timeout``; False when already closed."""
+    def begin_closing(self, exit_timeout: float) -> float | None:
+        """Leaving: every batch is due now, within ``exit_timeout``; when that runs out
+        (None when already closed)."""
         with self.lock:
-            if self.closed:
-                return False
-            self.closing = True
-            self.spool_idle = False
-            self.deadline = time.monotonic() + exit_timeout
+            if self._closed:
+                return None
+            self._closing = True
+            self._spool_idle = False
+            self._deadline = time.monotonic() + exit_timeout
             self.lock.notify_all()
-            return True
+            return self._deadline
 
     def close(self, wait: float) -> list[ReadableSpan]:
         """Close, and return what is left for the exit path to keep: the queue,
@@ -188,7 +197,7 @@ class SpanQueue:
         finish within ``wait``: a batch it is writing to the spool stays its own)."""
         with self.lock:
             self.lock.wait_for(lambda: not self._holding, timeout=wait)
-            self.closed = True
+            self._closed = True
             left = ([] if self._holding else list(self._in_flight)) + list(self._spans)
             self._spans.clear()
             return left

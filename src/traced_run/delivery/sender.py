@@ -139,9 +139,7 @@ class DeliveryThread:
         """Under steady traffic the queue is never idle: after each batch, one
         spooled batch goes too (unless MLflow is down or the queue runs high),
         so the spool drains while the app runs, not only when it rests or exits."""
-        with self._queue.lock:
-            idle = self._queue.spool_idle
-        return not idle and not self._backoff.down() and not self._queue.high()
+        return not self._queue.spool_is_idle() and not self._backoff.down() and not self._queue.high()
 
     def _attempt_timeout(self) -> float:
         return self._queue.attempt_timeout(self._settings.timeout, SPOOL_RESERVE)
@@ -194,7 +192,7 @@ class DeliveryThread:
         """Send one spooled batch, if MLflow is taking batches; the queue keeps
         priority. True when it was sent and there may be more."""
         sender = self._sender
-        if self._backoff.down() or sender is None or self._queue.closed:
+        if self._backoff.down() or sender is None or self._queue.is_closed():
             return False
         try:
             with contextlib.closing(self._spool.send(self._endpoint, lambda batch: sender.post_by_trace(
