@@ -578,6 +578,38 @@ def test_batch_mlflow_rejects_is_set_aside_not_retried(app: App, proxy: FaultPro
     assert proxy.statuses() == [404]
 
 
+CONCURRENT_RUNS = """
+    import asyncio
+
+    async def main() -> None:
+        await asyncio.gather(*(agent.run(prompt) for prompt in ("good 0", "poison 1", "good 2")))
+
+    asyncio.run(main())
+"""
+
+
+def test_a_batch_with_a_trace_mlflow_rejects_loses_only_that_trace(app: App, proxy: FaultProxy) -> None:
+    """Three runs at once end in one batch; MLflow refuses any request that holds the
+    poisoned one. Posted again trace by trace, once: the two good runs arrive, the
+    poisoned one is set aside alone."""
+    app.write(tool_agent("mixed", CONCURRENT_RUNS))
+    proxy.reject = b"poison 1"
+    done = app.run("python", "app.py", env=proxied_env(app, proxy))
+    assert done.returncode == 0, done.stderr.decode()
+    rejected = spool_of(app) / "rejected"
+    (aside,) = sorted(rejected.glob("*.otlp"))
+    assert b"poison 1" in aside.read_bytes() and b"good" not in aside.read_bytes()
+    assert f'"spans": {RUN_SPANS}, "traces": 1'.encode() in aside.read_bytes()
+    assert proxy.statuses().count(400) == 2, f"the whole batch, then the poisoned trace: {proxy.statuses()}"
+    (line,) = done.stderr.decode().splitlines()
+    assert re.fullmatch(rf"traced-run: {RUN_SPANS} spans rejected by MLflow \(HTTP 400\), set aside in "
+                        rf"{re.escape(str(rejected))}", line), line
+    poll(lambda: run_numbers([i for i in trace_infos(app.server, app.experiment) if finished(i)], "good")
+         == [0, 2], timeout=60, what="the two good runs")
+    assert len(trace_infos(app.server, app.experiment)) == 2
+    assert spooled(spool_of(app)) == []
+
+
 BIG_APP = """
     import time
 
