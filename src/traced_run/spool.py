@@ -269,7 +269,7 @@ class Spool:
             return None, 0
         with self._made() as fd:
             name = _new_name()
-            _write(fd, name, _header_line(target, spans, traces, payload) + payload)
+            _write_batch(fd, name, target, spans, traces, payload)
             return name, _enforce_bound(fd, self.max_bytes)
 
     def fits(self, size: int) -> bool:
@@ -280,7 +280,7 @@ class Spool:
         """Set a batch MLflow refused as invalid aside, with the reason beside it."""
         name = _new_name()
         with self._made() as fd, self._made_rejected(fd) as aside:
-            _write(aside, name, _header_line(target, spans, traces, payload) + payload)
+            _write_batch(aside, name, target, spans, traces, payload)
             _write(aside, _reason_of(name), _reason_text(reason))
         return self.rejected / name
 
@@ -293,22 +293,10 @@ class Spool:
         if not names:  # most processes: no need to read the directory at exit
             return set(), set()
         try:
-            return self._fates(names)
+            with self._existing() as fd:
+                return _fates(fd, names) if fd is not None else (set(), set())
         except OSError:  # the directory went, or was swapped, since: the exit line must still come
             return set(names), set()
-
-    def _fates(self, names: Collection[str]) -> tuple[set[str], set[str]]:
-        with self._existing() as fd:
-            if fd is None:
-                return set(), set()
-            entries = [e for e in map(parse, os.listdir(fd)) if e is not None]
-            present = {e.batch for e in entries if e.kind == "otlp"}
-            dropped = {e.batch for e in entries if e.kind == "dropped"}
-            waiting = present.intersection(names)
-            removed = dropped.intersection(names) - waiting
-            for name in removed:
-                _unlink(fd, _dropped_of(name))
-        return waiting, removed
 
     def survey(self, endpoint: str) -> Survey:
         """Batches and spans waiting, how many for ``endpoint``, unreadable
@@ -355,13 +343,8 @@ class Spool:
                     continue
                 if not _same_endpoint(header.target.endpoint, endpoint):
                     continue
-                claimed = _claimed(name)
-                try:
-                    # The lease first, so the claim never shows the batch's own (old) time.
-                    lease_end = time.time() + self.lease
-                    os.utime(name, (lease_end, lease_end), dir_fd=fd, follow_symlinks=False)
-                    os.replace(name, claimed, src_dir_fd=fd, dst_dir_fd=fd)
-                except FileNotFoundError:  # another process claimed it first
+                claimed = _claim(fd, name, self.lease)
+                if claimed is None:  # another process claimed it first
                     continue
                 read = _read(fd, claimed, self.max_bytes)
                 if read == GONE:
@@ -424,10 +407,33 @@ class Spool:
             try:
                 os.replace(batch.path.name, batch.name, src_dir_fd=fd, dst_dir_fd=aside)
             except FileNotFoundError:
-                _write(aside, batch.name, _header_line(batch.target, batch.spans, batch.traces, batch.payload)
-                       + batch.payload)
+                _write_batch(aside, batch.name, batch.target, batch.spans, batch.traces, batch.payload)
             _write(aside, _reason_of(batch.name), _reason_text(reason))
         return self.rejected / batch.name
+
+
+def _fates(fd: int, names: Collection[str]) -> tuple[set[str], set[str]]:
+    entries = [e for e in map(parse, os.listdir(fd)) if e is not None]
+    present = {e.batch for e in entries if e.kind == "otlp"}
+    dropped = {e.batch for e in entries if e.kind == "dropped"}
+    waiting = present.intersection(names)
+    removed = dropped.intersection(names) - waiting
+    for name in removed:
+        _unlink(fd, _dropped_of(name))
+    return waiting, removed
+
+
+def _claim(fd: int, name: str, lease: float) -> str | None:
+    """Claim batch ``name`` for ``lease`` seconds: its claimed name, None when another took it first.
+    The lease is set first, so a claim never shows the batch's own (old) time."""
+    lease_end = time.time() + lease
+    claimed = _claimed(name)
+    try:
+        os.utime(name, (lease_end, lease_end), dir_fd=fd, follow_symlinks=False)
+        os.replace(name, claimed, src_dir_fd=fd, dst_dir_fd=fd)
+    except FileNotFoundError:
+        return None
+    return claimed
 
 
 def _waiting(fd: int) -> list[str]:
@@ -563,6 +569,10 @@ def _write(fd: int, name: str, data: bytes) -> None:
 def _unlink(fd: int, name: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(name, dir_fd=fd)
+
+
+def _write_batch(fd: int, name: str, target: Target, spans: int, traces: int, payload: bytes) -> None:
+    _write(fd, name, _header_line(target, spans, traces, payload) + payload)
 
 
 def _header_line(target: Target, spans: int, traces: int, payload: bytes) -> bytes:
