@@ -16,12 +16,17 @@ when the assignment returns):
   answer's status line, headers and part of its body, and close the
   connection: the client cannot tell whether its batch was taken.
 
+In ``forward`` mode, a request whose body (gunzipped) holds ``proxy.reject``
+is answered 400 instead, as MLflow answers a request it cannot store: MLflow
+stores a request all or nothing.
+
 One request per connection: every request is forwarded with ``Connection: close``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gzip
 import socket
 import threading
 import time
@@ -60,6 +65,7 @@ class FaultProxy:
         self._connections: set[socket.socket] = set()
         self._threads: list[threading.Thread] = []
         self.seen: list[Seen] = []
+        self.reject: bytes | None = None
         self.port = 0
         self._listen()
         self._acceptor = threading.Thread(target=self._accept_loop, name="faultproxy-accept", daemon=True)
@@ -188,6 +194,11 @@ class FaultProxy:
             return None
         if mode == "refuse":  # accepted just before the switch: drop it unanswered
             return None
+        if mode == "forward" and self.reject is not None and self.reject in _plain(head, body):
+            text = b"rejected by faultproxy: the request holds a span MLflow cannot store"
+            connection.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\n"
+                               b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(text), text))
+            return 400
         answer = self._forward(head, body)
         status = int(answer[0].split(b" ", 2)[1])
         if mode == "cut":
@@ -268,6 +279,10 @@ def _read_chunked(sock: socket.socket, data: bytes) -> bytes:
         fill(size + 2)
         body += buffer[:size]
         del buffer[: size + 2]
+
+
+def _plain(head: bytes, body: bytes) -> bytes:
+    return gzip.decompress(body) if _headers(head).get(b"content-encoding") == b"gzip" else body
 
 
 def _request_line(head: bytes) -> tuple[str, str]:

@@ -262,6 +262,20 @@ def test_down_for_the_first_process_up_for_the_second(app: App, proxy: FaultProx
 FAILURES: list[Mode] = ["503", "429", "hang", "cut"]
 
 
+def all_runs_arrive_then_stop(app: App, process: subprocess.Popen[bytes], out: Lines, prefix: str,
+                              since: float) -> tuple[float, bytes]:
+    """Every run the app has done so far reaches MLflow (spooled ones sent again) before it
+    ends: seconds from ``since`` until they all had; then the app is stopped: its stderr."""
+    done = out.done()
+    poll(lambda: set(range(done)) <= set(run_numbers(
+        [i for i in trace_infos(app.server, app.experiment) if finished(i)], prefix)),
+        timeout=60, what=f"runs 0..{done - 1} sent again while the app runs")
+    arrived = time.monotonic() - since
+    assert process.poll() is None, "the app ended before its spool was sent"
+    (app.directory / "stop").touch()
+    return arrived, out.finish(timeout=90)
+
+
 @pytest.mark.parametrize("failure", FAILURES)
 def test_failing_mid_run_then_recovering_loses_nothing_and_doubles_nothing(
         app: App, proxy: FaultProxy, failure: Mode) -> None:
@@ -272,19 +286,14 @@ def test_failing_mid_run_then_recovering_loses_nothing_and_doubles_nothing(
     try:
         out = Lines(process)
         out.wait_for("done 2")
+        # The experiment is looked up with the first post: it must be known before MLflow fails,
+        # or every attempt fails at the look-up and no post is ever answered `failure`.
+        poll(lambda: 200 in proxy.statuses(), timeout=30, what="a first batch delivered")
         proxy.mode = failure
         poll(lambda: proxy.count(mode=failure) >= 2, timeout=30, what=f"two posts answered {failure}")
         proxy.mode = "forward"
-        recovered_at = out.done()
         # While the app still runs, this process sends what it spooled during the failure.
-        wait_started = time.monotonic()
-        poll(lambda: set(range(recovered_at)) <= set(run_numbers(
-            [i for i in trace_infos(app.server, app.experiment) if finished(i)], "run")),
-            timeout=60, what=f"runs 0..{recovered_at - 1} sent again while the app runs")
-        resent_after = time.monotonic() - wait_started
-        assert process.poll() is None, "the app ended before its spool was sent"
-        (app.directory / "stop").touch()
-        err = out.finish(timeout=90)
+        resent_after, err = all_runs_arrive_then_stop(app, process, out, "run", time.monotonic())
     finally:
         stop(process)
     runs = out.done()
@@ -299,6 +308,39 @@ def test_failing_mid_run_then_recovering_loses_nothing_and_doubles_nothing(
     (summary,) = err.decode().splitlines()
     assert re.fullmatch(rf"traced-run: \d+ spans were spooled while {proxy.url}/v1/traces was unreachable "
                         r"\(.+\) and sent later", summary), summary
+
+
+OUTAGE = 6.0
+"""Seconds MLflow fails in the recovery test: long enough for the back-off to reach its cap."""
+
+
+def test_a_running_process_finds_mlflow_again_within_two_seconds_and_asks_little_meanwhile(
+        app: App, proxy: FaultProxy) -> None:
+    """A long-running service: while MLflow answers 503 it is asked at most about once a
+    second; once it answers again, the process sends within ~2 s, spool included."""
+    app.write(loop_app("back", pause=0.1))
+    process = start(app, "python", "app.py", env=proxied_env(app, proxy))
+    try:
+        out = Lines(process)
+        out.wait_for("done 2")
+        poll(lambda: 200 in proxy.statuses(), timeout=30, what="a first batch delivered")
+        proxy.mode = "503"
+        time.sleep(OUTAGE)  # the outage itself: what is measured is the process's behaviour in it
+        asked = proxy.count(path="/", mode="503")
+        proxy.mode = "forward"
+        back = time.monotonic()
+        seen = len(proxy.seen)
+        poll(lambda: any(s.status == 200 and s.path.startswith("/v1/traces") for s in proxy.seen[seen:]),
+             timeout=30, what="a batch delivered after MLflow came back")
+        found_after = time.monotonic() - back
+        drained_after, err = all_runs_arrive_then_stop(app, process, out, "back", back)
+    finally:
+        stop(process)
+    print(f"recovery: {asked} requests in a {OUTAGE:g}s outage; first batch {found_after:.2f}s after "
+          f"MLflow was back, the outage's runs all there after {drained_after:.2f}s; stderr: {err.decode()}")
+    assert asked <= OUTAGE / 1.0 + 3, f"{asked} requests while MLflow was down"
+    assert found_after < 2.5, f"MLflow found again {found_after:.2f}s after it came back"
+    assert spooled(spool_of(app)) == []
 
 
 @pytest.mark.parametrize("recovers", [True, False], ids=["recovers", "still-down-at-exit"])
@@ -534,6 +576,38 @@ def test_batch_mlflow_rejects_is_set_aside_not_retried(app: App, proxy: FaultPro
     # Nor does a later flush.
     assert flush(app, env).startswith("sent 0 batches")
     assert proxy.statuses() == [404]
+
+
+CONCURRENT_RUNS = """
+    import asyncio
+
+    async def main() -> None:
+        await asyncio.gather(*(agent.run(prompt) for prompt in ("good 0", "poison 1", "good 2")))
+
+    asyncio.run(main())
+"""
+
+
+def test_a_batch_with_a_trace_mlflow_rejects_loses_only_that_trace(app: App, proxy: FaultProxy) -> None:
+    """Three runs at once end in one batch; MLflow refuses any request that holds the
+    poisoned one. Posted again trace by trace, once: the two good runs arrive, the
+    poisoned one is set aside alone."""
+    app.write(tool_agent("mixed", CONCURRENT_RUNS))
+    proxy.reject = b"poison 1"
+    done = app.run("python", "app.py", env=proxied_env(app, proxy))
+    assert done.returncode == 0, done.stderr.decode()
+    rejected = spool_of(app) / "rejected"
+    (aside,) = sorted(rejected.glob("*.otlp"))
+    assert b"poison 1" in aside.read_bytes() and b"good" not in aside.read_bytes()
+    assert f'"spans": {RUN_SPANS}, "traces": 1'.encode() in aside.read_bytes()
+    assert proxy.statuses().count(400) == 2, f"the whole batch, then the poisoned trace: {proxy.statuses()}"
+    (line,) = done.stderr.decode().splitlines()
+    assert re.fullmatch(rf"traced-run: {RUN_SPANS} spans rejected by MLflow \(HTTP 400\), set aside in "
+                        rf"{re.escape(str(rejected))}", line), line
+    poll(lambda: run_numbers([i for i in trace_infos(app.server, app.experiment) if finished(i)], "good")
+         == [0, 2], timeout=60, what="the two good runs")
+    assert len(trace_infos(app.server, app.experiment)) == 2
+    assert spooled(spool_of(app)) == []
 
 
 BIG_APP = """

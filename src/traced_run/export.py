@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.trace import ReadableSpan
 
 from traced_run import mlflow_api
@@ -37,6 +38,18 @@ class Outcome:
     reason: str
     status: int | None = None
     """The HTTP status MLflow answered with, if it answered."""
+    rejected: tuple[Rejected, ...] = ()
+    """Of a batch that was delivered once its traces were posted one by one: the traces MLflow
+    rejected, to be set aside on their own."""
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """One trace of a batch, which MLflow rejected when it was posted alone."""
+
+    payload: bytes
+    spans: int
+    outcome: Outcome
 
 
 DELIVERED = Outcome(True, False, "", 200)
@@ -49,6 +62,26 @@ def target_of(settings: Settings) -> Target:
         return Target(endpoint, None, settings.experiment_name, settings.run_id)
     return Target(endpoint, settings.experiment_id or mlflow_api.DEFAULT_EXPERIMENT_ID, None,
                   settings.run_id)
+
+
+def by_trace(payload: bytes) -> list[tuple[bytes, int]]:
+    """The request's spans as one request per trace, oldest first: (body, spans)."""
+    request = ExportTraceServiceRequest.FromString(payload)
+    traces = list(dict.fromkeys(span.trace_id for resource in request.resource_spans
+                                for scope in resource.scope_spans for span in scope.spans))
+    parts = []
+    for trace_id in traces:
+        part = ExportTraceServiceRequest()
+        part.CopyFrom(request)
+        count = 0
+        for resource in part.resource_spans:
+            for scope in resource.scope_spans:
+                kept = [span for span in scope.spans if span.trace_id == trace_id]
+                del scope.spans[:]
+                scope.spans.extend(kept)
+                count += len(kept)
+        parts.append((part.SerializeToString(), count))
+    return parts
 
 
 def encode(spans: Sequence[ReadableSpan], settings: Settings) -> bytes:
@@ -108,3 +141,27 @@ class Sender:
             self._uncompressed.add(endpoint)
             return plain
         return refused if plain.status in REFUSED_ENCODING else plain
+
+    def post_by_trace(self, payload: bytes, target: Target, timeout: float) -> Outcome:
+        """``post``; when MLflow rejects a batch of several traces (it stores a request
+        all or nothing), each trace is posted alone, once, within the same ``timeout``:
+        delivered then, with the traces it rejected in ``rejected``. When MLflow fails
+        meanwhile, the batch is not delivered (a trace sent twice is stored once)."""
+        deadline = time.monotonic() + timeout
+        outcome = self.post(payload, target, timeout)
+        parts = by_trace(payload) if outcome.invalid else []
+        if len(parts) < 2:
+            return outcome
+        rejected = []
+        for part, spans in parts:
+            left = deadline - time.monotonic()
+            if left <= 0:  # no time to isolate it: the batch goes aside whole, as it was
+                return outcome
+            alone = self.post(part, target, left)
+            if alone.invalid:
+                rejected.append(Rejected(part, spans, alone))
+            elif not alone.delivered:
+                return alone
+        if len(rejected) == len(parts):
+            return outcome
+        return Outcome(True, False, outcome.reason, outcome.status, tuple(rejected))

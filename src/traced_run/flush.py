@@ -24,12 +24,13 @@ def flush(settings: Settings) -> int:
     sent = spans = rejected = 0
     problem = ""
     try:
-        with contextlib.closing(spool.send(endpoint, lambda batch: sender.post(
+        with contextlib.closing(spool.send(endpoint, lambda batch: sender.post_by_trace(
                 batch.payload, batch.target, settings.timeout))) as sending:
             for batch, outcome, aside in sending:
                 if outcome.delivered:
                     sent += 1
-                    spans += batch.spans
+                    spans += batch.spans - sum(part.spans for part in outcome.rejected)
+                    rejected += len(outcome.rejected)
                 elif aside is not None:
                     rejected += 1
                 else:

@@ -4,7 +4,11 @@ One file per batch: a JSON header line (where it goes, how many spans,
 traces and payload bytes) then the OTLP protobuf request body. Files are
 written whole under a temporary name and renamed, so a reader never sees half
 a batch; a process claims a file by renaming it before sending it, so two
-processes draining the same spool never send the same batch at once. The
+processes draining the same spool never send the same batch at once. A
+claim is given back only when its claimer is gone: its pid is not alive on
+this host, or its lease ran out (the claimer sets the file's time to the end
+of its lease as it claims: the longest one post may take, and some), never
+because the batch is old. The
 directory is the owner's only and bounded in size: past the bound the oldest
 batches are removed, and counted. The process that wrote a removed batch
 counts it: while it runs, the remover leaves an empty ``.dropped`` file in the
@@ -51,8 +55,10 @@ if TYPE_CHECKING:
     from traced_run.export import Outcome
 
 SUFFIX = ".otlp"
-STALE_CLAIM_SECONDS = 300.0
-"""A claim older than this was left by a process that died while sending."""
+STALE_WRITE_SECONDS = 300.0
+"""A half-written file older than this was left by a process that died while writing."""
+CLAIM_MARGIN = 60.0
+"""A claim's lease is the post's timeout and this much more (reading, set-up)."""
 HEADER_ROOM = 4096
 """More than a batch's header line takes (endpoint, experiment, run id, counts)."""
 HEADER_LIMIT = 65536
@@ -63,6 +69,8 @@ _NAME = re.compile(r"(?P<batch>(?P<time>\d{20})-(?P<writer>\d{1,10})-[0-9a-f]{8}
 """``<time ns>-<writer pid>-<random>.otlp``, claimed: ``...otlp.claimed-<pid>``,
 removed by the bound while its writer runs: ``....dropped``, set aside: ``....reason.txt``."""
 _WRITING = ".writing-"
+GONE = "gone"
+"""What reading a file another process moved meanwhile gives: not a fault of the file."""
 _OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _OPEN_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _OPEN_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -202,17 +210,21 @@ class Spool:
     def of(cls, settings: Settings) -> Spool:
         """``spool_dir`` (or the per-user default), bounded by ``spool_max_mb``."""
         max_bytes = settings.spool_max_mb * 1024 * 1024
+        lease = settings.timeout + CLAIM_MARGIN
         if settings.spool_dir:
-            return cls(Path(settings.spool_dir), max_bytes)
+            return cls(Path(settings.spool_dir), max_bytes, lease=lease)
         try:
-            return cls(default_directory(), max_bytes)
+            return cls(default_directory(), max_bytes, lease=lease)
         except OSError as error:
             temp = Path(tempfile.gettempdir())
             return cls(temp, max_bytes, f"no spool: HOME is not writable and no private directory could be "
                        f"made in {temp} ({error.strerror}); set TRACED_RUN_SPOOL_DIR")
 
-    def __init__(self, directory: Path, max_bytes: int, unusable: str = "") -> None:
+    def __init__(self, directory: Path, max_bytes: int, unusable: str = "",
+                 lease: float = 10.0 + CLAIM_MARGIN) -> None:
         self.directory = directory
+        self.lease = lease
+        """Seconds this process holds a claim for at most: one post."""
         self.unusable = unusable
         """Why there is no directory to use at all (said instead of using one)."""
         self.max_bytes = max_bytes
@@ -257,7 +269,7 @@ class Spool:
             return None, 0
         with self._made() as fd:
             name = _new_name()
-            _write(fd, name, _header_line(target, spans, traces, payload) + payload)
+            _write_batch(fd, name, target, spans, traces, payload)
             return name, _enforce_bound(fd, self.max_bytes)
 
     def fits(self, size: int) -> bool:
@@ -268,7 +280,7 @@ class Spool:
         """Set a batch MLflow refused as invalid aside, with the reason beside it."""
         name = _new_name()
         with self._made() as fd, self._made_rejected(fd) as aside:
-            _write(aside, name, _header_line(target, spans, traces, payload) + payload)
+            _write_batch(aside, name, target, spans, traces, payload)
             _write(aside, _reason_of(name), _reason_text(reason))
         return self.rejected / name
 
@@ -281,22 +293,10 @@ class Spool:
         if not names:  # most processes: no need to read the directory at exit
             return set(), set()
         try:
-            return self._fates(names)
+            with self._existing() as fd:
+                return _fates(fd, names) if fd is not None else (set(), set())
         except OSError:  # the directory went, or was swapped, since: the exit line must still come
             return set(names), set()
-
-    def _fates(self, names: Collection[str]) -> tuple[set[str], set[str]]:
-        with self._existing() as fd:
-            if fd is None:
-                return set(), set()
-            entries = [e for e in map(parse, os.listdir(fd)) if e is not None]
-            present = {e.batch for e in entries if e.kind == "otlp"}
-            dropped = {e.batch for e in entries if e.kind == "dropped"}
-            waiting = present.intersection(names)
-            removed = dropped.intersection(names) - waiting
-            for name in removed:
-                _unlink(fd, _dropped_of(name))
-        return waiting, removed
 
     def survey(self, endpoint: str) -> Survey:
         """Batches and spans waiting, how many for ``endpoint``, unreadable
@@ -308,6 +308,8 @@ class Spool:
             first = ""
             for name in _waiting(fd):
                 header = _read_header(fd, name, self.max_bytes)
+                if header == GONE:
+                    continue
                 if isinstance(header, str):
                     unreadable += 1
                     first = first or f"{name}: {header}"
@@ -334,17 +336,19 @@ class Spool:
             _reclaim_stale(fd)
             for name in _waiting(fd):
                 header = _read_header(fd, name, self.max_bytes)
+                if header == GONE:  # claimed, sent or removed by another process meanwhile
+                    continue
                 if isinstance(header, str):
                     self._set_aside_unreadable(fd, name, header)
                     continue
                 if not _same_endpoint(header.target.endpoint, endpoint):
                     continue
-                claimed = _claimed(name)
-                try:
-                    os.replace(name, claimed, src_dir_fd=fd, dst_dir_fd=fd)
-                except FileNotFoundError:  # another process claimed it first
+                claimed = _claim(fd, name, self.lease)
+                if claimed is None:  # another process claimed it first
                     continue
                 read = _read(fd, claimed, self.max_bytes)
+                if read == GONE:
+                    continue
                 if isinstance(read, str):
                     self._set_aside_unreadable(fd, claimed, read)
                     continue
@@ -356,13 +360,16 @@ class Spool:
     def send(self, endpoint: str,
              post: Callable[[Batch], Outcome]) -> Generator[tuple[Batch, Outcome, Path | None]]:
         """The protocol every sender follows: claim the oldest batch for
-        ``endpoint``, ``post`` it, then remove it (taken), set it aside
-        (refused as invalid: where to, third) or give it back (not taken: the
-        last one, since the rest would fare the same now)."""
+        ``endpoint``, ``post`` it, then remove it (taken; the traces MLflow
+        rejected alone, if any, set aside), set it aside (refused as invalid:
+        where to, third) or give it back (not taken: the last one, since the
+        rest would fare the same now)."""
         for batch in self.claim(endpoint):
             outcome = post(batch)
             aside = None
             if outcome.delivered:
+                for part in outcome.rejected:  # the traces MLflow rejected alone go aside alone
+                    aside = self.put_rejected(batch.target, part.spans, 1, part.payload, part.outcome.reason)
                 self.done(batch)
             elif outcome.invalid:
                 aside = self.reject(batch, outcome.reason)
@@ -394,11 +401,39 @@ class Spool:
                 os.replace(batch.path.name, batch.name, src_dir_fd=fd, dst_dir_fd=fd)
 
     def reject(self, batch: Batch, reason: str) -> Path:
-        """Move a claimed batch MLflow refused as invalid aside, with the reason beside it."""
+        """Move a claimed batch MLflow refused as invalid aside, with the reason beside it;
+        written from memory when the claimed file is gone (the directory was tampered with)."""
         with self._made() as fd, self._made_rejected(fd) as aside:
-            os.replace(batch.path.name, batch.name, src_dir_fd=fd, dst_dir_fd=aside)
+            try:
+                os.replace(batch.path.name, batch.name, src_dir_fd=fd, dst_dir_fd=aside)
+            except FileNotFoundError:
+                _write_batch(aside, batch.name, batch.target, batch.spans, batch.traces, batch.payload)
             _write(aside, _reason_of(batch.name), _reason_text(reason))
         return self.rejected / batch.name
+
+
+def _fates(fd: int, names: Collection[str]) -> tuple[set[str], set[str]]:
+    entries = [e for e in map(parse, os.listdir(fd)) if e is not None]
+    present = {e.batch for e in entries if e.kind == "otlp"}
+    dropped = {e.batch for e in entries if e.kind == "dropped"}
+    waiting = present.intersection(names)
+    removed = dropped.intersection(names) - waiting
+    for name in removed:
+        _unlink(fd, _dropped_of(name))
+    return waiting, removed
+
+
+def _claim(fd: int, name: str, lease: float) -> str | None:
+    """Claim batch ``name`` for ``lease`` seconds: its claimed name, None when another took it first.
+    The lease is set first, so a claim never shows the batch's own (old) time."""
+    lease_end = time.time() + lease
+    claimed = _claimed(name)
+    try:
+        os.utime(name, (lease_end, lease_end), dir_fd=fd, follow_symlinks=False)
+        os.replace(name, claimed, src_dir_fd=fd, dst_dir_fd=fd)
+    except FileNotFoundError:
+        return None
+    return claimed
 
 
 def _waiting(fd: int) -> list[str]:
@@ -436,13 +471,13 @@ def _enforce_bound(fd: int, max_bytes: int) -> int:
 
 
 def _reclaim_stale(fd: int) -> None:
-    """Give back the claims of processes that died while sending; remove
-    the marks and half-written files of processes that ended."""
+    """Give back the claims of processes that are gone (dead, or past their
+    lease); remove the marks and half-written files of processes that ended."""
     now = time.time()
     for name in os.listdir(fd):
         if name.startswith(_WRITING):
             with contextlib.suppress(OSError):
-                if now - os.stat(name, dir_fd=fd, follow_symlinks=False).st_mtime > STALE_CLAIM_SECONDS:
+                if now - os.stat(name, dir_fd=fd, follow_symlinks=False).st_mtime > STALE_WRITE_SECONDS:
                     _unlink(fd, name)
             continue
         entry = parse(name)
@@ -453,10 +488,10 @@ def _reclaim_stale(fd: int) -> None:
         if entry.claimer is None:
             continue
         try:
-            stale = now - os.stat(name, dir_fd=fd, follow_symlinks=False).st_mtime > STALE_CLAIM_SECONDS
+            lease_over = os.stat(name, dir_fd=fd, follow_symlinks=False).st_mtime < now
         except FileNotFoundError:
             continue
-        if stale or not _alive(entry.claimer):
+        if lease_over or not _alive(entry.claimer):
             with contextlib.suppress(FileNotFoundError):
                 os.replace(name, entry.batch, src_dir_fd=fd, dst_dir_fd=fd)
 
@@ -536,6 +571,10 @@ def _unlink(fd: int, name: str) -> None:
         os.unlink(name, dir_fd=fd)
 
 
+def _write_batch(fd: int, name: str, target: Target, spans: int, traces: int, payload: bytes) -> None:
+    _write(fd, name, _header_line(target, spans, traces, payload) + payload)
+
+
 def _header_line(target: Target, spans: int, traces: int, payload: bytes) -> bytes:
     fields = {**asdict(target), "endpoint": without_userinfo(target.endpoint)}
     return json.dumps({**fields, "spans": spans, "traces": traces, "bytes": len(payload)}).encode() + b"\n"
@@ -564,7 +603,7 @@ def _opened(fd: int, name: str, max_bytes: int) -> Iterator[tuple[int, int] | st
     try:
         before = os.stat(name, dir_fd=fd, follow_symlinks=False)
     except FileNotFoundError:
-        yield "gone"
+        yield GONE
         return
     if not stat.S_ISREG(before.st_mode):
         yield "a symbolic link" if stat.S_ISLNK(before.st_mode) else "not a regular file"

@@ -1,0 +1,160 @@
+"""Moves finished spans from the app's threads to MLflow, off those threads,
+and never loses one silently.
+
+A bounded queue feeds one daemon thread that batches (whole traces per
+request), encodes and posts. A batch MLflow does not take (refused, timeout,
+5xx, 429) goes to the on-disk spool at once, and the thread backs off briefly
+before asking MLflow again; while it waits, and when the queue runs high,
+batches go straight to the spool. When MLflow answers again, the spool is
+sent back, oldest first, one batch at a time (so no faster than MLflow
+answers), by this process or the next traced one. A batch MLflow rejects as
+invalid is set aside with the reason. At exit (normal, uncaught exception,
+SIGINT, SIGTERM, ``os._exit`` in a forked child) the process waits at most
+``exit_timeout`` and spools whatever is left.
+
+What the user is told, once: an outage that outlasts ``OUTAGE_NOTICE`` while
+the process runs is one line then (a service that never exits must learn of
+it); at exit, one line says what of this process's own spans is still in the
+spool, was dropped or set aside, and, unless the outage was already told,
+what was spooled and sent later. Nothing when all was delivered.
+
+The parts, and the threads that touch them (each part's module says how its
+state is guarded):
+
+- ``queue.SpanQueue``: the queue, batching, the batch in flight and the
+  closing state; app threads, the delivery thread, the exit path.
+- ``sender.DeliveryThread`` and ``sender.Backoff``: the delivery thread's loop,
+  its posts and back-off; only the delivery thread (back-off is also reset by close).
+- ``spill.Keeper`` and ``spill.Spill``: writing to the spool; the spill
+  thread, fed by app threads, and any thread that keeps a batch.
+- ``exits``: the hooks that run ``close`` (atexit, SIGTERM, ``os._exit``).
+- ``ledger.Ledger``: every count and ``problem``, and the exit line; all threads.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+
+from opentelemetry.context import Context
+from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
+
+from traced_run.delivery import exits
+from traced_run.delivery.ledger import Ledger
+from traced_run.delivery.queue import BATCH_SIZE, SpanQueue
+from traced_run.delivery.sender import OUTAGE_NOTICE, SPOOL_RESERVE, Backoff, DeliveryThread
+from traced_run.delivery.spill import Keeper, Spill
+from traced_run.settings import Settings
+from traced_run.spool import Spool
+
+__all__ = ["BATCH_SIZE", "OUTAGE_NOTICE", "Delivery", "DeliveryProcessor"]
+
+FORK_WAIT = 10.0
+"""Longest a fork waits for the delivery thread to finish importing its modules."""
+
+
+class Delivery:
+    """Wires the parts of one process's delivery together; its own fields
+    (``_thread``) are guarded by the queue's lock."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._endpoint = settings.traces_endpoint or ""
+        self.spool = Spool.of(settings)
+        self.interrupt: Callable[[str], object] | None = None
+        """Set by the pipeline: ends the open spans of agent runs when the process leaves."""
+        self._build()
+        os.register_at_fork(before=self._before_fork, after_in_child=self._build)
+
+    def _build(self) -> None:
+        """Fresh parts: at start, and in a forked child, which starts empty (it
+        never re-sends its parent's queue), starts its own thread when it has
+        spans, and is flushed by the ``os._exit`` wrapper it inherits."""
+        self.ledger = Ledger(self._settings, self.spool)
+        self._keeper = Keeper(self._settings, self.spool, self.ledger,
+                              lambda: self._queue.set_spool_idle(False))
+        self._spill = Spill(self._keeper, BATCH_SIZE)
+        self._queue = SpanQueue(self._settings.queue_size, self._spill, self._start_locked)
+        self._backoff = Backoff()
+        self._loaded = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _before_fork(self) -> None:
+        """A fork while the delivery thread imports (the exporter, OpenInference)
+        gives the child half-imported modules whose import locks no thread of the
+        child will release: the child's own delivery thread then fails or hangs,
+        and its exit waits the whole bound. Seen with a multiprocessing fork pool
+        made right after ``import pydantic_ai``; gunicorn --preload forks as early."""
+        if self._thread is not None:
+            self._loaded.wait(FORK_WAIT)
+
+    def submit(self, span: ReadableSpan) -> None:
+        if not self._queue.put(span):
+            self.ledger.dropped()
+
+    def start(self) -> None:
+        """Start the delivery thread now: importing the exporter is then done
+        before the first batch is due, and a spool left by earlier processes is sent."""
+        with self._queue.lock:
+            self._start_locked()
+
+    def _start_locked(self) -> None:
+        if self._thread is None:
+            loop = DeliveryThread(self._settings, self._queue, self._keeper, self.ledger, self._backoff,
+                                  self._loaded)
+            self._thread = threading.Thread(target=loop.run, name="traced-run-delivery", daemon=True)
+            self._thread.start()
+
+    def flush(self, timeout: float) -> bool:
+        """Send what is queued now; True when all of it was handled within ``timeout``."""
+        return self._queue.flush(timeout)
+
+    def close(self, why: str = "process exit") -> None:
+        """End what is still open of agent runs (``why`` says what cut them off), deliver
+        or spool what is queued within ``exit_timeout``; say what happened."""
+        if self._queue.is_closed():
+            return
+        if self.interrupt is not None:
+            self.interrupt(why)
+        self._backoff.retry_now()
+        deadline = self._queue.begin_closing(self._settings.exit_timeout)
+        if deadline is None:
+            return
+        with self._queue.lock:
+            started = self._thread is not None
+        if started:
+            self._queue.flush(max(0.0, deadline - time.monotonic() - SPOOL_RESERVE))
+        reserve_end = time.monotonic() + SPOOL_RESERVE
+        left = self._queue.close(SPOOL_RESERVE)
+        left = self._spill.close(max(0.0, reserve_end - time.monotonic())) + left
+        if left:
+            # The delivery thread did not finish in time (MLflow hangs): keep the rest
+            # from this thread. A batch that was mid-send may reach MLflow twice;
+            # MLflow stores a re-sent span once.
+            self.ledger.timed_out()
+            self._keeper.keep(left)
+        self.ledger.say_exit_line(self._endpoint)
+
+    def install_exit_hooks(self) -> None:
+        exits.install(self.close)
+
+
+class DeliveryProcessor(SpanProcessor):
+    """Hands each finished span to the delivery queue; costs the app an append."""
+
+    def __init__(self, delivery: Delivery) -> None:
+        self._delivery = delivery
+
+    def on_start(self, span: Span, parent_context: Context | None = None) -> None:
+        pass
+
+    def on_end(self, span: ReadableSpan) -> None:
+        self._delivery.submit(span)
+
+    def shutdown(self) -> None:
+        self._delivery.close()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self._delivery.flush(timeout_millis / 1000)

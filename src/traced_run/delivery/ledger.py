@@ -1,0 +1,182 @@
+"""The accounting of one process's spans, and the exit line written from it.
+
+Every thread writes here (the app's threads count drops, the delivery and
+spill threads count what they sent, kept, set aside or lost, the exit path
+counts what it kept and writes the line), so every field, ``problem``
+included, is guarded by ``Ledger._lock`` and read or written only by the
+methods below. No other lock is taken while it is held.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from traced_run import report
+from traced_run.report import mask_url
+from traced_run.settings import Settings
+from traced_run.spool import Spool
+
+
+class Ledger:
+    def __init__(self, settings: Settings, spool: Spool) -> None:
+        self._settings = settings
+        self._spool = spool
+        self._lock = threading.Lock()
+        self._problem: str | None = None
+        """Why the last batch was not delivered (what the exit line names)."""
+        self._delivered = 0
+        self._own: dict[str, tuple[int, frozenset[int]]] = {}
+        """This process's batches in the spool, by name: spans, trace ids."""
+        self._sent_later = 0
+        self._rejected = 0
+        self._rejected_told = 0
+        self._statuses: set[int] = set()
+        self._dropped = 0
+        self._oversized = 0
+        """Spans dropped as each alone larger than the spool's bound."""
+        self._orphans_dropped = 0
+        self._unwritten = 0
+        """Spans a thread is writing to the spool."""
+        self._lost = 0
+        self._outage_told = False
+
+    # -- what happened ------------------------------------------------------------------------
+
+    @property
+    def problem(self) -> str | None:
+        with self._lock:
+            return self._problem
+
+    def failed(self, reason: str) -> None:
+        """MLflow did not take a batch: ``reason`` is now the problem."""
+        with self._lock:
+            self._problem = reason
+
+    def lost(self, spans: int, why: str) -> None:
+        """Spans gone for a reason of ours (an encoding error, a spool that cannot be written)."""
+        with self._lock:
+            self._lost += spans
+            self._problem = f"{self._problem or 'not delivered'}; {why}"
+
+    def broke(self, spans: int, why: str) -> None:
+        """A bug of ours or a library's stopped the delivery thread's turn: ``why`` is the problem."""
+        with self._lock:
+            self._lost += spans
+            self._problem = why
+
+    def timed_out(self) -> None:
+        """The exit bound ran out with spans still in this process's hands."""
+        with self._lock:
+            if self._problem is None:
+                self._problem = f"no answer within exit_timeout={self._settings.exit_timeout:g}s"
+
+    def delivered(self, spans: int) -> None:
+        with self._lock:
+            self._delivered += spans
+
+    def dropped(self) -> None:
+        with self._lock:
+            self._dropped += 1
+
+    def writing(self, spans: int) -> None:
+        """Spans a thread starts writing to the spool: said at exit when it never finished."""
+        with self._lock:
+            self._unwritten += spans
+
+    def written(self, spans: int, name: str | None, traces: frozenset[int], orphans: int) -> None:
+        """One part written (``name``), or dropped as larger than the bound (None); one step with
+        the unwritten count, so the exit line never counts a part twice."""
+        with self._lock:
+            self._unwritten -= spans
+            self._orphans_dropped += orphans
+            if name is None:
+                self._oversized += spans
+            else:
+                self._own[name] = (spans, traces)
+
+    def unwritten(self, spans: int, why: str) -> None:
+        """Spans that were being written and never will be."""
+        with self._lock:
+            self._unwritten -= spans
+            self._lost += spans
+            self._problem = f"{self._problem or 'not delivered'}; {why}"
+
+    def finished_spooled(self, name: str, spans: int, delivered: bool) -> None:
+        """A spooled batch was sent, or set aside, by this process; one of ours counts as sent later."""
+        with self._lock:
+            if self._own.pop(name, None) is not None and delivered:
+                self._sent_later += spans
+
+    def rejected(self, spans: int, status: int | None, leaving: bool) -> bool:
+        """Counted; True when it is to be said now (a running service must learn of it),
+        False when the exit line will say it."""
+        with self._lock:
+            self._rejected += spans
+            if status is not None:
+                self._statuses.add(status)
+            if not leaving:
+                self._rejected_told += spans
+            return not leaving
+
+    def outage_told(self) -> None:
+        with self._lock:
+            self._outage_told = True
+
+    # -- the exit line ------------------------------------------------------------------------
+
+    def exit_line(self, endpoint: str) -> str | None:
+        """Of this process's own spans only: batches of other processes it sent
+        from the spool are theirs to account for (they said where they kept them).
+        None when all was delivered. Reads the spool under the lock: a directory
+        listing, taken at exit, that no other thread waits for long."""
+        with self._lock:
+            waiting, removed = self._spool.fates(self._own)
+            parts = self._not_delivered(endpoint, waiting, removed) + self._gone(removed)
+        return "; ".join(parts) if parts else None
+
+    def _not_delivered(self, endpoint: str, waiting: set[str], removed: set[str]) -> list[str]:
+        own = self._own
+        kept = sum(own[name][0] for name in waiting)
+        traces = len(frozenset().union(*(own[name][1] for name in waiting)))
+        # Gone from the spool but neither removed by the bound nor sent by us: another traced
+        # process or `traced-run flush` sent it (one that set it aside said so itself).
+        sent_later = self._sent_later + sum(spans for name, (spans, _) in own.items()
+                                            if name not in waiting and name not in removed)
+        where = mask_url(endpoint)
+        why = self._problem or f"the queue ran past half of queue_size={self._settings.queue_size}"
+        parts = []
+        if kept:
+            parts.append(f"{kept} spans of {traces} traces not delivered to {where} ({why}): kept in "
+                         f"{self._spool.directory}; the next traced process or `traced-run flush` sends them")
+        elif sent_later and not self._outage_told:
+            parts.append(f"{sent_later} spans were spooled while {where} was unreachable ({why}) and "
+                         f"sent later")
+        if self._rejected > self._rejected_told:
+            statuses = ", ".join(str(status) for status in sorted(self._statuses))
+            untold = self._rejected - self._rejected_told
+            parts.append(f"{untold} spans rejected by MLflow (HTTP {statuses}), "
+                         f"set aside in {self._spool.rejected}")
+        return parts
+
+    def _gone(self, removed: set[str]) -> list[str]:
+        settings = self._settings
+        over_spool = self._oversized + sum(self._own[name][0] for name in removed)
+        parts = []
+        if self._dropped or over_spool:
+            causes = [f"queue_size={settings.queue_size} full"] if self._dropped else []
+            causes += [f"spool over spool_max_mb={settings.spool_max_mb}"] if over_spool else []
+            parts.append(f"{self._dropped + over_spool} spans dropped ({', '.join(causes)})")
+        if self._orphans_dropped:
+            parts.append(f"{self._orphans_dropped} spans that ended processes had spooled were dropped "
+                         f"(spool over spool_max_mb={settings.spool_max_mb})")
+        if self._lost:
+            parts.append(f"{self._lost} spans lost ({self._problem})")
+        if self._unwritten:
+            parts.append(f"{self._unwritten} spans may be lost (exit_timeout={settings.exit_timeout:g}s ran "
+                         f"out while they were written to the spool)")
+        return parts
+
+    def say_exit_line(self, endpoint: str) -> None:
+        line = self.exit_line(endpoint)
+        if line is not None:
+            report.say(line)

@@ -1,0 +1,203 @@
+"""The in-memory queue between the app's threads and the delivery thread, its
+batching, and the hand-over of what is left to the exit path.
+
+All of it is guarded by one condition, ``SpanQueue.lock``: the app's threads
+``put``, the delivery thread ``take``s a batch and ``hold``s it while it
+decides its fate, the exit path ``close``s. The rule they keep: a batch the
+delivery thread holds is its own (close() leaves it alone); one it has taken
+but does not hold (a post in progress) is close()'s once the queue is closed,
+and the delivery thread's late answer is then ignored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+
+from opentelemetry.sdk.trace import ReadableSpan
+
+from traced_run.delivery.spill import Spill, trace_of
+
+BATCH_SIZE = 512
+"""Spans per request."""
+
+
+def whole_traces(spans: deque[ReadableSpan], limit: int) -> list[ReadableSpan]:
+    """Take up to ``limit`` spans from the front of ``spans``, whole traces
+    only (oldest trace first): MLflow stores a request all or nothing, so a
+    span it rejects then costs only its own trace. A trace larger than
+    ``limit`` alone is cut; so is the last one when no whole trace fits."""
+    if len(spans) <= limit:
+        taken = list(spans)
+        spans.clear()
+        return taken
+    by_trace: dict[int, list[ReadableSpan]] = {}
+    for span in spans:
+        by_trace.setdefault(trace_of(span), []).append(span)
+    taken = []
+    for trace in by_trace.values():
+        if taken and len(taken) + len(trace) > limit:
+            continue
+        taken.extend(trace[:limit - len(taken)])
+        if len(taken) == limit:
+            break
+    chosen = {id(span) for span in taken}
+    kept = [span for span in spans if id(span) not in chosen]
+    spans.clear()
+    spans.extend(kept)
+    return taken
+
+
+class SpanQueue:
+    def __init__(self, queue_size: int, spill: Spill, wake_delivery: Callable[[], None]) -> None:
+        self.lock = threading.Condition()
+        self._size = queue_size
+        self._spill = spill
+        self._wake_delivery = wake_delivery
+        """Starts the delivery thread when the first span comes (called under the lock)."""
+        self._spans: deque[ReadableSpan] = deque()
+        self._in_flight: list[ReadableSpan] = []
+        self._holding = False
+        """The delivery thread is deciding the fate of its batch: close() waits, then leaves it."""
+        self._flushing = 0
+        self._closing = False
+        self._closed = False
+        self._deadline = 0.0
+        """When the exit bound runs out (once closing)."""
+        self._spool_idle = False
+        """The delivery thread found no spooled batch MLflow would take now."""
+
+    # -- the app's threads -------------------------------------------------------------------
+
+    def put(self, span: ReadableSpan) -> bool:
+        """Queue a span; False when it is dropped (closed, or full with the spill as far behind)."""
+        with self.lock:
+            if self._closed:
+                return False
+            if len(self._spans) >= self._size and not self._spill_oldest():
+                return False
+            self._spans.append(span)
+            self._wake_delivery()
+            if len(self._spans) >= BATCH_SIZE:
+                self.lock.notify_all()
+            return True
+
+    def _spill_oldest(self) -> bool:
+        """The queue is full while the delivery thread is held by one post (a
+        hanging MLflow): hand its oldest batch to the spill thread, which writes
+        it to the spool, so the app's thread neither waits nor loses it. False
+        when the spill thread is as far behind as the queue holds."""
+        if not self._spill.room(self._size):
+            return False
+        return self._spill.offer(whole_traces(self._spans, BATCH_SIZE))
+
+    def high(self) -> bool:
+        """The queue is past half full: batches go to the spool rather than wait for MLflow."""
+        with self.lock:
+            return len(self._spans) > self._size // 2
+
+    # -- the delivery thread -----------------------------------------------------------------
+
+    def _batch_due(self) -> bool:
+        urgent = self._closing or self._flushing
+        leaving_with_spool = self._closing and not self._spool_idle
+        return len(self._spans) >= BATCH_SIZE or bool(urgent and self._spans) or leaving_with_spool
+
+    def take(self, wait: float) -> list[ReadableSpan] | None:
+        """The next batch (whole traces, possibly empty: then it is the spool's
+        turn) once one is due or ``wait`` is over; None once closed."""
+        with self.lock:
+            self.lock.wait_for(self._batch_due, timeout=wait)
+            if self._closed:  # close() kept what was left and said so: sending on would belie it
+                return None
+            self._in_flight = whole_traces(self._spans, BATCH_SIZE)
+            return self._in_flight
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[bool]:
+        """Take the fate of the batch the delivery thread took (spool it, set it
+        aside, count it delivered), unless close() took it over: False then, since
+        a batch handled by both would be kept, or set aside, and re-sent twice."""
+        with self.lock:
+            if self._closed:
+                yield False
+                return
+            self._holding = True
+        try:
+            yield True
+        finally:
+            self.done()
+
+    def done(self) -> None:
+        """The delivery thread is through with its batch."""
+        with self.lock:
+            self._holding = False
+            self._in_flight = []
+            self.lock.notify_all()
+
+    def leaving(self) -> bool:
+        with self.lock:
+            return self._closing
+
+    def is_closed(self) -> bool:
+        with self.lock:
+            return self._closed
+
+    def spool_is_idle(self) -> bool:
+        with self.lock:
+            return self._spool_idle
+
+    def attempt_timeout(self, timeout: float, reserve: float) -> float:
+        """``timeout``, or when leaving what is left of the exit bound but ``reserve``."""
+        with self.lock:
+            if self._closing:
+                return max(0.0, self._deadline - time.monotonic() - reserve)
+            return timeout
+
+    def set_spool_idle(self, idle: bool) -> None:
+        with self.lock:
+            self._spool_idle = idle
+
+    # -- flush and the exit path -------------------------------------------------------------
+
+    def _settled(self) -> bool:
+        """Nothing queued or in flight; when leaving, also no spooled batch MLflow would take now."""
+        idle = not self._spans and not self._in_flight
+        return idle and (self._spool_idle or not self._closing)
+
+    def flush(self, timeout: float) -> bool:
+        """Wait for what is queued now to be handled; True when it was within ``timeout``."""
+        deadline = time.monotonic() + timeout
+        with self.lock:
+            self._flushing += 1
+            self.lock.notify_all()
+            try:
+                return self.lock.wait_for(self._settled, timeout=max(0.0, deadline - time.monotonic()))
+            finally:
+                self._flushing -= 1
+
+    def begin_closing(self, exit_timeout: float) -> float | None:
+        """Leaving: every batch is due now, within ``exit_timeout``; when that runs out
+        (None when already closed)."""
+        with self.lock:
+            if self._closed:
+                return None
+            self._closing = True
+            self._spool_idle = False
+            self._deadline = time.monotonic() + exit_timeout
+            self.lock.notify_all()
+            return self._deadline
+
+    def close(self, wait: float) -> list[ReadableSpan]:
+        """Close, and return what is left for the exit path to keep: the queue,
+        and the batch in flight unless the delivery thread holds it (it may
+        finish within ``wait``: a batch it is writing to the spool stays its own)."""
+        with self.lock:
+            self.lock.wait_for(lambda: not self._holding, timeout=wait)
+            self._closed = True
+            left = ([] if self._holding else list(self._in_flight)) + list(self._spans)
+            self._spans.clear()
+            return left

@@ -1,0 +1,226 @@
+"""The delivery thread: takes batches from the queue, posts them, backs off
+while MLflow does not take them, and sends the spool back when it does.
+
+Everything here but ``Backoff`` is the delivery thread's own (the sender, the
+outage it reports, the unreadable files it told of). ``Backoff`` is read and
+written by that thread and reset by the exit path, so it has its own lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from opentelemetry.sdk.trace import ReadableSpan
+
+from traced_run import report
+from traced_run.delivery.ledger import Ledger
+from traced_run.delivery.queue import SpanQueue
+from traced_run.delivery.spill import Keeper, traces_of
+from traced_run.report import mask_url
+from traced_run.settings import Settings
+from traced_run.spool import SpoolRefused
+
+if TYPE_CHECKING:
+    from traced_run.export import Outcome, Sender
+
+BATCH_DELAY = 1.0
+"""Seconds a partial batch waits for more spans before it is sent anyway."""
+BACKOFF = (0.25, 0.5, 1.0)
+"""Seconds between attempts while MLflow does not take batches: short, so a
+process finds MLflow again within about a second of its return (plus the
+attempt), and never more than one attempt a second while it is down."""
+SPOOL_RESERVE = 0.25
+"""Part of the exit bound kept for writing what is left to the spool."""
+OUTAGE_NOTICE = 10.0
+"""Seconds MLflow may take no batch before a running process says so: a
+shorter outage, or one a process exits during, is told only by the exit line."""
+
+
+class Backoff:
+    """When MLflow may be asked again, and since when it has not taken a batch."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._down_until = 0.0
+        self._failures = 0
+        self.outage_since: float | None = None
+        self.outage_wall = 0.0
+
+    def down(self) -> bool:
+        with self._lock:
+            return self._clock() < self._down_until
+
+    def remaining(self) -> float:
+        """Seconds until MLflow may be asked again."""
+        with self._lock:
+            return max(0.0, self._down_until - self._clock())
+
+    def up(self) -> None:
+        with self._lock:
+            self._failures = 0
+            self._down_until = 0.0
+            self.outage_since = None
+
+    def failed(self) -> None:
+        with self._lock:
+            now = self._clock()
+            self._down_until = now + BACKOFF[min(self._failures, len(BACKOFF) - 1)]
+            self._failures += 1
+            if self.outage_since is None:
+                self.outage_since = now
+                self.outage_wall = time.time()
+
+    def retry_now(self) -> None:
+        """Leaving is a process's last chance to send: MLflow gets one more
+        attempt even mid-backoff (it may have recovered since)."""
+        with self._lock:
+            self._down_until = 0.0
+
+    def outage(self, at_least: float) -> float | None:
+        """The wall-clock start of an outage that has lasted ``at_least`` seconds."""
+        with self._lock:
+            since = self.outage_since
+            return self.outage_wall if since is not None and self._clock() - since >= at_least else None
+
+
+class DeliveryThread:
+    def __init__(self, settings: Settings, queue: SpanQueue, keeper: Keeper, ledger: Ledger,
+                 backoff: Backoff, loaded: threading.Event) -> None:
+        self._settings = settings
+        self._endpoint = settings.traces_endpoint or ""
+        self._queue = queue
+        self._keeper = keeper
+        self._spool = keeper.spool
+        self._ledger = ledger
+        self._backoff = backoff
+        self._loaded = loaded
+        self._sender: Sender | None = None
+        self._unreadable_told = 0
+
+    def run(self) -> None:
+        try:
+            from traced_run.export import Sender
+        finally:
+            self._loaded.set()  # a fork may go ahead now (see Delivery._before_fork)
+        # The experiment is looked up (and created) by the first post, not here: a
+        # process that sends nothing must not create one.
+        self._sender = Sender(self._settings)
+        more_spooled = True  # a spool left by earlier processes goes first
+        while True:
+            batch = self._queue.take(0 if more_spooled else self._wait())
+            if batch is None:
+                return
+            more_spooled = False
+            try:
+                spool_turn = not batch
+                if batch:
+                    self._deliver(batch)
+                    batch = []  # handled: a failure sending the spool below loses none of it
+                    spool_turn = self._spool_turn_after_batch()
+                if spool_turn:
+                    more_spooled = self._send_spooled_one()
+                    self._queue.set_spool_idle(not more_spooled)
+            except Exception as error:  # a bug of ours or a library's must not stop delivery
+                self._ledger.broke(len(batch), f"{type(error).__name__}: {error}")
+            self._queue.done()
+            self._tell_long_outage()
+
+    def _wait(self) -> float:
+        """How long a partial batch waits; while backing off, until MLflow may be asked again
+        (the spool's turn then finds it back as soon as it may)."""
+        return min(BATCH_DELAY, self._backoff.remaining() or BATCH_DELAY)
+
+    def _spool_turn_after_batch(self) -> bool:
+        """Under steady traffic the queue is never idle: after each batch, one
+        spooled batch goes too (unless MLflow is down or the queue runs high),
+        so the spool drains while the app runs, not only when it rests or exits."""
+        return not self._queue.spool_is_idle() and not self._backoff.down() and not self._queue.high()
+
+    def _attempt_timeout(self) -> float:
+        return self._queue.attempt_timeout(self._settings.timeout, SPOOL_RESERVE)
+
+    def _deliver(self, batch: list[ReadableSpan]) -> None:
+        from traced_run.export import encode, target_of
+
+        payload = encode(batch, self._settings)
+        timeout = self._attempt_timeout()
+        if self._backoff.down() or self._queue.high() or timeout <= 0:
+            with self._queue.hold() as held:
+                if held:
+                    self._keeper.keep(batch, payload)
+            return
+        assert self._sender is not None
+        outcome = self._sender.post_by_trace(payload, target_of(self._settings), timeout)
+        with self._queue.hold() as held:
+            if not held:  # close() took the batch over while it was posted: the answer is not ours
+                return
+            if outcome.delivered:
+                self._ledger.delivered(len(batch) - sum(part.spans for part in outcome.rejected))
+                for part in outcome.rejected:
+                    self._keeper.set_aside(part.payload, part.spans, 1, part.outcome, self._queue.leaving())
+                self._backoff.up()
+            elif outcome.invalid:
+                self._keeper.set_aside(payload, len(batch), len(traces_of(batch)), outcome,
+                                       self._queue.leaving())
+            else:
+                self._failed(outcome)
+                self._keeper.keep(batch, payload)
+
+    def _failed(self, outcome: Outcome) -> None:
+        self._ledger.failed(outcome.reason)
+        self._backoff.failed()
+
+    def _tell_long_outage(self) -> None:
+        """One line per outage (a timeout, then a reset, then a 503 are one
+        outage), once it has lasted OUTAGE_NOTICE; the clock time keeps the
+        line of a later outage from reading as a repeat."""
+        started = self._backoff.outage(OUTAGE_NOTICE)
+        if started is None or self._queue.leaving():
+            return
+        shown = time.strftime("%H:%M:%S", time.localtime(started))
+        report.say(f"cannot deliver traces to {mask_url(self._endpoint)} since {shown} "
+                   f"({self._ledger.problem}); keeping them in {self._spool.directory} and retrying in "
+                   f"the background")
+        self._ledger.outage_told()
+
+    def _send_spooled_one(self) -> bool:
+        """Send one spooled batch, if MLflow is taking batches; the queue keeps
+        priority. True when it was sent and there may be more."""
+        sender = self._sender
+        if self._backoff.down() or sender is None or self._queue.is_closed():
+            return False
+        try:
+            with contextlib.closing(self._spool.send(self._endpoint, lambda batch: sender.post_by_trace(
+                    batch.payload, batch.target, self._attempt_timeout()))) as sending:
+                for batch, outcome, aside in sending:
+                    # a batch given back to the spool is still this process's
+                    if outcome.delivered or aside is not None:
+                        self._ledger.finished_spooled(batch.name, batch.spans, outcome.delivered)
+                    if outcome.delivered:
+                        self._backoff.up()
+                        if aside is not None:  # some of its traces, rejected alone, went aside
+                            self._keeper.rejected(sum(part.spans for part in outcome.rejected), aside,
+                                                  outcome.rejected[0].outcome, self._queue.leaving())
+                        return True
+                    if aside is not None:
+                        self._keeper.rejected(batch.spans, aside, outcome, self._queue.leaving())
+                        return True
+                    self._failed(outcome)
+            return False
+        except SpoolRefused as error:  # fail-open: this process sends and keeps without the spool
+            report.say(str(error))
+            return False
+        finally:
+            self._tell_unreadable()
+
+    def _tell_unreadable(self) -> None:
+        spool = self._spool
+        if spool.unreadable > self._unreadable_told:
+            self._unreadable_told = spool.unreadable
+            report.say(f"set aside {spool.unreadable} files in {spool.directory} that were no "
+                       f"readable batch, in {spool.rejected} (first: {spool.unreadable_why})")

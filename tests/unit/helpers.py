@@ -1,0 +1,79 @@
+"""Spans, settings and senders for the fast in-process tests."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import ClassVar
+
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.trace import SpanContext
+
+from traced_run.delivery import Delivery
+from traced_run.export import DELIVERED, Outcome, Sender
+from traced_run.settings import Settings
+from traced_run.spool import Target
+
+REFUSED = Outcome(False, False, "connection refused")
+NOT_FOUND = Outcome(False, True, "HTTP 404: experiment not found", 404)
+
+
+def span(trace: int, number: int, name: str = "step") -> ReadableSpan:
+    return ReadableSpan(name, context=SpanContext(trace, trace * 1000 + number, False),
+                        resource=Resource.create({}), attributes={"n": number}, start_time=1, end_time=2)
+
+
+def trace(number: int, spans: int) -> list[ReadableSpan]:
+    return [span(number, n) for n in range(spans)]
+
+
+def settings(tmp_path: Path, **more: object) -> Settings:
+    return Settings(tracking_uri="http://127.0.0.1:9", spool_dir=str(tmp_path / "spool"), **more)  # type: ignore[arg-type]
+
+
+class FakeSender(Sender):
+    """Stands in for ``export.Sender`` (its ``post`` only): answers from ``judge``
+    when set, else from ``answers`` (the last one for ever); when gated, only
+    once the test releases each post."""
+
+    judge: ClassVar[Callable[[bytes], Outcome] | None] = None
+    answers: ClassVar[list[Outcome]] = [DELIVERED]
+    gated = False
+    posts: ClassVar[list[bytes]] = []
+    posted = threading.Semaphore(0)
+    release = threading.Semaphore(0)
+
+    @classmethod
+    def reset(cls, *answers: Outcome, gated: bool = False) -> None:
+        cls.answers = list(answers) or [DELIVERED]
+        cls.judge = None
+        cls.gated = gated
+        cls.posts = []
+        cls.posted = threading.Semaphore(0)
+        cls.release = threading.Semaphore(0)
+
+    def post(self, payload: bytes, target: Target, timeout: float) -> Outcome:
+        cls = type(self)
+        cls.posts.append(payload)
+        cls.posted.release()
+        if cls.gated:
+            cls.release.acquire(timeout=30)
+        if cls.judge is not None:
+            return cls.judge(payload)
+        return cls.answers.pop(0) if len(cls.answers) > 1 else cls.answers[0]
+
+
+def submit_together(delivery: Delivery, spans: list[ReadableSpan]) -> None:
+    """Queue ``spans`` so that the delivery thread takes them as one batch (it takes
+    under the queue's lock; a loaded machine may otherwise let it take the first alone)."""
+    with delivery._queue.lock:
+        for one in spans:
+            delivery.submit(one)
+
+
+def delivery_threads(before: set[threading.Thread]) -> list[threading.Thread]:
+    """The delivery and spill threads started since ``before`` was taken."""
+    return [t for t in threading.enumerate()
+            if t.name in ("traced-run-delivery", "traced-run-spill") and t not in before]

@@ -1,0 +1,196 @@
+"""The parts of delivery, in-process: the queue's batching, the back-off, the
+spill to disk and the delivery thread against a fake sender (fake clock,
+``tmp_path`` spool). Each runs in well under a second."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from pathlib import Path
+
+import pytest
+
+from traced_run.delivery import Delivery
+from traced_run.delivery.ledger import Ledger
+from traced_run.delivery.queue import whole_traces
+from traced_run.delivery.sender import BACKOFF, Backoff
+from traced_run.delivery.spill import Keeper
+from traced_run.export import DELIVERED, encode
+from traced_run.spool import Spool
+from unit.helpers import REFUSED, FakeSender, settings, span, submit_together, trace
+
+ENDPOINT = "http://127.0.0.1:9/v1/traces"
+
+
+def trace_ids(spans: list) -> list[int]:  # type: ignore[type-arg]
+    return [s.context.trace_id for s in spans]
+
+
+# --- the queue's batching ------------------------------------------------------------------
+def test_a_short_queue_goes_whole() -> None:
+    queue = deque(trace(1, 3) + trace(2, 2))
+    assert trace_ids(whole_traces(queue, 512)) == [1, 1, 1, 2, 2]
+    assert not queue
+
+
+def test_a_batch_holds_whole_traces_and_never_splits_one_that_fits() -> None:
+    # Spans of three traces interleaved, as concurrent runs end them.
+    queue = deque([span(1, 0), span(2, 0), span(1, 1), span(3, 0), span(2, 1), span(1, 2), span(3, 1)])
+    taken = whole_traces(queue, 5)
+    assert sorted(trace_ids(taken)) == [1, 1, 1, 2, 2]
+    assert trace_ids(list(queue)) == [3, 3]
+
+
+def test_a_later_smaller_trace_fills_the_room_a_larger_one_leaves() -> None:
+    queue = deque(trace(1, 3) + trace(2, 4) + trace(3, 2))
+    assert trace_ids(whole_traces(queue, 5)) == [1, 1, 1, 3, 3]
+    assert trace_ids(list(queue)) == [2, 2, 2, 2]
+
+
+def test_a_trace_larger_than_a_batch_is_cut() -> None:
+    queue = deque(trace(1, 7) + trace(2, 1))
+    assert trace_ids(whole_traces(queue, 5)) == [1] * 5
+    assert trace_ids(list(queue)) == [1, 1, 2]
+
+
+# --- the back-off ---------------------------------------------------------------------------
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_backoff_grows_to_a_short_cap_and_resets_when_mlflow_takes_a_batch() -> None:
+    clock = Clock()
+    backoff = Backoff(clock)
+    waits = []
+    for _ in range(6):
+        backoff.failed()
+        waits.append(backoff.remaining())
+        assert backoff.down()
+        clock.now += backoff.remaining()
+        assert not backoff.down()
+    assert waits == [*BACKOFF, BACKOFF[-1], BACKOFF[-1], BACKOFF[-1]]
+    # While MLflow is down, at most one attempt a second; it is found again within a second.
+    assert max(BACKOFF) <= 1.0
+    backoff.up()
+    backoff.failed()
+    assert backoff.remaining() == BACKOFF[0]
+
+
+def test_an_outage_is_told_once_it_lasted_long_enough() -> None:
+    clock = Clock()
+    backoff = Backoff(clock)
+    backoff.failed()
+    assert backoff.outage(10.0) is None
+    clock.now += 10.0
+    backoff.failed()
+    assert backoff.outage(10.0) is not None
+    backoff.up()
+    assert backoff.outage(0.0) is None
+
+
+def test_leaving_retries_at_once() -> None:
+    backoff = Backoff(Clock())
+    backoff.failed()
+    backoff.retry_now()
+    assert not backoff.down()
+
+
+# --- the spill to disk ----------------------------------------------------------------------
+def keeper(tmp_path: Path, max_bytes: int) -> tuple[Keeper, Ledger, Spool]:
+    config = settings(tmp_path)
+    spool = Spool(tmp_path / "spool", max_bytes)
+    ledger = Ledger(config, spool)
+    return Keeper(config, spool, ledger, lambda: None), ledger, spool
+
+
+def test_kept_batches_are_counted_as_this_processs_own(tmp_path: Path) -> None:
+    keep, ledger, spool = keeper(tmp_path, 1 << 20)
+    keep.keep(trace(1, 2) + trace(2, 3))
+    assert spool.survey(ENDPOINT).spans == 5
+    assert ledger.exit_line(ENDPOINT) == (
+        f"5 spans of 2 traces not delivered to {ENDPOINT} (the queue ran past half of queue_size=2048): "
+        f"kept in {spool.directory}; the next traced process or `traced-run flush` sends them")
+
+
+def test_a_batch_larger_than_the_bound_is_kept_in_parts_cut_between_traces(tmp_path: Path) -> None:
+    spans = [s for n in range(1, 7) for s in trace(n, 4)]
+    one_trace = len(encode(trace(1, 4), settings(tmp_path)))
+    keep, _, spool = keeper(tmp_path, 4096 + 3 * one_trace)
+    keep.keep(spans)
+    batches = list(spool.claim(ENDPOINT))
+    assert len(batches) > 1
+    assert sum(b.spans for b in batches) == 24
+    assert all(b.spans % 4 == 0 and b.traces == b.spans // 4 for b in batches), [b.spans for b in batches]
+
+
+# --- the delivery thread, against a fake sender --------------------------------------------
+def test_a_batch_mlflow_does_not_take_is_spooled_and_sent_again_when_it_is_back(
+        tmp_path: Path, sender: type[FakeSender], capfd: pytest.CaptureFixture[str]) -> None:
+    sender.reset(REFUSED, REFUSED, DELIVERED)
+    delivery = Delivery(settings(tmp_path))
+    delivery.start()
+    submit_together(delivery, trace(1, 3))
+    assert delivery.flush(5)
+    spool = Spool.of(settings(tmp_path))
+    deadline = time.monotonic() + 5
+    while spool.survey(ENDPOINT).spans and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert spool.survey(ENDPOINT).spans == 0, "the spooled batch was not sent again"
+    assert len(sender.posts) == 3  # refused, refused (from the spool), then taken
+    delivery.close()
+    said = capfd.readouterr().err.strip()
+    assert said.startswith("traced-run: 3 spans were spooled while") and said.endswith("and sent later"), said
+
+
+def test_under_steady_traffic_the_spool_is_sent_again_while_the_app_runs(
+        tmp_path: Path, sender: type[FakeSender]) -> None:
+    sender.reset(REFUSED, REFUSED, REFUSED, DELIVERED)
+    delivery = Delivery(settings(tmp_path))
+    delivery.start()
+    spool = Spool.of(settings(tmp_path))
+    deadline = time.monotonic() + 10
+    n = 0
+    while (n < 10 or spool.survey(ENDPOINT).spans) and time.monotonic() < deadline:
+        n += 1
+        for s in trace(n, 2):  # a run ends every 0.1 s: the queue is never idle for a batch's delay
+            delivery.submit(s)
+        time.sleep(0.1)
+    assert spool.survey(ENDPOINT).spans == 0, "what was spooled in the outage waits for the exit"
+    delivery.close()
+
+
+def test_while_mlflow_is_down_attempts_are_few(tmp_path: Path, sender: type[FakeSender]) -> None:
+    sender.reset(REFUSED)
+    delivery = Delivery(settings(tmp_path, exit_timeout=0.3))
+    delivery.start()
+    started = time.monotonic()
+    for n in range(1, 16):  # a run ends every 0.1 s, for 1.5 s
+        for s in trace(n, 2):
+            delivery.submit(s)
+        time.sleep(0.1)
+    elapsed = time.monotonic() - started
+    delivery.close()
+    # One attempt, then one a back-off later (0.25, 0.5, then 1 s apart); the rest is spooled.
+    assert 2 <= len(sender.posts) <= 2 + elapsed / BACKOFF[-1] + 1, (len(sender.posts), elapsed)
+    assert Spool.of(settings(tmp_path)).survey(ENDPOINT).spans == 30
+
+
+def test_a_full_queue_spills_to_disk_rather_than_drop(tmp_path: Path, sender: type[FakeSender],
+                                                     capfd: pytest.CaptureFixture[str]) -> None:
+    sender.reset(REFUSED, gated=True)  # the one post hangs: the delivery thread is held
+    delivery = Delivery(settings(tmp_path, queue_size=600, exit_timeout=0.5))
+    delivery.start()
+    delivery.submit(span(1000, 0))
+    delivery.flush(0)
+    assert sender.posted.acquire(timeout=10)
+    for n in range(1, 301):
+        for s in trace(n, 4):
+            delivery.submit(s)
+    delivery.close()
+    said = capfd.readouterr().err
+    assert "dropped" not in said, said
+    assert "1201 spans of 301 traces not delivered" in said, said
