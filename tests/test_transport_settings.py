@@ -1,0 +1,86 @@
+"""The TLS, workspace and spool-age settings: the names MLflow's client and the
+OpenTelemetry exporter read, their precedence, and one clear line for a bad value."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from traced_run.report import ConfigError
+from traced_run.sources import load
+
+
+@pytest.fixture(autouse=True)
+def cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    return work
+
+
+def error_of(environ: dict[str, str]) -> str:
+    with pytest.raises(ConfigError) as info:
+        load(environ)
+    return str(info.value)
+
+
+CA_VARS = ("MLFLOW_TRACKING_SERVER_CERT_PATH", "OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE",
+           "OTEL_EXPORTER_OTLP_CERTIFICATE", "REQUESTS_CA_BUNDLE")
+
+
+def test_the_ca_bundle_comes_from_the_first_variable_set_mlflow_s_first(tmp_path: Path) -> None:
+    files = {var: tmp_path / f"{var}.pem" for var in CA_VARS}
+    for path in files.values():
+        path.write_text("x")
+    for index, var in enumerate(CA_VARS):
+        environ = {name: str(files[name]) for name in CA_VARS[index:]}
+        loaded = load(environ)
+        assert loaded.settings.ca_bundle == str(files[var])
+        assert loaded.sources["ca_bundle"] == f"env {var}"
+
+
+def test_client_certificate_and_key_from_mlflow_or_otel_names(tmp_path: Path) -> None:
+    cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
+    cert.write_text("x")
+    key.write_text("x")
+    loaded = load({"OTEL_EXPORTER_OTLP_TRACES_CLIENT_CERTIFICATE": str(cert),
+                   "OTEL_EXPORTER_OTLP_CLIENT_KEY": str(key)})
+    assert (loaded.settings.client_cert, loaded.settings.client_key) == (str(cert), str(key))
+    loaded = load({"MLFLOW_TRACKING_CLIENT_CERT_PATH": str(cert)})
+    assert (loaded.settings.client_cert, loaded.settings.client_key) == (str(cert), None)
+
+
+def test_a_certificate_path_that_names_nothing_is_one_line_naming_the_variable(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.pem"
+    assert error_of({"REQUESTS_CA_BUNDLE": str(missing)}) == (
+        f"env REQUESTS_CA_BUNDLE: ca_bundle: no such file, got {str(missing)!r}")
+    assert error_of({"MLFLOW_TRACKING_CLIENT_CERT_PATH": str(missing)}).startswith(
+        "env MLFLOW_TRACKING_CLIENT_CERT_PATH: client_cert: no such file")
+
+
+def test_insecure_tls_and_workspace_from_mlflow_s_names() -> None:
+    loaded = load({"MLFLOW_TRACKING_INSECURE_TLS": "true", "MLFLOW_WORKSPACE": "team-a"})
+    assert loaded.settings.insecure_tls is True and loaded.settings.workspace == "team-a"
+
+
+@pytest.mark.parametrize("name", ["Team-A", "a", "-a", "api", "team_a", "x" * 64])
+def test_a_workspace_name_mlflow_would_refuse_is_refused_at_start(name: str) -> None:
+    assert error_of({"MLFLOW_WORKSPACE": name}).startswith(
+        "env MLFLOW_WORKSPACE: workspace: expected an MLflow workspace name")
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("604800", 604800.0), ("7d", 604800.0), ("2w", 1209600.0),
+                                               ("12h", 43200.0), ("90m", 5400.0), ("120s", 120.0)])
+def test_spool_max_age_in_seconds_or_with_a_unit(text: str, seconds: float) -> None:
+    assert load({"TRACED_RUN_SPOOL_MAX_AGE": text}).settings.spool_max_age == seconds
+
+
+@pytest.mark.parametrize("text", ["a week", "0", "10s", "400d", "-1d", "true"])
+def test_a_bad_spool_max_age_is_one_line(text: str) -> None:
+    assert error_of({"TRACED_RUN_SPOOL_MAX_AGE": text}).startswith(
+        "env TRACED_RUN_SPOOL_MAX_AGE: spool_max_age: expected")
+
+
+def test_the_default_spool_max_age_is_a_week() -> None:
+    assert load({}).settings.spool_max_age == 7 * 86400
