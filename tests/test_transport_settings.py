@@ -6,23 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from test_settings import cwd, error_of
 
-from traced_run.report import ConfigError
 from traced_run.sources import load
 
-
-@pytest.fixture(autouse=True)
-def cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    work = tmp_path / "cwd"
-    work.mkdir()
-    monkeypatch.chdir(work)
-    return work
-
-
-def error_of(environ: dict[str, str]) -> str:
-    with pytest.raises(ConfigError) as info:
-        load(environ)
-    return str(info.value)
+__all__ = ["cwd"]  # the autouse fixture: an empty working directory
 
 
 CA_VARS = ("MLFLOW_TRACKING_SERVER_CERT_PATH", "OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE",
