@@ -98,18 +98,21 @@ class MlflowServer:
 
 
 @contextlib.contextmanager
-def start_mlflow(backend_uri: str, root: Path, *, health_timeout: float = 180) -> Iterator[MlflowServer]:
+def start_mlflow(backend_uri: str, root: Path, *, health_timeout: float = 180, args: tuple[str, ...] = (),
+                 env: Mapping[str, str] | None = None) -> Iterator[MlflowServer]:
     """A real MLflow server on ``backend_uri``, its log and artifacts under ``root``,
-    up (healthy) while the ``with`` block runs and stopped after it."""
+    up (healthy) while the ``with`` block runs and stopped after it; ``args`` and
+    ``env`` add to its command line and environment."""
     port = free_port()
     log_path = root / "server.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             [str(BIN / "mlflow"), "server", "--backend-store-uri", backend_uri,
              "--default-artifact-root", str(root / "artifacts"), "--host", "127.0.0.1",
-             "--port", str(port), "--workers", "1"],
+             "--port", str(port), "--workers", "1", *args],
             # Job workers (about ten processes) do nothing for traces and would load two cores.
-            stdout=log, stderr=subprocess.STDOUT, env=clean_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
+            stdout=log, stderr=subprocess.STDOUT,
+            env=clean_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", **(env or {})),
             cwd=root,
         )
         url = f"http://127.0.0.1:{port}"
