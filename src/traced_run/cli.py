@@ -107,8 +107,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         report.say("no command given: traced-run [OPTIONS] COMMAND [ARGS...] (see traced-run --help)")
         return report.EXIT_USAGE
     if loaded.settings.enabled and not loaded.settings.traces_endpoint:
-        report.say("no MLflow tracking URI: set MLFLOW_TRACKING_URI, --tracking-uri or tracking_uri "
-                   "in the config file")
+        from traced_run.transport import NO_TRACKING_URI
+
+        report.say(NO_TRACKING_URI)
         return report.EXIT_CONFIG
     return _exec(command, env)
 
@@ -148,7 +149,9 @@ def _flush(argv: list[str], env: dict[str, str]) -> int:
     if loaded is None:
         return report.EXIT_CONFIG
     if not loaded.settings.traces_endpoint:
-        report.say("no MLflow tracking URI: set MLFLOW_TRACKING_URI, --tracking-uri or tracking_uri")
+        from traced_run.transport import NO_TRACKING_URI
+
+        report.say(NO_TRACKING_URI)
         return report.EXIT_CONFIG
     from traced_run.flush import flush
 

@@ -38,7 +38,7 @@ from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 from traced_run import report
 from traced_run.report import mask_url
 from traced_run.settings import Settings
-from traced_run.spool import Spool, Target
+from traced_run.spool import Spool, SpoolRefused, Target
 
 if TYPE_CHECKING:
     from traced_run.export import Outcome, Sender
@@ -97,6 +97,7 @@ class Delivery:
         self._sent_later = 0
         self.rejected = 0
         self._rejected_told = 0
+        self._unreadable_told = 0
         self._statuses: set[int] = set()
         self.dropped = 0
         self._oversized = 0
@@ -409,25 +410,36 @@ class Delivery:
     def _send_spooled_one(self) -> bool:
         """Send one spooled batch, if MLflow is taking batches; the queue keeps
         priority. True when it was sent and there may be more."""
-        if self._down() or self._sender is None or self._closed:
+        sender = self._sender
+        if self._down() or sender is None or self._closed:
             return False
-        for batch in self.spool.claim(self._endpoint):
-            outcome = self._sender.post(batch.payload, batch.target, self._attempt_timeout())
-            if outcome.delivered:
-                self.spool.done(batch)
-                with self._wake:
-                    if self._own.pop(batch.name, None) is not None:
-                        self._sent_later += batch.spans
-                self._up()
-                return True
-            if outcome.invalid:
-                with self._wake:
-                    self._own.pop(batch.name, None)
-                self._rejected(batch.spans, self.spool.reject(batch, outcome.reason), outcome)
-                return True
-            self.spool.release(batch)
-            self._failed(outcome)
-        return False
+        try:
+            with contextlib.closing(self.spool.send(self._endpoint, lambda batch: sender.post(
+                    batch.payload, batch.target, self._attempt_timeout()))) as sending:
+                for batch, outcome, aside in sending:
+                    with self._wake:  # a batch given back to the spool is still this process's
+                        finished = outcome.delivered or aside is not None
+                        if finished and self._own.pop(batch.name, None) is not None and outcome.delivered:
+                            self._sent_later += batch.spans
+                    if outcome.delivered:
+                        self._up()
+                        return True
+                    if aside is not None:
+                        self._rejected(batch.spans, aside, outcome)
+                        return True
+                    self._failed(outcome)
+            return False
+        except SpoolRefused as error:  # fail-open: this process sends and keeps without the spool
+            report.say(str(error))
+            return False
+        finally:
+            self._tell_unreadable()
+
+    def _tell_unreadable(self) -> None:
+        if self.spool.unreadable > self._unreadable_told:
+            self._unreadable_told = self.spool.unreadable
+            report.say(f"set aside {self.spool.unreadable} files in {self.spool.directory} that were no "
+                       f"readable batch, in {self.spool.rejected} (first: {self.spool.unreadable_why})")
 
     def flush(self, timeout: float) -> bool:
         """Send what is queued now; True when all of it was handled within ``timeout``."""

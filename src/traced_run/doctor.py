@@ -27,9 +27,7 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -38,6 +36,8 @@ from traced_run import mlflow_api, report
 from traced_run.report import mask_url
 from traced_run.settings import SPECS, Settings, default_of
 from traced_run.sources import Loaded, load, shown
+from traced_run.spool import Spool, SpoolRefused, Target
+from traced_run.transport import NO_TRACKING_URI, Answer, auth_headers, otlp_headers, printable, request
 
 STEP_TIMEOUT = 2.0
 """Seconds one network request may take."""
@@ -45,6 +45,8 @@ TOTAL_BOUND = 12.0
 """Seconds all MLflow checks together may take (a proof read-back polls within it)."""
 PROOF_WAIT = 6.0
 """Seconds the proof trace may take to be readable once MLflow took it."""
+SPOOL_BOUND = 5.0
+"""Seconds reading the spool may take."""
 CHILD_TIMEOUT = 10.0
 """Seconds the bootstrap check's child interpreter may take."""
 MIN_MLFLOW = (3, 6)
@@ -73,7 +75,8 @@ class Findings:
     trace: dict[str, Any] = field(default_factory=dict)
 
     def add(self, status: str, check: str, what: str, hint: str = "") -> Check:
-        found = Check(status, check, " ".join(what.split()), hint)
+        # Server answers are quoted in `what`: escaped, they cannot move the terminal's cursor.
+        found = Check(status, check, printable(" ".join(what.split())), printable(hint))
         self.checks.append(found)
         return found
 
@@ -93,8 +96,8 @@ def check_settings(loaded: Loaded, found: Findings) -> None:
         found.add(WARN, "settings", f"tracing is turned off ({loaded.sources['enabled']})",
                   "unset it (TRACED_RUN_ENABLED / OTEL_SDK_DISABLED / --disable) to trace")
     elif not settings.traces_endpoint:
-        found.add(FAIL, "settings", "no MLflow tracking URI",
-                  "set MLFLOW_TRACKING_URI (or --tracking-uri, or tracking_uri in traced-run.yaml)")
+        what, _, hint = NO_TRACKING_URI.partition(": ")
+        found.add(FAIL, "settings", what, hint)
     else:
         found.add(OK, "settings", f"valid; {len(changed)} set, the rest at their defaults "
                   "(`traced-run config` shows all)")
@@ -153,57 +156,20 @@ def check_versions(found: Findings) -> dict[str, str | None]:
 # -- MLflow over the network ---------------------------------------------------------------
 
 
-@dataclass
-class Answer:
-    status: int | None
-    """HTTP status; None when there was no answer."""
-    body: bytes = b""
-    problem: str = ""
-    """Why there was no answer: refused, timed out, ..."""
-    ms: float = 0.0
-
-    def json(self) -> Any:
-        try:
-            return json.loads(self.body or b"{}")
-        except ValueError:
-            return {}
-
-    @property
-    def bad_host(self) -> bool:
-        return self.status == 403 and b"Invalid Host header" in self.body
-
-
 def _request(url: str, *, method: str = "GET", data: bytes | None = None,
-             headers: dict[str, str] | None = None, timeout: float = STEP_TIMEOUT) -> Answer:
-    started = time.monotonic()
-    request = urllib.request.Request(url, data=data, method=method, headers=headers or {})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            body = response.read(1 << 20)
-            return Answer(response.status, body, ms=(time.monotonic() - started) * 1000)
-    except urllib.error.HTTPError as error:
-        try:
-            body = error.read(4096)
-        except OSError:
-            body = b""
-        return Answer(error.code, body, ms=(time.monotonic() - started) * 1000)
-    except (TimeoutError, urllib.error.URLError, OSError, ValueError) as error:
-        reason: object = getattr(error, "reason", error)
-        if isinstance(reason, TimeoutError) or isinstance(error, TimeoutError):
-            problem = f"no answer within {timeout:.0f} s"
-        elif "@" in urllib.parse.urlsplit(url).netloc:
-            problem = type(reason).__name__  # its text may quote the password in the URL
-        elif isinstance(reason, OSError) and reason.strerror:
-            problem = reason.strerror.lower()
-        else:
-            problem = str(reason) or type(reason).__name__
-        return Answer(None, problem=problem, ms=(time.monotonic() - started) * 1000)
+             headers: dict[str, str] | None = None) -> Answer:
+    return request(url, method=method, data=data, headers=headers, timeout=STEP_TIMEOUT)
+
+
+def _bad_host(answer: Answer) -> bool:
+    return answer.status == 403 and b"Invalid Host header" in answer.body
 
 
 def _detail(answer: Answer) -> str:
     """MLflow's error code, or the start of the body, for a FAIL line."""
-    code = answer.json().get("error_code") if answer.body.startswith(b"{") else None
-    text = str(code) if code else " ".join(answer.body.decode("utf-8", "replace").split())[:120]
+    if answer.status is not None and 300 <= answer.status < 400:
+        return answer.problem
+    text = answer.error_code() or answer.text(120)
     return f"HTTP {answer.status}" + (f" {text}" if text else "")
 
 
@@ -219,7 +185,7 @@ class MlflowChecks:
         self.proof = proof
         self.base = settings.tracking_uri or ""
         self.shown = mask_url(self.base)
-        self.auth = mlflow_api.auth_headers(settings)
+        self.auth = auth_headers(settings)
         self.experiment_id: str | None = None
 
     def run(self) -> None:
@@ -259,7 +225,7 @@ class MlflowChecks:
     def version_and_host(self) -> bool:
         # /health skips MLflow's Host header check; /version does not.
         answer = self.get("/version")
-        if answer.bad_host:
+        if _bad_host(answer):
             host = urllib.parse.urlsplit(self.base).netloc.rpartition("@")[2]
             self.found.add(FAIL, "host header", f"MLflow refuses the Host header {host!r} "
                            "(403 Invalid Host header)",
@@ -271,7 +237,7 @@ class MlflowChecks:
                            "is MLFLOW_TRACKING_URI an MLflow tracking server?")
             return False
         self.found.add(OK, "host header", "accepted")
-        version = answer.body.decode("utf-8", "replace").strip()
+        version = answer.text(40)
         if _numbers(version)[:2] < MIN_MLFLOW:
             self.found.add(FAIL, "mlflow version", f"MLflow {version} has no OTLP route /v1/traces",
                            "upgrade the server to MLflow >= 3.6")
@@ -312,7 +278,7 @@ class MlflowChecks:
                                f"(id {experiment.get('experiment_id')}) is deleted",
                                "restore it in MLflow or set another experiment")
                 return False
-            self.experiment_id = str(experiment["experiment_id"])
+            self.experiment_id = printable(str(experiment["experiment_id"]))
             self.found.add(OK, "experiment", f"{experiment.get('name')!r} is id {self.experiment_id}")
             return True
         if answer.status == 404 and settings.experiment_name and not settings.experiment_id:
@@ -345,17 +311,11 @@ class MlflowChecks:
             return
         self.found.add(OK, "run id", f"{run_id!r} exists ({info.get('status', '?')})")
 
-    def headers(self) -> dict[str, str]:
-        headers = {"Content-Type": "application/x-protobuf",
-                   "x-mlflow-experiment-id": self.experiment_id or mlflow_api.DEFAULT_EXPERIMENT_ID}
-        headers.update(self.auth)
-        headers.update(self.settings.headers)
-        return headers
-
     def check_otlp(self) -> bool:
         # An empty ExportTraceServiceRequest is a valid request that stores nothing.
         endpoint = self.settings.traces_endpoint or ""
-        answer = _request(endpoint, method="POST", data=b"", headers=self.headers())
+        headers = otlp_headers(self.settings, self.experiment_id or mlflow_api.DEFAULT_EXPERIMENT_ID, None)
+        answer = _request(endpoint, method="POST", data=b"", headers=headers)
         shown = mask_url(endpoint)
         if answer.status is None:
             self.found.add(FAIL, "otlp endpoint", f"{shown}: {answer.problem}",
@@ -381,7 +341,6 @@ class MlflowChecks:
 
     def end_to_end(self) -> None:
         from traced_run.export import Sender
-        from traced_run.spool import Target
 
         payload, trace_id = synthetic_trace(self.settings)
         started = time.monotonic()
@@ -478,26 +437,30 @@ def check_bootstrap(env: dict[str, str], found: Findings) -> None:
 
 
 def check_spool(settings: Settings, found: Findings) -> dict[str, Any]:
-    from traced_run.spool import Spool
-
+    """What the spool holds; reads, changes nothing (a file that is no batch is
+    set aside by the next sender, not here)."""
     spool = Spool.of(settings)
-    batches, spans = spool.count()
-    endpoint = settings.traces_endpoint or ""
-    here = sum(1 for _ in spool.pending(endpoint)) if endpoint else 0
     try:
-        rejected = sum(1 for p in spool.rejected.iterdir() if p.name.endswith(".otlp"))
-    except OSError:
-        rejected = 0
-    state = {"directory": str(spool.directory), "batches": batches, "spans": spans,
-             "for_this_endpoint": here, "rejected": rejected}
-    if batches:
-        found.add(WARN, "spool", f"{batches} batches ({spans} spans) waiting in {spool.directory}, {here} of "
-                  "them for this endpoint", "`traced-run flush` sends them once MLflow answers")
+        seen = spool.survey(settings.traces_endpoint or "")
+    except OSError as error:
+        found.add(FAIL, "spool", str(error) if isinstance(error, SpoolRefused)
+                  else f"cannot read {spool.directory}: {error.strerror}")
+        return {"directory": str(spool.directory), "problem": str(error)}
+    state = {"directory": str(spool.directory), "batches": seen.batches, "spans": seen.spans,
+             "for_this_endpoint": seen.for_endpoint, "rejected": seen.rejected, "unreadable": seen.unreadable}
+    if seen.batches:
+        found.add(WARN, "spool", f"{seen.batches} batches ({seen.spans} spans) waiting in {spool.directory}, "
+                  f"{seen.for_endpoint} of them for this endpoint",
+                  "`traced-run flush` sends them once MLflow answers")
     else:
         found.add(OK, "spool", f"empty ({spool.directory})")
-    if rejected:
+    if seen.unreadable:
+        found.add(WARN, "spool unreadable", f"{seen.unreadable} files named like batches are none "
+                  f"(first: {seen.first_unreadable})", "`traced-run flush` sets them aside in "
+                  f"{spool.rejected}; delete them")
+    if seen.rejected:
         found.add(WARN, "spool rejected",
-                  f"{rejected} batches MLflow refused are set aside in {spool.rejected}",
+                  f"{seen.rejected} batches MLflow refused are set aside in {spool.rejected}",
                   "read their .reason.txt; delete them when done")
     return state
 
@@ -529,7 +492,7 @@ def run(env: dict[str, str], *, proof: bool = True) -> tuple[Findings, dict[str,
     extra["versions"] = check_versions(found)
     local = Findings()
     check_bootstrap(env, local)
-    extra["spool"] = check_spool(loaded.settings, local)
+    extra["spool"] = _bounded_spool_check(loaded.settings, local)
     if worker.is_alive() or worker.ident is not None:
         worker.join(max(0.0, TOTAL_BOUND - (time.monotonic() - started)))
         if worker.is_alive():
@@ -540,12 +503,33 @@ def run(env: dict[str, str], *, proof: bool = True) -> tuple[Findings, dict[str,
     return found, extra
 
 
-def _guarded(step: Callable[[], None], found: Findings) -> Callable[[], None]:
+def _bounded_spool_check(settings: Settings, found: Findings) -> dict[str, Any]:
+    """check_spool on a thread: a spool on a file system that hangs (a dead
+    NFS mount) cannot hold the doctor either."""
+    state: dict[str, Any] = {}
+    spool = Findings()
+
+    def step() -> None:
+        state.update(check_spool(settings, spool))
+
+    worker = threading.Thread(target=_guarded(step, spool, "spool"), name="traced-run-doctor-spool",
+                              daemon=True)
+    worker.start()
+    worker.join(SPOOL_BOUND)
+    if worker.is_alive():
+        found.add(FAIL, "spool", f"reading the spool did not finish within {SPOOL_BOUND:.0f} s",
+                  "check the file system it is on (TRACED_RUN_SPOOL_DIR)")
+        return {"problem": "timed out"}
+    found.checks += spool.checks
+    return state
+
+
+def _guarded(step: Callable[[], None], found: Findings, check: str = "mlflow") -> Callable[[], None]:
     def guarded() -> None:
         try:
             step()
         except Exception as error:  # a doctor that crashes tells nothing: report it as a check
-            found.add(FAIL, "mlflow", f"unexpected {type(error).__name__}: {error}")
+            found.add(FAIL, check, f"unexpected {type(error).__name__}: {error}")
 
     return guarded
 

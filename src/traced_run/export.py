@@ -10,11 +10,6 @@ process.
 
 from __future__ import annotations
 
-import gzip
-import http.client
-import urllib.error
-import urllib.request
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -23,12 +18,10 @@ from opentelemetry.sdk.trace import ReadableSpan
 
 from traced_run import mlflow_api
 from traced_run.enrich import for_mlflow
-from traced_run.report import mask_url
 from traced_run.settings import Settings
 from traced_run.spool import Target
+from traced_run.transport import post_otlp
 
-RETRYABLE = {408, 425, 429, 500, 502, 503, 504}
-"""Statuses after which the same batch may well be taken later."""
 INVALID = {400, 404, 413, 415, 422}
 """Statuses that say the batch itself (or where it is addressed) is wrong: sending it again cannot help."""
 
@@ -77,51 +70,14 @@ class Sender:
         return self._experiments[name]
 
     def post(self, payload: bytes, target: Target, timeout: float) -> Outcome:
-        settings = self._settings
+        """One attempt; any other answer than 2xx (a redirect too) is a failure the Outcome names."""
         try:
             experiment_id = self.resolve(target)
         except mlflow_api.MlflowUnreachable as error:
-            return Outcome(False, False, _network_reason(error.reason))
+            return Outcome(False, False, error.reason)
         except mlflow_api.MlflowError as error:
             return Outcome(False, False, str(error))
-        headers = {"Content-Type": "application/x-protobuf", "x-mlflow-experiment-id": experiment_id}
-        if target.run_id:
-            headers["x-mlflow-run-id"] = target.run_id
-        headers.update(mlflow_api.auth_headers(settings))
-        headers.update(settings.headers)
-        if settings.compression == "gzip":
-            payload = gzip.compress(payload, compresslevel=6)
-            headers["Content-Encoding"] = "gzip"
-        elif settings.compression == "deflate":
-            payload = zlib.compress(payload)
-            headers["Content-Encoding"] = "deflate"
-        request = urllib.request.Request(target.endpoint, data=payload, method="POST", headers=headers)
-        try:
-            with urllib.request.urlopen(request, timeout=max(timeout, 0.05)) as response:
-                response.read()
+        answer = post_otlp(self._settings, target.endpoint, payload, experiment_id, target.run_id, timeout)
+        if answer.ok:
             return DELIVERED
-        except urllib.error.HTTPError as error:
-            reason = f"HTTP {error.code} {error.reason}{_detail(error)}"
-            return Outcome(False, error.code in INVALID, reason, error.code)
-        except TimeoutError:
-            return Outcome(False, False, f"no answer within {timeout:.1f}s")
-        except urllib.error.URLError as error:
-            return Outcome(False, False, _network_reason(error.reason))
-        except (OSError, http.client.HTTPException) as error:
-            return Outcome(False, False, _network_reason(error))
-
-
-def _detail(error: urllib.error.HTTPError) -> str:
-    try:
-        body = error.read(300).decode("utf-8", "replace").strip()
-    except OSError:
-        return ""
-    return f": {' '.join(body.split())[:200]}" if body else ""
-
-
-def _network_reason(reason: object) -> str:
-    if isinstance(reason, TimeoutError):
-        return "no answer within the timeout"
-    if isinstance(reason, OSError) and reason.strerror:
-        return reason.strerror.lower()
-    return mask_url(str(reason)) or type(reason).__name__  # library text may quote the URL
+        return Outcome(False, answer.status in INVALID, answer.problem, answer.status)

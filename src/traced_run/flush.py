@@ -2,15 +2,18 @@
 
 Sends every spooled batch addressed to the configured endpoint, oldest first,
 with the current credentials; stops at the first batch MLflow does not take
-(it is then unreachable: the rest would fail the same way).
+(it is then unreachable: the rest would fail the same way). Files in the spool
+that are not readable batches are set aside, once, and counted.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 from traced_run.export import Sender
 from traced_run.report import mask_url, say
 from traced_run.settings import Settings
-from traced_run.spool import Spool
+from traced_run.spool import Spool, SpoolRefused
 
 
 def flush(settings: Settings) -> int:
@@ -20,22 +23,28 @@ def flush(settings: Settings) -> int:
     sender = Sender(settings)
     sent = spans = rejected = 0
     problem = ""
-    for batch in spool.claim(endpoint):
-        outcome = sender.post(batch.payload, batch.target, settings.timeout)
-        if outcome.delivered:
-            spool.done(batch)
-            sent += 1
-            spans += batch.spans
-        elif outcome.invalid:
-            spool.reject(batch, outcome.reason)
-            rejected += 1
-        else:
-            spool.release(batch)
-            problem = outcome.reason
-            break
-    left = sum(1 for _ in spool.pending(endpoint))
+    try:
+        with contextlib.closing(spool.send(endpoint, lambda batch: sender.post(
+                batch.payload, batch.target, settings.timeout))) as sending:
+            for batch, outcome, aside in sending:
+                if outcome.delivered:
+                    sent += 1
+                    spans += batch.spans
+                elif aside is not None:
+                    rejected += 1
+                else:
+                    problem = outcome.reason
+        left = spool.survey(endpoint).for_endpoint
+    except SpoolRefused as error:
+        say(str(error))
+        return 1
+    except OSError as error:
+        say(f"cannot use the spool {spool.directory}: {error.strerror}")
+        return 1
+    unreadable = (f"; {spool.unreadable} files that were no readable batch set aside too "
+                  f"(first: {spool.unreadable_why})") if spool.unreadable else ""
     print(f"sent {sent} batches ({spans} spans) to {mask_url(endpoint)}; {rejected} rejected "
-          f"(set aside in {spool.rejected}); {left} left in {spool.directory}")
+          f"(set aside in {spool.rejected}){unreadable}; {left} left in {spool.directory}")
     if problem:
         say(f"stopped: {mask_url(endpoint)} did not take a batch ({problem})")
     return 1 if left else 0

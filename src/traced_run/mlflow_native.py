@@ -14,6 +14,7 @@ from typing import Any
 
 from traced_run import report
 from traced_run.settings import Settings
+from traced_run.transport import NO_TRACKING_URI
 
 
 class MlflowMissing(report.ConfigError):
@@ -22,9 +23,7 @@ class MlflowMissing(report.ConfigError):
 
 def install(settings: Settings) -> None:
     if not settings.tracking_uri:
-        raise report.ConfigError(
-            "no MLflow tracking URI: set MLFLOW_TRACKING_URI, --tracking-uri or tracking_uri"
-        )
+        raise report.ConfigError(NO_TRACKING_URI)
     try:
         import mlflow
         import mlflow.pydantic_ai

@@ -34,6 +34,7 @@ from traced_run.delivery import Delivery, DeliveryProcessor
 from traced_run.selection import PYDANTIC_AI_SCOPE, TraceSelection
 from traced_run.settings import Settings
 from traced_run.sources import load
+from traced_run.transport import NO_TRACKING_URI
 
 _installed = False
 _install_lock = threading.Lock()
@@ -79,9 +80,7 @@ def _instrument(settings: Settings, ratio: float) -> None:
     from pydantic_ai.models.instrumented import InstrumentationSettings
 
     if not settings.traces_endpoint:
-        raise report.ConfigError(
-            "no MLflow tracking URI: set MLFLOW_TRACKING_URI, --tracking-uri or tracking_uri"
-        )
+        raise report.ConfigError(NO_TRACKING_URI)
     delivery = Delivery(settings)
     options: dict[str, Any] = {
         "include_content": settings.include_content,

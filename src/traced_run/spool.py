@@ -1,38 +1,105 @@
 """The on-disk spool: batches MLflow did not take, kept for a later send.
 
-One file per batch: a JSON header line (where it goes, how many spans and
-traces) then the OTLP protobuf request body. Files are written whole under a
-temporary name and renamed, so a reader never sees half a batch; a process
-claims a file by renaming it before sending it, so two processes draining the
-same spool never send the same batch at once. The directory is the owner's
-only (0700, files 0600) and bounded in size: past the bound the oldest batches
-are removed, and counted. The process that wrote a removed batch counts it:
-while it runs, the remover leaves an empty ``.dropped`` file in the batch's
-place for it to find at exit; a batch of a process that has ended is counted by
-the remover. Batches MLflow rejected as invalid are moved aside to
+One file per batch: a JSON header line (where it goes, how many spans,
+traces and payload bytes) then the OTLP protobuf request body. Files are
+written whole under a temporary name and renamed, so a reader never sees half
+a batch; a process claims a file by renaming it before sending it, so two
+processes draining the same spool never send the same batch at once. The
+directory is the owner's only and bounded in size: past the bound the oldest
+batches are removed, and counted. The process that wrote a removed batch
+counts it: while it runs, the remover leaves an empty ``.dropped`` file in the
+batch's place for it to find at exit; a batch of a process that has ended is
+counted by the remover. Batches MLflow rejected as invalid are moved aside to
 ``rejected/`` with the reason beside them, for a person to inspect.
+
+The protocol (put, claim, done, release, reject, reclaim stale claims) and the
+file-name format are written here only; delivery, ``flush`` and the doctor
+use these methods.
+
+Whoever else can write to the spool could plant batches that this user's
+credentials then send, or symlinks that make a write land elsewhere. So every
+directory is opened without following a symlink and used only when it is
+this user's and writable by no one else (never ``chmod``-ed into shape: one
+line says why it is not used); every file is opened relative to it, without
+following symlinks and without blocking (a FIFO named like a batch would
+otherwise hold the reader for ever), and read only when it is a regular file
+whose header parses within ``HEADER_LIMIT`` with fields of the right types.
+A file that is not is set aside once, with the reason. Headers never hold
+credentials: the endpoint is stored without its ``user:password@``, and the
+sending process adds its own auth.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
+import stat
 import tempfile
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Generator, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from traced_run.settings import Settings
+from traced_run.transport import printable, without_userinfo
+
+if TYPE_CHECKING:
+    from traced_run.export import Outcome
 
 SUFFIX = ".otlp"
-CLAIMED = ".claimed"
-DROPPED = ".dropped"
 STALE_CLAIM_SECONDS = 300.0
 """A claim older than this was left by a process that died while sending."""
 HEADER_ROOM = 4096
 """More than a batch's header line takes (endpoint, experiment, run id, counts)."""
+HEADER_LIMIT = 65536
+"""The longest header line read; a longer one is not a batch of ours."""
+_NAME = re.compile(r"(?P<batch>(?P<time>\d{20})-(?P<writer>\d{1,10})-[0-9a-f]{8})"
+                   r"(?:(?P<otlp>\.otlp)(?:\.claimed-(?P<claimer>\d{1,10}))?|(?P<dropped>\.dropped)"
+                   r"|(?P<reason>\.reason\.txt))")
+"""``<time ns>-<writer pid>-<random>.otlp``, claimed: ``...otlp.claimed-<pid>``,
+removed by the bound while its writer runs: ``....dropped``, set aside: ``....reason.txt``."""
+_WRITING = ".writing-"
+_OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_OPEN_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_OPEN_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A name in the spool directory, parsed."""
+
+    batch: str
+    """The batch's name, unclaimed: what ``put`` returned for it."""
+    writer: int
+    claimer: int | None
+    kind: str
+    """``otlp`` (waiting or claimed), ``dropped`` or ``reason``."""
+
+
+def parse(name: str) -> Entry | None:
+    """What a directory entry is, or None when it is no file of the spool's."""
+    found = _NAME.fullmatch(name)
+    if found is None:
+        return None
+    claimer = found["claimer"]
+    kind = "otlp" if found["otlp"] else "dropped" if found["dropped"] else "reason"
+    return Entry(found["batch"] + SUFFIX, int(found["writer"]), int(claimer) if claimer else None, kind)
+
+
+def _claimed(batch: str) -> str:
+    return f"{batch}.claimed-{os.getpid()}"
+
+
+def _reason_of(batch: str) -> str:
+    return batch.removesuffix(SUFFIX) + ".reason.txt"
+
+
+def _dropped_of(batch: str) -> str:
+    return batch.removesuffix(SUFFIX) + ".dropped"
 
 
 @dataclass(frozen=True)
@@ -53,51 +120,159 @@ class Batch:
     traces: int
     payload: bytes
     path: Path
+    """Where it is now (claimed)."""
+    name: str
+    """Its name in the spool, unclaimed: what ``put`` returned for it."""
 
-    @property
-    def name(self) -> str:
-        """Its name in the spool, unclaimed: what ``put`` returned for it."""
-        return self.path.name.split(CLAIMED)[0]
+
+@dataclass(frozen=True)
+class Header:
+    target: Target
+    spans: int
+    traces: int
+    size: int | None
+    """Payload bytes; None in batches written before it was recorded."""
+
+
+@dataclass(frozen=True)
+class Survey:
+    """What the spool holds, read without changing it (the doctor's view)."""
+
+    batches: int = 0
+    spans: int = 0
+    for_endpoint: int = 0
+    unreadable: int = 0
+    """Files named like batches that are not (a FIFO, a symlink, a broken header ...)."""
+    first_unreadable: str = ""
+    rejected: int = 0
+
+
+class SpoolRefused(OSError):
+    """The spool directory is not safe to use; ``str()`` is the one line that says why."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.EPERM, message)
+
+    def __str__(self) -> str:
+        return str(self.strerror)
 
 
 def default_directory() -> Path:
     """Per user: $XDG_CACHE_HOME/traced-run/spool, else ~/.cache/..., else a
-    directory in the system temp dir named after the uid."""
+    private directory of this user's in the system temp dir (see ``_private_temp``)."""
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     if os.path.isabs(cache) and os.access(os.path.dirname(cache) or "/", os.W_OK | os.X_OK):
         return Path(cache) / "traced-run" / "spool"
-    return Path(tempfile.gettempdir()) / f"traced-run-{os.getuid()}" / "spool"
+    return _private_temp()
+
+
+def _private_temp() -> Path:
+    """A directory no one else can have made: a fixed name there could be made
+    first by another user, who would then read the batches, or plant some for
+    this user's credentials to send. So it is one made by ``mkdtemp`` (0700,
+    atomically) and found again by later processes as the first directory
+    named ``traced-run-<uid>-*`` that is this user's and private. When two
+    processes make one at once, both settle on the first by name."""
+    base = tempfile.gettempdir()
+    prefix = f"traced-run-{os.geteuid()}-"
+
+    def first() -> str | None:
+        for entry in sorted(os.listdir(base)):
+            if entry.startswith(prefix):
+                with contextlib.suppress(OSError):
+                    if _private(os.lstat(os.path.join(base, entry))):
+                        return entry
+        return None
+
+    found = first()
+    if found is None:
+        made = os.path.basename(tempfile.mkdtemp(prefix=prefix, dir=base))
+        found = first() or made
+        if found != made:
+            os.rmdir(os.path.join(base, made))
+    return Path(base) / found
+
+
+def _private(status: os.stat_result) -> bool:
+    return stat.S_ISDIR(status.st_mode) and status.st_uid == os.geteuid() and not status.st_mode & 0o077
 
 
 class Spool:
     @classmethod
     def of(cls, settings: Settings) -> Spool:
         """``spool_dir`` (or the per-user default), bounded by ``spool_max_mb``."""
-        directory = Path(settings.spool_dir) if settings.spool_dir else default_directory()
-        return cls(directory, settings.spool_max_mb * 1024 * 1024)
+        max_bytes = settings.spool_max_mb * 1024 * 1024
+        if settings.spool_dir:
+            return cls(Path(settings.spool_dir), max_bytes)
+        try:
+            return cls(default_directory(), max_bytes)
+        except OSError as error:
+            temp = Path(tempfile.gettempdir())
+            return cls(temp, max_bytes, f"no spool: HOME is not writable and no private directory could be "
+                       f"made in {temp} ({error.strerror}); set TRACED_RUN_SPOOL_DIR")
 
-    def __init__(self, directory: Path, max_bytes: int) -> None:
+    def __init__(self, directory: Path, max_bytes: int, unusable: str = "") -> None:
         self.directory = directory
+        self.unusable = unusable
+        """Why there is no directory to use at all (said instead of using one)."""
         self.max_bytes = max_bytes
         self.rejected = directory / "rejected"
+        self.unreadable = 0
+        """Files this process set aside because they were not batches it could read."""
+        self.unreadable_why = ""
 
-    def _ready(self) -> None:
-        for path in (self.directory, self.rejected):
-            path.mkdir(mode=0o700, parents=True, exist_ok=True)
-            os.chmod(path, 0o700)
+    # -- directories ------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _existing(self) -> Iterator[int | None]:
+        """The spool directory's descriptor, None when there is none yet;
+        every file operation goes through it."""
+        if self.unusable:
+            raise SpoolRefused(self.unusable)
+        with _closing(_open_dir(str(self.directory), None, self.directory)) as fd:
+            yield fd
+
+    @contextlib.contextmanager
+    def _made(self) -> Iterator[int]:
+        if self.unusable:
+            raise SpoolRefused(self.unusable)
+        os.makedirs(self.directory.parent, exist_ok=True)
+        with _closing(_make_dir(str(self.directory), None, self.directory)) as fd:
+            assert fd is not None
+            yield fd
+
+    @contextlib.contextmanager
+    def _made_rejected(self, spool: int) -> Iterator[int]:
+        with _closing(_make_dir("rejected", spool, self.rejected)) as fd:
+            assert fd is not None
+            yield fd
+
+    # -- writing ----------------------------------------------------------------------------
 
     def put(self, target: Target, spans: int, traces: int, payload: bytes) -> tuple[str | None, int]:
         """Keep a batch: its name (None when it alone is larger than the bound:
         writing it would remove every other batch, then itself), and how many
         spans of ended processes' batches the bound removed to make room."""
-        if len(_header_line(target, spans, traces)) + len(payload) > self.max_bytes:
+        if len(_header_line(target, spans, traces, payload)) + len(payload) > self.max_bytes:
             return None, 0
-        path = self._write(self.directory, target, spans, traces, payload)
-        return path.name, self._enforce_bound()
+        with self._made() as fd:
+            name = _new_name()
+            _write(fd, name, _header_line(target, spans, traces, payload) + payload)
+            return name, _enforce_bound(fd, self.max_bytes)
 
     def fits(self, size: int) -> bool:
         """Whether a batch of ``size`` bytes is well within the bound on its own."""
         return size + HEADER_ROOM <= self.max_bytes
+
+    def put_rejected(self, target: Target, spans: int, traces: int, payload: bytes, reason: str) -> Path:
+        """Set a batch MLflow refused as invalid aside, with the reason beside it."""
+        name = _new_name()
+        with self._made() as fd, self._made_rejected(fd) as aside:
+            _write(aside, name, _header_line(target, spans, traces, payload) + payload)
+            _write(aside, _reason_of(name), _reason_text(reason))
+        return self.rejected / name
+
+    # -- reading ----------------------------------------------------------------------------
 
     def fates(self, names: Collection[str]) -> tuple[set[str], set[str]]:
         """Of these batches, written by this process: those still waiting
@@ -106,161 +281,377 @@ class Spool:
         if not names:  # most processes: no need to read the directory at exit
             return set(), set()
         try:
-            entries = os.listdir(self.directory)
-        except FileNotFoundError:
-            return set(), set()
-        present = {entry.split(CLAIMED)[0] for entry in entries if SUFFIX in entry}
-        dropped = {entry.removesuffix(DROPPED) + SUFFIX for entry in entries if entry.endswith(DROPPED)}
-        waiting = present.intersection(names)
-        removed = dropped.intersection(names) - waiting
-        for name in removed:
-            (self.directory / name).with_suffix(DROPPED).unlink(missing_ok=True)
+            return self._fates(names)
+        except OSError:  # the directory went, or was swapped, since: the exit line must still come
+            return set(names), set()
+
+    def _fates(self, names: Collection[str]) -> tuple[set[str], set[str]]:
+        with self._existing() as fd:
+            if fd is None:
+                return set(), set()
+            entries = [e for e in map(parse, os.listdir(fd)) if e is not None]
+            present = {e.batch for e in entries if e.kind == "otlp"}
+            dropped = {e.batch for e in entries if e.kind == "dropped"}
+            waiting = present.intersection(names)
+            removed = dropped.intersection(names) - waiting
+            for name in removed:
+                _unlink(fd, _dropped_of(name))
         return waiting, removed
 
-    def put_rejected(self, target: Target, spans: int, traces: int, payload: bytes, reason: str) -> Path:
-        """Set a batch MLflow refused as invalid aside, with the reason beside it."""
-        aside = self._write(self.rejected, target, spans, traces, payload)
-        _write_reason(aside, reason)
-        return aside
-
-    def _write(self, directory: Path, target: Target, spans: int, traces: int, payload: bytes) -> Path:
-        self._ready()
-        header = _header_line(target, spans, traces)
-        path = directory / f"{time.time_ns():020d}-{os.getpid()}-{os.urandom(4).hex()}{SUFFIX}"
-        fd, temporary = tempfile.mkstemp(dir=directory, prefix=".writing-")
-        try:
-            with os.fdopen(fd, "wb") as stream:  # mkstemp creates it 0600
-                stream.write(header + payload)
-            os.replace(temporary, path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
-        return path
-
-    def _files(self) -> list[Path]:
-        try:
-            return sorted(p for p in self.directory.iterdir() if p.name.endswith(SUFFIX))
-        except FileNotFoundError:
-            return []
-
-    def _enforce_bound(self) -> int:
-        """Remove the oldest batches past the bound; the spans of ended processes' batches removed."""
-        files = self._files()
-        sizes = {path: _size(path) for path in files}
-        total = sum(sizes.values())
-        orphans = 0
-        for path in files:  # oldest first: names start with the time
-            if total <= self.max_bytes:
-                break
-            header = _header(path) or {}
-            writer = _writer(path.name)
-            # Marked before it goes, so its writer never finds it neither waiting nor removed.
-            mark = path.with_suffix(DROPPED) if writer is not None and _alive(writer) else None
-            if mark is not None:
-                mark.touch(mode=0o600)
-            try:
-                path.unlink()
-            except FileNotFoundError:  # claimed for a send meanwhile: not removed
-                if mark is not None:
-                    mark.unlink(missing_ok=True)
-                continue
-            total -= sizes[path]
-            if mark is None:
-                orphans += int(str(header.get("spans", 0)))
-        return orphans
-
-    def count(self) -> tuple[int, int]:
-        """Batches and spans waiting."""
-        batches = spans = 0
-        for path in self._files():
-            header = _header(path)
-            if header is not None:
+    def survey(self, endpoint: str) -> Survey:
+        """Batches and spans waiting, how many for ``endpoint``, unreadable
+        files, set-aside batches; changes nothing."""
+        with self._existing() as fd:
+            if fd is None:
+                return Survey()
+            batches = spans = here = unreadable = 0
+            first = ""
+            for name in _waiting(fd):
+                header = _read_header(fd, name, self.max_bytes)
+                if isinstance(header, str):
+                    unreadable += 1
+                    first = first or f"{name}: {header}"
+                    continue
                 batches += 1
-                spans += int(str(header.get("spans", 0)))
-        return batches, spans
-
-    def pending(self, endpoint: str) -> Iterator[tuple[Path, dict[str, object]]]:
-        """Unclaimed batches waiting for ``endpoint``, oldest first, with their headers."""
-        for path in self._files():
-            header = _header(path)
-            if header is not None and header.get("endpoint") == endpoint:
-                yield path, header
+                spans += header.spans
+                here += _same_endpoint(header.target.endpoint, endpoint)
+            rejected = 0
+            with _closing(_open_dir("rejected", fd, self.rejected)) as aside:
+                if aside is not None:
+                    entries = [parse(name) for name in os.listdir(aside)]
+                    rejected = sum(1 for e in entries if e is not None and e.kind == "otlp")
+        return Survey(batches, spans, here, unreadable, first, rejected)
 
     def claim(self, endpoint: str) -> Iterator[Batch]:
         """Oldest first, the batches for ``endpoint`` this process now holds;
-        each must then be ``done``, ``release``d or ``reject``ed."""
-        self._reclaim_stale()
-        for path, header in self.pending(endpoint):
-            claimed = path.with_name(f"{path.name}{CLAIMED}-{os.getpid()}")
-            try:
-                os.replace(path, claimed)
-            except FileNotFoundError:  # another process claimed it first
-                continue
-            try:
-                data = claimed.read_bytes()
-            except FileNotFoundError:
-                continue
-            _, _, payload = data.partition(b"\n")
-            target = Target(**{key: header.get(key) for key in Target.__dataclass_fields__})  # type: ignore[arg-type]
-            yield Batch(target, int(str(header.get("spans", 0))), int(str(header.get("traces", 0))), payload,
-                        claimed)
+        each must then be ``done``, ``release``d or ``reject``ed. The target's
+        endpoint is ``endpoint`` itself (with the credentials it may carry,
+        which the spool does not keep). Files that are not readable batches
+        are set aside on the way, and counted in ``unreadable``."""
+        with self._existing() as fd:
+            if fd is None:
+                return
+            _reclaim_stale(fd)
+            for name in _waiting(fd):
+                header = _read_header(fd, name, self.max_bytes)
+                if isinstance(header, str):
+                    self._set_aside_unreadable(fd, name, header)
+                    continue
+                if not _same_endpoint(header.target.endpoint, endpoint):
+                    continue
+                claimed = _claimed(name)
+                try:
+                    os.replace(name, claimed, src_dir_fd=fd, dst_dir_fd=fd)
+                except FileNotFoundError:  # another process claimed it first
+                    continue
+                read = _read(fd, claimed, self.max_bytes)
+                if isinstance(read, str):
+                    self._set_aside_unreadable(fd, claimed, read)
+                    continue
+                header, payload = read
+                target = Target(endpoint, header.target.experiment_id, header.target.experiment_name,
+                                header.target.run_id)
+                yield Batch(target, header.spans, header.traces, payload, self.directory / claimed, name)
+
+    def send(self, endpoint: str,
+             post: Callable[[Batch], Outcome]) -> Generator[tuple[Batch, Outcome, Path | None]]:
+        """The protocol every sender follows: claim the oldest batch for
+        ``endpoint``, ``post`` it, then remove it (taken), set it aside
+        (refused as invalid: where to, third) or give it back (not taken: the
+        last one, since the rest would fare the same now)."""
+        for batch in self.claim(endpoint):
+            outcome = post(batch)
+            aside = None
+            if outcome.delivered:
+                self.done(batch)
+            elif outcome.invalid:
+                aside = self.reject(batch, outcome.reason)
+            else:
+                self.release(batch)
+            yield batch, outcome, aside
+            if not outcome.delivered and not outcome.invalid:
+                return
+
+    def _set_aside_unreadable(self, fd: int, name: str, why: str) -> None:
+        """Moved, not read again: whatever it is (a FIFO, a symlink: a rename moves the link itself)."""
+        entry = parse(name)
+        assert entry is not None
+        with contextlib.suppress(FileNotFoundError), self._made_rejected(fd) as aside:
+            os.replace(name, entry.batch, src_dir_fd=fd, dst_dir_fd=aside)
+            _write(aside, _reason_of(entry.batch), _reason_text(f"not a readable spool batch: {why}"))
+            self.unreadable += 1
+            self.unreadable_why = self.unreadable_why or f"{entry.batch}: {why}"
 
     def done(self, batch: Batch) -> None:
-        batch.path.unlink(missing_ok=True)
+        with self._existing() as fd:
+            if fd is not None:
+                _unlink(fd, batch.path.name)
 
     def release(self, batch: Batch) -> None:
         """Give a claimed batch back: it could not be sent now."""
-        with contextlib.suppress(FileNotFoundError):
-            os.replace(batch.path, batch.path.with_name(batch.name))
+        with self._existing() as fd, contextlib.suppress(FileNotFoundError):
+            if fd is not None:
+                os.replace(batch.path.name, batch.name, src_dir_fd=fd, dst_dir_fd=fd)
 
     def reject(self, batch: Batch, reason: str) -> Path:
         """Move a claimed batch MLflow refused as invalid aside, with the reason beside it."""
-        self._ready()
-        aside = self.rejected / batch.name
-        os.replace(batch.path, aside)
-        _write_reason(aside, reason)
-        return aside
+        with self._made() as fd, self._made_rejected(fd) as aside:
+            os.replace(batch.path.name, batch.name, src_dir_fd=fd, dst_dir_fd=aside)
+            _write(aside, _reason_of(batch.name), _reason_text(reason))
+        return self.rejected / batch.name
 
-    def _reclaim_stale(self) -> None:
+
+def _waiting(fd: int) -> list[str]:
+    """Unclaimed batches, oldest first."""
+    found = (parse(name) for name in os.listdir(fd))
+    return sorted(e.batch for e in found if e is not None and e.kind == "otlp" and e.claimer is None)
+
+
+def _enforce_bound(fd: int, max_bytes: int) -> int:
+    """Remove the oldest batches past the bound; the spans of ended processes' batches removed."""
+    sizes = {name: _regular_size(fd, name) for name in _waiting(fd)}
+    total = sum(sizes.values())
+    orphans = 0
+    for name, size in sizes.items():  # oldest first: names start with the time
+        if total <= max_bytes:
+            break
+        entry = parse(name)
+        assert entry is not None
+        header = _read_header(fd, name, max_bytes)
+        # Marked before it goes, so its writer never finds it neither waiting nor removed.
+        mark = _dropped_of(name) if _alive(entry.writer) else None
+        if mark is not None:
+            os.close(os.open(mark, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                             dir_fd=fd))
         try:
-            entries = list(self.directory.iterdir())
+            os.unlink(name, dir_fd=fd)
+        except FileNotFoundError:  # claimed for a send meanwhile: not removed
+            if mark is not None:
+                _unlink(fd, mark)
+            continue
+        total -= size
+        if mark is None and isinstance(header, Header):
+            orphans += header.spans
+    return orphans
+
+
+def _reclaim_stale(fd: int) -> None:
+    """Give back the claims of processes that died while sending; remove
+    the marks and half-written files of processes that ended."""
+    now = time.time()
+    for name in os.listdir(fd):
+        if name.startswith(_WRITING):
+            with contextlib.suppress(OSError):
+                if now - os.stat(name, dir_fd=fd, follow_symlinks=False).st_mtime > STALE_CLAIM_SECONDS:
+                    _unlink(fd, name)
+            continue
+        entry = parse(name)
+        if entry is None:
+            continue
+        if entry.kind == "dropped" and not _alive(entry.writer):  # its writer ended without looking
+            _unlink(fd, name)
+        if entry.claimer is None:
+            continue
+        try:
+            stale = now - os.stat(name, dir_fd=fd, follow_symlinks=False).st_mtime > STALE_CLAIM_SECONDS
         except FileNotFoundError:
-            return
-        now = time.time()
-        for path in entries:
-            if path.name.endswith(DROPPED):
-                writer = _writer(path.name)
-                if writer is None or not _alive(writer):  # its writer ended without looking
-                    path.unlink(missing_ok=True)
-                continue
-            if CLAIMED not in path.name:
-                continue
-            pid = path.name.rsplit("-", 1)[-1]
-            alive = pid.isdigit() and _alive(int(pid))
-            try:
-                stale = now - path.stat().st_mtime > STALE_CLAIM_SECONDS
-            except FileNotFoundError:
-                continue
-            if not alive or stale:
-                with contextlib.suppress(FileNotFoundError):
-                    os.replace(path, path.with_name(path.name.split(CLAIMED)[0]))
+            continue
+        if stale or not _alive(entry.claimer):
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(name, entry.batch, src_dir_fd=fd, dst_dir_fd=fd)
 
 
-def _header_line(target: Target, spans: int, traces: int) -> bytes:
-    return json.dumps({**asdict(target), "spans": spans, "traces": traces}).encode() + b"\n"
+@contextlib.contextmanager
+def _closing(fd: int | None) -> Iterator[int | None]:
+    try:
+        yield fd
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
-def _writer(name: str) -> int | None:
-    """The pid of the process that wrote a batch: names are ``<time>-<pid>-<random>``."""
-    parts = name.split("-")
-    return int(parts[1]) if len(parts) > 2 and parts[1].isdigit() else None
+def _make_dir(name: str, parent: int | None, shown: Path) -> int | None:
+    """``_open_dir``, making the directory (0700) when missing."""
+    try:
+        os.mkdir(name, 0o700, dir_fd=parent)
+    except FileExistsError:
+        return _open_dir(name, parent, shown)
+    fd = _open_dir(name, parent, shown, made=True)
+    if fd is None:
+        raise FileNotFoundError(errno.ENOENT, "removed while it was made", str(shown))
+    return fd
 
 
-def _write_reason(batch: Path, reason: str) -> None:
-    path = batch.with_suffix(".reason.txt")
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as stream:
-        stream.write(reason + "\n")
+def _open_dir(name: str, parent: int | None, shown: Path, made: bool = False) -> int | None:
+    """``name`` (under ``parent``) opened as a directory without following a
+    symlink, when it is this user's and no one else may write to it; None when
+    it does not exist. One it did not just make is never changed."""
+    try:
+        fd = os.open(name, _OPEN_DIR, dir_fd=parent)
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        if error.errno not in (errno.ELOOP, errno.ENOTDIR):
+            raise
+        link = stat.S_ISLNK(os.stat(name, dir_fd=parent, follow_symlinks=False).st_mode)
+        raise _refused(shown, "is a symbolic link" if link else "is not a directory") from None
+    try:
+        status = os.fstat(fd)
+        if made and stat.S_IMODE(status.st_mode) != 0o700:  # the umask took bits we need
+            os.fchmod(fd, 0o700)
+        elif status.st_uid != os.geteuid():
+            raise _refused(shown, f"belongs to uid {status.st_uid}, not to this user (uid {os.geteuid()})")
+        elif status.st_mode & 0o022:
+            raise _refused(shown, f"may be written by other users (mode {stat.S_IMODE(status.st_mode):04o})")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _refused(directory: Path, why: str) -> SpoolRefused:
+    return SpoolRefused(f"spool directory {directory} {why}: not used, nothing is read from it or "
+                        "written to it (set TRACED_RUN_SPOOL_DIR to a directory only you can write to)")
+
+
+def _new_name() -> str:
+    return f"{time.time_ns():020d}-{os.getpid()}-{os.urandom(4).hex()}{SUFFIX}"
+
+
+def _write(fd: int, name: str, data: bytes) -> None:
+    """Write ``name`` in directory ``fd`` whole (0600): a new file, renamed over any old one."""
+    temporary = f"{_WRITING}{os.urandom(6).hex()}"
+    out = os.open(temporary, _OPEN_NEW, 0o600, dir_fd=fd)
+    try:
+        with os.fdopen(out, "wb") as stream:
+            stream.write(data)
+        os.replace(temporary, name, src_dir_fd=fd, dst_dir_fd=fd)
+    except BaseException:
+        _unlink(fd, temporary)
+        raise
+
+
+def _unlink(fd: int, name: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(name, dir_fd=fd)
+
+
+def _header_line(target: Target, spans: int, traces: int, payload: bytes) -> bytes:
+    fields = {**asdict(target), "endpoint": without_userinfo(target.endpoint)}
+    return json.dumps({**fields, "spans": spans, "traces": traces, "bytes": len(payload)}).encode() + b"\n"
+
+
+def _reason_text(reason: str) -> bytes:
+    return (printable(reason) + "\n").encode()
+
+
+def _same_endpoint(stored: str, endpoint: str) -> bool:
+    return without_userinfo(stored) == without_userinfo(endpoint)
+
+
+def _regular_size(fd: int, name: str) -> int:
+    try:
+        status = os.stat(name, dir_fd=fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return 0
+    return status.st_size if stat.S_ISREG(status.st_mode) else 0
+
+
+@contextlib.contextmanager
+def _opened(fd: int, name: str, max_bytes: int) -> Iterator[tuple[int, int] | str]:
+    """A regular file of this user's in directory ``fd``, open for reading
+    (descriptor and size), or why it cannot be a batch."""
+    try:
+        before = os.stat(name, dir_fd=fd, follow_symlinks=False)
+    except FileNotFoundError:
+        yield "gone"
+        return
+    if not stat.S_ISREG(before.st_mode):
+        yield "a symbolic link" if stat.S_ISLNK(before.st_mode) else "not a regular file"
+        return
+    try:
+        stream = os.open(name, _OPEN_READ, dir_fd=fd)
+    except OSError as error:
+        yield printable(str(error.strerror)).lower()
+        return
+    try:
+        status = os.fstat(stream)
+        if not stat.S_ISREG(status.st_mode) or status.st_ino != before.st_ino:
+            yield "replaced while it was read"
+        elif status.st_uid != os.geteuid():
+            yield f"belongs to uid {status.st_uid}"
+        elif status.st_size == 0:
+            yield "empty"
+        elif status.st_size > max_bytes + HEADER_LIMIT:
+            yield f"{status.st_size} bytes, more than the spool holds"
+        else:
+            yield stream, status.st_size
+    finally:
+        os.close(stream)
+
+
+def _read_header(fd: int, name: str, max_bytes: int) -> Header | str:
+    with _opened(fd, name, max_bytes) as opened:
+        if isinstance(opened, str):
+            return opened
+        stream, size = opened
+        start = os.read(stream, HEADER_LIMIT)
+        line, newline, _ = start.partition(b"\n")
+        if not newline:
+            return "no header line (truncated, or not a batch)"
+        header = _parse_header(line)
+        if isinstance(header, Header) and header.size is not None and size - len(line) - 1 != header.size:
+            return f"truncated: {size - len(line) - 1} of {header.size} payload bytes"
+        return header
+
+
+def _read(fd: int, name: str, max_bytes: int) -> tuple[Header, bytes] | str:
+    with _opened(fd, name, max_bytes) as opened:
+        if isinstance(opened, str):
+            return opened
+        stream, size = opened
+        chunks = []
+        left = size
+        while left > 0:
+            chunk = os.read(stream, left)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        line, newline, payload = b"".join(chunks).partition(b"\n")
+        header = _parse_header(line) if newline else "no header line (truncated, or not a batch)"
+        if isinstance(header, str):
+            return header
+        if header.size is not None and len(payload) != header.size:
+            return f"truncated: {len(payload)} of {header.size} payload bytes"
+        return header, payload
+
+
+def _parse_header(line: bytes) -> Header | str:
+    """The header, when every field has its type; else what is wrong, printable."""
+    try:
+        found = json.loads(line)
+    except (ValueError, RecursionError):
+        return "its header is not JSON"
+    if not isinstance(found, dict):
+        return "its header is not a JSON object"
+    texts = {}
+    for key in ("endpoint", "experiment_id", "experiment_name", "run_id"):
+        value = found.get(key)
+        if value is not None and (not isinstance(value, str) or printable(value) != value):
+            return f"header field {key!r} is not a one-line string"
+        texts[key] = value
+    if not texts["endpoint"]:
+        return "its header names no endpoint"
+    numbers = {}
+    for key in ("spans", "traces", "bytes"):
+        value = found.get(key, 0 if key != "bytes" else None)
+        if value is not None and (type(value) is not int or value < 0):
+            return f"header field {key!r} is not a count"
+        numbers[key] = value
+    target = Target(texts["endpoint"] or "", texts["experiment_id"], texts["experiment_name"],
+                    texts["run_id"])
+    return Header(target, numbers["spans"] or 0, numbers["traces"] or 0, numbers["bytes"])
 
 
 def _alive(pid: int) -> bool:
@@ -270,23 +661,6 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
+    except (PermissionError, OverflowError):
         return True
     return True
-
-
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except FileNotFoundError:
-        return 0
-
-
-def _header(path: Path) -> dict[str, object] | None:
-    try:
-        with open(path, "rb") as stream:
-            line = stream.readline(65536)
-        header = json.loads(line)
-    except (OSError, ValueError):
-        return None
-    return header if isinstance(header, dict) and "endpoint" in header else None
