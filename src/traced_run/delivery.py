@@ -36,7 +36,7 @@ from opentelemetry.context import Context
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 
 from traced_run import report
-from traced_run.report import mask_url
+from traced_run.report import counted, mask_url
 from traced_run.settings import Settings
 from traced_run.spool import Spool, SpoolRefused, Target
 
@@ -405,7 +405,8 @@ class Delivery:
             if self._closing:
                 return
             self._rejected_told += spans
-        report.say(f"MLflow rejected a batch of {spans} spans ({outcome.reason}); set aside in {aside}")
+        report.say(f"MLflow rejected a batch of {counted(spans, 'span')} ({outcome.reason}); "
+                   f"set aside in {aside}")
 
     def _send_spooled_one(self) -> bool:
         """Send one spooled batch, if MLflow is taking batches; the queue keeps
@@ -516,26 +517,31 @@ class Delivery:
         why = self.problem or f"the queue ran past half of queue_size={self._settings.queue_size}"
         parts = []
         if kept:
-            parts.append(f"{kept} spans of {traces} traces not delivered to {where} ({why}): kept in "
+            parts.append(f"{counted(kept, 'span')} of {counted(traces, 'trace')} not delivered to {where} "
+                         f"({why}): kept in "
                          f"{self.spool.directory}; the next traced process or `traced-run flush` sends them")
         elif sent_later and not self._outage_told:
-            parts.append(f"{sent_later} spans were spooled while {where} was unreachable ({why}) and "
+            parts.append(f"{counted(sent_later, 'span')} were spooled while {where} was unreachable "
+                         f"({why}) and "
                          f"sent later")
         if self.rejected > self._rejected_told:
             statuses = ", ".join(str(status) for status in sorted(self._statuses))
-            parts.append(f"{self.rejected - self._rejected_told} spans rejected by MLflow (HTTP {statuses}), "
+            parts.append(f"{counted(self.rejected - self._rejected_told, 'span')} rejected by MLflow "
+                         f"(HTTP {statuses}), "
                          f"set aside in {self.spool.rejected}")
         if self.dropped or over_spool:
             causes = [f"queue_size={self._settings.queue_size} full"] if self.dropped else []
             causes += [f"spool over spool_max_mb={self._settings.spool_max_mb}"] if over_spool else []
-            parts.append(f"{self.dropped + over_spool} spans dropped ({', '.join(causes)})")
+            parts.append(f"{counted(self.dropped + over_spool, 'span')} dropped ({', '.join(causes)})")
         if self._orphans_dropped:
-            parts.append(f"{self._orphans_dropped} spans that ended processes had spooled were dropped "
+            parts.append(f"{counted(self._orphans_dropped, 'span')} that ended processes had spooled "
+                         f"were dropped "
                          f"(spool over spool_max_mb={self._settings.spool_max_mb})")
         if self.lost:
-            parts.append(f"{self.lost} spans lost ({self.problem})")
+            parts.append(f"{counted(self.lost, 'span')} lost ({self.problem})")
         if unwritten:
-            parts.append(f"{unwritten} spans may be lost (exit_timeout={self._settings.exit_timeout:g}s ran "
+            parts.append(f"{counted(unwritten, 'span')} may be lost "
+                         f"(exit_timeout={self._settings.exit_timeout:g}s ran "
                          f"out while they were written to the spool)")
         if parts:
             report.say("; ".join(parts))

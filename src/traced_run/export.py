@@ -43,9 +43,9 @@ def target_of(settings: Settings) -> Target:
     """Where this process's batches go, known without asking MLflow."""
     endpoint = settings.traces_endpoint or ""
     if settings.experiment_name and not settings.experiment_id:
-        return Target(endpoint, None, settings.experiment_name, settings.run_id)
+        return Target(endpoint, None, settings.experiment_name, settings.run_id, settings.workspace)
     return Target(endpoint, settings.experiment_id or mlflow_api.DEFAULT_EXPERIMENT_ID, None,
-                  settings.run_id)
+                  settings.run_id, settings.workspace)
 
 
 def encode(spans: Sequence[ReadableSpan], settings: Settings) -> bytes:
@@ -58,16 +58,17 @@ class Sender:
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
-        self._experiments: dict[str, str] = {}
+        self._experiments: dict[tuple[str | None, str], str] = {}
 
     def resolve(self, target: Target) -> str:
-        """The experiment id for ``target``; raises MlflowError when MLflow cannot say."""
+        """The experiment id for ``target`` (in its workspace); raises MlflowError when
+        MLflow cannot say."""
         if target.experiment_id is not None:
             return target.experiment_id
-        name = target.experiment_name or ""
-        if name not in self._experiments:
-            self._experiments[name] = mlflow_api.experiment_id(self._settings, name)
-        return self._experiments[name]
+        key = (target.workspace, target.experiment_name or "")
+        if key not in self._experiments:
+            self._experiments[key] = mlflow_api.experiment_id(self._settings, key[1], target.workspace)
+        return self._experiments[key]
 
     def post(self, payload: bytes, target: Target, timeout: float) -> Outcome:
         """One attempt; any other answer than 2xx (a redirect too) is a failure the Outcome names."""
@@ -77,7 +78,10 @@ class Sender:
             return Outcome(False, False, error.reason)
         except mlflow_api.MlflowError as error:
             return Outcome(False, False, str(error))
-        answer = post_otlp(self._settings, target.endpoint, payload, experiment_id, target.run_id, timeout)
+        answer = post_otlp(self._settings, target.endpoint, payload, experiment_id, target.run_id,
+                           target.workspace, timeout)
         if answer.ok:
             return DELIVERED
-        return Outcome(False, answer.status in INVALID, answer.problem, answer.status)
+        # A workspace that does not exist (yet) is the settings' fault, not the batch's: it waits.
+        invalid = answer.status in INVALID and not answer.missing_workspace
+        return Outcome(False, invalid, answer.problem, answer.status)

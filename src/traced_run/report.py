@@ -50,6 +50,11 @@ def printable(text: str) -> str:
     return CONTROL.sub(lambda found: f"\\x{ord(found[0]):02x}", " ".join(text.split()))
 
 
+def counted(number: int, noun: str) -> str:
+    """``1 trace``, ``2 traces``: a count as a user reads it (nouns of ours take an s)."""
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
+
+
 def say(message: str) -> None:
     """Write ``traced-run: <message>`` to stderr once per process, URL credentials
     masked and control characters escaped."""

@@ -111,6 +111,8 @@ class Target:
     experiment_name: str | None
     """Kept as a name when MLflow could not be asked yet; resolved when sent."""
     run_id: str | None
+    workspace: str | None = None
+    """The MLflow workspace the batch was written for; it goes there whoever sends it."""
 
 
 @dataclass(frozen=True)
@@ -350,7 +352,7 @@ class Spool:
                     continue
                 header, payload = read
                 target = Target(endpoint, header.target.experiment_id, header.target.experiment_name,
-                                header.target.run_id)
+                                header.target.run_id, header.target.workspace)
                 yield Batch(target, header.spans, header.traces, payload, self.directory / claimed, name)
 
     def send(self, endpoint: str,
@@ -636,7 +638,7 @@ def _parse_header(line: bytes) -> Header | str:
     if not isinstance(found, dict):
         return "its header is not a JSON object"
     texts = {}
-    for key in ("endpoint", "experiment_id", "experiment_name", "run_id"):
+    for key in ("endpoint", "experiment_id", "experiment_name", "run_id", "workspace"):
         value = found.get(key)
         if value is not None and (not isinstance(value, str) or printable(value) != value):
             return f"header field {key!r} is not a one-line string"
@@ -650,7 +652,7 @@ def _parse_header(line: bytes) -> Header | str:
             return f"header field {key!r} is not a count"
         numbers[key] = value
     target = Target(texts["endpoint"] or "", texts["experiment_id"], texts["experiment_name"],
-                    texts["run_id"])
+                    texts["run_id"], texts["workspace"])
     return Header(target, numbers["spans"] or 0, numbers["traces"] or 0, numbers["bytes"])
 
 
