@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import AGENT_APP, TRACED_RUN, MlflowServer, clean_env
+from conftest import AGENT_APP, TRACED_RUN, MlflowServer, clean_env, poll
 from realservers import (
+    AuthMlflow,
+    WorkspaceMlflow,
     auth_mlflow,
     connect_proxy,
     https_mlflow,
@@ -211,3 +213,133 @@ def test_no_proxy_covering_the_host_goes_direct(
     assert connect_proxy.targets == []
     _, found, _ = doctor(tmp_path, env, "--no-trace")
     assert "proxy" not in found
+
+
+# -- authentication: the real basic-auth server -------------------------------------------------
+
+def test_right_credentials_create_the_experiment_and_the_trace_arrives(
+        tmp_path: Path, auth_mlflow: AuthMlflow) -> None:
+    user, password = auth_mlflow.user()
+    name = new_name()
+    env = env_for(auth_mlflow.url, tmp_path, experiment=name, MLFLOW_TRACKING_USERNAME=user,
+                  MLFLOW_TRACKING_PASSWORD=password)
+    done = run_app(tmp_path, env)
+    assert done.returncode == 0 and traced_lines(done.stderr.encode()) == [], done.stderr
+    experiment_id = poll(lambda: auth_mlflow.experiment_id(name), timeout=30, what="the experiment")
+    assert len(poll(lambda: auth_mlflow.traces(experiment_id), timeout=30, what="the trace")) == 1
+    status, found, _ = doctor(tmp_path, env)
+    assert status == 0, found
+    assert found["auth"] == ("OK", f"accepted (user {user!r})")
+
+
+@pytest.mark.parametrize("case", ["wrong password", "unknown user", "bearer token"])
+def test_credentials_mlflow_does_not_accept_are_named_as_the_fix(
+        case: str, tmp_path: Path, auth_mlflow: AuthMlflow) -> None:
+    user, _ = auth_mlflow.user()
+    credentials = {"wrong password": {"MLFLOW_TRACKING_USERNAME": user,
+                                      "MLFLOW_TRACKING_PASSWORD": "wrong-pw"},
+                   "unknown user": {"MLFLOW_TRACKING_USERNAME": "ghost", "MLFLOW_TRACKING_PASSWORD": "x"},
+                   # basic-auth checks only Basic: a token is refused as no credentials at all.
+                   "bearer token": {"MLFLOW_TRACKING_TOKEN": "a-token"}}[case]
+    who = {"wrong password": f"user {user!r}", "unknown user": "user 'ghost'",
+           "bearer token": "a bearer token"}
+    name = new_name()
+    env = env_for(auth_mlflow.url, tmp_path, experiment=name, **credentials)
+    line = exit_line(run_app(tmp_path, env))
+    assert (f"not delivered to {auth_mlflow.url}/v1/traces (HTTP 401: MLflow did not accept the credentials "
+            f"({who[case]}); set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or "
+            "MLFLOW_TRACKING_TOKEN)"
+            ) in line, line
+    assert "wrong-pw" not in line and "a-token" not in line
+    status, found, _ = doctor(tmp_path, env)
+    assert status == 1
+    assert found["auth"] == ("FAIL", f"/version: MLflow did not accept the credentials ({who[case]}): "
+                                     "HTTP 401 "
+                                     "— set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or "
+                                     "MLFLOW_TRACKING_TOKEN)")
+    assert "mlflow version" not in found  # not "is MLFLOW_TRACKING_URI an MLflow tracking server?"
+    assert auth_mlflow.experiment_id(name) is None
+
+
+def test_a_user_without_permission_on_the_experiment_gets_mlflow_s_403_named(
+        tmp_path: Path, auth_mlflow: AuthMlflow) -> None:
+    user, password = auth_mlflow.user()
+    experiment_id = auth_mlflow.experiment(new_name())  # the admin's: others may read it, not write
+    env = env_for(auth_mlflow.url, tmp_path, MLFLOW_EXPERIMENT_ID=experiment_id,
+                  MLFLOW_TRACKING_USERNAME=user, MLFLOW_TRACKING_PASSWORD=password)
+    line = exit_line(run_app(tmp_path, env))
+    assert (f"(HTTP 403 Permission denied: user {user!r} has no permission for this (MLflow's answer); "
+            "ask an "
+            "MLflow admin for EDIT permission on the experiment") in line, line
+    status, found, _ = doctor(tmp_path, env)
+    assert status == 1
+    assert found["auth"][0] == "FAIL"
+    assert found["auth"][1].startswith(f"{auth_mlflow.url}/v1/traces: user {user!r} has no permission "
+                                       "(HTTP 403 "
+                                       "Permission denied) — ask an MLflow admin for EDIT permission")
+    assert auth_mlflow.traces(experiment_id) == []
+
+
+# -- workspaces: the real mlflow server --enable-workspaces --------------------------------------
+
+def test_the_workspace_gets_the_experiment_and_the_trace_not_default(
+        tmp_path: Path, workspace_mlflow: WorkspaceMlflow) -> None:
+    name = new_name()
+    env = env_for(workspace_mlflow.url, tmp_path, experiment=name, MLFLOW_WORKSPACE="team-a")
+    done = run_app(tmp_path, env)
+    assert done.returncode == 0 and traced_lines(done.stderr.encode()) == [], done.stderr
+    experiment_id = poll(lambda: workspace_mlflow.experiment_id(name), timeout=30, what="the experiment")
+    assert len(poll(lambda: workspace_mlflow.traces(experiment_id), timeout=30, what="the trace")) == 1
+    assert workspace_mlflow.experiment_id(name, "default") is None
+    status, found, _ = doctor(tmp_path, env)
+    assert status == 0, found
+    assert found["workspace"] == ("OK", "'team-a' exists: the experiment and traces go there "
+                                        "(X-MLFLOW-WORKSPACE)")
+
+
+def test_an_unknown_workspace_is_a_clear_error_never_default(
+        tmp_path: Path, workspace_mlflow: WorkspaceMlflow) -> None:
+    name = new_name()
+    env = env_for(workspace_mlflow.url, tmp_path, experiment=name, MLFLOW_WORKSPACE="team-nope")
+    line = exit_line(run_app(tmp_path, env))
+    assert ("(HTTP 404: Workspace 'team-nope' not found on MLflow; create it (mlflow.create_workspace) or "
+            "set "
+            "MLFLOW_WORKSPACE to a workspace that exists") in line, line
+    assert "kept in" in line  # not set aside: the batch waits for the workspace
+    assert workspace_mlflow.experiment_id(name, "default") is None
+    status, found, _ = doctor(tmp_path, env)
+    assert status == 1
+    assert found["workspace"] == ("FAIL", f"'team-nope' does not exist on {workspace_mlflow.url} — create it "
+                                          "(mlflow.create_workspace) or set MLFLOW_WORKSPACE to an existing "
+                                          "workspace")
+
+
+def test_a_spooled_batch_keeps_its_workspace(tmp_path: Path, workspace_mlflow: WorkspaceMlflow) -> None:
+    from faultproxy import fault_proxy
+
+    name = new_name()
+    with fault_proxy(workspace_mlflow.url) as proxy:
+        proxy.mode = "refuse"
+        env = env_for(proxy.url, tmp_path, experiment=name, MLFLOW_WORKSPACE="team-a")
+        assert "kept in" in exit_line(run_app(tmp_path, env))
+        proxy.mode = "forward"
+        del env["MLFLOW_WORKSPACE"]
+        sent = flush(tmp_path, env)
+        assert sent.returncode == 0, sent.stdout + sent.stderr
+    experiment_id = poll(lambda: workspace_mlflow.experiment_id(name), timeout=30, what="the experiment")
+    assert len(poll(lambda: workspace_mlflow.traces(experiment_id), timeout=30, what="the trace")) == 1
+    assert workspace_mlflow.experiment_id(name, "default") is None
+
+
+def test_a_workspace_against_mlflow_without_workspaces_is_a_clear_error(
+        tmp_path: Path, mlflow_server: MlflowServer) -> None:
+    env = env_for(mlflow_server.url, tmp_path, experiment=new_name(), MLFLOW_WORKSPACE="team-a")
+    status, found, _ = doctor(tmp_path, env, "--no-trace")
+    assert status == 1
+    assert found["workspace"] == ("FAIL", f"MLFLOW_WORKSPACE=team-a is set, but {mlflow_server.url} has no "
+                                          "workspaces (HTTP 500 FEATURE_DISABLED) — unset MLFLOW_WORKSPACE, "
+                                          "or "
+                                          "start mlflow server with --enable-workspaces")
+    line = exit_line(run_app(tmp_path, env))
+    assert ("this MLflow has no workspaces, and MLFLOW_WORKSPACE is set; unset MLFLOW_WORKSPACE, or start "
+            "mlflow server with --enable-workspaces") in line, line

@@ -258,11 +258,17 @@ class MlflowChecks:
         return False
 
     def workspace_missing(self, answer: Answer) -> bool:
-        if not answer.missing_workspace:
-            return False
-        self.found.add(FAIL, "workspace", f"{self.settings.workspace!r} does not exist on {self.shown}",
-                       "create it (mlflow.create_workspace) or set MLFLOW_WORKSPACE to an existing workspace")
-        return True
+        if answer.missing_workspace:
+            self.found.add(FAIL, "workspace", f"{self.settings.workspace!r} does not exist on {self.shown}",
+                           "create it (mlflow.create_workspace) or set MLFLOW_WORKSPACE to an existing "
+                           "workspace")
+            return True
+        if answer.workspaces_off:
+            self.found.add(FAIL, "workspace", f"MLFLOW_WORKSPACE={self.settings.workspace} is set, but "
+                           f"{self.shown} has no workspaces (HTTP {answer.status} FEATURE_DISABLED)",
+                           "unset MLFLOW_WORKSPACE, or start mlflow server with --enable-workspaces")
+            return True
+        return False
 
     def reachable(self) -> bool:
         answer = self.request(self.base + "/health")

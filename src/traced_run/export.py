@@ -83,5 +83,5 @@ class Sender:
         if answer.ok:
             return DELIVERED
         # A workspace that does not exist (yet) is the settings' fault, not the batch's: it waits.
-        invalid = answer.status in INVALID and not answer.missing_workspace
+        invalid = answer.status in INVALID and not answer.wrong_workspace
         return Outcome(False, invalid, answer.problem, answer.status)

@@ -44,7 +44,7 @@ def _call(settings: Settings, method: str, path: str, body: dict[str, Any] | Non
     if answer.status is None:
         raise MlflowUnreachable(mask_url(transport.without_userinfo(settings.tracking_uri or "")),
                                 answer.problem)
-    if answer.missing_workspace:
+    if answer.wrong_workspace:
         # Every route answers so, the experiment lookup with RESOURCE_DOES_NOT_EXIST: never a
         # reason to create the experiment, nor to fall back to the default workspace.
         raise MlflowError(answer.problem)

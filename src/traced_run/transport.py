@@ -103,6 +103,16 @@ class Answer:
         every route answers 404 then, the OTLP one too."""
         return self.status == 404 and b"Workspace '" in self.body and b"not found" in self.body
 
+    @property
+    def workspaces_off(self) -> bool:
+        """MLflow without --enable-workspaces was sent an X-MLFLOW-WORKSPACE: every route answers 500."""
+        return self.error_code() == "FEATURE_DISABLED" and b"workspaces are not enabled" in self.body
+
+    @property
+    def wrong_workspace(self) -> bool:
+        """The workspace setting, not the request, is what is wrong."""
+        return self.missing_workspace or self.workspaces_off
+
 
 def who(settings: Settings) -> str:
     """The credentials sent, as a message names them (never their secret)."""
@@ -234,8 +244,11 @@ def _with_fix(found: Answer, problem: str, settings: Settings) -> str:
     if found.missing_workspace:
         workspace = printable(str(found.json().get("message", "")))[:120] or "the workspace"
         return (f"HTTP 404: {workspace} on MLflow; create it (mlflow.create_workspace) or set "
-                "MLFLOW_WORKSPACE "
-                "to a workspace that exists")
+                "MLFLOW_WORKSPACE to a workspace that exists")
+    if found.workspaces_off:
+        return (f"HTTP {found.status} FEATURE_DISABLED: this MLflow has no workspaces, and "
+                "MLFLOW_WORKSPACE is set; unset MLFLOW_WORKSPACE, or start mlflow server with "
+                "--enable-workspaces")
     return problem
 
 
