@@ -403,7 +403,7 @@ def test_a_batch_sent_twice_is_stored_once(app: App, proxy: FaultProxy) -> None:
         shutil.copy2(batch, copies / batch.name)
 
     proxy.mode = "forward"
-    sent = f"sent {len(batches)} batches ({RUN_SPANS} spans)"
+    sent = f"sent {len(batches)} {'batch' if len(batches) == 1 else 'batches'} ({RUN_SPANS} spans)"
     assert flush(app, proxied_env(app, proxy)).startswith(sent)
     assert spooled(spool) == []
     (first,) = wait_runs(app.server, app.experiment, "twice", 1)

@@ -8,13 +8,16 @@ the doctor's lines, traces in MLflow) is what is asserted."""
 
 from __future__ import annotations
 
+import os
+import socket
 import subprocess
+import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import AGENT_APP, TRACED_RUN, MlflowServer, clean_env, poll
+from conftest import AGENT_APP, TRACED_RUN, MlflowServer, clean_env, free_port, poll
 from realservers import (
     AuthMlflow,
     WorkspaceMlflow,
@@ -343,3 +346,84 @@ def test_a_workspace_against_mlflow_without_workspaces_is_a_clear_error(
     line = exit_line(run_app(tmp_path, env))
     assert ("this MLflow has no workspaces, and MLFLOW_WORKSPACE is set; unset MLFLOW_WORKSPACE, or start "
             "mlflow server with --enable-workspaces") in line, line
+
+
+# -- spool hygiene -----------------------------------------------------------------------------
+
+def spool_files(directory: Path) -> list[Path]:
+    return sorted((directory / "spool").glob("*.otlp"))
+
+
+def spooled_for_a_wrong_uri(directory: Path, name: str, **extra: str) -> str:
+    """Runs the app against a port nothing listens on; its batch waits in the spool. The wrong URI."""
+    wrong = f"http://127.0.0.1:{free_port()}"
+    line = exit_line(run_app(directory, env_for(wrong, directory, experiment=name, **extra)))
+    assert "connection refused" in line and "kept in" in line, line
+    assert len(spool_files(directory)) == 1
+    return wrong
+
+
+def test_batches_for_a_wrong_uri_are_listed_and_sent_to_the_corrected_one_never_to_the_old(
+        tmp_path: Path, mlflow_server: MlflowServer) -> None:
+    name = new_name()
+    wrong = spooled_for_a_wrong_uri(tmp_path, name)
+    env = env_for(mlflow_server.url, tmp_path, experiment=name, MLFLOW_TRACKING_USERNAME="alice",
+                  MLFLOW_TRACKING_PASSWORD="alice-secret")
+    _, found, _ = doctor(tmp_path, env, "--no-trace")
+    assert found["spool other endpoints"][0] == "WARN"
+    assert found["spool other endpoints"][1].startswith(f"1 batch (4 spans) for {wrong}/v1/traces, the oldest ")
+    listed = flush(tmp_path, env)
+    assert listed.returncode == 0, listed.stderr
+    lines = listed.stdout.splitlines()
+    assert lines[0].startswith(f"sent 0 batches (0 spans) to {mlflow_server.url}/v1/traces;")
+    assert lines[1].startswith(f"left 1 batch (4 spans) for {wrong}/v1/traces, the oldest ")
+    assert lines[1].endswith(f"`traced-run flush --endpoint URL` sends them to {mlflow_server.url}/v1/traces, "
+                             "`traced-run flush --drop-other-endpoints` removes them")
+    with socket.create_server(("127.0.0.1", int(wrong.rpartition(":")[2]))) as old:
+        old.settimeout(0.1)
+        sent = flush(tmp_path, env, "--endpoint", wrong)
+        with pytest.raises(TimeoutError):
+            old.accept()  # the credentials went nowhere but to the configured MLflow
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    assert sent.stdout.startswith(f"sent 1 batch (4 spans) to {mlflow_server.url}/v1/traces;"), sent.stdout
+    assert spool_files(tmp_path) == []
+    one_trace(mlflow_server, name)
+
+
+def test_drop_other_endpoints(tmp_path: Path, mlflow_server: MlflowServer) -> None:
+    wrong = spooled_for_a_wrong_uri(tmp_path, new_name())
+    dropped = flush(tmp_path, env_for(mlflow_server.url, tmp_path), "--drop-other-endpoints")
+    assert dropped.returncode == 0, dropped.stderr
+    assert dropped.stdout.splitlines()[1].startswith(f"dropped 1 batch (4 spans) for {wrong}/v1/traces")
+    assert spool_files(tmp_path) == []
+
+
+def test_batches_older_than_spool_max_age_are_removed_and_counted(
+        tmp_path: Path, mlflow_server: MlflowServer) -> None:
+    spooled_for_a_wrong_uri(tmp_path, new_name())
+    week_and_a_day = time.time() - 8 * 86400
+    for path in spool_files(tmp_path):
+        os.utime(path, (week_and_a_day, week_and_a_day))
+    env = env_for(mlflow_server.url, tmp_path)
+    _, found, _ = doctor(tmp_path, env, "--no-trace")
+    assert found["spool expired"] == ("WARN", "1 batch older than spool_max_age=7 d — the next traced process "
+                                              "or `traced-run flush` removes them")
+    done = flush(tmp_path, env)
+    assert done.returncode == 0
+    assert "; removed 1 batch (4 spans) older than spool_max_age=7 d;" in done.stdout, done.stdout
+    assert spool_files(tmp_path) == []
+
+
+def test_a_traced_process_removes_expired_batches_and_says_so(
+        tmp_path: Path, mlflow_server: MlflowServer) -> None:
+    spooled_for_a_wrong_uri(tmp_path, new_name())
+    two_hours_ago = time.time() - 2 * 3600
+    for path in spool_files(tmp_path):
+        os.utime(path, (two_hours_ago, two_hours_ago))
+    name = new_name()
+    done = run_app(tmp_path, env_for(mlflow_server.url, tmp_path, experiment=name,
+                                     TRACED_RUN_SPOOL_MAX_AGE="1h"))
+    assert exit_line(done) == ("traced-run: 4 spans that ended processes spooled more than spool_max_age=1 h ago "
+                               "were removed from the spool")
+    assert spool_files(tmp_path) == []
+    one_trace(mlflow_server, name)

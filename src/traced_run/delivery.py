@@ -533,6 +533,10 @@ class Delivery:
             causes = [f"queue_size={self._settings.queue_size} full"] if self.dropped else []
             causes += [f"spool over spool_max_mb={self._settings.spool_max_mb}"] if over_spool else []
             parts.append(f"{counted(self.dropped + over_spool, 'span')} dropped ({', '.join(causes)})")
+        if self.spool.expired_spans:
+            parts.append(f"{counted(self.spool.expired_spans, 'span')} that ended processes spooled "
+                         f"more than spool_max_age={report.age(self._settings.spool_max_age)} ago were "
+                         "removed from the spool")
         if self._orphans_dropped:
             parts.append(f"{counted(self._orphans_dropped, 'span')} that ended processes had spooled "
                          f"were dropped "

@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from traced_run import mlflow_api, report
-from traced_run.report import mask_url
+from traced_run.report import age, counted, mask_url
 from traced_run.settings import SPECS, Settings, default_of
 from traced_run.sources import Loaded, load, shown
 from traced_run.spool import Spool, SpoolRefused, Target
@@ -521,13 +521,26 @@ def check_spool(settings: Settings, found: Findings) -> dict[str, Any]:
                   else f"cannot read {spool.directory}: {error.strerror}")
         return {"directory": str(spool.directory), "problem": str(error)}
     state = {"directory": str(spool.directory), "batches": seen.batches, "spans": seen.spans,
-             "for_this_endpoint": seen.for_endpoint, "rejected": seen.rejected, "unreadable": seen.unreadable}
+             "for_this_endpoint": seen.for_endpoint, "rejected": seen.rejected, "unreadable": seen.unreadable,
+             "expired": seen.expired,
+             "other_endpoints": {endpoint: asdict(pile) for endpoint, pile in seen.others.items()}}
     if seen.batches:
         found.add(WARN, "spool", f"{seen.batches} batches ({seen.spans} spans) waiting in {spool.directory}, "
                   f"{seen.for_endpoint} of them for this endpoint",
                   "`traced-run flush` sends them once MLflow answers")
     else:
         found.add(OK, "spool", f"empty ({spool.directory})")
+    if seen.others:
+        from traced_run.flush import piles
+
+        found.add(WARN, "spool other endpoints", "; ".join(piles(seen.others)),
+                  f"`traced-run flush --endpoint URL` sends them to "
+                  f"{mask_url(settings.traces_endpoint or '')}, "
+                  "`traced-run flush --drop-other-endpoints` removes them")
+    if seen.expired:
+        found.add(WARN, "spool expired", f"{counted(seen.expired, 'batch', 'batches')} older than "
+                  f"spool_max_age={age(settings.spool_max_age)}",
+                  "the next traced process or `traced-run flush` removes them")
     if seen.unreadable:
         found.add(WARN, "spool unreadable", f"{seen.unreadable} files named like batches are none "
                   f"(first: {seen.first_unreadable})", "`traced-run flush` sets them aside in "

@@ -6,7 +6,9 @@ written whole under a temporary name and renamed, so a reader never sees half
 a batch; a process claims a file by renaming it before sending it, so two
 processes draining the same spool never send the same batch at once. The
 directory is the owner's only and bounded in size: past the bound the oldest
-batches are removed, and counted. The process that wrote a removed batch
+batches are removed, and counted, and so are batches older than
+``spool_max_age`` (an endpoint nobody uses any more never drains them). The
+process that wrote a removed batch
 counts it: while it runs, the remover leaves an empty ``.dropped`` file in the
 batch's place for it to find at exit; a batch of a process that has ended is
 counted by the remover. Batches MLflow rejected as invalid are moved aside to
@@ -40,11 +42,11 @@ import stat
 import tempfile
 import time
 from collections.abc import Callable, Collection, Generator, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from traced_run.settings import Settings
+from traced_run.settings import Settings, default_of
 from traced_run.transport import printable, without_userinfo
 
 if TYPE_CHECKING:
@@ -136,6 +138,21 @@ class Header:
     """Payload bytes; None in batches written before it was recorded."""
 
 
+@dataclass
+class Pile:
+    """The batches waiting for one endpoint."""
+
+    batches: int = 0
+    spans: int = 0
+    oldest: float = 0.0
+    """Modification time of the oldest (seconds since the epoch)."""
+
+    def add(self, spans: int, mtime: float) -> None:
+        self.batches += 1
+        self.spans += spans
+        self.oldest = min(self.oldest or mtime, mtime)
+
+
 @dataclass(frozen=True)
 class Survey:
     """What the spool holds, read without changing it (the doctor's view)."""
@@ -147,6 +164,10 @@ class Survey:
     """Files named like batches that are not (a FIFO, a symlink, a broken header ...)."""
     first_unreadable: str = ""
     rejected: int = 0
+    others: dict[str, Pile] = field(default_factory=dict)
+    """Batches written for other endpoints, by endpoint (without credentials)."""
+    expired: int = 0
+    """Batches older than the spool's max age: the next send removes them."""
 
 
 class SpoolRefused(OSError):
@@ -205,19 +226,25 @@ class Spool:
         """``spool_dir`` (or the per-user default), bounded by ``spool_max_mb``."""
         max_bytes = settings.spool_max_mb * 1024 * 1024
         if settings.spool_dir:
-            return cls(Path(settings.spool_dir), max_bytes)
+            return cls(Path(settings.spool_dir), max_bytes, max_age=settings.spool_max_age)
         try:
-            return cls(default_directory(), max_bytes)
+            return cls(default_directory(), max_bytes, max_age=settings.spool_max_age)
         except OSError as error:
             temp = Path(tempfile.gettempdir())
             return cls(temp, max_bytes, f"no spool: HOME is not writable and no private directory could be "
                        f"made in {temp} ({error.strerror}); set TRACED_RUN_SPOOL_DIR")
 
-    def __init__(self, directory: Path, max_bytes: int, unusable: str = "") -> None:
+    def __init__(self, directory: Path, max_bytes: int, unusable: str = "",
+                 max_age: float = default_of("spool_max_age")) -> None:
         self.directory = directory
         self.unusable = unusable
         """Why there is no directory to use at all (said instead of using one)."""
         self.max_bytes = max_bytes
+        self.max_age = max_age
+        self.expired = 0
+        """Batches this process removed for being older than ``max_age``..."""
+        self.expired_spans = 0
+        """... and their spans."""
         self.rejected = directory / "rejected"
         self.unreadable = 0
         """Files this process set aside because they were not batches it could read."""
@@ -301,13 +328,15 @@ class Spool:
         return waiting, removed
 
     def survey(self, endpoint: str) -> Survey:
-        """Batches and spans waiting, how many for ``endpoint``, unreadable
-        files, set-aside batches; changes nothing."""
+        """Batches and spans waiting, how many for ``endpoint`` and for each other
+        endpoint, how many are past the max age, unreadable files, set-aside
+        batches; changes nothing."""
         with self._existing() as fd:
             if fd is None:
                 return Survey()
-            batches = spans = here = unreadable = 0
+            batches = spans = here = unreadable = expired = 0
             first = ""
+            others: dict[str, Pile] = {}
             for name in _waiting(fd):
                 header = _read_header(fd, name, self.max_bytes)
                 if isinstance(header, str):
@@ -316,30 +345,42 @@ class Spool:
                     continue
                 batches += 1
                 spans += header.spans
-                here += _same_endpoint(header.target.endpoint, endpoint)
+                mtime = _mtime(fd, name)
+                entry = parse(name)
+                old = time.time() - mtime > self.max_age
+                expired += old and entry is not None and not _alive(entry.writer)
+                if _same_endpoint(header.target.endpoint, endpoint):
+                    here += 1
+                else:
+                    pile = others.setdefault(without_userinfo(header.target.endpoint), Pile())
+                    pile.add(header.spans, mtime)
             rejected = 0
             with _closing(_open_dir("rejected", fd, self.rejected)) as aside:
                 if aside is not None:
                     entries = [parse(name) for name in os.listdir(aside)]
                     rejected = sum(1 for e in entries if e is not None and e.kind == "otlp")
-        return Survey(batches, spans, here, unreadable, first, rejected)
+        return Survey(batches, spans, here, unreadable, first, rejected, others, expired)
 
-    def claim(self, endpoint: str) -> Iterator[Batch]:
-        """Oldest first, the batches for ``endpoint`` this process now holds;
-        each must then be ``done``, ``release``d or ``reject``ed. The target's
+    def claim(self, endpoint: str, written_for: str | None = None) -> Iterator[Batch]:
+        """Oldest first, the batches written for ``written_for`` (default
+        ``endpoint``) this process now holds, to be sent to ``endpoint``; each
+        must then be ``done``, ``release``d or ``reject``ed. The target's
         endpoint is ``endpoint`` itself (with the credentials it may carry,
-        which the spool does not keep). Files that are not readable batches
-        are set aside on the way, and counted in ``unreadable``."""
+        which the spool does not keep): a batch goes only where the sender's
+        credentials belong. Files that are not readable batches are set aside
+        on the way, and counted in ``unreadable``; batches past the max age
+        are removed, and counted in ``expired``."""
         with self._existing() as fd:
             if fd is None:
                 return
             _reclaim_stale(fd)
+            self._expire(fd)
             for name in _waiting(fd):
                 header = _read_header(fd, name, self.max_bytes)
                 if isinstance(header, str):
                     self._set_aside_unreadable(fd, name, header)
                     continue
-                if not _same_endpoint(header.target.endpoint, endpoint):
+                if not _same_endpoint(header.target.endpoint, written_for or endpoint):
                     continue
                 claimed = _claimed(name)
                 try:
@@ -355,13 +396,14 @@ class Spool:
                                 header.target.run_id, header.target.workspace)
                 yield Batch(target, header.spans, header.traces, payload, self.directory / claimed, name)
 
-    def send(self, endpoint: str,
-             post: Callable[[Batch], Outcome]) -> Generator[tuple[Batch, Outcome, Path | None]]:
+    def send(self, endpoint: str, post: Callable[[Batch], Outcome],
+             written_for: str | None = None) -> Generator[tuple[Batch, Outcome, Path | None]]:
         """The protocol every sender follows: claim the oldest batch for
-        ``endpoint``, ``post`` it, then remove it (taken), set it aside
-        (refused as invalid: where to, third) or give it back (not taken: the
-        last one, since the rest would fare the same now)."""
-        for batch in self.claim(endpoint):
+        ``endpoint`` (or written for ``written_for``, re-addressed to ``endpoint``),
+        ``post`` it, then remove it (taken), set it aside (refused as invalid:
+        where to, third) or give it back (not taken: the last one, since the
+        rest would fare the same now)."""
+        for batch in self.claim(endpoint, written_for):
             outcome = post(batch)
             aside = None
             if outcome.delivered:
@@ -373,6 +415,38 @@ class Spool:
             yield batch, outcome, aside
             if not outcome.delivered and not outcome.invalid:
                 return
+
+    def _expire(self, fd: int) -> None:
+        """Remove the batches older than ``max_age``: they were written for an
+        endpoint that has not taken them in all that time. A batch whose writer
+        still runs stays: that process still tries it, and counts it at exit."""
+        now = time.time()
+        for name in _waiting(fd):
+            entry = parse(name)
+            if now - _mtime(fd, name) <= self.max_age or entry is None or _alive(entry.writer):
+                continue
+            header = _read_header(fd, name, self.max_bytes)
+            with contextlib.suppress(FileNotFoundError):  # claimed meanwhile: not removed
+                os.unlink(name, dir_fd=fd)
+                self.expired += 1
+                self.expired_spans += header.spans if isinstance(header, Header) else 0
+
+    def drop_others(self, endpoint: str) -> dict[str, Pile]:
+        """Remove the batches written for any endpoint but ``endpoint``; what went, by endpoint."""
+        dropped: dict[str, Pile] = {}
+        with self._existing() as fd:
+            if fd is None:
+                return dropped
+            for name in _waiting(fd):
+                header = _read_header(fd, name, self.max_bytes)
+                if isinstance(header, str) or _same_endpoint(header.target.endpoint, endpoint):
+                    continue
+                mtime = _mtime(fd, name)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(name, dir_fd=fd)
+                    pile = dropped.setdefault(without_userinfo(header.target.endpoint), Pile())
+                    pile.add(header.spans, mtime)
+        return dropped
 
     def _set_aside_unreadable(self, fd: int, name: str, why: str) -> None:
         """Moved, not read again: whatever it is (a FIFO, a symlink: a rename moves the link itself)."""
@@ -549,6 +623,13 @@ def _reason_text(reason: str) -> bytes:
 
 def _same_endpoint(stored: str, endpoint: str) -> bool:
     return without_userinfo(stored) == without_userinfo(endpoint)
+
+
+def _mtime(fd: int, name: str) -> float:
+    try:
+        return os.stat(name, dir_fd=fd, follow_symlinks=False).st_mtime
+    except FileNotFoundError:
+        return time.time()
 
 
 def _regular_size(fd: int, name: str) -> int:
