@@ -371,13 +371,15 @@ def test_batches_for_a_wrong_uri_are_listed_and_sent_to_the_corrected_one_never_
                   MLFLOW_TRACKING_PASSWORD="alice-secret")
     _, found, _ = doctor(tmp_path, env, "--no-trace")
     assert found["spool other endpoints"][0] == "WARN"
-    assert found["spool other endpoints"][1].startswith(f"1 batch (4 spans) for {wrong}/v1/traces, the oldest ")
+    assert found["spool other endpoints"][1].startswith(f"1 batch (4 spans) for {wrong}/v1/traces, "
+                                                        "the oldest ")
     listed = flush(tmp_path, env)
     assert listed.returncode == 0, listed.stderr
     lines = listed.stdout.splitlines()
     assert lines[0].startswith(f"sent 0 batches (0 spans) to {mlflow_server.url}/v1/traces;")
     assert lines[1].startswith(f"left 1 batch (4 spans) for {wrong}/v1/traces, the oldest ")
-    assert lines[1].endswith(f"`traced-run flush --endpoint URL` sends them to {mlflow_server.url}/v1/traces, "
+    assert lines[1].endswith(f"`traced-run flush --endpoint URL` sends them to {mlflow_server.url}/v1/traces"
+                             ", "
                              "`traced-run flush --drop-other-endpoints` removes them")
     with socket.create_server(("127.0.0.1", int(wrong.rpartition(":")[2]))) as old:
         old.settimeout(0.1)
@@ -406,7 +408,8 @@ def test_batches_older_than_spool_max_age_are_removed_and_counted(
         os.utime(path, (week_and_a_day, week_and_a_day))
     env = env_for(mlflow_server.url, tmp_path)
     _, found, _ = doctor(tmp_path, env, "--no-trace")
-    assert found["spool expired"] == ("WARN", "1 batch older than spool_max_age=7 d — the next traced process "
+    assert found["spool expired"] == ("WARN", "1 batch older than spool_max_age=7 d — the next traced "
+                                              "process "
                                               "or `traced-run flush` removes them")
     done = flush(tmp_path, env)
     assert done.returncode == 0
@@ -423,7 +426,8 @@ def test_a_traced_process_removes_expired_batches_and_says_so(
     name = new_name()
     done = run_app(tmp_path, env_for(mlflow_server.url, tmp_path, experiment=name,
                                      TRACED_RUN_SPOOL_MAX_AGE="1h"))
-    assert exit_line(done) == ("traced-run: 4 spans that ended processes spooled more than spool_max_age=1 h ago "
+    assert exit_line(done) == ("traced-run: 4 spans that ended processes spooled more than spool_max_age=1 h "
+                               "ago "
                                "were removed from the spool")
     assert spool_files(tmp_path) == []
     one_trace(mlflow_server, name)
