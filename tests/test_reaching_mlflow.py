@@ -9,15 +9,18 @@ the doctor's lines, traces in MLflow) is what is asserted."""
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
+import textwrap
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import AGENT_APP, TRACED_RUN, MlflowServer, clean_env, free_port, poll
+from conftest import AGENT, AGENT_APP, TRACED_RUN, MlflowServer, clean_env, free_port, poll
+from faultproxy import fault_proxy
 from realservers import (
     AuthMlflow,
     WorkspaceMlflow,
@@ -31,7 +34,7 @@ from realservers import (
 )
 from test_doctor import checks
 from test_e2e_process import boot_dir, traced_lines
-from tls import ConnectProxy, Pki, TlsProxy
+from tls import ConnectProxy, Pki, SlowProxy, TlsProxy
 
 __all__ = ["auth_mlflow", "connect_proxy", "https_mlflow", "mtls_mlflow", "pki", "self_signed_mlflow",
            "workspace_mlflow"]
@@ -318,8 +321,6 @@ def test_an_unknown_workspace_is_a_clear_error_never_default(
 
 
 def test_a_spooled_batch_keeps_its_workspace(tmp_path: Path, workspace_mlflow: WorkspaceMlflow) -> None:
-    from faultproxy import fault_proxy
-
     name = new_name()
     with fault_proxy(workspace_mlflow.url) as proxy:
         proxy.mode = "refuse"
@@ -431,3 +432,49 @@ def test_a_traced_process_removes_expired_batches_and_says_so(
                                "were removed from the spool")
     assert spool_files(tmp_path) == []
     one_trace(mlflow_server, name)
+
+
+# -- true exit reasons -------------------------------------------------------------------------
+
+BURST_APP = AGENT + """
+    for number in range(400):
+        agent.run_sync(f"Weather number {number}?")
+"""
+
+
+@pytest.mark.parametrize(("mode", "reason"), [
+    ("refuse", "(connection refused)"),
+    ("503", "(HTTP 503 Service Unavailable"),
+    ("hang", "(no answer from MLflow within exit_timeout=1s)"),
+])
+def test_the_exit_line_says_what_mlflow_did(mode: str, reason: str, tmp_path: Path,
+                                             mlflow_server: MlflowServer) -> None:
+    with fault_proxy(mlflow_server.url) as proxy:
+        proxy.mode = mode
+        done = run_app(tmp_path, env_for(proxy.url, tmp_path, MLFLOW_EXPERIMENT_ID="0",
+                                         TRACED_RUN_EXIT_TIMEOUT="1"))
+        line = exit_line(done)
+    assert f"4 spans of 1 trace not delivered to {proxy.url}/v1/traces {reason}" in line, line
+
+
+def test_an_exit_bound_reached_while_mlflow_still_answers_is_said_as_such(
+        tmp_path: Path, mlflow_server: MlflowServer) -> None:
+    """MLflow takes every batch, each a second late; the process leaves with more
+    batches than its exit bound has seconds for. MLflow did not fail: the line says
+    the bound ran out, not that MLflow did not answer."""
+    experiment_id = str(mlflow_server.client().create_experiment(new_name()))
+    (tmp_path / "app.py").write_text(textwrap.dedent(BURST_APP))
+    slow = SlowProxy(mlflow_server.url, answer_delay=1.0)
+    try:
+        env = env_for(slow.url, tmp_path, MLFLOW_EXPERIMENT_ID=experiment_id, TRACED_RUN_EXIT_TIMEOUT="3",
+                      TRACED_RUN_QUEUE_SIZE="100000")
+        done = subprocess.run([TRACED_RUN, "python", "app.py"], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=180)
+    finally:
+        slow.close()
+    line = exit_line(done)
+    assert re.fullmatch(
+        rf"traced-run: \d+ spans of \d+ traces not delivered to {re.escape(slow.url)}/v1/traces "
+        r"\(exit_timeout=3s reached while MLflow was still taking batches \(it took the one before\); set "
+        r"TRACED_RUN_EXIT_TIMEOUT higher to wait longer at exit\): kept in .*", line), line
+    assert mlflow_server.traces(experiment_id), "MLflow took batches meanwhile"

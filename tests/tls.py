@@ -17,6 +17,7 @@ import ipaddress
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,6 +119,9 @@ class Relay:
     """Accepts connections on loopback and relays each to ``upstream`` (host, port);
     subclasses decide what a connection is before the relay starts."""
 
+    answer_delay = 0.0
+    """Seconds each connection's answer is held before it goes back (a slow server)."""
+
     def __init__(self) -> None:
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = int(self._listener.getsockname()[1])
@@ -167,7 +171,7 @@ class Relay:
         with self._lock:
             self.connections += 1
         self._track(upstream)
-        pump = threading.Thread(target=_pump, args=(upstream, client), daemon=True)
+        pump = threading.Thread(target=_pump, args=(upstream, client, self.answer_delay), daemon=True)
         pump.start()
         _pump(client, upstream)
         pump.join(_IO_TIMEOUT)
@@ -179,9 +183,11 @@ class Relay:
         raise NotImplementedError
 
 
-def _pump(source: socket.socket, target: socket.socket) -> None:
+def _pump(source: socket.socket, target: socket.socket, delay: float = 0.0) -> None:
     try:
         while data := source.recv(65536):
+            time.sleep(delay)
+            delay = 0.0
             target.sendall(data)
     except OSError:
         pass
@@ -217,6 +223,25 @@ class TlsProxy(Relay):
             self.client_subjects.extend(value for rdn in peer.get("subject", ()) for key, value in rdn
                                         if key == "commonName")
         return client, socket.create_connection(self._upstream, timeout=_IO_TIMEOUT)
+
+
+class SlowProxy(Relay):
+    """Plain TCP to ``upstream``, each answer held back ``answer_delay`` seconds:
+    MLflow answering, slowly."""
+
+    def __init__(self, upstream: str, answer_delay: float) -> None:
+        parsed = urlsplit(upstream)
+        assert parsed.hostname and parsed.port, upstream
+        self._upstream = (parsed.hostname, parsed.port)
+        self.answer_delay = answer_delay
+        super().__init__()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def open(self, connection: socket.socket) -> tuple[socket.socket, socket.socket] | None:
+        return connection, socket.create_connection(self._upstream, timeout=_IO_TIMEOUT)
 
 
 class ConnectProxy(Relay):

@@ -39,6 +39,7 @@ from traced_run import report
 from traced_run.report import counted, mask_url
 from traced_run.settings import Settings
 from traced_run.spool import Spool, SpoolRefused, Target
+from traced_run.transport import NO_ANSWER
 
 if TYPE_CHECKING:
     from traced_run.export import Outcome, Sender
@@ -91,6 +92,8 @@ class Delivery:
         self._spill_thread: threading.Thread | None = None
         self._spilling = False
         self.problem: str | None = None
+        self._answered = False
+        """The last attempt that ended took its batch: MLflow was answering."""
         self.delivered = 0
         self._own: dict[str, tuple[int, frozenset[int]]] = {}
         """This process's batches in the spool, by name: spans, trace ids."""
@@ -264,6 +267,8 @@ class Delivery:
         high = len(self._queue) > self._settings.queue_size // 2
         timeout = self._attempt_timeout()
         if self._down() or high or timeout <= 0:
+            if timeout <= 0 and self.problem is None:
+                self.problem = self._exit_bound_reason()
             self._keep_in_flight(batch, payload)
             return
         assert self._sender is not None
@@ -281,13 +286,18 @@ class Delivery:
                 self._keep(batch, payload)
 
     def _up(self) -> None:
+        self._answered = True
         self._failures = 0
         self._down_until = 0.0
         self._outage_since = None
 
     def _failed(self, outcome: Outcome) -> None:
-        self.problem = outcome.reason
         now = time.monotonic()
+        cut = self._closing and outcome.status is None and outcome.reason.startswith(NO_ANSWER) \
+            and now >= self._deadline - SPOOL_RESERVE - 0.1
+        # An attempt the exit bound cut short says nothing about MLflow: the reason must say so.
+        self.problem = self._exit_bound_reason() if cut else outcome.reason
+        self._answered = False
         self._down_until = now + BACKOFF[min(self._failures, len(BACKOFF) - 1)]
         self._failures += 1
         if self._outage_since is None:
@@ -492,12 +502,19 @@ class Delivery:
         from traced_run.export import encode
 
         if self.problem is None:
-            self.problem = f"no answer within exit_timeout={self._settings.exit_timeout:g}s"
+            self.problem = self._exit_bound_reason()
         try:
             self._keep(left, encode(left, self._settings))
         except Exception as error:
             self.lost += len(left)
             self.problem = f"{self.problem}; {type(error).__name__}: {error}"
+
+    def _exit_bound_reason(self) -> str:
+        bound = f"exit_timeout={self._settings.exit_timeout:g}s"
+        if self._answered:
+            return (f"{bound} reached while MLflow was still taking batches (it took the one before); "
+                    "set TRACED_RUN_EXIT_TIMEOUT higher to wait longer at exit")
+        return f"no answer from MLflow within {bound}"
 
     def _summary(self) -> None:
         """Of this process's own spans only: batches of other processes it sent

@@ -36,6 +36,8 @@ if TYPE_CHECKING:
     from traced_run.settings import Settings
 
 WORKSPACE_HEADER = "X-MLFLOW-WORKSPACE"
+NO_ANSWER = "no answer within"
+"""How a request's problem starts when the server did not answer in time."""
 CA_FIX = ("set MLFLOW_TRACKING_SERVER_CERT_PATH (or REQUESTS_CA_BUNDLE) to the CA certificate (PEM) that "
           "signed the server's certificate")
 CLIENT_CERT_FIX = ("set MLFLOW_TRACKING_CLIENT_CERT_PATH to a client certificate (PEM, with its key, or the "
@@ -225,7 +227,7 @@ def request(settings: Settings, url: str, *, method: str = "GET", data: bytes | 
         problem = f"HTTP {error.code} {reason}" + (f": {detail}" if detail else "")
         return Answer(error.code, body, _with_fix(found, problem, settings), found.ms)
     except TimeoutError:
-        return answer(None, problem=f"no answer within {timeout:.1f} s")
+        return answer(None, problem=f"{NO_ANSWER} {timeout:.1f} s")
     except urllib.error.URLError as error:
         return answer(None, problem=_network_reason(error.reason, timeout, settings))
     except (OSError, ValueError, http.client.HTTPException) as error:
@@ -279,7 +281,7 @@ def _network_reason(reason: object, timeout: float, settings: Settings) -> str:
             return f"TLS failed ({said}): is the server plain http://? then write http:// in the URL"
         return f"TLS failed ({said})"
     if isinstance(reason, TimeoutError):
-        return f"no answer within {timeout:.1f} s"
+        return f"{NO_ANSWER} {timeout:.1f} s"
     if isinstance(reason, OSError) and reason.strerror:
         return printable(reason.strerror.lower())
     # Library text may quote the URL, and with it a password.
