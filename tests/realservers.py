@@ -13,9 +13,8 @@ from __future__ import annotations
 import contextlib
 import os
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -156,12 +155,3 @@ def workspace_mlflow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Works
         found = WorkspaceMlflow(server)
         MlflowClient(tracking_uri=server.url).create_workspace(found.workspace)
         yield found
-
-
-def env_without(env: Mapping[str, str], *names: str) -> dict[str, str]:
-    return {k: v for k, v in env.items() if k not in names}
-
-
-def write_text(path: Path, text: str) -> Path:
-    path.write_text(text)
-    return path

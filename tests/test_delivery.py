@@ -272,6 +272,8 @@ def test_failing_mid_run_then_recovering_loses_nothing_and_doubles_nothing(
     try:
         out = Lines(process)
         out.wait_for("done 2")
+        # Mid-run: the experiment is looked up with the first post, which must have gone through.
+        poll(lambda: proxy.count(mode="forward") >= 1, timeout=30, what="a first post")
         proxy.mode = failure
         poll(lambda: proxy.count(mode=failure) >= 2, timeout=30, what=f"two posts answered {failure}")
         proxy.mode = "forward"

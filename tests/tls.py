@@ -18,7 +18,6 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -128,10 +127,6 @@ class Relay:
         self._stopped = threading.Event()
         self._sockets: set[socket.socket] = set()
         self._lock = threading.Lock()
-        self.connections = 0
-        """Connections that got through the set-up (TLS handshake, CONNECT)."""
-        self.failures: list[str] = []
-        """Why a connection was dropped before the relay (handshake errors ...)."""
         threading.Thread(target=self._accept_loop, name=type(self).__name__, daemon=True).start()
 
     def close(self) -> None:
@@ -160,16 +155,13 @@ class Relay:
         self._track(connection)
         try:
             opened = self.open(connection)
-        except (OSError, ValueError) as error:
-            self.failures.append(f"{type(error).__name__}: {error}")
+        except (OSError, ValueError):  # a refused handshake, a request that is no CONNECT
             with contextlib.suppress(OSError):
                 connection.close()
             return
         if opened is None:
             return
         client, upstream = opened
-        with self._lock:
-            self.connections += 1
         self._track(upstream)
         pump = threading.Thread(target=_pump, args=(upstream, client, self.answer_delay), daemon=True)
         pump.start()
@@ -250,7 +242,6 @@ class ConnectProxy(Relay):
 
     def __init__(self) -> None:
         self.targets: list[str] = []
-        self.proxy_authorizations: list[str] = []
         super().__init__()
 
     @property
@@ -269,20 +260,9 @@ class ConnectProxy(Relay):
         if method != "CONNECT":
             connection.sendall(b"HTTP/1.1 405 Method Not Allowed\r\nContent-Length: 0\r\n\r\n")
             connection.close()
-            self.failures.append(f"{method} {target}")
             return None
         self.targets.append(target)
-        self.proxy_authorizations.extend(line.split(":", 1)[1].strip() for line in lines[1:]
-                                         if line.lower().startswith("proxy-authorization:"))
         host, _, port = target.rpartition(":")
         upstream = socket.create_connection((host.strip("[]"), int(port)), timeout=_IO_TIMEOUT)
         connection.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
         return connection, upstream
-
-
-@contextlib.contextmanager
-def running(relay: Relay) -> Iterator[Relay]:
-    try:
-        yield relay
-    finally:
-        relay.close()

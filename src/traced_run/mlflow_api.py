@@ -37,9 +37,9 @@ class MlflowHttpError(MlflowError):
         super().__init__(f"MLflow answered {self.status} {self.error_code} for {url}".strip())
 
 
-def _call(settings: Settings, method: str, path: str, body: dict[str, Any] | None = None,
-          workspace: str | None = None) -> Any:
-    answer = transport.call_json(settings, method, path, body, workspace=workspace)
+def _call(settings: Settings, method: str, path: str, workspace: str | None,
+          body: dict[str, Any] | None = None) -> Any:
+    answer = transport.call_json(settings, method, path, workspace, body)
     url = mask_url(transport.without_userinfo((settings.tracking_uri or "") + path.partition("?")[0]))
     if answer.status is None:
         raise MlflowUnreachable(mask_url(transport.without_userinfo(settings.tracking_uri or "")),
@@ -56,15 +56,15 @@ def _call(settings: Settings, method: str, path: str, body: dict[str, Any] | Non
     return found
 
 
-def experiment_id(settings: Settings, name: str, workspace: str | None = None) -> str:
-    """The id of experiment ``name`` in ``workspace`` (default the configured one),
+def experiment_id(settings: Settings, name: str, workspace: str | None) -> str:
+    """The id of experiment ``name`` in ``workspace`` (None: the server's default),
     created when missing (a concurrent creation is looked up again)."""
     if not settings.tracking_uri:
         raise MlflowError(transport.NO_TRACKING_URI)
     for _ in range(2):
         try:
             found = _call(settings, "GET", "/api/2.0/mlflow/experiments/get-by-name?"
-                          + urllib.parse.urlencode({"experiment_name": name}), workspace=workspace)
+                          + urllib.parse.urlencode({"experiment_name": name}), workspace)
         except MlflowHttpError as error:
             if error.error_code != "RESOURCE_DOES_NOT_EXIST":
                 raise
@@ -76,8 +76,8 @@ def experiment_id(settings: Settings, name: str, workspace: str | None = None) -
                 raise MlflowError(f"experiment {name!r} is deleted in MLflow: restore it or use another")
             return transport.printable(str(experiment["experiment_id"]))
         try:
-            created = _call(settings, "POST", "/api/2.0/mlflow/experiments/create", {"name": name},
-                            workspace=workspace)
+            created = _call(settings, "POST", "/api/2.0/mlflow/experiments/create", workspace,
+                            {"name": name})
         except MlflowHttpError as error:
             if error.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise

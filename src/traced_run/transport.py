@@ -172,13 +172,13 @@ def post_otlp(settings: Settings, url: str, payload: bytes, experiment_id: str, 
     return request(settings, url, method="POST", data=body, headers=headers, timeout=timeout)
 
 
-def call_json(settings: Settings, method: str, path: str, body: dict[str, Any] | None = None,
-              timeout: float | None = None, workspace: str | None = None) -> Answer:
+def call_json(settings: Settings, method: str, path: str, workspace: str | None,
+              body: dict[str, Any] | None = None, timeout: float | None = None) -> Answer:
     """A call to MLflow's REST API under the tracking URI, with auth, in ``workspace``
-    (default: the configured one)."""
+    (a spooled batch's may differ from the configured one; None: the server's default)."""
     if not settings.tracking_uri:
         return Answer(None, problem=NO_TRACKING_URI)
-    headers = rest_headers(settings, workspace or settings.workspace)
+    headers = rest_headers(settings, workspace)
     data = None
     if body is not None:
         data = json.dumps(body).encode()
