@@ -174,8 +174,8 @@ def startup(bench: Bench) -> list[Row]:
     base = statistics.median(kept["bare"])
     measure = "startup `python -c pass` (wall)"
     rows = [Row("1", measure, "bare", kept["bare"], "ms", versus="1.00x (baseline)")]
-    rows.append(_ratio_row("1", measure, "env-only bootstrap", kept["env-only bootstrap"], "ms", base, 1.25))
-    rows.append(_ratio_row("1", measure, "traced-run", kept["traced-run"], "ms", base, 2.5))
+    rows.append(_ratio_row("1", measure, "env-only bootstrap", kept["env-only bootstrap"], "ms", base, 1.05))
+    rows.append(_ratio_row("1", measure, "traced-run", kept["traced-run"], "ms", base, 1.5))
     rows.append(_ratio_row("1", measure, "opentelemetry-instrument", kept["opentelemetry-instrument"], "ms",
                            base, None))
     return rows

@@ -5,6 +5,7 @@ on stderr, never a traceback, never a secret; the app's stdout stays its own."""
 from __future__ import annotations
 
 import ast
+import json
 import os
 import re
 import subprocess
@@ -17,7 +18,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import AGENT_APP, GENEROUS_EXIT, TRACED_RUN, App, clean_env
+from conftest import AGENT_APP, BIN, GENEROUS_EXIT, TRACED_RUN, App, clean_env
 
 import traced_run
 from traced_run.settings import SPECS
@@ -28,7 +29,9 @@ UNUSED_URI = "http://127.0.0.1:9"
 MARKER_APP = "open('ran', 'w').close(); print('app ran')"
 """``python -c`` source that leaves a file behind when the command was run at all."""
 
-LAUNCHERS = {"script": [TRACED_RUN], "module": [sys.executable, "-m", "traced_run"]}
+LAUNCHERS = {"script": [TRACED_RUN], "module": [sys.executable, "-m", "traced_run"],
+             "python script": [str(BIN / "traced-run-py")]}
+"""``traced-run`` is the shell launcher; the other two are the Python launcher it hands over to."""
 
 
 def launch(*argv: str, cwd: Path, env: dict[str, str] | None = None,
@@ -167,8 +170,9 @@ def test_print_pythonpath_names_the_bootstrap_the_launcher_puts_first(tmp_path: 
     assert done.stdout.strip().split(os.pathsep) == [str(boot), user_path]
 
 
-def test_without_a_tracking_uri_the_launcher_exits_78(tmp_path: Path) -> None:
-    done = launch("python", "-c", MARKER_APP, cwd=tmp_path)
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_without_a_tracking_uri_the_launcher_exits_78(launcher: str, tmp_path: Path) -> None:
+    done = launch("python", "-c", MARKER_APP, cwd=tmp_path, launcher=LAUNCHERS[launcher])
     assert done.returncode == 78
     assert one_line(done.stderr) == ("no MLflow tracking URI: set MLFLOW_TRACKING_URI, --tracking-uri or "
                                      "tracking_uri in the config file")
@@ -186,6 +190,92 @@ def test_a_tracking_uri_is_not_needed_when_disabled_or_given_otherwise(
         argv: list[str], env: dict[str, str], tmp_path: Path) -> None:
     done = launch(*argv, "python", "-c", MARKER_APP, cwd=tmp_path, env=clean_env(**env))
     assert (done.returncode, done.stdout, done.stderr) == (0, "app ran\n", "")
+
+
+# -- the shell launcher's fast path -----------------------------------------------------
+
+ENV_PROBE = ("import json, os; print(json.dumps({k: os.environ.get(k) for k in "
+             "('PYTHONPATH', 'TRACED_RUN_OPTIONS', 'TRACED_RUN_LAUNCHED')}))")
+
+
+def test_the_shell_launcher_knows_the_options_of_the_settings_table() -> None:
+    """scripts/traced-run turns options into TRACED_RUN_OPTIONS itself; its spelling must be the table's."""
+    script = (Path(traced_run.__file__).parents[2] / "scripts" / "traced-run").read_text()
+    assert Path(TRACED_RUN).read_text() == script, "the installed launcher is the repository's"
+    valued = dict(re.findall(r"(--[a-z-]+) \| \1=\*\) key=(\w+) ;;", script))
+    switches = re.findall(r"(--[a-z-]+)\) pair='\"(\w+)\": (true|false)' ;;", script)
+    flags = {option: (name, json.loads(value)) for option, name, value in switches}
+    assert valued == {spec.option: name for name, spec in SPECS.items()
+                      if spec.option and spec.option_value is None and name != "config"}
+    assert flags == {spec.option: (name, spec.option_value) for name, spec in SPECS.items()
+                     if spec.option and spec.option_value is not None}
+
+
+@pytest.mark.parametrize(("argv", "fast"), [
+    (["python", "-c", "pass"], True),
+    (["--strict", "--experiment-name", "x", "--run-id=r1", "--", "python", "app.py"], True),
+    (["pip", "--version"], True),
+    (["python", "-I", "-c", "pass"], False),
+    (["--config", "team.yaml", "python", "-c", "pass"], False),
+    (["--experiment", "x", "python", "-c", "pass"], False),  # abbreviated: argparse decides
+    (["--service-name", "a\"b", "python", "-c", "pass"], False),
+    (["true"], False),
+    (["config"], False),
+], ids=["python", "options", "venv script", "python -I", "--config", "abbreviated", "quote", "true",
+        "config"])
+def test_the_shell_launcher_starts_no_python_of_its_own_for_the_common_case(
+        argv: list[str], fast: bool, tmp_path: Path) -> None:
+    """``sh -x`` shows what the launcher execs: the command itself, or the Python launcher."""
+    done = subprocess.run(["sh", "-x", TRACED_RUN, *argv], cwd=tmp_path, capture_output=True, text=True,
+                          env=clean_env(MLFLOW_TRACKING_URI=UNUSED_URI), timeout=60)
+    execs = [line for line in done.stderr.splitlines() if line.startswith("+ exec ")]
+    assert len(execs) == 1, done.stderr
+    assert ("traced-run-py" not in execs[0]) == fast, execs
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_the_app_gets_the_options_and_the_bootstrap_and_nothing_stale(launcher: str, tmp_path: Path) -> None:
+    env = clean_env(MLFLOW_TRACKING_URI=UNUSED_URI, PYTHONPATH="/elsewhere",
+                    TRACED_RUN_OPTIONS='{"service_name": "stale"}', TRACED_RUN_LAUNCHED="1")
+    boot = launch("--print-pythonpath", cwd=tmp_path).stdout.strip()
+    for options, expected in (([], None),
+                              (["--strict", "--service-name=svc", "--experiment-id", "3", "--"],
+                               {"strict": True, "service_name": "svc", "experiment_id": "3"})):
+        done = launch(*options, "python", "-c", ENV_PROBE, cwd=tmp_path, env=env,
+                      launcher=LAUNCHERS[launcher])
+        assert done.returncode == 0 and done.stderr == "", done.stderr
+        seen = json.loads(done.stdout)
+        assert seen["PYTHONPATH"] == f"{boot}{os.pathsep}/elsewhere"
+        assert (json.loads(seen["TRACED_RUN_OPTIONS"]) if seen["TRACED_RUN_OPTIONS"] else None) == expected
+        assert seen["TRACED_RUN_LAUNCHED"] is None, "the check is the launched process's alone"
+
+
+@pytest.mark.parametrize("command", [
+    ["python", "-I", "-c", MARKER_APP],  # no PYTHONPATH: the Python launcher checks
+    ["python", "-X", "dev", "-c", MARKER_APP],
+    ["pip", "--version"],  # a script of the environment: its interpreter checks
+    ["sh", "-c", "python -c \"$0\"", MARKER_APP],  # not Python: the Python launcher checks
+], ids=["python -I", "python -X dev", "pip", "sh"])
+def test_every_kind_of_command_is_refused_before_it_runs(command: list[str], tmp_path: Path) -> None:
+    env = clean_env(MLFLOW_TRACKING_URI="http://127.0.0.1:99999")
+    done = launch(*command, cwd=tmp_path, env=env)
+    assert done.returncode == 78
+    assert one_line(done.stderr) == ("env MLFLOW_TRACKING_URI: tracking_uri: the URL's port is not a number, "
+                                     "got 'http://127.0.0.1:99999'")
+    assert done.stdout == "" and not (tmp_path / "ran").exists()
+
+
+@pytest.mark.parametrize("options", [[], ["--service-name", "svc"], ["--config", "team.yaml"]],
+                         ids=["no option", "an option", "--config (the Python launcher)"])
+def test_a_user_sitecustomize_runs_once_under_the_launcher(options: list[str], tmp_path: Path) -> None:
+    (tmp_path / "team.yaml").write_text("service_name: team\n")
+    (tmp_path / "usersite").mkdir()
+    (tmp_path / "usersite" / "sitecustomize.py").write_text(
+        "import os, sys\nwith open('log', 'a') as log:\n    log.write(f'{os.getpid()} {sys.argv[0]}\\n')\n")
+    env = clean_env(MLFLOW_TRACKING_URI=UNUSED_URI, PYTHONPATH=str(tmp_path / "usersite"))
+    done = launch(*options, "python", "-c", "pass", cwd=tmp_path, env=env)
+    assert (done.returncode, done.stderr) == (0, "")
+    assert (tmp_path / "log").read_text().split()[1:] == ["-c"]
 
 
 # -- traced-run config ----------------------------------------------------------------------
@@ -286,14 +376,17 @@ CONFIG_ERRORS: list[tuple[str, str | None, dict[str, str], list[str], str]] = [
 
 @pytest.mark.parametrize(("yaml_text", "env", "options", "expected"),
                          [case[1:] for case in CONFIG_ERRORS], ids=[case[0] for case in CONFIG_ERRORS])
+@pytest.mark.parametrize("launcher", LAUNCHERS)
 def test_invalid_settings_exit_78_with_one_line_and_do_not_run_the_command(
-        yaml_text: str | None, env: dict[str, str], options: list[str], expected: str,
+        yaml_text: str | None, env: dict[str, str], options: list[str], expected: str, launcher: str,
         tmp_path: Path) -> None:
+    """The shell launcher has the app's interpreter refuse them, at start-up, with the same line."""
     config = tmp_path / "traced-run.yaml"
     if yaml_text is not None:
         config.write_text(yaml_text)
     environ = clean_env(**{"MLFLOW_TRACKING_URI": UNUSED_URI, **env})
-    done = launch(*options, "python", "-c", MARKER_APP, cwd=tmp_path, env=environ)
+    done = launch(*options, "python", "-c", MARKER_APP, cwd=tmp_path, env=environ,
+                  launcher=LAUNCHERS[launcher])
     assert done.returncode == 78, done.stderr
     assert one_line(done.stderr) == expected.format(cfg=config, dir=tmp_path)
     assert done.stdout == "" and not (tmp_path / "ran").exists()

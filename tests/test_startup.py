@@ -2,15 +2,23 @@
 pydantic_ai has loaded nothing beyond a bare interpreter's modules but our
 ``sitecustomize``, ``traced_run``, its ``bootstrap`` and ``flags`` (each
 further import at every interpreter start is time every Python process of a
-deployment pays)."""
+deployment pays). Under the shell launcher the process it becomes also checks
+the settings at start-up (the launcher no longer does it in an interpreter of
+its own): that adds ``traced_run.startcheck`` and, for plain values, nothing
+else."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+from pathlib import Path
 
-from conftest import clean_env
+import pytest
+from conftest import TRACED_RUN, clean_env
+
+from traced_run import flags, settings, sources, startcheck
+from traced_run.settings import SPECS
 
 LOADED = "import sys, json; print(json.dumps(sorted(sys.modules)))"
 ALLOWED = {"sitecustomize", "traced_run", "traced_run.bootstrap", "traced_run.flags"}
@@ -28,3 +36,103 @@ def test_the_bootstrap_loads_nothing_a_bare_interpreter_has_not() -> None:
     assert traced - bare == ALLOWED
     switched_off = _modules(clean_env(PYTHONPATH=boot, TRACED_RUN_ENABLED="false"))
     assert switched_off - bare <= ALLOWED
+
+
+# -- the shell launcher's settings check, in the app's own interpreter --------------------
+
+HEAVY = {"argparse", "dataclasses", "inspect", "typing", "re", "json", "yaml", "urllib.parse",
+         "traced_run.settings", "traced_run.sources"}
+"""What the launcher's check must not import for plain settings: most of a bare start-up each."""
+LOADED_PLAINLY = "import sys; sys.stdout.write(' '.join(sorted(sys.modules)))"
+"""LOADED without json, which imports re."""
+
+
+def _launched_modules(env: dict[str, str], cwd: Path) -> set[str]:
+    return set(subprocess.check_output([TRACED_RUN, "python", "-c", LOADED_PLAINLY], env=env, cwd=cwd,
+                                       text=True, timeout=60).split())
+
+
+def test_under_the_launcher_plain_settings_are_checked_without_the_settings_machinery(tmp_path: Path) -> None:
+    env = clean_env(MLFLOW_TRACKING_URI="http://127.0.0.1:9", MLFLOW_EXPERIMENT_NAME="agents",
+                    TRACED_RUN_INCLUDE_CONTENT="false")
+    loaded = _launched_modules(env, tmp_path)
+    assert loaded - _modules(clean_env()) == {*ALLOWED, "traced_run.startcheck"}
+    assert not loaded & HEAVY
+
+
+def test_a_value_outside_the_plain_forms_gets_the_full_check(tmp_path: Path) -> None:
+    env = clean_env(MLFLOW_TRACKING_URI="http://127.0.0.1:9", OTEL_EXPORTER_OTLP_TIMEOUT="5")
+    assert "traced_run.sources" in _launched_modules(env, tmp_path)
+
+
+LEAN_KINDS = {id(settings.BOOL): "bool", id(settings.URL): "url", id(settings.PATH): "path",
+              id(settings.TEXT): "text", id(settings.USER_NAME): "text", id(settings.PASSWORD): "text",
+              id(settings.TOKEN): "text", id(settings.EXPERIMENT_NAME): "text",
+              id(settings.EXPERIMENT_ID): "id"}
+"""Which plain form each kind of the table gets; a kind not here: none (the full check)."""
+
+
+def _lean_kind(spec: settings.Spec) -> str:
+    # the config file is read by the full check only
+    return LEAN_KINDS.get(id(spec.kind), "") if spec.in_yaml else ""
+
+
+def test_the_launchers_check_reads_the_variables_and_options_of_the_settings_table() -> None:
+    env = {var: (name, _lean_kind(spec))
+           for name, spec in SPECS.items() for var in (*spec.env, *spec.env_off)}
+    assert env == startcheck.ENV, f"regenerate startcheck.ENV: {env!r}"
+    assert list(startcheck.ENV) == list(env)
+    options = {name: _lean_kind(spec) for name, spec in SPECS.items() if spec.option}
+    assert options == startcheck.OPTIONS, f"regenerate startcheck.OPTIONS: {options!r}"
+    exclusive: dict[str, list[str]] = {}
+    for name, spec in SPECS.items():
+        if spec.exclusive and spec.group:
+            exclusive.setdefault(spec.group, []).append(name)
+    assert tuple(tuple(group) for group in exclusive.values()) == startcheck.EXCLUSIVE
+    destination = SPECS["tracking_uri"].group
+    assert tuple(name for name, spec in SPECS.items() if spec.group == destination) == startcheck.DESTINATION
+    assert startcheck.DEFAULT_CONFIG == sources.DEFAULT_CONFIG
+
+
+CANDIDATES = [
+    "true", "no", " On ", "ture", "1", "0", "-1", "12345678901234567890", "123456789012345678901234567890",
+    "http://127.0.0.1:5000", "https://mlflow.example.com/", "http://h:99999", "http://h:", "http://:80",
+    "http://u:p@h:5000", "ftp://h", "http://h/?q", "http://h/p#f", "HTTP://h", "http://[::1]:5000",
+    "http://h:5000/a b", "http:/h", "http://h_x.y-z~:0/p/a:b", "name", " spaced name ", "a:b", "ab\tc",
+    "x" * 199, "x" * 201, "ümlaut", "~/spool", "/tmp/spool", "", "  ", "${VAR}", "%41", "http://h/%zz",
+]
+
+
+def _same_verdict_or_full(environ: dict[str, str]) -> None:
+    if startcheck.problem(environ) is None:
+        assert startcheck.no_destination(sources.load(environ).settings) is None, environ
+
+
+@pytest.mark.parametrize("var", list(startcheck.ENV))
+def test_the_plain_forms_accept_nothing_the_full_check_refuses(var: str) -> None:
+    """The lean check may send a good value to the full check, never let a bad one through."""
+    for value in CANDIDATES:
+        destination = {} if startcheck.ENV[var][0] in startcheck.DESTINATION else {
+            "MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}
+        _same_verdict_or_full({var: value, **destination})
+
+
+@pytest.mark.parametrize("name", list(startcheck.OPTIONS))
+def test_the_plain_options_accept_nothing_the_full_check_refuses(name: str) -> None:
+    for value in [*CANDIDATES, True, False]:
+        options = json.dumps({name: value})
+        _same_verdict_or_full({flags.OPTIONS_ENV: options})
+        _same_verdict_or_full({flags.OPTIONS_ENV: options, "MLFLOW_TRACKING_URI": "http://127.0.0.1:9",
+                               "MLFLOW_EXPERIMENT_NAME": "agents"})
+
+
+def test_plain_settings_are_accepted_without_the_full_check() -> None:
+    """Not vacuous: the common environment really takes the lean path."""
+    environ = {"MLFLOW_TRACKING_URI": "http://127.0.0.1:5000", "MLFLOW_EXPERIMENT_NAME": "support-bot",
+               "TRACED_RUN_SPOOL_DIR": "/var/spool/traced", "OTEL_SERVICE_NAME": "bot"}
+    assert startcheck._plainly_valid(environ)
+    assert not startcheck._plainly_valid({**environ, "MLFLOW_EXPERIMENT_ID": "1"})
+    assert not startcheck._plainly_valid({"MLFLOW_EXPERIMENT_NAME": "x"})
+    options = '{"strict": true, "experiment_id": "3", "tracking_uri": "http://mlflow:5000"}'
+    assert startcheck._plainly_valid({**environ, flags.OPTIONS_ENV: options})
+    assert not startcheck._plainly_valid({**environ, flags.OPTIONS_ENV: '{"experiment_id": "x"}'})

@@ -62,7 +62,7 @@ def test_llm_spans_show_the_conversation_they_sent(two_turns: tuple[App, str, st
     user = {"role": "user", "parts": [{"type": "text", "content": "What is the weather in Paris?"}]}
     call = {"role": "assistant", "parts": [{"type": "tool_call", "id": "pyd_ai_tool_call_id__lookup",
                                              "name": "lookup", "arguments": {"city": "a"}}]}
-    result = {"role": "user", "parts": [{"type": "tool_call_response", "id": "pyd_ai_tool_call_id__lookup",
+    result = {"role": "tool", "parts": [{"type": "tool_call_response", "id": "pyd_ai_tool_call_id__lookup",
                                          "name": "lookup", "response": "a: sunny"}]}
     answer = {"role": "assistant", "parts": [{"type": "text", "content": '{"lookup":"a: sunny"}'}]}
     assert asking.inputs == [system, user]
@@ -207,7 +207,7 @@ def test_mlflow_native_mode_records_the_same_run(app: App) -> None:
     (agent,) = spans_by_type(otlp_trace)["AGENT"]
     assert agent.inputs == "What is the weather in Paris?"
     last = max(spans_by_type(otlp_trace)["LLM"], key=lambda s: s.start_time_ns)
-    assert [m["role"] for m in last.inputs] == ["system", "user", "assistant", "user"]
+    assert [m["role"] for m in last.inputs] == ["system", "user", "assistant", "tool"]
 
 
 def test_mlflow_native_mode_without_mlflow_says_so(app: App) -> None:

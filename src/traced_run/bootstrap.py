@@ -37,18 +37,31 @@ def start() -> None:
     if _started:
         return
     _started = True
+    launched = os.environ.pop(flags.LAUNCHED_ENV, None) == str(os.getpid())
+    if launched:
+        _check_launched()
     _run_user_sitecustomize()
     if flags.switched_off(os.environ):
         return
     spawner = os.environ.get(SETTING_UP_ENV)
     if spawner and spawner != str(os.getpid()):
         return
-    if flags.strict(os.environ):
+    if flags.strict(os.environ) and not launched:  # launched: checked already
         _check_settings_now()
     if WATCHED in sys.modules:
         _on_import(sys.modules[WATCHED])
     else:
         sys.meta_path.insert(0, _ImportWatcher(WATCHED, _on_import))
+
+
+def _check_launched() -> None:
+    """Under the shell launcher: what the launcher refuses stops the app before any
+    of its code (or the user's sitecustomize) runs, with the launcher's own line."""
+    from traced_run import startcheck
+
+    message = startcheck.problem(os.environ)
+    if message is not None:
+        _refuse(message)
 
 
 def _check_settings_now() -> None:
@@ -59,10 +72,16 @@ def _check_settings_now() -> None:
     try:
         load()
     except report.ConfigError as error:
-        report.say(f"{error} (strict mode: not starting the app)")
-        # SystemExit inside sitecustomize is a fatal startup error (exit 1 and a
-        # traceback); nothing of the app has run yet, so there is nothing to flush.
-        os._exit(report.EXIT_CONFIG)
+        _refuse(f"{error} (strict mode: not starting the app)")
+
+
+def _refuse(message: str) -> None:
+    from traced_run import report
+
+    report.say(message)
+    # SystemExit inside sitecustomize is a fatal startup error (exit 1 and a
+    # traceback); nothing of the app has run yet, so there is nothing to flush.
+    os._exit(report.EXIT_CONFIG)
 
 
 def _on_import(module: "ModuleType") -> None:

@@ -1,9 +1,13 @@
 """``traced-run [OPTIONS] COMMAND [ARGS...]``: prepare the environment, then
 become the command (exec), so its pid, stdio, signals and exit code are its own.
 
-The launcher checks the settings before anything runs and refuses bad ones
-with one line and exit code 78; the options reach the app's processes through
-``TRACED_RUN_OPTIONS``, where they keep their precedence over the environment.
+This is the Python launcher: ``python -m traced_run``, the ``traced-run-py``
+command, and where the shell launcher ``traced-run`` (scripts/traced-run) hands
+over everything but its fast path (options, subcommands, a command that is not
+a Python of the launcher's own environment). It checks the settings before
+anything runs and refuses bad ones with one line and exit code 78; the options
+reach the app's processes through ``TRACED_RUN_OPTIONS``, where they keep their
+precedence over the environment.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from traced_run.bootstrap import BOOT_DIR
 from traced_run.flags import OPTIONS_ENV
 from traced_run.settings import SPECS
 from traced_run.sources import Loaded, load, shown
+from traced_run.startcheck import no_destination
 
 EPILOG = """\
 commands of its own:
@@ -106,10 +111,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not command:
         report.say("no command given: traced-run [OPTIONS] COMMAND [ARGS...] (see traced-run --help)")
         return report.EXIT_USAGE
-    if loaded.settings.enabled and not loaded.settings.traces_endpoint:
-        from traced_run.transport import NO_TRACKING_URI
-
-        report.say(NO_TRACKING_URI)
+    refusal = no_destination(loaded.settings)
+    if refusal is not None:
+        report.say(refusal)
         return report.EXIT_CONFIG
     return _exec(command, env)
 

@@ -70,10 +70,11 @@ def for_mlflow(span: ReadableSpan, settings: Settings) -> ReadableSpan:
     copy = _copy(span, dict(span.attributes or {}))
     _processor.on_end(copy)
     attributes: dict[str, AttributeValue] = dict(copy.attributes or {})
-    _conversation(attributes)
     _metadata(attributes, settings, is_root=span.parent is None)
     if not settings.include_content:
         _withhold_content(attributes)
+    _conversation(attributes)
+    _token_total(attributes)
     _bound_binary(attributes, settings.max_binary_bytes)
     redactor = config.redactor
     if not redactor:
@@ -104,34 +105,81 @@ def _copy(span: ReadableSpan, attributes: dict[str, AttributeValue], **changed: 
 # -- conversations -------------------------------------------------------------------------
 
 def _conversation(attributes: dict[str, AttributeValue]) -> None:
-    """An LLM span's inputs become the whole conversation it was sent, in the
-    OTel GenAI message shape MLflow's chat view reads: system instructions as
-    the first message, tool results under ``response`` (pydantic-ai writes
-    ``result``, which the view does not read). OpenInference left only the
-    last user prompt there."""
+    """An LLM span's inputs become the whole conversation it was sent, and its
+    outputs the model's answer, shaped for MLflow's chat view (see ``_chat``)
+    with the system instructions as the first message: pydantic-ai keeps them
+    outside its message list. OpenInference left only the last user prompt there."""
     messages = _json(attributes.get("gen_ai.input.messages"))
     if not isinstance(messages, list):
         return
     instructions = _json(attributes.get("gen_ai.system_instructions"))
-    conversation: list[Any] = []
     if isinstance(instructions, list) and instructions:
-        conversation.append({"role": "system", "parts": instructions})
-    conversation.extend(_with_responses(message) for message in messages)
-    attributes[SPAN_INPUTS] = json.dumps(conversation, ensure_ascii=False)
+        messages = [{"role": "system", "parts": instructions}, *messages]
+    attributes[SPAN_INPUTS] = json.dumps(_chat(messages), ensure_ascii=False)
     outputs = _json(attributes.get("gen_ai.output.messages"))
     if isinstance(outputs, list):
-        attributes[SPAN_OUTPUTS] = json.dumps(outputs, ensure_ascii=False)
+        attributes[SPAN_OUTPUTS] = json.dumps(_chat(outputs), ensure_ascii=False)
 
 
-def _with_responses(message: Any) -> Any:
-    if not isinstance(message, dict) or not isinstance(message.get("parts"), list):
-        return message
-    parts = []
-    for part in message["parts"]:
-        if isinstance(part, dict) and part.get("type") == "tool_call_response" and "result" in part:
-            part = {("response" if key == "result" else key): value for key, value in part.items()}
-        parts.append(part)
-    return {**message, "parts": parts}
+def _chat(messages: list[Any]) -> list[Any]:
+    """pydantic-ai's OTel GenAI messages as MLflow's chat view renders them.
+
+    The view (MLflow 3.17's JS) turns a message into at most one tool result,
+    the last, and none when the message also has text; pydantic-ai sends the
+    results of parallel tool calls, and a retry prompt beside them, in one
+    message. So every tool result becomes a message of its own, role ``tool``,
+    in place. The view reads a result under ``response`` (pydantic-ai writes
+    ``result``), and shows the whole list as a YAML dump if any part is not
+    text, tool call or tool result: thinking, images and files become text
+    parts that say what they were, never their bytes."""
+    chat: list[Any] = []
+    for message in messages:
+        if not isinstance(message, dict) or not isinstance(message.get("parts"), list):
+            chat.append(message)
+            continue
+        others: list[Any] = []
+        for part in message["parts"]:
+            if isinstance(part, dict) and part.get("type") == "tool_call_response":
+                if others:
+                    chat.append({**message, "parts": others})
+                    others = []
+                response = {key: value for key, value in part.items() if key != "result"}
+                response["response"] = part.get("result", _WITHHELD)
+                chat.append({"role": "tool", "parts": [response]})
+            else:
+                others.append(_shown(part))
+        if others:
+            chat.append({**message, "parts": others})
+    return chat
+
+
+_WITHHELD = "[content not exported]"
+"""What the chat view shows for a text pydantic-ai did not record (include_content false)."""
+
+
+def _shown(part: Any) -> Any:
+    if not isinstance(part, dict):
+        return part
+    kind = part.get("type")
+    if kind == "text":
+        return part if isinstance(part.get("content"), str) else {**part, "content": _WITHHELD}
+    if kind == "tool_call":
+        arguments = part.get("arguments")
+        # Streamed calls carry their arguments as the JSON text the model sent.
+        parsed = _json(arguments) if isinstance(arguments, str) else None
+        return part if parsed is None else {**part, "arguments": parsed}
+    if kind == "thinking":
+        return {"type": "text", "content": f"[thinking] {part.get('content', _WITHHELD)}"}
+    what = next((str(part[key]) for key in ("mime_type", "media_type", "modality") if part.get(key)), kind)
+    content = part.get("content")
+    if kind in ("blob", "binary") and isinstance(content, str):
+        return {"type": "text", "content": f"[{what}, {_base64_size(content)} bytes]"}
+    where = part.get("uri") or part.get("url") or part.get("file_id")
+    return {"type": "text", "content": f"[{what}: {where}]" if isinstance(where, str) else f"[{what}]"}
+
+
+def _base64_size(content: str) -> int:
+    return len(content) * 3 // 4 - content[-2:].count("=")
 
 
 def _json(value: AttributeValue | None) -> Any:
@@ -141,6 +189,25 @@ def _json(value: AttributeValue | None) -> Any:
         return json.loads(value)
     except ValueError:
         return None
+
+
+_PROMPT_TOKENS = "llm.token_count.prompt"
+_COMPLETION_TOKENS = "llm.token_count.completion"
+_TOTAL_TOKENS = "llm.token_count.total"
+
+
+def _token_total(attributes: dict[str, AttributeValue]) -> None:
+    """Every model call's token counts add up. pydantic-ai leaves out a zero
+    count (a streamed call's first response reports input tokens only), and
+    OpenInference then writes no total; MLflow sums per-span totals into the
+    trace's, which came out below the trace's input tokens."""
+    prompt = attributes.get(_PROMPT_TOKENS)
+    completion = attributes.get(_COMPLETION_TOKENS)
+    if not isinstance(prompt, int) and not isinstance(completion, int):
+        return
+    prompt = attributes[_PROMPT_TOKENS] = prompt if isinstance(prompt, int) else 0
+    completion = attributes[_COMPLETION_TOKENS] = completion if isinstance(completion, int) else 0
+    attributes.setdefault(_TOTAL_TOKENS, prompt + completion)
 
 
 # -- trace metadata ------------------------------------------------------------------------
@@ -185,7 +252,7 @@ def _bound_binary(attributes: dict[str, AttributeValue], limit: int) -> None:
         content = part.get("content")
         if part.get("type") not in ("blob", "binary") or not isinstance(content, str):
             return part
-        size = len(content) * 3 // 4 - content[-2:].count("=")  # base64
+        size = _base64_size(content)
         if size <= limit:
             return part
         return {**part, "content": f"[{size} bytes not exported: over max_binary_bytes={limit}]"}

@@ -1,6 +1,6 @@
 """The two switches a process must know at interpreter start: the kill switch
-and strict mode. Read with ``os`` alone (``json`` only under the launcher):
-the bootstrap asks at every Python start, where importing the settings
+and strict mode. Read with ``os`` alone (``json`` only for launcher options in a
+form the launchers do not write): the bootstrap asks at every Python start, where importing the settings
 machinery would cost more than everything else it does. The settings table
 takes its spelling of these variables and of a boolean from here.
 """
@@ -17,6 +17,9 @@ ENABLED_ENV = "TRACED_RUN_ENABLED"
 SDK_DISABLED_ENV = "OTEL_SDK_DISABLED"
 """OpenTelemetry's own kill switch: ``true`` turns traced-run off too."""
 STRICT_ENV = "TRACED_RUN_STRICT"
+LAUNCHED_ENV = "TRACED_RUN_LAUNCHED"
+"""The shell launcher puts its pid here before it becomes the command: that process
+(and no child of it) checks the settings at start-up, as the launcher would have."""
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -38,16 +41,52 @@ def _env(environ: "Mapping[str, str]", name: str) -> bool | None:
         return None
 
 
-def _option(environ: "Mapping[str, str]", name: str) -> bool | None:
+def options(environ: "Mapping[str, str]") -> "dict[str, object] | None":
+    """The launcher's options from TRACED_RUN_OPTIONS (``{}`` when there are none), or
+    None when it is not a JSON object. What the launchers write, ``{"key": "text",
+    "key": true}`` without escapes, is read without importing ``json`` (and ``re``)."""
     raw = environ.get(OPTIONS_ENV, "").strip()
     if not raw:
-        return None
+        return {}
+    plain = _plain_json(raw)
+    if plain is not None:
+        return plain
     import json
 
     try:
-        value = json.loads(raw).get(name)
-    except (ValueError, AttributeError, RecursionError):
+        given = json.loads(raw)
+    except (ValueError, RecursionError):
         return None
+    return given if isinstance(given, dict) else None
+
+
+def _plain_json(raw: str) -> "dict[str, object] | None":
+    """A flat JSON object of strings without escapes and booleans, as ``json.dumps``
+    spells it; None for anything else (then ``json`` reads it)."""
+    if not (raw.startswith("{") and raw.endswith("}")) or "\\" in raw:
+        return None
+    given: dict[str, object] = {}
+    body = raw[1:-1].strip()
+    for item in body.split(", ") if body else ():
+        key, separator, text = item.partition(": ")
+        if not (separator and _plain_string(key)) or key[1:-1] in given:
+            return None
+        if text in ("true", "false"):
+            given[key[1:-1]] = text == "true"
+        elif _plain_string(text):
+            given[key[1:-1]] = text[1:-1]
+        else:
+            return None
+    return given
+
+
+def _plain_string(text: str) -> bool:
+    return len(text) >= 2 and text[0] == text[-1] == '"' and '"' not in text[1:-1]
+
+
+def _option(environ: "Mapping[str, str]", name: str) -> bool | None:
+    given = options(environ)
+    value = given.get(name) if given else None
     return value if isinstance(value, bool) else None
 
 

@@ -1,0 +1,195 @@
+"""What ``enrich.for_mlflow`` makes of pydantic-ai's spans, in process and in
+seconds (no MLflow, no subprocess): each run of tests/conversations.py is
+recorded with an in-memory exporter and every model call's chat view is
+checked against what MLflow's UI can render. tests/test_browser.py checks the
+same runs in the real UI."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import conversations
+import pytest
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from pydantic_ai import Agent
+from pydantic_ai.models.instrumented import InstrumentationSettings
+
+from traced_run.enrich import SPAN_INPUTS, SPAN_OUTPUTS, for_mlflow
+from traced_run.settings import Settings
+
+WITHHELD = "[content not exported]"
+
+
+@pytest.fixture
+def record() -> Iterator[Any]:
+    """Runs one kind of conversation; gives its spans as MLflow gets them, in end order."""
+
+    def run(kind: str, settings: Settings | None = None) -> list[ReadableSpan]:
+        settings = settings or Settings()
+        exporter = InMemorySpanExporter()
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        Agent.instrument_all(InstrumentationSettings(tracer_provider=provider,
+                                                     include_content=settings.include_content))
+        conversations.KINDS[kind]()
+        return [for_mlflow(span, settings) for span in exporter.get_finished_spans()]
+
+    yield run
+    Agent.instrument_all(False)
+
+
+def model_calls(spans: list[ReadableSpan]) -> list[tuple[list[Any], list[Any]]]:
+    """Each LLM span's chat inputs and outputs, in the order the calls ended."""
+    return [(json.loads(str(attributes[SPAN_INPUTS])), json.loads(str(attributes[SPAN_OUTPUTS])))
+            for attributes in (span.attributes or {} for span in spans)
+            if attributes.get("openinference.span.kind") == "LLM"]
+
+
+def renders_as_chat(messages: list[Any]) -> bool:
+    """MLflow 3.17's UI (its OTel GenAI message parser) shows ``messages`` as a
+    conversation only if every part is text with content, a named tool call or
+    a tool result with a response; a message yields at most one tool result,
+    and none beside text or calls. Anything else: a YAML dump, or lost results."""
+    for message in messages:
+        parts = message.get("parts")
+        if not isinstance(message.get("role"), str) or not parts:
+            return False
+        for part in parts:
+            kind = part.get("type")
+            if kind == "text" and isinstance(part.get("content"), str):
+                continue
+            if kind == "tool_call" and isinstance(part.get("name"), str):
+                continue
+            if kind == "tool_call_response" and "response" in part:
+                continue
+            return False
+        results = sum(part["type"] == "tool_call_response" for part in parts)
+        if results and len(parts) > 1:
+            return False
+    return True
+
+
+def text(role: str, *contents: str) -> dict[str, Any]:
+    return {"role": role, "parts": [{"type": "text", "content": content} for content in contents]}
+
+
+def call(*tools: str, customer: str = "cust-Q7") -> dict[str, Any]:
+    return {"role": "assistant", "parts": [{"type": "tool_call", "id": f"call_{tool}", "name": tool,
+                                            "arguments": {"customer": customer}} for tool in tools]}
+
+
+def result(tool: str, response: Any, tool_id: str | None = None) -> dict[str, Any]:
+    return {"role": "tool", "parts": [{"type": "tool_call_response", "id": tool_id or f"call_{tool}",
+                                       "name": tool, "response": response}]}
+
+
+SYSTEM = text("system", "Be brief.")
+USER = text("user", conversations.PROMPT)
+
+
+@pytest.mark.parametrize("kind", list(conversations.KINDS))
+def test_every_model_call_renders_as_a_chat(record: Any, kind: str) -> None:
+    calls = model_calls(record(kind))
+    assert calls
+    for inputs, outputs in calls:
+        assert renders_as_chat(inputs), inputs
+        assert renders_as_chat(outputs), outputs
+
+
+@pytest.mark.parametrize("kind, tools", [("two-tools", ("balance", "orders")),
+                                         ("three-tools", ("balance", "orders", "address"))])
+def test_parallel_tool_calls_each_get_a_result_message(record: Any, kind: str,
+                                                       tools: tuple[str, ...]) -> None:
+    asking, answering = model_calls(record(kind))
+    assert asking == ([SYSTEM, USER], [call(*tools)])
+    results = [result(tool, f"cust-Q7 {conversations.RESULTS[tool]}") for tool in tools]
+    answer = text("assistant", f"Done: {len(tools)} lookups.")
+    assert answering == ([SYSTEM, USER, call(*tools), *results], [answer])
+
+
+def test_retries_show_the_validation_errors_and_the_retry_prompt(record: Any) -> None:
+    *_, (inputs, outputs) = model_calls(record("retries"))
+    invalid, retried = (m["parts"][0] for m in inputs if m["role"] == "tool")
+    assert invalid["id"] == "call_bad" and [e["msg"] for e in invalid["response"]] == [
+        "Field required", "Input should be a valid integer, unable to parse string as an integer"]
+    assert retried["id"] == "call_retry"
+    assert "Order o-1 was never paid: ask the customer for another order." in retried["response"]
+    assert outputs == [text("assistant", "Refund not possible for o-1.")]
+
+
+def test_structured_output_is_the_final_result_call(record: Any) -> None:
+    ((inputs, outputs),) = model_calls(record("structured"))
+    assert inputs == [text("user", "Refund o-1 by 12.50.")]
+    final = {"type": "tool_call", "id": "call_out", "name": "final_result",
+             "arguments": {"order": "o-1", "amount": 12.5}}
+    assert outputs == [{"role": "assistant", "parts": [final]}]
+
+
+def test_a_second_turn_carries_the_first(record: Any) -> None:
+    first, second = model_calls(record("multi-turn"))
+    assert first == ([text("user", "Hi there.")], [text("assistant", "Hello! How can I help?")])
+    history = [text("user", "Hi there."), text("assistant", "Hello! How can I help?")]
+    assert second == ([*history, text("user", "When does my order ship?")],
+                      [text("assistant", "Your order ships Friday.")])
+
+
+def test_instructions_come_first_then_the_system_prompt(record: Any) -> None:
+    ((inputs, _),) = model_calls(record("prompts"))
+    assert inputs == [text("system", "Answer in one sentence.\n\nThe customer is on the gold tier."),
+                      text("system", "You are the support desk of ACME."), text("user", "Can I upgrade?")]
+
+
+def test_thinking_is_text_that_says_so(record: Any) -> None:
+    ((_, outputs),) = model_calls(record("thinking"))
+    assert outputs == [text("assistant", "[thinking] The customer wants a date; orders ship on Fridays.",
+                            "Friday.")]
+
+
+def test_images_are_placeholders_in_the_chat_and_bounded_elsewhere(record: Any) -> None:
+    pixel = len(conversations.PIXEL)
+    spans = record("images")
+    ((inputs, _),) = model_calls(spans)
+    assert inputs == [text("user", "What are these?", f"[image/png: {conversations.IMAGE_URL}]",
+                           f"[image/png, {pixel} bytes]")]
+    (llm,) = (span for span in spans if span.name.startswith("chat "))
+    assert "iVBORw0KGgo" in str((llm.attributes or {})["gen_ai.input.messages"])  # within max_binary_bytes
+    bounded = record("images", Settings(max_binary_bytes=16))
+    values = [str(value) for span in bounded for value in (span.attributes or {}).values()]
+    assert not [value for value in values if "iVBORw0KGgo" in value]
+    assert any(f"[{pixel} bytes not exported: over max_binary_bytes=16]" in value for value in values)
+
+
+def test_streamed_runs_match_the_plain_run_and_their_tokens_add_up(record: Any) -> None:
+    spans = record("streamed")
+    by_trace: dict[int, list[ReadableSpan]] = {}
+    for span in spans:
+        by_trace.setdefault(span.context.trace_id, []).append(span)
+    conversations_seen = []
+    for trace in by_trace.values():
+        conversations_seen.append(model_calls(trace))
+        for span in trace:
+            attributes = span.attributes or {}
+            if attributes.get("openinference.span.kind") != "LLM":
+                continue
+            prompt = attributes["llm.token_count.prompt"]
+            completion = attributes["llm.token_count.completion"]
+            assert isinstance(prompt, int) and isinstance(completion, int)
+            assert attributes["llm.token_count.total"] == prompt + completion, span.name
+    plain, *streamed = conversations_seen
+    assert len(streamed) == 3 and all(each == plain for each in streamed)
+
+
+def test_without_content_the_chat_keeps_roles_and_tool_names_only(record: Any) -> None:
+    spans = record("two-tools", Settings(include_content=False))
+    _, (inputs, outputs) = model_calls(spans)
+    assert [m["role"] for m in inputs] == ["user", "assistant", "tool", "tool"]
+    assert [p["name"] for m in inputs for p in m["parts"] if "name" in p] == ["balance", "orders"] * 2
+    assert inputs[0] == text("user", WITHHELD) and outputs == [text("assistant", WITHHELD)]
+    assert renders_as_chat(inputs) and renders_as_chat(outputs)
+    values = " ".join(str(value) for span in spans for value in (span.attributes or {}).values())
+    for said in (conversations.PROMPT, "Be brief.", "42.50", "in transit", "cust-Q7", "Done: 2 lookups."):
+        assert said not in values
