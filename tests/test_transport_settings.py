@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from test_settings import cwd, error_of
 
+from traced_run import transport
 from traced_run.sources import load
 
 __all__ = ["cwd"]  # the autouse fixture: an empty working directory
@@ -39,12 +40,19 @@ def test_client_certificate_and_key_from_mlflow_or_otel_names(tmp_path: Path) ->
     assert (loaded.settings.client_cert, loaded.settings.client_key) == (str(cert), None)
 
 
-def test_a_certificate_path_that_names_nothing_is_one_line_naming_the_variable(tmp_path: Path) -> None:
+def test_a_certificate_path_that_names_nothing_is_said_with_the_fix_at_the_request(tmp_path: Path) -> None:
+    """Checked where it is used, not at start: REQUESTS_CA_BUNDLE is set on many machines
+    for other tools, and the launcher's quick start-up check takes a path as it is."""
     missing = tmp_path / "nope.pem"
-    assert error_of({"REQUESTS_CA_BUNDLE": str(missing)}) == (
-        f"env REQUESTS_CA_BUNDLE: ca_bundle: no such file, got {str(missing)!r}")
-    assert error_of({"MLFLOW_TRACKING_CLIENT_CERT_PATH": str(missing)}).startswith(
-        "env MLFLOW_TRACKING_CLIENT_CERT_PATH: client_cert: no such file")
+    settings = load({"REQUESTS_CA_BUNDLE": str(missing)}).settings
+    answer = transport.request(settings, "https://127.0.0.1:9/x", timeout=1)
+    assert answer.status is None
+    assert answer.problem == (f"cannot use the CA bundle {missing} (no such file or directory); set "
+                              "MLFLOW_TRACKING_SERVER_CERT_PATH to a PEM file of CA certificates")
+    settings = load({"MLFLOW_TRACKING_CLIENT_CERT_PATH": str(missing)}).settings
+    assert transport.request(settings, "https://127.0.0.1:9/x", timeout=1).problem.startswith(
+        f"cannot use the client certificate {missing} (no such file or directory); set "
+        "MLFLOW_TRACKING_CLIENT_CERT_PATH")
 
 
 def test_insecure_tls_and_workspace_from_mlflow_s_names() -> None:

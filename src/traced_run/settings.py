@@ -141,16 +141,6 @@ def _path(text: str) -> str:
     return path
 
 
-def _file(text: str) -> str:
-    """A path to a file (or, for a CA bundle, a directory) that is there now: a
-    certificate path that names nothing is a mistake to say at start, not at the
-    first request."""
-    path = _path(text)
-    if not os.path.exists(path):
-        raise ValueError("no such file")
-    return path
-
-
 def _workspace(text: str) -> str:
     """MLflow's own rule for a workspace name (WorkspaceNameValidator)."""
     name = text.strip()
@@ -398,7 +388,6 @@ EXPERIMENT_ID = _text_kind("experiment id", _experiment_id, "digits")
 EXPERIMENT_NAME = _text_kind("string", _experiment_name,
                              f"one line, at most {MAX_EXPERIMENT_NAME} characters, MLflow's limit")
 RUN_ID = _text_kind("run id", _run_id, "MLflow's run id characters")
-FILE = _text_kind("file", _file, f"must exist; ~ expanded, at most {MAX_PATH} characters")
 WORKSPACE = _text_kind("workspace", _workspace, "MLflow's workspace name rule")
 DURATION = Kind("duration", _duration, _duration_yaml, "seconds, or with s, m, h, d, w; 1 minute to 366 days")
 SECONDS = _number("seconds", "expected a number of seconds", lambda seconds: 0 < seconds <= 3600,
@@ -521,16 +510,16 @@ class Settings:
         env=("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "OTEL_EXPORTER_OTLP_HEADERS"), secret=True,
         merged=True, trust=CREDENTIALS))
     ca_bundle: str | None = setting(None, Spec(
-        FILE, "CA certificates (PEM file or directory) that verify an https:// MLflow or endpoint, "
+        PATH, "CA certificates (PEM file or directory) that verify an https:// MLflow or endpoint, "
         "instead of the system's; the first variable set wins.",
         env=("MLFLOW_TRACKING_SERVER_CERT_PATH", "OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE",
              "OTEL_EXPORTER_OTLP_CERTIFICATE", "REQUESTS_CA_BUNDLE"), trust=TLS_TRUST))
     client_cert: str | None = setting(None, Spec(
-        FILE, "Client certificate (PEM) sent to an https:// server that asks for one; may hold the key too.",
+        PATH, "Client certificate (PEM) sent to an https:// server that asks for one; may hold the key too.",
         env=("MLFLOW_TRACKING_CLIENT_CERT_PATH", "OTEL_EXPORTER_OTLP_TRACES_CLIENT_CERTIFICATE",
              "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE"), trust=CREDENTIALS))
     client_key: str | None = setting(None, Spec(
-        FILE, "Private key (PEM) of client_cert, when that file does not hold it.",
+        PATH, "Private key (PEM) of client_cert, when that file does not hold it.",
         env=("OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY", "OTEL_EXPORTER_OTLP_CLIENT_KEY"), trust=CREDENTIALS))
     insecure_tls: bool = setting(False, Spec(
         BOOL, "Do not verify the server's certificate (a development server only): anyone on the way "
