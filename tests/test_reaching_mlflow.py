@@ -364,6 +364,14 @@ def spooled_for_a_wrong_uri(directory: Path, name: str, **extra: str) -> str:
     return wrong
 
 
+def spooled_long_ago(directory: Path, seconds: float) -> None:
+    """A batch in the spool of an app that ended ``seconds`` ago (its file's times set back)."""
+    spooled_for_a_wrong_uri(directory, new_name())
+    then = time.time() - seconds
+    for path in spool_files(directory):
+        os.utime(path, (then, then))
+
+
 def test_batches_for_a_wrong_uri_are_listed_and_sent_to_the_corrected_one_never_to_the_old(
         tmp_path: Path, mlflow_server: MlflowServer) -> None:
     name = new_name()
@@ -403,15 +411,11 @@ def test_drop_other_endpoints(tmp_path: Path, mlflow_server: MlflowServer) -> No
 
 def test_batches_older_than_spool_max_age_are_removed_and_counted(
         tmp_path: Path, mlflow_server: MlflowServer) -> None:
-    spooled_for_a_wrong_uri(tmp_path, new_name())
-    week_and_a_day = time.time() - 8 * 86400
-    for path in spool_files(tmp_path):
-        os.utime(path, (week_and_a_day, week_and_a_day))
+    spooled_long_ago(tmp_path, 8 * 86400)
     env = env_for(mlflow_server.url, tmp_path)
     _, found, _ = doctor(tmp_path, env, "--no-trace")
     assert found["spool expired"] == ("WARN", "1 batch older than spool_max_age=7 d — the next traced "
-                                              "process "
-                                              "or `traced-run flush` removes them")
+                                              "process or `traced-run flush` removes them")
     done = flush(tmp_path, env)
     assert done.returncode == 0
     assert "; removed 1 batch (4 spans) older than spool_max_age=7 d;" in done.stdout, done.stdout
@@ -420,10 +424,7 @@ def test_batches_older_than_spool_max_age_are_removed_and_counted(
 
 def test_a_traced_process_removes_expired_batches_and_says_so(
         tmp_path: Path, mlflow_server: MlflowServer) -> None:
-    spooled_for_a_wrong_uri(tmp_path, new_name())
-    two_hours_ago = time.time() - 2 * 3600
-    for path in spool_files(tmp_path):
-        os.utime(path, (two_hours_ago, two_hours_ago))
+    spooled_long_ago(tmp_path, 2 * 3600)
     name = new_name()
     done = run_app(tmp_path, env_for(mlflow_server.url, tmp_path, experiment=name,
                                      TRACED_RUN_SPOOL_MAX_AGE="1h"))
