@@ -187,38 +187,27 @@ def test_self_signed_fails_verification_and_insecure_tls_sends_with_one_warning(
 
 # -- proxies -------------------------------------------------------------------------------------
 
-def test_https_through_a_connect_proxy_and_doctor_shows_it(
-        tmp_path: Path, mlflow_server: MlflowServer, https_mlflow: TlsProxy, pki: Pki,
+@pytest.mark.parametrize("no_proxy", ["", "localhost,127.0.0.1"])
+def test_https_through_a_connect_proxy_unless_no_proxy_covers_the_host(
+        no_proxy: str, tmp_path: Path, mlflow_server: MlflowServer, https_mlflow: TlsProxy, pki: Pki,
         connect_proxy: ConnectProxy) -> None:
     name = new_name()
     env = env_for(https_mlflow.url, tmp_path, experiment=name,
-                  MLFLOW_TRACKING_SERVER_CERT_PATH=str(pki.ca_cert),
-                  HTTPS_PROXY=connect_proxy.url)
-    env.pop("NO_PROXY", None)
+                  MLFLOW_TRACKING_SERVER_CERT_PATH=str(pki.ca_cert), HTTPS_PROXY=connect_proxy.url)
     env.pop("no_proxy", None)
+    env["NO_PROXY"] = no_proxy  # empty: no host is exempt
     done = run_app(tmp_path, env)
     assert done.returncode == 0 and traced_lines(done.stderr.encode()) == [], done.stderr
     one_trace(mlflow_server, name)
-    assert f"localhost:{https_mlflow.port}" in connect_proxy.targets
     status, found, _ = doctor(tmp_path, env, "--no-trace")
     assert status == 0, found
-    assert found["proxy"] == ("OK", f"requests to {https_mlflow.url} go through {connect_proxy.url} "
-                                    "(HTTPS_PROXY; NO_PROXY does not cover the host)")
-
-
-def test_no_proxy_covering_the_host_goes_direct(
-        tmp_path: Path, mlflow_server: MlflowServer, https_mlflow: TlsProxy, pki: Pki,
-        connect_proxy: ConnectProxy) -> None:
-    name = new_name()
-    env = env_for(https_mlflow.url, tmp_path, experiment=name,
-                  MLFLOW_TRACKING_SERVER_CERT_PATH=str(pki.ca_cert),
-                  HTTPS_PROXY=connect_proxy.url, NO_PROXY="localhost,127.0.0.1")
-    done = run_app(tmp_path, env)
-    assert done.returncode == 0 and traced_lines(done.stderr.encode()) == [], done.stderr
-    one_trace(mlflow_server, name)
-    assert connect_proxy.targets == []
-    _, found, _ = doctor(tmp_path, env, "--no-trace")
-    assert "proxy" not in found
+    if no_proxy:
+        assert connect_proxy.targets == []
+        assert "proxy" not in found
+    else:
+        assert f"localhost:{https_mlflow.port}" in connect_proxy.targets
+        assert found["proxy"] == ("OK", f"requests to {https_mlflow.url} go through {connect_proxy.url} "
+                                        "(HTTPS_PROXY; NO_PROXY does not cover the host)")
 
 
 # -- authentication: the real basic-auth server -------------------------------------------------
