@@ -427,8 +427,9 @@ def test_a_traced_process_removes_expired_batches_and_says_so(
 # -- true exit reasons -------------------------------------------------------------------------
 
 BURST_APP = AGENT + """
-    for number in range(400):
+    for number in range(600):
         agent.run_sync(f"Weather number {number}?")
+    print("leaving", flush=True)
 """
 
 
@@ -449,22 +450,29 @@ def test_the_exit_line_says_what_mlflow_did(mode: str, reason: str, tmp_path: Pa
 
 def test_an_exit_bound_reached_while_mlflow_still_answers_is_said_as_such(
         tmp_path: Path, mlflow_server: MlflowServer) -> None:
-    """MLflow takes every batch, each a second late; the process leaves with more
-    batches than its exit bound has seconds for. MLflow did not fail: the line says
-    the bound ran out, not that MLflow did not answer."""
+    """MLflow takes every batch, each a second late; the process leaves with five
+    batches queued (MLflow's answers are held until it leaves, so a machine's speed
+    does not decide how many) and an exit bound of 4 s. MLflow did not fail: the
+    line says the bound ran out, not that MLflow did not answer."""
     experiment_id = str(mlflow_server.client().create_experiment(new_name()))
     (tmp_path / "app.py").write_text(textwrap.dedent(BURST_APP))
     slow = SlowProxy(mlflow_server.url, answer_delay=1.0)
     try:
-        env = env_for(slow.url, tmp_path, MLFLOW_EXPERIMENT_ID=experiment_id, TRACED_RUN_EXIT_TIMEOUT="3",
-                      TRACED_RUN_QUEUE_SIZE="100000")
-        done = subprocess.run([TRACED_RUN, "python", "app.py"], cwd=tmp_path, env=env, capture_output=True,
-                              text=True, timeout=180)
+        env = env_for(slow.url, tmp_path, MLFLOW_EXPERIMENT_ID=experiment_id, TRACED_RUN_EXIT_TIMEOUT="4",
+                      TRACED_RUN_QUEUE_SIZE="100000", OTEL_EXPORTER_OTLP_TRACES_TIMEOUT="120")
+        app = subprocess.Popen([TRACED_RUN, "python", "app.py"], cwd=tmp_path, env=env, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            assert app.stdout is not None and app.stdout.readline() == "leaving\n"
+            slow.held.set()
+            _, stderr = app.communicate(timeout=120)
+        finally:
+            app.kill()
     finally:
         slow.close()
-    line = exit_line(done)
+    (line,) = traced_lines(stderr.encode())
     assert re.fullmatch(
         rf"traced-run: \d+ spans of \d+ traces not delivered to {re.escape(slow.url)}/v1/traces "
-        r"\(exit_timeout=3s reached while MLflow was still taking batches \(it took the one before\); set "
+        r"\(exit_timeout=4s reached while MLflow was still taking batches \(it took the one before\); set "
         r"TRACED_RUN_EXIT_TIMEOUT higher to wait longer at exit\): kept in .*", line), line
     assert mlflow_server.traces(experiment_id), "MLflow took batches meanwhile"

@@ -120,6 +120,8 @@ class Relay:
 
     answer_delay = 0.0
     """Seconds each connection's answer is held before it goes back (a slow server)."""
+    held: threading.Event | None = None
+    """While not set, answers wait (then ``answer_delay`` more)."""
 
     def __init__(self) -> None:
         self._listener = socket.create_server(("127.0.0.1", 0))
@@ -163,7 +165,8 @@ class Relay:
             return
         client, upstream = opened
         self._track(upstream)
-        pump = threading.Thread(target=_pump, args=(upstream, client, self.answer_delay), daemon=True)
+        pump = threading.Thread(target=_pump, args=(upstream, client, self.answer_delay, self.held),
+                                daemon=True)
         pump.start()
         _pump(client, upstream)
         pump.join(_IO_TIMEOUT)
@@ -175,9 +178,13 @@ class Relay:
         raise NotImplementedError
 
 
-def _pump(source: socket.socket, target: socket.socket, delay: float = 0.0) -> None:
+def _pump(source: socket.socket, target: socket.socket, delay: float = 0.0,
+          held: threading.Event | None = None) -> None:
     try:
         while data := source.recv(65536):
+            if held is not None:
+                held.wait(_IO_TIMEOUT)
+                held = None
             time.sleep(delay)
             delay = 0.0
             target.sendall(data)
@@ -218,14 +225,15 @@ class TlsProxy(Relay):
 
 
 class SlowProxy(Relay):
-    """Plain TCP to ``upstream``, each answer held back ``answer_delay`` seconds:
-    MLflow answering, slowly."""
+    """Plain TCP to ``upstream`` (requests go on at once), each answer held until
+    ``held`` is set, then ``answer_delay`` seconds more: MLflow answering, slowly."""
 
     def __init__(self, upstream: str, answer_delay: float) -> None:
         parsed = urlsplit(upstream)
         assert parsed.hostname and parsed.port, upstream
         self._upstream = (parsed.hostname, parsed.port)
         self.answer_delay = answer_delay
+        self.held = threading.Event()
         super().__init__()
 
     @property
