@@ -206,6 +206,10 @@ def request(settings: Settings, url: str, *, method: str = "GET", data: bytes | 
         opener = _opener(settings)
     except TlsSetupError as error:
         return answer(None, problem=str(error))
+    if settings.insecure_tls and url.startswith("https:"):
+        from traced_run.report import say
+
+        say(INSECURE_WARNING)  # once per process: say() repeats no line
     try:
         prepared = urllib.request.Request(without_userinfo(url), data=data, method=method,
                                           headers=headers or {})
@@ -359,10 +363,6 @@ def _opener(settings: Settings) -> urllib.request.OpenerDirector:
 
         https = urllib.request.HTTPSHandler(context=tls_context(settings))
         found = _OPENERS[key] = urllib.request.build_opener(NoRedirect, https)
-        if settings.insecure_tls:
-            from traced_run.report import say
-
-            say(INSECURE_WARNING)
     return found
 
 
