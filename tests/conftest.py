@@ -7,6 +7,7 @@ import contextlib
 import http.server
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -98,22 +99,24 @@ class MlflowServer:
 
 
 @contextlib.contextmanager
-def start_mlflow(backend_uri: str, root: Path, *, health_timeout: float = 180, args: tuple[str, ...] = (),
+def start_mlflow(backend_uri: str, root: Path, *, health_timeout: float = 180,
+                 mlflow: Path = BIN / "mlflow", args: tuple[str, ...] = (),
                  env: Mapping[str, str] | None = None) -> Iterator[MlflowServer]:
     """A real MLflow server on ``backend_uri``, its log and artifacts under ``root``,
-    up (healthy) while the ``with`` block runs and stopped after it; ``args`` and
-    ``env`` add to its command line and environment."""
+    up (healthy) while the ``with`` block runs and stopped after it; ``mlflow`` is
+    the command of the MLflow release to run; ``args`` and ``env`` add to its
+    command line and environment."""
     port = free_port()
     log_path = root / "server.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [str(BIN / "mlflow"), "server", "--backend-store-uri", backend_uri,
+            [str(mlflow), "server", "--backend-store-uri", backend_uri,
              "--default-artifact-root", str(root / "artifacts"), "--host", "127.0.0.1",
              "--port", str(port), "--workers", "1", *args],
             # Job workers (about ten processes) do nothing for traces and would load two cores.
             stdout=log, stderr=subprocess.STDOUT,
             env=clean_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", **(env or {})),
-            cwd=root,
+            cwd=root, start_new_session=True,
         )
         url = f"http://127.0.0.1:{port}"
 
@@ -130,11 +133,15 @@ def start_mlflow(backend_uri: str, root: Path, *, health_timeout: float = 180, a
             poll(healthy, timeout=health_timeout, what=f"mlflow server health ({backend_uri})", interval=0.5)
             yield MlflowServer(url, process)
         finally:
-            process.terminate()
+            # The whole group: MLflow 3.6 and 3.7 leave their uvicorn child running when
+            # only `mlflow server` is terminated.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
             try:
                 process.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                process.kill()
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="session")

@@ -19,6 +19,7 @@ not exist yet. ``--no-trace`` skips the proof.
 from __future__ import annotations
 
 import argparse
+import gzip
 import importlib.metadata
 import json
 import os
@@ -32,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from traced_run import mlflow_api, report
+from traced_run import compat, mlflow_api, report
 from traced_run.report import age, counted, mask_url
 from traced_run.settings import SPECS, Settings, default_of
 from traced_run.sources import Loaded, load, shown
@@ -59,8 +60,6 @@ SPOOL_BOUND = 5.0
 """Seconds reading the spool may take."""
 CHILD_TIMEOUT = 10.0
 """Seconds the bootstrap check's child interpreter may take."""
-MIN_MLFLOW = (3, 6)
-"""The first MLflow with the OTLP route ``/v1/traces``."""
 DOCTOR_TAG = "traced_run.doctor"
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
@@ -120,16 +119,6 @@ def _version(distribution: str) -> str | None:
         return None
 
 
-def _numbers(version: str) -> tuple[int, ...]:
-    parts: list[int] = []
-    for piece in version.split("."):
-        digits = "".join(c for c in piece if c.isdigit()) if piece[:1].isdigit() else ""
-        if not digits:
-            break
-        parts.append(int(digits))
-    return tuple(parts)
-
-
 def check_versions(found: Findings) -> dict[str, str | None]:
     """Installed versions, and whether they are ones traced-run works with."""
     versions: dict[str, str | None] = {"python": ".".join(map(str, sys.version_info[:3]))}
@@ -143,9 +132,8 @@ def check_versions(found: Findings) -> dict[str, str | None]:
     if pydantic_ai is None:
         problems.append((WARN, "pydantic-ai is not installed in this environment: nothing to trace",
                          "install traced-run in the app's own environment"))
-    elif _numbers(pydantic_ai) < (1, 20):
-        problems.append((WARN, f"pydantic-ai {pydantic_ai} is older than 1.20 (untested)",
-                         "upgrade pydantic-ai"))
+    problems += [(FAIL, problem, "install a supported release: until then the app runs untraced")
+                 for problem in compat.problems()]
     otel = {k: v for k, v in versions.items() if k.startswith("opentelemetry-")}
     missing = [k for k, v in {**otel, "openinference-instrumentation-pydantic-ai":
                               versions["openinference-instrumentation-pydantic-ai"]}.items() if v is None]
@@ -303,9 +291,11 @@ class MlflowChecks:
             return False
         self.found.add(OK, "host header", "accepted")
         version = answer.text(40)
-        if _numbers(version)[:2] < MIN_MLFLOW:
-            self.found.add(FAIL, "mlflow version", f"MLflow {version} has no OTLP route /v1/traces",
-                           "upgrade the server to MLflow >= 3.6")
+        supported = compat.ranges().get(compat.MLFLOW, "")
+        if supported and not compat.allows(supported, version):
+            self.found.add(FAIL, "mlflow version", f"MLflow {version} is not supported (traced-run supports "
+                           f"MLflow {supported}; older ones have no OTLP route /v1/traces)",
+                           f"upgrade the server: pip install 'mlflow{supported}'")
             return False
         self.found.add(OK, "mlflow version", f"MLflow {version}")
         return True
@@ -409,8 +399,20 @@ class MlflowChecks:
         if not (200 <= answer.status < 300 or empty_ok):
             self.found.add(FAIL, "otlp endpoint", f"{shown}: {_detail(answer)}")
             return False
-        self.found.add(OK, "otlp endpoint", f"{shown} accepts OTLP/HTTP protobuf ({answer.ms:.0f} ms)")
+        self.found.add(OK, "otlp endpoint", f"{shown} accepts OTLP/HTTP protobuf ({answer.ms:.0f} ms); "
+                       f"{self.compression(endpoint, headers)}")
         return True
+
+    def compression(self, endpoint: str, headers: dict[str, str]) -> str:
+        """Which bodies the server reads: the empty OTLP request again, gzip-compressed.
+        MLflow 3.6 reads a gzip body as protobuf and refuses it; traced-run then sends plain."""
+        answer = self.request(endpoint, method="POST", data=gzip.compress(b""),
+                              headers={**headers, "Content-Encoding": "gzip"})
+        if answer.ok or (answer.status == 400 and b"no spans" in answer.body):
+            return "takes gzip bodies"
+        return ("refuses gzip bodies: traced-run sends uncompressed there (it learns that at the first "
+                "refused batch)")
+
 
     def end_to_end(self) -> None:
         from traced_run.export import Sender
@@ -424,7 +426,8 @@ class MlflowChecks:
         if not outcome.delivered:
             self.found.add(FAIL, "end-to-end", f"MLflow did not take the proof trace: {outcome.reason}")
             return
-        path = "/api/3.0/mlflow/traces/get?" + urllib.parse.urlencode({"trace_id": trace_id})
+        # The trace's info: this route is in every MLflow from 3.6 (`traces/get` came later).
+        path = "/api/3.0/mlflow/traces/" + urllib.parse.quote(trace_id)
         deadline = time.monotonic() + PROOF_WAIT
         while True:
             answer = self.get(path)

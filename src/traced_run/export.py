@@ -10,8 +10,9 @@ process.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.trace import ReadableSpan
@@ -20,10 +21,12 @@ from traced_run import mlflow_api
 from traced_run.enrich import for_mlflow
 from traced_run.settings import Settings
 from traced_run.spool import Target
-from traced_run.transport import post_otlp
+from traced_run.transport import Answer, post_otlp
 
 INVALID = {400, 404, 413, 415, 422}
 """Statuses that say the batch itself (or where it is addressed) is wrong: sending it again cannot help."""
+REFUSED_ENCODING = {400, 415}
+"""Statuses a server that cannot read a compressed body answers it with."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,10 @@ class Sender:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._experiments: dict[tuple[str | None, str], str] = {}
+        self._plain = replace(settings, compression="none")
+        self._uncompressed: set[str] = set()
+        """Endpoints that refused a compressed body and took it plain: sent plain from then on."""
+        self._tried_plain: set[str] = set()
 
     def resolve(self, target: Target) -> str:
         """The experiment id for ``target`` (in its workspace); raises MlflowError when
@@ -78,10 +85,31 @@ class Sender:
             return Outcome(False, False, error.reason)
         except mlflow_api.MlflowError as error:
             return Outcome(False, False, str(error))
-        answer = post_otlp(self._settings, target.endpoint, payload, experiment_id, target.run_id,
-                           target.workspace, timeout)
+        endpoint = target.endpoint
+        settings = self._plain if endpoint in self._uncompressed else self._settings
+        deadline = time.monotonic() + timeout
+        answer = post_otlp(settings, endpoint, payload, experiment_id, target.run_id, target.workspace,
+                           timeout)
+        if (answer.status in REFUSED_ENCODING and settings.compression != "none"
+                and endpoint not in self._tried_plain):
+            answer = self._plain_once(endpoint, payload, experiment_id, target, deadline, answer)
         if answer.ok:
             return DELIVERED
         # A workspace that does not exist (yet) is the settings' fault, not the batch's: it waits.
         invalid = answer.status in INVALID and not answer.wrong_workspace
         return Outcome(False, invalid, answer.problem, answer.status)
+
+    def _plain_once(self, endpoint: str, payload: bytes, experiment_id: str, target: Target,
+                    deadline: float, refused: Answer) -> Answer:
+        """MLflow before 3.7 reads a gzip or deflate body as protobuf and answers 400 "Invalid
+        OpenTelemetry protobuf format": at the first such refusal (once per endpoint and process)
+        the batch goes again uncompressed, and if that is taken, so does every later one."""
+        remaining = max(deadline - time.monotonic(), 0.05)
+        plain = post_otlp(self._plain, endpoint, payload, experiment_id, target.run_id, target.workspace,
+                          remaining)
+        if plain.status is not None:
+            self._tried_plain.add(endpoint)
+        if plain.ok:
+            self._uncompressed.add(endpoint)
+            return plain
+        return refused if plain.status in REFUSED_ENCODING else plain

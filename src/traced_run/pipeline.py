@@ -29,7 +29,7 @@ from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
 from opentelemetry.trace import Link, Span, SpanKind
 from opentelemetry.util.types import Attributes
 
-from traced_run import flags, mlflow_native, report
+from traced_run import compat, flags, mlflow_native, report
 from traced_run.delivery import Delivery, DeliveryProcessor
 from traced_run.selection import PYDANTIC_AI_SCOPE, TraceSelection
 from traced_run.settings import Settings
@@ -56,11 +56,12 @@ def install() -> None:
         if not settings.enabled:
             return
         try:
+            compat.check()
             if settings.mode == "mlflow":
                 mlflow_native.install(settings)
             else:
                 _instrument(settings, sample_ratio(settings, loaded.sources["sample_ratio"], os.environ))
-        except mlflow_native.MlflowMissing as error:
+        except (mlflow_native.MlflowMissing, compat.Unsupported) as error:
             _fail(str(error), strict_code=report.EXIT_SETUP, strict=settings.strict)
         except Exception as error:
             _fail(f"could not set up tracing: {type(error).__name__}: {error}",
