@@ -100,19 +100,22 @@ class MlflowServer:
 
 @contextlib.contextmanager
 def start_mlflow(backend_uri: str, root: Path, *, health_timeout: float = 180,
-                 mlflow: Path = BIN / "mlflow") -> Iterator[MlflowServer]:
+                 mlflow: Path = BIN / "mlflow", args: tuple[str, ...] = (),
+                 env: Mapping[str, str] | None = None) -> Iterator[MlflowServer]:
     """A real MLflow server on ``backend_uri``, its log and artifacts under ``root``,
     up (healthy) while the ``with`` block runs and stopped after it; ``mlflow`` is
-    the command of the MLflow release to run."""
+    the command of the MLflow release to run; ``args`` and ``env`` add to its
+    command line and environment."""
     port = free_port()
     log_path = root / "server.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             [str(mlflow), "server", "--backend-store-uri", backend_uri,
              "--default-artifact-root", str(root / "artifacts"), "--host", "127.0.0.1",
-             "--port", str(port), "--workers", "1"],
+             "--port", str(port), "--workers", "1", *args],
             # Job workers (about ten processes) do nothing for traces and would load two cores.
-            stdout=log, stderr=subprocess.STDOUT, env=clean_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
+            stdout=log, stderr=subprocess.STDOUT,
+            env=clean_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", **(env or {})),
             cwd=root, start_new_session=True,
         )
         url = f"http://127.0.0.1:{port}"

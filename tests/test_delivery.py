@@ -382,7 +382,7 @@ def test_long_outage_is_said_while_running_and_at_exit_only_if_something_is_left
     else:
         assert len(lines) == 2 and lines[0] == notice, lines
         kept = rf"/v1/traces \(connection refused\): kept in {re.escape(str(spool))}; .*"
-        summary = rf"traced-run: \d+ spans of \d+ traces not delivered to {re.escape(proxy.url)}{kept}"
+        summary = rf"traced-run: \d+ spans of \d+ traces? not delivered to {re.escape(proxy.url)}{kept}"
         assert re.fullmatch(summary, lines[1]), lines
         proxy.mode = "forward"
         flush(app, proxied_env(app, proxy))
@@ -424,7 +424,7 @@ def test_exit_line_counts_only_this_processs_own_spans(app: App, proxy: FaultPro
         stop(second)
     assert second.returncode == 0, err
     assert err.splitlines() == [
-        f"traced-run: {RUN_SPANS} spans of 1 traces not delivered to {proxy.url}/v1/traces "
+        f"traced-run: {RUN_SPANS} spans of 1 trace not delivered to {proxy.url}/v1/traces "
         f"(connection refused): kept in {spool}; the next traced process or `traced-run flush` sends them"]
     proxy.mode = "forward"
     flush(app, env)
@@ -445,7 +445,7 @@ def test_a_batch_sent_twice_is_stored_once(app: App, proxy: FaultProxy) -> None:
         shutil.copy2(batch, copies / batch.name)
 
     proxy.mode = "forward"
-    sent = f"sent {len(batches)} batches ({RUN_SPANS} spans)"
+    sent = f"sent {len(batches)} {'batch' if len(batches) == 1 else 'batches'} ({RUN_SPANS} spans)"
     assert flush(app, proxied_env(app, proxy)).startswith(sent)
     assert spooled(spool) == []
     (first,) = wait_runs(app.server, app.experiment, "twice", 1)
@@ -639,7 +639,7 @@ def test_spool_bound_drops_oldest_first_and_says_how_many(app: App, proxy: Fault
     print(f"spool bound: {lines}")
     # The app runs for less than OUTAGE_NOTICE: one line, at exit.
     (line,) = lines
-    said = re.fullmatch(rf"traced-run: (\d+) spans of \d+ traces not delivered to .* kept in "
+    said = re.fullmatch(rf"traced-run: (\d+) spans of \d+ traces? not delivered to .* kept in "
                         rf"{re.escape(str(spool))};.*; (\d+) spans dropped \(spool over spool_max_mb=1\)",
                         line)
     assert said, line
@@ -683,7 +683,7 @@ def test_batch_larger_than_the_spool_bound_is_kept_in_parts(app: App, proxy: Fau
     assert done.returncode == 0, done.stderr.decode()
     (line,) = done.stderr.decode().splitlines()
     print(f"oversized batch: {line}; spool files: {[p.stat().st_size for p in spooled(spool)]}")
-    said = re.fullmatch(r"traced-run: (\d+) spans of \d+ traces not delivered to .* kept in .*; "
+    said = re.fullmatch(r"traced-run: (\d+) spans of \d+ traces? not delivered to .* kept in .*; "
                         r"(\d+) spans dropped \(spool over spool_max_mb=1\)", line)
     assert said, line
     kept_spans = 0

@@ -147,8 +147,13 @@ def _config(argv: list[str], env: dict[str, str]) -> int:
 
 
 def _flush(argv: list[str], env: dict[str, str]) -> int:
-    _Parser(prog="traced-run flush", description="Send the spooled batches for the configured MLflow now; "
-            "exit 1 when some are left.").parse_args(argv)
+    parser = _Parser(prog="traced-run flush", description="Send the spooled batches for the configured "
+                     "MLflow now; exit 1 when some are left. Batches written for other endpoints are listed.")
+    parser.add_argument("--endpoint", metavar="URL", help="also send the batches written for URL (an old or "
+                        "wrong MLflow address) to the configured MLflow, with its credentials")
+    parser.add_argument("--drop-other-endpoints", action="store_true",
+                        help="remove the batches written for any other endpoint than the configured one")
+    args = parser.parse_args(argv)
     loaded = _load(env)
     if loaded is None:
         return report.EXIT_CONFIG
@@ -159,7 +164,7 @@ def _flush(argv: list[str], env: dict[str, str]) -> int:
         return report.EXIT_CONFIG
     from traced_run.flush import flush
 
-    return flush(loaded.settings)
+    return flush(loaded.settings, args.endpoint, args.drop_other_endpoints)
 
 
 def _doctor(argv: list[str], env: dict[str, str]) -> int:

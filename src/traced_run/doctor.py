@@ -34,11 +34,21 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from traced_run import compat, mlflow_api, report
-from traced_run.report import mask_url
+from traced_run.report import age, counted, mask_url
 from traced_run.settings import SPECS, Settings, default_of
 from traced_run.sources import Loaded, load, shown
 from traced_run.spool import Spool, SpoolRefused, Target
-from traced_run.transport import NO_TRACKING_URI, Answer, auth_headers, otlp_headers, printable, request
+from traced_run.transport import (
+    CREDENTIALS_FIX,
+    NO_TRACKING_URI,
+    Answer,
+    otlp_headers,
+    printable,
+    proxy_for,
+    request,
+    rest_headers,
+    who,
+)
 
 STEP_TIMEOUT = 2.0
 """Seconds one network request may take."""
@@ -144,22 +154,6 @@ def check_versions(found: Findings) -> dict[str, str | None]:
 # -- MLflow over the network ---------------------------------------------------------------
 
 
-def _request(url: str, *, method: str = "GET", data: bytes | None = None,
-             headers: dict[str, str] | None = None) -> Answer:
-    return request(url, method=method, data=data, headers=headers, timeout=STEP_TIMEOUT)
-
-
-def _compression(endpoint: str, headers: dict[str, str]) -> str:
-    """Which bodies the server reads: the empty OTLP request again, gzip-compressed.
-    MLflow 3.6 reads a gzip body as protobuf and refuses it; traced-run then sends plain."""
-    answer = _request(endpoint, method="POST", data=gzip.compress(b""),
-                      headers={**headers, "Content-Encoding": "gzip"})
-    if answer.ok or (answer.status == 400 and b"no spans" in answer.body):
-        return "takes gzip bodies"
-    return ("refuses gzip bodies: traced-run sends uncompressed there (it learns that at the first "
-            "refused batch)")
-
-
 def _bad_host(answer: Answer) -> bool:
     return answer.status == 403 and b"Invalid Host header" in answer.body
 
@@ -172,7 +166,11 @@ def _detail(answer: Answer) -> str:
     return f"HTTP {answer.status}" + (f" {text}" if text else "")
 
 
-AUTH_HINT = "check MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN"
+def _problem_and_fix(problem: str) -> tuple[str, str]:
+    """A transport problem that carries its fix (certificates, credentials, workspace)
+    as a FAIL line's what and what-to-do."""
+    what, sep, fix = problem.partition("; ")
+    return (what, fix) if sep else (problem, "")
 
 
 class MlflowChecks:
@@ -184,10 +182,11 @@ class MlflowChecks:
         self.proof = proof
         self.base = settings.tracking_uri or ""
         self.shown = mask_url(self.base)
-        self.auth = auth_headers(settings)
+        self.headers = rest_headers(settings, settings.workspace)
         self.experiment_id: str | None = None
 
     def run(self) -> None:
+        self.check_transport()
         if not self.settings.tracking_uri:
             if self.settings.endpoint:
                 self.found.add(WARN, "mlflow", "no tracking_uri: only the OTLP endpoint is checked",
@@ -199,20 +198,71 @@ class MlflowChecks:
             return
         if not self.version_and_host():
             return
+        if not self.check_workspace():
+            return
         if not self.auth_and_experiment():
             return
         self.check_run()
         if self.check_otlp() and self.proof:
             self.end_to_end()
 
+    def request(self, url: str, *, method: str = "GET", data: bytes | None = None,
+                headers: dict[str, str] | None = None) -> Answer:
+        return request(self.settings, url, method=method, data=data, headers=headers, timeout=STEP_TIMEOUT)
+
     def get(self, path: str) -> Answer:
-        return _request(self.base + path, headers=self.auth)
+        return self.request(self.base + path, headers=self.headers)
+
+    def check_transport(self) -> None:
+        """How requests leave: through a proxy, and whether certificates are checked."""
+        url = self.base or self.settings.traces_endpoint or ""
+        proxy = proxy_for(url)
+        if proxy:
+            scheme = urllib.parse.urlsplit(url).scheme.upper()
+            self.found.add(OK, "proxy", f"requests to {mask_url(url)} go through {proxy} "
+                           f"({scheme}_PROXY; NO_PROXY does not cover the host)")
+        if self.settings.insecure_tls:
+            self.found.add(WARN, "tls", "certificates are not verified (MLFLOW_TRACKING_INSECURE_TLS=true): "
+                           "anyone on the way can read and change traces",
+                           "set MLFLOW_TRACKING_SERVER_CERT_PATH to the server's CA certificate instead")
+
+    def failed(self, check: str, answer: Answer, hint: str) -> None:
+        """A request that got no answer: a certificate or TLS problem carries its own fix."""
+        what, fix = _problem_and_fix(answer.problem)
+        self.found.add(FAIL, check, f"{self.shown}: {what}", fix or hint)
+
+    def auth_failed(self, answer: Answer, where: str) -> bool:
+        """The first check that meets a 401/403 names the credentials as the fix."""
+        if answer.status == 401:
+            self.found.add(FAIL, "auth", f"{where}: MLflow did not accept the credentials "
+                           f"({who(self.settings)}): HTTP 401", CREDENTIALS_FIX)
+            return True
+        if answer.status == 403 and not _bad_host(answer):
+            self.found.add(FAIL, "auth", f"{where}: {who(self.settings)} has no permission (HTTP 403 "
+                           f"{answer.text(60)})",
+                           "ask an MLflow admin for EDIT permission on the experiment, "
+                           "or set other credentials (MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD)")
+            return True
+        return False
+
+    def workspace_missing(self, answer: Answer) -> bool:
+        if answer.missing_workspace:
+            self.found.add(FAIL, "workspace", f"{self.settings.workspace!r} does not exist on {self.shown}",
+                           "create it (mlflow.create_workspace) or set MLFLOW_WORKSPACE to an existing "
+                           "workspace")
+            return True
+        if answer.workspaces_off:
+            self.found.add(FAIL, "workspace", f"MLFLOW_WORKSPACE={self.settings.workspace} is set, but "
+                           f"{self.shown} has no workspaces (HTTP {answer.status} FEATURE_DISABLED)",
+                           "unset MLFLOW_WORKSPACE, or start mlflow server with --enable-workspaces")
+            return True
+        return False
 
     def reachable(self) -> bool:
-        answer = _request(self.base + "/health")
+        answer = self.request(self.base + "/health")
         if answer.status is None:
-            self.found.add(FAIL, "mlflow reachable", f"{self.shown}: {answer.problem}",
-                           "start MLflow (`traced-run mlflow` for a local one) or fix MLFLOW_TRACKING_URI")
+            self.failed("mlflow reachable", answer,
+                        "start MLflow (`traced-run mlflow` for a local one) or fix MLFLOW_TRACKING_URI")
             return False
         if answer.status != 200:
             self.found.add(FAIL, "mlflow reachable", f"{self.shown}/health answered {_detail(answer)}",
@@ -230,9 +280,13 @@ class MlflowChecks:
                            "(403 Invalid Host header)",
                            f"start mlflow server with --allowed-hosts {host} (or a pattern covering it)")
             return False
+        if self.auth_failed(answer, "/version") or self.workspace_missing(answer):
+            return False
+        if answer.status is None:
+            self.failed("mlflow version", answer, "MLflow stopped answering; try again")
+            return False
         if answer.status != 200:
-            what = _detail(answer) if answer.status else answer.problem
-            self.found.add(FAIL, "mlflow version", f"/version answered {what}",
+            self.found.add(FAIL, "mlflow version", f"/version answered {_detail(answer)}",
                            "is MLFLOW_TRACKING_URI an MLflow tracking server?")
             return False
         self.found.add(OK, "host header", "accepted")
@@ -246,6 +300,25 @@ class MlflowChecks:
         self.found.add(OK, "mlflow version", f"MLflow {version}")
         return True
 
+    def check_workspace(self) -> bool:
+        """The workspace traces go to exists (an unknown one is never a fall-back to default)."""
+        workspace = self.settings.workspace
+        if not workspace:
+            return True
+        answer = self.get("/api/3.0/mlflow/workspaces/" + urllib.parse.quote(workspace, safe=""))
+        if self.auth_failed(answer, "workspace lookup") or self.workspace_missing(answer):
+            return False
+        if answer.status == 200 and isinstance(answer.json().get("workspace"), dict):
+            self.found.add(OK, "workspace", f"{workspace!r} exists: the experiment and traces go there "
+                           f"(X-MLFLOW-WORKSPACE)")
+            return True
+        what = _detail(answer) if answer.status else answer.problem
+        self.found.add(FAIL, "workspace", f"MLFLOW_WORKSPACE={workspace} is set but {self.shown} answered "
+                       f"the workspace lookup {what}",
+                       "start mlflow server with --enable-workspaces, or unset "
+                       "MLFLOW_WORKSPACE")
+        return False
+
     def auth_and_experiment(self) -> bool:
         settings = self.settings
         if settings.experiment_id:
@@ -255,23 +328,13 @@ class MlflowChecks:
             query = urllib.parse.urlencode({"experiment_name": name})
             answer = self.get(f"/api/2.0/mlflow/experiments/get-by-name?{query}" if name
                               else "/api/2.0/mlflow/experiments/get?experiment_id=0")
-        who = "no credentials"
-        if settings.username:
-            who = f"Basic as {settings.username!r}"
-        elif settings.token:
-            who = "Bearer token"
-        if answer.status == 401:
-            self.found.add(FAIL, "auth", f"MLflow refused the credentials ({who}): HTTP 401", AUTH_HINT)
-            return False
-        if answer.status == 403:
-            self.found.add(FAIL, "auth", f"{who}: no permission on the experiment (HTTP 403)",
-                           "ask an MLflow admin for EDIT permission on the experiment")
+        if self.auth_failed(answer, "experiment lookup") or self.workspace_missing(answer):
             return False
         if answer.status is None:
-            self.found.add(FAIL, "experiment", answer.problem, "MLflow stopped answering; try again")
+            self.failed("experiment", answer, "MLflow stopped answering; try again")
             return False
         if answer.status == 200 or answer.json().get("error_code") == "RESOURCE_DOES_NOT_EXIST":
-            self.found.add(OK, "auth", f"accepted ({who})")
+            self.found.add(OK, "auth", f"accepted ({who(settings)})")
         experiment = answer.json().get("experiment") if answer.status == 200 else None
         if experiment:
             if experiment.get("lifecycle_stage") == "deleted":
@@ -315,16 +378,15 @@ class MlflowChecks:
     def check_otlp(self) -> bool:
         # An empty ExportTraceServiceRequest is a valid request that stores nothing.
         endpoint = self.settings.traces_endpoint or ""
-        headers = otlp_headers(self.settings, self.experiment_id or mlflow_api.DEFAULT_EXPERIMENT_ID, None)
-        answer = _request(endpoint, method="POST", data=b"", headers=headers)
+        headers = otlp_headers(self.settings, self.experiment_id or mlflow_api.DEFAULT_EXPERIMENT_ID, None,
+                               self.settings.workspace)
+        answer = self.request(endpoint, method="POST", data=b"", headers=headers)
         shown = mask_url(endpoint)
         if answer.status is None:
-            self.found.add(FAIL, "otlp endpoint", f"{shown}: {answer.problem}",
-                           "is the endpoint right and up?")
+            what, fix = _problem_and_fix(answer.problem)
+            self.found.add(FAIL, "otlp endpoint", f"{shown}: {what}", fix or "is the endpoint right and up?")
             return False
-        if answer.status in (401, 403):
-            self.found.add(FAIL, "otlp endpoint", f"{shown} refused the credentials ({_detail(answer)})",
-                           AUTH_HINT)
+        if self.auth_failed(answer, shown) or self.workspace_missing(answer):
             return False
         if answer.status == 404:
             self.found.add(FAIL, "otlp endpoint", f"{shown}: HTTP 404",
@@ -338,8 +400,18 @@ class MlflowChecks:
             self.found.add(FAIL, "otlp endpoint", f"{shown}: {_detail(answer)}")
             return False
         self.found.add(OK, "otlp endpoint", f"{shown} accepts OTLP/HTTP protobuf ({answer.ms:.0f} ms); "
-                       f"{_compression(endpoint, headers)}")
+                       f"{self.compression(endpoint, headers)}")
         return True
+
+    def compression(self, endpoint: str, headers: dict[str, str]) -> str:
+        """Which bodies the server reads: the empty OTLP request again, gzip-compressed.
+        MLflow 3.6 reads a gzip body as protobuf and refuses it; traced-run then sends plain."""
+        answer = self.request(endpoint, method="POST", data=gzip.compress(b""),
+                              headers={**headers, "Content-Encoding": "gzip"})
+        if answer.ok or (answer.status == 400 and b"no spans" in answer.body):
+            return "takes gzip bodies"
+        return ("refuses gzip bodies: traced-run sends uncompressed there (it learns that at the first "
+                "refused batch)")
 
 
     def end_to_end(self) -> None:
@@ -347,7 +419,8 @@ class MlflowChecks:
 
         payload, trace_id = synthetic_trace(self.settings)
         started = time.monotonic()
-        target = Target(self.settings.traces_endpoint or "", self.experiment_id, None, self.settings.run_id)
+        target = Target(self.settings.traces_endpoint or "", self.experiment_id, None, self.settings.run_id,
+                        self.settings.workspace)
         # Sender.post: the very request an app's delivery thread makes (compression, headers, auth).
         outcome = Sender(self.settings).post(payload, target, timeout=max(STEP_TIMEOUT, 4.0))
         if not outcome.delivered:
@@ -451,13 +524,26 @@ def check_spool(settings: Settings, found: Findings) -> dict[str, Any]:
                   else f"cannot read {spool.directory}: {error.strerror}")
         return {"directory": str(spool.directory), "problem": str(error)}
     state = {"directory": str(spool.directory), "batches": seen.batches, "spans": seen.spans,
-             "for_this_endpoint": seen.for_endpoint, "rejected": seen.rejected, "unreadable": seen.unreadable}
+             "for_this_endpoint": seen.for_endpoint, "rejected": seen.rejected, "unreadable": seen.unreadable,
+             "expired": seen.expired,
+             "other_endpoints": {endpoint: asdict(pile) for endpoint, pile in seen.others.items()}}
     if seen.batches:
         found.add(WARN, "spool", f"{seen.batches} batches ({seen.spans} spans) waiting in {spool.directory}, "
                   f"{seen.for_endpoint} of them for this endpoint",
                   "`traced-run flush` sends them once MLflow answers")
     else:
         found.add(OK, "spool", f"empty ({spool.directory})")
+    if seen.others:
+        from traced_run.flush import piles
+
+        found.add(WARN, "spool other endpoints", "; ".join(piles(seen.others)),
+                  f"`traced-run flush --endpoint URL` sends them to "
+                  f"{mask_url(settings.traces_endpoint or '')}, "
+                  "`traced-run flush --drop-other-endpoints` removes them")
+    if seen.expired:
+        found.add(WARN, "spool expired", f"{counted(seen.expired, 'batch', 'batches')} older than "
+                  f"spool_max_age={age(settings.spool_max_age)}",
+                  "the next traced process or `traced-run flush` removes them")
     if seen.unreadable:
         found.add(WARN, "spool unreadable", f"{seen.unreadable} files named like batches are none "
                   f"(first: {seen.first_unreadable})", "`traced-run flush` sets them aside in "

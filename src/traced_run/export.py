@@ -59,9 +59,9 @@ def target_of(settings: Settings) -> Target:
     """Where this process's batches go, known without asking MLflow."""
     endpoint = settings.traces_endpoint or ""
     if settings.experiment_name and not settings.experiment_id:
-        return Target(endpoint, None, settings.experiment_name, settings.run_id)
+        return Target(endpoint, None, settings.experiment_name, settings.run_id, settings.workspace)
     return Target(endpoint, settings.experiment_id or mlflow_api.DEFAULT_EXPERIMENT_ID, None,
-                  settings.run_id)
+                  settings.run_id, settings.workspace)
 
 
 def by_trace(payload: bytes) -> list[tuple[bytes, int]]:
@@ -94,20 +94,21 @@ class Sender:
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
-        self._experiments: dict[str, str] = {}
+        self._experiments: dict[tuple[str | None, str], str] = {}
         self._plain = replace(settings, compression="none")
         self._uncompressed: set[str] = set()
         """Endpoints that refused a compressed body and took it plain: sent plain from then on."""
         self._tried_plain: set[str] = set()
 
     def resolve(self, target: Target) -> str:
-        """The experiment id for ``target``; raises MlflowError when MLflow cannot say."""
+        """The experiment id for ``target`` (in its workspace); raises MlflowError when
+        MLflow cannot say."""
         if target.experiment_id is not None:
             return target.experiment_id
-        name = target.experiment_name or ""
-        if name not in self._experiments:
-            self._experiments[name] = mlflow_api.experiment_id(self._settings, name)
-        return self._experiments[name]
+        key = (target.workspace, target.experiment_name or "")
+        if key not in self._experiments:
+            self._experiments[key] = mlflow_api.experiment_id(self._settings, key[1], target.workspace)
+        return self._experiments[key]
 
     def post(self, payload: bytes, target: Target, timeout: float) -> Outcome:
         """One attempt; any other answer than 2xx (a redirect too) is a failure the Outcome names."""
@@ -120,21 +121,25 @@ class Sender:
         endpoint = target.endpoint
         settings = self._plain if endpoint in self._uncompressed else self._settings
         deadline = time.monotonic() + timeout
-        answer = post_otlp(settings, endpoint, payload, experiment_id, target.run_id, timeout)
+        answer = post_otlp(settings, endpoint, payload, experiment_id, target.run_id, target.workspace,
+                           timeout)
         if (answer.status in REFUSED_ENCODING and settings.compression != "none"
                 and endpoint not in self._tried_plain):
-            answer = self._plain_once(endpoint, payload, experiment_id, target.run_id, deadline, answer)
+            answer = self._plain_once(endpoint, payload, experiment_id, target, deadline, answer)
         if answer.ok:
             return DELIVERED
-        return Outcome(False, answer.status in INVALID, answer.problem, answer.status)
+        # A workspace that does not exist (yet) is the settings' fault, not the batch's: it waits.
+        invalid = answer.status in INVALID and not answer.wrong_workspace
+        return Outcome(False, invalid, answer.problem, answer.status)
 
-    def _plain_once(self, endpoint: str, payload: bytes, experiment_id: str, run_id: str | None,
+    def _plain_once(self, endpoint: str, payload: bytes, experiment_id: str, target: Target,
                     deadline: float, refused: Answer) -> Answer:
         """MLflow before 3.7 reads a gzip or deflate body as protobuf and answers 400 "Invalid
         OpenTelemetry protobuf format": at the first such refusal (once per endpoint and process)
         the batch goes again uncompressed, and if that is taken, so does every later one."""
         remaining = max(deadline - time.monotonic(), 0.05)
-        plain = post_otlp(self._plain, endpoint, payload, experiment_id, run_id, remaining)
+        plain = post_otlp(self._plain, endpoint, payload, experiment_id, target.run_id, target.workspace,
+                          remaining)
         if plain.status is not None:
             self._tried_plain.add(endpoint)
         if plain.ok:

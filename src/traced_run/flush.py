@@ -3,39 +3,62 @@
 Sends every spooled batch addressed to the configured endpoint, oldest first,
 with the current credentials; stops at the first batch MLflow does not take
 (it is then unreachable: the rest would fail the same way). Files in the spool
-that are not readable batches are set aside, once, and counted.
+that are not readable batches are set aside, once, and counted; batches older
+than ``spool_max_age`` are removed, and counted.
+
+Batches written for other endpoints (MLflow moved, a URI that was wrong) are
+listed with their count and age. ``--endpoint URL`` sends those written for
+URL to the configured endpoint instead (a corrected URI); ``--drop-other-endpoints``
+removes them. Either way a batch goes only to the configured endpoint, the one
+the current credentials are for: never to the endpoint it was written for.
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
 
 from traced_run.export import Sender
-from traced_run.report import mask_url, say
+from traced_run.report import age, counted, mask_url, say
 from traced_run.settings import Settings
-from traced_run.spool import Spool, SpoolRefused
+from traced_run.spool import Pile, Spool, SpoolRefused
+from traced_run.transport import without_userinfo
 
 
-def flush(settings: Settings) -> int:
-    """Returns 0 when nothing is left for this endpoint, 1 otherwise."""
+def piles(found: dict[str, Pile]) -> list[str]:
+    """Each endpoint's batches on one line: count, spans, age of the oldest."""
+    now = time.time()
+    return [f"{counted(pile.batches, 'batch', 'batches')} ({counted(pile.spans, 'span')}) "
+            f"for {mask_url(endpoint)}, the oldest {age(now - pile.oldest)} old"
+            for endpoint, pile in sorted(found.items())]
+
+
+def flush(settings: Settings, written_for: str | None = None, drop_others: bool = False) -> int:
+    """Returns 0 when nothing is left for this endpoint (and for ``written_for``), 1 otherwise."""
     spool = Spool.of(settings)
     endpoint = settings.traces_endpoint or ""
+    shown = mask_url(endpoint)
     sender = Sender(settings)
     sent = spans = rejected = 0
     problem = ""
     try:
-        with contextlib.closing(spool.send(endpoint, lambda batch: sender.post_by_trace(
-                batch.payload, batch.target, settings.timeout))) as sending:
-            for batch, outcome, aside in sending:
-                if outcome.delivered:
-                    sent += 1
-                    spans += batch.spans - sum(part.spans for part in outcome.rejected)
-                    rejected += len(outcome.rejected)
-                elif aside is not None:
-                    rejected += 1
-                else:
-                    problem = outcome.reason
-        left = spool.survey(endpoint).for_endpoint
+        source = _written_for(spool, endpoint, written_for) if written_for else None
+        for batches_of in (None, source) if source else (None,):
+            with contextlib.closing(spool.send(endpoint, lambda batch: sender.post_by_trace(
+                    batch.payload, batch.target, settings.timeout), written_for=batches_of)) as sending:
+                for batch, outcome, aside in sending:
+                    if outcome.delivered:
+                        sent += 1
+                        spans += batch.spans - sum(part.spans for part in outcome.rejected)
+                        rejected += len(outcome.rejected)
+                    elif aside is not None:
+                        rejected += 1
+                    else:
+                        problem = outcome.reason
+            if problem:
+                break
+        dropped = spool.drop_others(endpoint) if drop_others else {}
+        seen = spool.survey(endpoint)
     except SpoolRefused as error:
         say(str(error))
         return 1
@@ -44,8 +67,33 @@ def flush(settings: Settings) -> int:
         return 1
     unreadable = (f"; {spool.unreadable} files that were no readable batch set aside too "
                   f"(first: {spool.unreadable_why})") if spool.unreadable else ""
-    print(f"sent {sent} batches ({spans} spans) to {mask_url(endpoint)}; {rejected} rejected "
-          f"(set aside in {spool.rejected}){unreadable}; {left} left in {spool.directory}")
+    expired = ""
+    if spool.expired:
+        expired = (f"; removed {counted(spool.expired, 'batch', 'batches')} "
+                   f"({counted(spool.expired_spans, 'span')}) older than "
+                   f"spool_max_age={age(settings.spool_max_age)}")
+    print(f"sent {counted(sent, 'batch', 'batches')} ({counted(spans, 'span')}) to {shown}; {rejected} "
+          f"rejected (set aside in {spool.rejected}){unreadable}{expired}; {seen.for_endpoint} left in "
+          f"{spool.directory}")
+    for line in piles(dropped):
+        print(f"dropped {line}")
+    for line in piles(seen.others):
+        print(f"left {line}: `traced-run flush --endpoint URL` sends them to {shown}, "
+              "`traced-run flush --drop-other-endpoints` removes them")
     if problem:
-        say(f"stopped: {mask_url(endpoint)} did not take a batch ({problem})")
-    return 1 if left else 0
+        say(f"stopped: {shown} did not take a batch ({problem})")
+    left_for_source = source is not None and source in seen.others
+    return 1 if seen.for_endpoint or left_for_source else 0
+
+
+def _written_for(spool: Spool, endpoint: str, given: str) -> str | None:
+    """The endpoint batches were written for that ``--endpoint`` names: as given, or
+    as a tracking URI (``<given>/v1/traces``); None when the spool holds none."""
+    others = spool.survey(endpoint).others
+    url = without_userinfo(given.rstrip("/"))
+    for candidate in (url, url + "/v1/traces"):
+        if candidate in others:
+            return candidate
+    say(f"no spooled batches were written for {mask_url(given)}"
+        + (f" (the spool has some for: {', '.join(mask_url(e) for e in sorted(others))})" if others else ""))
+    return None

@@ -25,39 +25,46 @@ class MlflowUnreachable(MlflowError):
 
 
 class MlflowHttpError(MlflowError):
-    def __init__(self, status: int, error_code: str, url: str, problem: str) -> None:
-        self.status = status
-        self.error_code = error_code
-        hint = {401: " (check MLFLOW_TRACKING_USERNAME/PASSWORD or TOKEN)", 403: " (no permission)"}
-        if 300 <= status < 400:  # the redirect's reason says where it pointed, and why it is not followed
-            super().__init__(f"MLflow answered {problem} for {url}")
+    def __init__(self, answer: transport.Answer, url: str) -> None:
+        assert answer.status is not None
+        self.status = answer.status
+        self.error_code = answer.error_code()
+        if 300 <= self.status < 400 or self.status in (401, 403):
+            # The problem says what it means and what fixes it (where a redirect pointed, which
+            # credentials).
+            super().__init__(f"{answer.problem} (for {url})")
             return
-        super().__init__(f"MLflow answered {status} {error_code} for {url}{hint.get(status, '')}".strip())
+        super().__init__(f"MLflow answered {self.status} {self.error_code} for {url}".strip())
 
 
-def _call(settings: Settings, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-    answer = transport.call_json(settings, method, path, body)
+def _call(settings: Settings, method: str, path: str, workspace: str | None,
+          body: dict[str, Any] | None = None) -> Any:
+    answer = transport.call_json(settings, method, path, workspace, body)
     url = mask_url(transport.without_userinfo((settings.tracking_uri or "") + path.partition("?")[0]))
     if answer.status is None:
         raise MlflowUnreachable(mask_url(transport.without_userinfo(settings.tracking_uri or "")),
                                 answer.problem)
+    if answer.wrong_workspace:
+        # Every route answers so, the experiment lookup with RESOURCE_DOES_NOT_EXIST: never a
+        # reason to create the experiment, nor to fall back to the default workspace.
+        raise MlflowError(answer.problem)
     if not answer.ok:
-        raise MlflowHttpError(answer.status, answer.error_code(), url, answer.problem)
+        raise MlflowHttpError(answer, url)
     found = answer.json()
     if not isinstance(found, dict):
         raise MlflowError(f"MLflow answered {url} with something that is not a JSON object")
     return found
 
 
-def experiment_id(settings: Settings, name: str) -> str:
-    """The id of experiment ``name``, created when missing (a concurrent
-    creation is looked up again)."""
+def experiment_id(settings: Settings, name: str, workspace: str | None) -> str:
+    """The id of experiment ``name`` in ``workspace`` (None: the server's default),
+    created when missing (a concurrent creation is looked up again)."""
     if not settings.tracking_uri:
         raise MlflowError(transport.NO_TRACKING_URI)
     for _ in range(2):
         try:
             found = _call(settings, "GET", "/api/2.0/mlflow/experiments/get-by-name?"
-                          + urllib.parse.urlencode({"experiment_name": name}))
+                          + urllib.parse.urlencode({"experiment_name": name}), workspace)
         except MlflowHttpError as error:
             if error.error_code != "RESOURCE_DOES_NOT_EXIST":
                 raise
@@ -69,7 +76,8 @@ def experiment_id(settings: Settings, name: str) -> str:
                 raise MlflowError(f"experiment {name!r} is deleted in MLflow: restore it or use another")
             return transport.printable(str(experiment["experiment_id"]))
         try:
-            created = _call(settings, "POST", "/api/2.0/mlflow/experiments/create", {"name": name})
+            created = _call(settings, "POST", "/api/2.0/mlflow/experiments/create", workspace,
+                            {"name": name})
         except MlflowHttpError as error:
             if error.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise

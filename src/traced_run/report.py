@@ -50,6 +50,19 @@ def printable(text: str) -> str:
     return CONTROL.sub(lambda found: f"\\x{ord(found[0]):02x}", " ".join(text.split()))
 
 
+def counted(number: int, noun: str, plural: str = "") -> str:
+    """``1 trace``, ``2 traces``: a count as a user reads it."""
+    return f"{number} {noun}" if number == 1 else f"{number} {plural or noun + 's'}"
+
+
+def age(seconds: float) -> str:
+    """A duration as a person reads it: ``40 s``, ``12 min``, ``5 h``, ``3 d``."""
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f} {unit}"
+    return f"{max(seconds, 0):.0f} s"
+
+
 def say(message: str) -> None:
     """Write ``traced-run: <message>`` to stderr once per process, URL credentials
     masked and control characters escaped."""

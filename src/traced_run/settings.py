@@ -38,6 +38,7 @@ MAX_EXPERIMENT_NAME = 500
 _RUN_ID = re.compile(r"[a-zA-Z0-9][\w\-]{0,255}", re.ASCII)
 """MLflow's own check of a run id (mlflow.utils.validation._RUN_ID_REGEX), ASCII
 only: the run id is sent as the x-mlflow-run-id header."""
+_WORKSPACE = re.compile(r"[a-z0-9][-a-z0-9]{0,61}[a-z0-9]", re.ASCII)
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 """An HTTP field name (RFC 9110 token)."""
 _BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
@@ -138,6 +139,37 @@ def _path(text: str) -> str:
     if "\x00" in path:
         raise ValueError("expected a path without NUL characters")
     return path
+
+
+def _workspace(text: str) -> str:
+    """MLflow's own rule for a workspace name (WorkspaceNameValidator)."""
+    name = text.strip()
+    if not _WORKSPACE.fullmatch(name) or name in ("workspaces", "api", "ajax-api", "static-files"):
+        raise ValueError("expected an MLflow workspace name (2 to 63 of a-z, 0-9 and inner '-', "
+                         "not a reserved name)")
+    return name
+
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def _duration(text: str) -> float:
+    """Seconds, or a number with a unit: ``90s``, ``30m``, ``12h``, ``7d``, ``2w``."""
+    text = _bounded(text.strip().lower(), 64)
+    unit = _DURATION_UNITS.get(text[-1:], 0)
+    try:
+        seconds = float(text[:-1] if unit else text) * (unit or 1)
+    except ValueError:
+        raise ValueError("expected seconds or a number with s, m, h, d or w (e.g. 7d)") from None
+    if not 60 <= seconds <= 366 * 86400:
+        raise ValueError("expected a duration from 1 minute to 366 days")
+    return seconds
+
+
+def _duration_yaml(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError("expected seconds or a number with s, m, h, d or w (e.g. 7d)")
+    return _duration(str(value))
 
 
 def _experiment_id(text: str) -> str:
@@ -356,6 +388,8 @@ EXPERIMENT_ID = _text_kind("experiment id", _experiment_id, "digits")
 EXPERIMENT_NAME = _text_kind("string", _experiment_name,
                              f"one line, at most {MAX_EXPERIMENT_NAME} characters, MLflow's limit")
 RUN_ID = _text_kind("run id", _run_id, "MLflow's run id characters")
+WORKSPACE = _text_kind("workspace", _workspace, "MLflow's workspace name rule")
+DURATION = Kind("duration", _duration, _duration_yaml, "seconds, or with s, m, h, d, w; 1 minute to 366 days")
 SECONDS = _number("seconds", "expected a number of seconds", lambda seconds: 0 < seconds <= 3600,
                   "expected a number of seconds above 0 and at most 3600")
 VERSION = Kind("2..6", _version, _version_yaml)
@@ -389,6 +423,7 @@ def _always(value: Any) -> bool:
 
 DESTINATION = Trust(_always, "choose where traces go")
 CREDENTIALS = Trust(_always, "choose the credentials or headers traces are sent with")
+TLS_TRUST = Trust(_always, "choose which certificates are trusted")
 
 
 @dataclass(frozen=True)
@@ -455,6 +490,10 @@ class Settings:
     run_id: str | None = setting(None, Spec(
         RUN_ID, "MLflow run id the traces are linked to.",
         env=("MLFLOW_RUN_ID",), option="--run-id"))
+    workspace: str | None = setting(None, Spec(
+        WORKSPACE, "MLflow workspace (mlflow server --enable-workspaces) of the experiment and its traces; "
+        "sent as X-MLFLOW-WORKSPACE with every request. Default: the server's default workspace.",
+        env=("MLFLOW_WORKSPACE",), trust=DESTINATION))
     username: str | None = setting(None, Spec(
         USER_NAME, "MLflow basic-auth user name.", env=("MLFLOW_TRACKING_USERNAME",), trust=CREDENTIALS))
     password: str | None = setting(None, Spec(
@@ -470,6 +509,23 @@ class Settings:
         HEADERS, "Extra HTTP headers sent with every export (values are never printed).",
         env=("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "OTEL_EXPORTER_OTLP_HEADERS"), secret=True,
         merged=True, trust=CREDENTIALS))
+    ca_bundle: str | None = setting(None, Spec(
+        PATH, "CA certificates (PEM file or directory) that verify an https:// MLflow or endpoint, "
+        "instead of the system's; the first variable set wins.",
+        env=("MLFLOW_TRACKING_SERVER_CERT_PATH", "OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE",
+             "OTEL_EXPORTER_OTLP_CERTIFICATE", "REQUESTS_CA_BUNDLE"), trust=TLS_TRUST))
+    client_cert: str | None = setting(None, Spec(
+        PATH, "Client certificate (PEM) sent to an https:// server that asks for one; may hold the key too.",
+        env=("MLFLOW_TRACKING_CLIENT_CERT_PATH", "OTEL_EXPORTER_OTLP_TRACES_CLIENT_CERTIFICATE",
+             "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE"), trust=CREDENTIALS))
+    client_key: str | None = setting(None, Spec(
+        PATH, "Private key (PEM) of client_cert, when that file does not hold it.",
+        env=("OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY", "OTEL_EXPORTER_OTLP_CLIENT_KEY"), trust=CREDENTIALS))
+    insecure_tls: bool = setting(False, Spec(
+        BOOL, "Do not verify the server's certificate (a development server only): anyone on the way "
+        "can read and change traces. Said in one warning line.",
+        env=("MLFLOW_TRACKING_INSECURE_TLS",),
+        trust=Trust(lambda on: on is True, "turn off certificate verification")))
     timeout: float = setting(10.0, Spec(
         SECONDS, "Seconds one export request may take, retries included (as the OTel SDK reads it).",
         env=("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT")))
@@ -496,6 +552,9 @@ class Settings:
         _count(1_048_576), "Most megabytes the spool holds; past it the oldest batches are removed, "
         "and counted.",
         env=("TRACED_RUN_SPOOL_MAX_MB",)))
+    spool_max_age: float = setting(604800.0, Spec(
+        DURATION, "Oldest a spooled batch gets; older ones are removed, and counted (default a week).",
+        env=("TRACED_RUN_SPOOL_MAX_AGE",)))
     instrumentation_version: int | None = setting(None, Spec(
         VERSION, "pydantic-ai instrumentation format version; default pydantic-ai's own.",
         env=("TRACED_RUN_INSTRUMENTATION_VERSION",)))

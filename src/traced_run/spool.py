@@ -10,7 +10,9 @@ this host, or its lease ran out (the claimer sets the file's time to the end
 of its lease as it claims: the longest one post may take, and some), never
 because the batch is old. The
 directory is the owner's only and bounded in size: past the bound the oldest
-batches are removed, and counted. The process that wrote a removed batch
+batches are removed, and counted, and so are batches older than
+``spool_max_age`` (an endpoint nobody uses any more never drains them). The
+process that wrote a removed batch
 counts it: while it runs, the remover leaves an empty ``.dropped`` file in the
 batch's place for it to find at exit; a batch of a process that has ended is
 counted by the remover. Batches MLflow rejected as invalid are moved aside to
@@ -44,11 +46,11 @@ import stat
 import tempfile
 import time
 from collections.abc import Callable, Collection, Generator, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from traced_run.settings import Settings
+from traced_run.settings import Settings, default_of
 from traced_run.transport import printable, without_userinfo
 
 if TYPE_CHECKING:
@@ -119,6 +121,8 @@ class Target:
     experiment_name: str | None
     """Kept as a name when MLflow could not be asked yet; resolved when sent."""
     run_id: str | None
+    workspace: str | None = None
+    """The MLflow workspace the batch was written for; it goes there whoever sends it."""
 
 
 @dataclass(frozen=True)
@@ -142,6 +146,21 @@ class Header:
     """Payload bytes; None in batches written before it was recorded."""
 
 
+@dataclass
+class Pile:
+    """The batches waiting for one endpoint."""
+
+    batches: int = 0
+    spans: int = 0
+    oldest: float = 0.0
+    """Modification time of the oldest (seconds since the epoch)."""
+
+    def add(self, spans: int, mtime: float) -> None:
+        self.batches += 1
+        self.spans += spans
+        self.oldest = min(self.oldest or mtime, mtime)
+
+
 @dataclass(frozen=True)
 class Survey:
     """What the spool holds, read without changing it (the doctor's view)."""
@@ -153,6 +172,10 @@ class Survey:
     """Files named like batches that are not (a FIFO, a symlink, a broken header ...)."""
     first_unreadable: str = ""
     rejected: int = 0
+    others: dict[str, Pile] = field(default_factory=dict)
+    """Batches written for other endpoints, by endpoint (without credentials)."""
+    expired: int = 0
+    """Batches older than the spool's max age: the next send removes them."""
 
 
 class SpoolRefused(OSError):
@@ -212,22 +235,27 @@ class Spool:
         max_bytes = settings.spool_max_mb * 1024 * 1024
         lease = settings.timeout + CLAIM_MARGIN
         if settings.spool_dir:
-            return cls(Path(settings.spool_dir), max_bytes, lease=lease)
+            return cls(Path(settings.spool_dir), max_bytes, lease=lease, max_age=settings.spool_max_age)
         try:
-            return cls(default_directory(), max_bytes, lease=lease)
+            return cls(default_directory(), max_bytes, lease=lease, max_age=settings.spool_max_age)
         except OSError as error:
             temp = Path(tempfile.gettempdir())
             return cls(temp, max_bytes, f"no spool: HOME is not writable and no private directory could be "
                        f"made in {temp} ({error.strerror}); set TRACED_RUN_SPOOL_DIR")
 
     def __init__(self, directory: Path, max_bytes: int, unusable: str = "",
-                 lease: float = 10.0 + CLAIM_MARGIN) -> None:
+                 lease: float = 10.0 + CLAIM_MARGIN, max_age: float = default_of("spool_max_age")) -> None:
         self.directory = directory
         self.lease = lease
         """Seconds this process holds a claim for at most: one post."""
         self.unusable = unusable
         """Why there is no directory to use at all (said instead of using one)."""
         self.max_bytes = max_bytes
+        self.max_age = max_age
+        self.expired = 0
+        """Batches this process removed for being older than ``max_age``..."""
+        self.expired_spans = 0
+        """... and their spans."""
         self.rejected = directory / "rejected"
         self.unreadable = 0
         """Files this process set aside because they were not batches it could read."""
@@ -299,13 +327,15 @@ class Spool:
             return set(names), set()
 
     def survey(self, endpoint: str) -> Survey:
-        """Batches and spans waiting, how many for ``endpoint``, unreadable
-        files, set-aside batches; changes nothing."""
+        """Batches and spans waiting, how many for ``endpoint`` and for each other
+        endpoint, how many are past the max age, unreadable files, set-aside
+        batches; changes nothing."""
         with self._existing() as fd:
             if fd is None:
                 return Survey()
-            batches = spans = here = unreadable = 0
+            batches = spans = here = unreadable = expired = 0
             first = ""
+            others: dict[str, Pile] = {}
             for name in _waiting(fd):
                 header = _read_header(fd, name, self.max_bytes)
                 if header == GONE:
@@ -316,24 +346,36 @@ class Spool:
                     continue
                 batches += 1
                 spans += header.spans
-                here += _same_endpoint(header.target.endpoint, endpoint)
+                mtime = _mtime(fd, name)
+                entry = parse(name)
+                old = time.time() - mtime > self.max_age
+                expired += old and entry is not None and not _alive(entry.writer)
+                if _same_endpoint(header.target.endpoint, endpoint):
+                    here += 1
+                else:
+                    pile = others.setdefault(without_userinfo(header.target.endpoint), Pile())
+                    pile.add(header.spans, mtime)
             rejected = 0
             with _closing(_open_dir("rejected", fd, self.rejected)) as aside:
                 if aside is not None:
                     entries = [parse(name) for name in os.listdir(aside)]
                     rejected = sum(1 for e in entries if e is not None and e.kind == "otlp")
-        return Survey(batches, spans, here, unreadable, first, rejected)
+        return Survey(batches, spans, here, unreadable, first, rejected, others, expired)
 
-    def claim(self, endpoint: str) -> Iterator[Batch]:
-        """Oldest first, the batches for ``endpoint`` this process now holds;
-        each must then be ``done``, ``release``d or ``reject``ed. The target's
+    def claim(self, endpoint: str, written_for: str | None = None) -> Iterator[Batch]:
+        """Oldest first, the batches written for ``written_for`` (default
+        ``endpoint``) this process now holds, to be sent to ``endpoint``; each
+        must then be ``done``, ``release``d or ``reject``ed. The target's
         endpoint is ``endpoint`` itself (with the credentials it may carry,
-        which the spool does not keep). Files that are not readable batches
-        are set aside on the way, and counted in ``unreadable``."""
+        which the spool does not keep): a batch goes only where the sender's
+        credentials belong. Files that are not readable batches are set aside
+        on the way, and counted in ``unreadable``; batches past the max age
+        are removed, and counted in ``expired``."""
         with self._existing() as fd:
             if fd is None:
                 return
             _reclaim_stale(fd)
+            self._expire(fd)
             for name in _waiting(fd):
                 header = _read_header(fd, name, self.max_bytes)
                 if header == GONE:  # claimed, sent or removed by another process meanwhile
@@ -341,7 +383,7 @@ class Spool:
                 if isinstance(header, str):
                     self._set_aside_unreadable(fd, name, header)
                     continue
-                if not _same_endpoint(header.target.endpoint, endpoint):
+                if not _same_endpoint(header.target.endpoint, written_for or endpoint):
                     continue
                 claimed = _claim(fd, name, self.lease)
                 if claimed is None:  # another process claimed it first
@@ -354,17 +396,17 @@ class Spool:
                     continue
                 header, payload = read
                 target = Target(endpoint, header.target.experiment_id, header.target.experiment_name,
-                                header.target.run_id)
+                                header.target.run_id, header.target.workspace)
                 yield Batch(target, header.spans, header.traces, payload, self.directory / claimed, name)
 
-    def send(self, endpoint: str,
-             post: Callable[[Batch], Outcome]) -> Generator[tuple[Batch, Outcome, Path | None]]:
+    def send(self, endpoint: str, post: Callable[[Batch], Outcome],
+             written_for: str | None = None) -> Generator[tuple[Batch, Outcome, Path | None]]:
         """The protocol every sender follows: claim the oldest batch for
-        ``endpoint``, ``post`` it, then remove it (taken; the traces MLflow
-        rejected alone, if any, set aside), set it aside (refused as invalid:
-        where to, third) or give it back (not taken: the last one, since the
-        rest would fare the same now)."""
-        for batch in self.claim(endpoint):
+        ``endpoint`` (or written for ``written_for``, re-addressed to ``endpoint``),
+        ``post`` it, then remove it (taken; the traces MLflow rejected alone, if
+        any, set aside), set it aside (refused as invalid: where to, third) or
+        give it back (not taken: the last one, since the rest would fare the same now)."""
+        for batch in self.claim(endpoint, written_for):
             outcome = post(batch)
             aside = None
             if outcome.delivered:
@@ -378,6 +420,38 @@ class Spool:
             yield batch, outcome, aside
             if not outcome.delivered and not outcome.invalid:
                 return
+
+    def _expire(self, fd: int) -> None:
+        """Remove the batches older than ``max_age``: they were written for an
+        endpoint that has not taken them in all that time. A batch whose writer
+        still runs stays: that process still tries it, and counts it at exit."""
+        now = time.time()
+        for name in _waiting(fd):
+            entry = parse(name)
+            if now - _mtime(fd, name) <= self.max_age or entry is None or _alive(entry.writer):
+                continue
+            header = _read_header(fd, name, self.max_bytes)
+            with contextlib.suppress(FileNotFoundError):  # claimed meanwhile: not removed
+                os.unlink(name, dir_fd=fd)
+                self.expired += 1
+                self.expired_spans += header.spans if isinstance(header, Header) else 0
+
+    def drop_others(self, endpoint: str) -> dict[str, Pile]:
+        """Remove the batches written for any endpoint but ``endpoint``; what went, by endpoint."""
+        dropped: dict[str, Pile] = {}
+        with self._existing() as fd:
+            if fd is None:
+                return dropped
+            for name in _waiting(fd):
+                header = _read_header(fd, name, self.max_bytes)
+                if isinstance(header, str) or _same_endpoint(header.target.endpoint, endpoint):
+                    continue
+                mtime = _mtime(fd, name)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(name, dir_fd=fd)
+                    pile = dropped.setdefault(without_userinfo(header.target.endpoint), Pile())
+                    pile.add(header.spans, mtime)
+        return dropped
 
     def _set_aside_unreadable(self, fd: int, name: str, why: str) -> None:
         """Moved, not read again: whatever it is (a FIFO, a symlink: a rename moves the link itself)."""
@@ -588,6 +662,13 @@ def _same_endpoint(stored: str, endpoint: str) -> bool:
     return without_userinfo(stored) == without_userinfo(endpoint)
 
 
+def _mtime(fd: int, name: str) -> float:
+    try:
+        return os.stat(name, dir_fd=fd, follow_symlinks=False).st_mtime
+    except FileNotFoundError:
+        return time.time()
+
+
 def _regular_size(fd: int, name: str) -> int:
     try:
         status = os.stat(name, dir_fd=fd, follow_symlinks=False)
@@ -675,7 +756,7 @@ def _parse_header(line: bytes) -> Header | str:
     if not isinstance(found, dict):
         return "its header is not a JSON object"
     texts = {}
-    for key in ("endpoint", "experiment_id", "experiment_name", "run_id"):
+    for key in ("endpoint", "experiment_id", "experiment_name", "run_id", "workspace"):
         value = found.get(key)
         if value is not None and (not isinstance(value, str) or printable(value) != value):
             return f"header field {key!r} is not a one-line string"
@@ -689,7 +770,7 @@ def _parse_header(line: bytes) -> Header | str:
             return f"header field {key!r} is not a count"
         numbers[key] = value
     target = Target(texts["endpoint"] or "", texts["experiment_id"], texts["experiment_name"],
-                    texts["run_id"])
+                    texts["run_id"], texts["workspace"])
     return Header(target, numbers["spans"] or 0, numbers["traces"] or 0, numbers["bytes"])
 
 

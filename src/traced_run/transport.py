@@ -1,8 +1,12 @@
 """Every HTTP request traced-run makes: the export post, the experiment
 lookup, the doctor's checks and ``flush``.
 
-One place decides the headers (MLflow's experiment and run, auth, the user's
-extra headers), the compression, the timeout and what an answer means.
+One place decides the headers (MLflow's experiment, run and workspace, auth,
+the user's extra headers), TLS (the CA bundle, a client certificate,
+``insecure_tls``), proxies (``HTTPS_PROXY``/``HTTP_PROXY``/``NO_PROXY``, read as
+MLflow's client reads them), the compression, the timeout and what an answer
+means: a certificate problem, a 401/403 or an unknown workspace is said with
+the setting that fixes it.
 Redirects are never followed: a post that urllib follows turns into a ``GET``
 that drops the body and carries the ``Authorization`` header to whatever host
 the server named, so a 3xx is an answer like any failure, with the place it
@@ -26,10 +30,19 @@ from urllib.parse import urlsplit, urlunsplit
 from traced_run.report import mask_url
 
 if TYPE_CHECKING:
+    import ssl
     import urllib.request
 
     from traced_run.settings import Settings
 
+WORKSPACE_HEADER = "X-MLFLOW-WORKSPACE"
+NO_ANSWER = "no answer within"
+"""How a request's problem starts when the server did not answer in time."""
+CA_FIX = ("set MLFLOW_TRACKING_SERVER_CERT_PATH (or REQUESTS_CA_BUNDLE) to the CA certificate (PEM) that "
+          "signed the server's certificate")
+CLIENT_CERT_FIX = ("set MLFLOW_TRACKING_CLIENT_CERT_PATH to a client certificate (PEM, with its key, or the "
+                   "key in OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY) that the server's CA signed")
+CREDENTIALS_FIX = "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)"
 NO_TRACKING_URI = ("no MLflow tracking URI: set MLFLOW_TRACKING_URI, --tracking-uri or tracking_uri "
                    "in the config file")
 BODY_LIMIT = 1 << 20
@@ -86,6 +99,29 @@ class Answer:
         """The start of the body on one printable line."""
         return printable(" ".join(self.body.decode("utf-8", "replace").split()))[:limit]
 
+    @property
+    def missing_workspace(self) -> bool:
+        """MLflow (with workspaces on) does not know the X-MLFLOW-WORKSPACE sent:
+        every route answers 404 then, the OTLP one too."""
+        return self.status == 404 and b"Workspace '" in self.body and b"not found" in self.body
+
+    @property
+    def workspaces_off(self) -> bool:
+        """MLflow without --enable-workspaces was sent an X-MLFLOW-WORKSPACE: every route answers 500."""
+        return self.error_code() == "FEATURE_DISABLED" and b"workspaces are not enabled" in self.body
+
+    @property
+    def wrong_workspace(self) -> bool:
+        """The workspace setting, not the request, is what is wrong."""
+        return self.missing_workspace or self.workspaces_off
+
+
+def who(settings: Settings) -> str:
+    """The credentials sent, as a message names them (never their secret)."""
+    if settings.username:
+        return f"user {printable(settings.username)!r}"
+    return "a bearer token" if settings.token else "no credentials"
+
 
 def auth_headers(settings: Settings) -> dict[str, str]:
     """Basic auth from user name and password, else Bearer from the token, as
@@ -98,12 +134,21 @@ def auth_headers(settings: Settings) -> dict[str, str]:
     return {}
 
 
-def otlp_headers(settings: Settings, experiment_id: str, run_id: str | None) -> dict[str, str]:
-    """The headers of an OTLP post to MLflow: experiment, run, auth, the user's own."""
+def rest_headers(settings: Settings, workspace: str | None) -> dict[str, str]:
+    """Auth, and the workspace every request to MLflow names (as MLflow's client sends it)."""
+    headers = auth_headers(settings)
+    if workspace:
+        headers[WORKSPACE_HEADER] = workspace
+    return headers
+
+
+def otlp_headers(settings: Settings, experiment_id: str, run_id: str | None,
+                 workspace: str | None) -> dict[str, str]:
+    """The headers of an OTLP post to MLflow: experiment, run, workspace, auth, the user's own."""
     headers = {"Content-Type": "application/x-protobuf", "x-mlflow-experiment-id": experiment_id}
     if run_id:
         headers["x-mlflow-run-id"] = run_id
-    headers.update(auth_headers(settings))
+    headers.update(rest_headers(settings, workspace))
     headers.update(settings.headers)
     return headers
 
@@ -120,31 +165,33 @@ def compressed(payload: bytes, settings: Settings) -> tuple[bytes, dict[str, str
 
 
 def post_otlp(settings: Settings, url: str, payload: bytes, experiment_id: str, run_id: str | None,
-              timeout: float) -> Answer:
+              workspace: str | None, timeout: float) -> Answer:
     """One OTLP post, as the delivery thread, ``flush`` and the doctor's proof make it."""
     body, encoding = compressed(payload, settings)
-    headers = {**otlp_headers(settings, experiment_id, run_id), **encoding}
-    return request(url, method="POST", data=body, headers=headers, timeout=timeout)
+    headers = {**otlp_headers(settings, experiment_id, run_id, workspace), **encoding}
+    return request(settings, url, method="POST", data=body, headers=headers, timeout=timeout)
 
 
-def call_json(settings: Settings, method: str, path: str, body: dict[str, Any] | None = None,
-              timeout: float | None = None) -> Answer:
-    """A call to MLflow's REST API under the tracking URI, with auth."""
+def call_json(settings: Settings, method: str, path: str, workspace: str | None,
+              body: dict[str, Any] | None = None, timeout: float | None = None) -> Answer:
+    """A call to MLflow's REST API under the tracking URI, with auth, in ``workspace``
+    (a spooled batch's may differ from the configured one; None: the server's default)."""
     if not settings.tracking_uri:
         return Answer(None, problem=NO_TRACKING_URI)
-    headers = auth_headers(settings)
+    headers = rest_headers(settings, workspace)
     data = None
     if body is not None:
         data = json.dumps(body).encode()
         headers["Content-Type"] = "application/json"
-    return request(settings.tracking_uri + path, method=method, data=data, headers=headers,
+    return request(settings, settings.tracking_uri + path, method=method, data=data, headers=headers,
                    timeout=settings.timeout if timeout is None else timeout)
 
 
-def request(url: str, *, method: str = "GET", data: bytes | None = None,
+def request(settings: Settings, url: str, *, method: str = "GET", data: bytes | None = None,
             headers: dict[str, str] | None = None, timeout: float) -> Answer:
-    """One request, no redirect followed, never raising: a failure is an
-    Answer whose ``problem`` says why, in words safe to print."""
+    """One request, with the TLS and proxies ``settings`` and the environment give,
+    no redirect followed, never raising: a failure is an Answer whose ``problem``
+    says why, and what fixes it, in words safe to print."""
     import http.client
     import urllib.error
     import urllib.request
@@ -156,9 +203,17 @@ def request(url: str, *, method: str = "GET", data: bytes | None = None,
 
     timeout = max(timeout, 0.05)
     try:
+        opener = _opener(settings)
+    except TlsSetupError as error:
+        return answer(None, problem=str(error))
+    if settings.insecure_tls and url.startswith("https:"):
+        from traced_run.report import say
+
+        say(INSECURE_WARNING)  # once per process: say() repeats no line
+    try:
         prepared = urllib.request.Request(without_userinfo(url), data=data, method=method,
                                           headers=headers or {})
-        with _opener().open(prepared, timeout=timeout) as response:
+        with opener.open(prepared, timeout=timeout) as response:
             body = response.read(BODY_LIMIT)
             if response.length and len(body) < BODY_LIMIT:  # the connection closed before the end
                 return answer(None, problem=f"the answer was cut short after {len(body)} bytes")
@@ -173,14 +228,34 @@ def request(url: str, *, method: str = "GET", data: bytes | None = None,
         reason = printable(" ".join(str(error.reason).split()))[:100]
         found = answer(error.code, body)
         detail = found.text()
-        return Answer(error.code, body, f"HTTP {error.code} {reason}" + (f": {detail}" if detail else ""),
-                      found.ms)
+        problem = f"HTTP {error.code} {reason}" + (f": {detail}" if detail else "")
+        return Answer(error.code, body, _with_fix(found, problem, settings), found.ms)
     except TimeoutError:
-        return answer(None, problem=f"no answer within {timeout:.1f} s")
+        return answer(None, problem=f"{NO_ANSWER} {timeout:.1f} s")
     except urllib.error.URLError as error:
-        return answer(None, problem=_network_reason(error.reason, timeout))
+        return answer(None, problem=_network_reason(error.reason, timeout, settings))
     except (OSError, ValueError, http.client.HTTPException) as error:
-        return answer(None, problem=_network_reason(error, timeout))
+        return answer(None, problem=_network_reason(error, timeout, settings))
+
+
+def _with_fix(found: Answer, problem: str, settings: Settings) -> str:
+    """An error answer's problem, led by what it means and what fixes it where that is known."""
+    if found.status == 401:
+        return (f"HTTP 401: MLflow did not accept the credentials ({who(settings)}); {CREDENTIALS_FIX} "
+                f"[{found.text(80)}]")
+    if found.status == 403 and b"Invalid Host header" not in found.body:
+        return (f"HTTP 403 {found.text(60)}: {who(settings)} has no permission for this (MLflow's answer); "
+                "ask an MLflow admin for EDIT permission on the experiment, or set other credentials "
+                "(MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD)")
+    if found.missing_workspace:
+        workspace = printable(str(found.json().get("message", "")))[:120] or "the workspace"
+        return (f"HTTP 404: {workspace} on MLflow; create it (mlflow.create_workspace) or set "
+                "MLFLOW_WORKSPACE to a workspace that exists")
+    if found.workspaces_off:
+        return (f"HTTP {found.status} FEATURE_DISABLED: this MLflow has no workspaces, and "
+                "MLFLOW_WORKSPACE is set; unset MLFLOW_WORKSPACE, or start mlflow server with "
+                "--enable-workspaces")
+    return problem
 
 
 def _redirect(status: int, location: str | None) -> str:
@@ -189,27 +264,115 @@ def _redirect(status: int, location: str | None) -> str:
             "body and would take the credentials along): set the URL the server redirects to")
 
 
-def _network_reason(reason: object, timeout: float) -> str:
+def _network_reason(reason: object, timeout: float, settings: Settings) -> str:
+    import ssl
+
+    if isinstance(reason, ssl.SSLCertVerificationError):
+        said = printable(str(reason.verify_message or reason.reason or "")).lower()
+        return f"certificate verify failed: {said}; {CA_FIX}"
+    if isinstance(reason, ssl.SSLError):
+        code = str(reason.reason or "")
+        said = printable(code.lower().replace("_", " "))[:100] or printable(str(reason))[:100]
+        if code in _CLIENT_CERT_ALERTS:
+            return f"the server refused the TLS handshake ({said}): it wants a client certificate; " \
+                   f"{CLIENT_CERT_FIX}"
+        if isinstance(reason, ssl.SSLEOFError) and not settings.client_cert:
+            # A TLS 1.3 server that requires a client certificate checks it after the handshake
+            # and may just close the connection: the client sees only the end of it.
+            return f"the server closed the TLS connection ({said}), as a server that requires a " \
+                   f"client certificate does; {CLIENT_CERT_FIX}"
+        if code == "WRONG_VERSION_NUMBER":
+            return f"TLS failed ({said}): is the server plain http://? then write http:// in the URL"
+        return f"TLS failed ({said})"
     if isinstance(reason, TimeoutError):
-        return f"no answer within {timeout:.1f} s"
+        return f"{NO_ANSWER} {timeout:.1f} s"
     if isinstance(reason, OSError) and reason.strerror:
         return printable(reason.strerror.lower())
     # Library text may quote the URL, and with it a password.
     return printable(mask_url(str(reason)))[:200] or type(reason).__name__
 
 
-_OPENER: urllib.request.OpenerDirector | None = None
+_CLIENT_CERT_ALERTS = {"TLSV13_ALERT_CERTIFICATE_REQUIRED", "SSLV3_ALERT_HANDSHAKE_FAILURE",
+                       "SSLV3_ALERT_BAD_CERTIFICATE", "TLSV1_ALERT_UNKNOWN_CA",
+                       "SSLV3_ALERT_CERTIFICATE_UNKNOWN"}
+"""What a server that requires a client certificate answers a handshake without
+one (or with one its CA did not sign)."""
 
 
-def _opener() -> urllib.request.OpenerDirector:
-    """urllib's usual opener (proxies from the environment, https), minus redirects."""
-    global _OPENER
-    if _OPENER is None:
+class TlsSetupError(Exception):
+    """The configured CA bundle or client certificate cannot be used; ``str()`` says which and why."""
+
+
+def tls_context(settings: Settings) -> ssl.SSLContext:
+    """The TLS context every https:// request uses: the CA bundle instead of the
+    system's when one is set (as ``requests`` uses MLFLOW_TRACKING_SERVER_CERT_PATH
+    or REQUESTS_CA_BUNDLE), the client certificate, or no verification at all."""
+    import ssl
+
+    cafile = capath = None
+    if settings.ca_bundle:
+        import os
+
+        capath, cafile = (settings.ca_bundle, None) if os.path.isdir(settings.ca_bundle) \
+            else (None, settings.ca_bundle)
+    try:
+        context = ssl.create_default_context(cafile=cafile, capath=capath)
+    except (OSError, ValueError) as error:  # ssl.SSLError is an OSError
+        raise TlsSetupError(f"cannot use the CA bundle {settings.ca_bundle} ({_ssl_words(error)}); set "
+                            "MLFLOW_TRACKING_SERVER_CERT_PATH to a PEM file of CA certificates") from None
+    if settings.insecure_tls:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    if settings.client_cert:
+        try:
+            # A key that needs a passphrase fails here instead of prompting on the app's terminal.
+            context.load_cert_chain(settings.client_cert, settings.client_key, password=lambda: b"")
+        except (OSError, ValueError) as error:
+            raise TlsSetupError(f"cannot use the client certificate {settings.client_cert}"
+                                + (f" with key {settings.client_key}" if settings.client_key else "")
+                                + f" ({_ssl_words(error)}); set MLFLOW_TRACKING_CLIENT_CERT_PATH to a PEM "
+                                "file with the certificate and its unencrypted key") from None
+    return context
+
+
+def _ssl_words(error: BaseException) -> str:
+    import ssl
+
+    if isinstance(error, ssl.SSLError) and error.reason:
+        return printable(str(error.reason).lower().replace("_", " "))
+    return printable(getattr(error, "strerror", None) or str(error))[:120].lower()
+
+
+INSECURE_WARNING = ("MLFLOW_TRACKING_INSECURE_TLS is true: the MLflow server's certificate is not verified, "
+                    "so anyone on the way can read and change traces; use it for a development server only")
+
+_OPENERS: dict[tuple[str | None, str | None, str | None, bool], urllib.request.OpenerDirector] = {}
+
+
+def _opener(settings: Settings) -> urllib.request.OpenerDirector:
+    """urllib's usual opener (proxies from the environment as MLflow's client reads
+    them, https with ``tls_context``), minus redirects; one per TLS set-up."""
+    key = (settings.ca_bundle, settings.client_cert, settings.client_key, settings.insecure_tls)
+    found = _OPENERS.get(key)
+    if found is None:
         import urllib.request
 
         class NoRedirect(urllib.request.HTTPRedirectHandler):
             def redirect_request(self, *args: Any, **kwargs: Any) -> None:
                 return None  # urllib then raises the 3xx as an HTTPError
 
-        _OPENER = urllib.request.build_opener(NoRedirect)
-    return _OPENER
+        https = urllib.request.HTTPSHandler(context=tls_context(settings))
+        found = _OPENERS[key] = urllib.request.build_opener(NoRedirect, https)
+    return found
+
+
+def proxy_for(url: str) -> str | None:
+    """The proxy a request to ``url`` goes through (HTTPS_PROXY/HTTP_PROXY, unless
+    NO_PROXY covers the host), without its credentials; None when it goes direct."""
+    import urllib.request
+
+    parts = urlsplit(url)
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if not proxy or urllib.request.proxy_bypass(parts.netloc.rpartition("@")[2]):
+        return None
+    return mask_url(proxy)

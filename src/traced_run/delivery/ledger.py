@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 
 from traced_run import report
-from traced_run.report import mask_url
+from traced_run.report import counted, mask_url
 from traced_run.settings import Settings
 from traced_run.spool import Spool
 
@@ -24,6 +24,8 @@ class Ledger:
         self._lock = threading.Lock()
         self._problem: str | None = None
         """Why the last batch was not delivered (what the exit line names)."""
+        self._answered = False
+        """The last attempt that ended took its batch: MLflow was answering."""
         self._delivered = 0
         self._own: dict[str, tuple[int, frozenset[int]]] = {}
         """This process's batches in the spool, by name: spans, trace ids."""
@@ -47,10 +49,12 @@ class Ledger:
         with self._lock:
             return self._problem
 
-    def failed(self, reason: str) -> None:
-        """MLflow did not take a batch: ``reason`` is now the problem."""
+    def failed(self, reason: str, *, cut_by_exit_bound: bool = False) -> None:
+        """MLflow did not take a batch: ``reason`` is now the problem; unless the exit
+        bound cut the attempt short, which says nothing about MLflow: that is the problem then."""
         with self._lock:
-            self._problem = reason
+            self._problem = self._exit_bound_reason() if cut_by_exit_bound else reason
+            self._answered = False
 
     def lost(self, spans: int, why: str) -> None:
         """Spans gone for a reason of ours (an encoding error, a spool that cannot be written)."""
@@ -68,11 +72,20 @@ class Ledger:
         """The exit bound ran out with spans still in this process's hands."""
         with self._lock:
             if self._problem is None:
-                self._problem = f"no answer within exit_timeout={self._settings.exit_timeout:g}s"
+                self._problem = self._exit_bound_reason()
+
+    def _exit_bound_reason(self) -> str:
+        """What to say of the exit bound running out (lock held): true to what MLflow did."""
+        bound = f"exit_timeout={self._settings.exit_timeout:g}s"
+        if self._answered:
+            return (f"{bound} reached while MLflow was still taking batches (it took the one before); "
+                    "set TRACED_RUN_EXIT_TIMEOUT higher to wait longer at exit")
+        return f"no answer from MLflow within {bound}"
 
     def delivered(self, spans: int) -> None:
         with self._lock:
             self._delivered += spans
+            self._answered = True
 
     def dropped(self) -> None:
         with self._lock:
@@ -104,6 +117,8 @@ class Ledger:
     def finished_spooled(self, name: str, spans: int, delivered: bool) -> None:
         """A spooled batch was sent, or set aside, by this process; one of ours counts as sent later."""
         with self._lock:
+            if delivered:
+                self._answered = True
             if self._own.pop(name, None) is not None and delivered:
                 self._sent_later += spans
 
@@ -146,15 +161,16 @@ class Ledger:
         why = self._problem or f"the queue ran past half of queue_size={self._settings.queue_size}"
         parts = []
         if kept:
-            parts.append(f"{kept} spans of {traces} traces not delivered to {where} ({why}): kept in "
-                         f"{self._spool.directory}; the next traced process or `traced-run flush` sends them")
+            parts.append(f"{counted(kept, 'span')} of {counted(traces, 'trace')} not delivered to {where} "
+                         f"({why}): kept in {self._spool.directory}; the next traced process or "
+                         f"`traced-run flush` sends them")
         elif sent_later and not self._outage_told:
-            parts.append(f"{sent_later} spans were spooled while {where} was unreachable ({why}) and "
-                         f"sent later")
+            parts.append(f"{counted(sent_later, 'span')} were spooled while {where} was unreachable ({why}) "
+                         f"and sent later")
         if self._rejected > self._rejected_told:
             statuses = ", ".join(str(status) for status in sorted(self._statuses))
             untold = self._rejected - self._rejected_told
-            parts.append(f"{untold} spans rejected by MLflow (HTTP {statuses}), "
+            parts.append(f"{counted(untold, 'span')} rejected by MLflow (HTTP {statuses}), "
                          f"set aside in {self._spool.rejected}")
         return parts
 
@@ -165,15 +181,19 @@ class Ledger:
         if self._dropped or over_spool:
             causes = [f"queue_size={settings.queue_size} full"] if self._dropped else []
             causes += [f"spool over spool_max_mb={settings.spool_max_mb}"] if over_spool else []
-            parts.append(f"{self._dropped + over_spool} spans dropped ({', '.join(causes)})")
+            parts.append(f"{counted(self._dropped + over_spool, 'span')} dropped ({', '.join(causes)})")
+        if self._spool.expired_spans:
+            expired = counted(self._spool.expired_spans, "span")
+            parts.append(f"{expired} that ended processes spooled more than spool_max_age="
+                         f"{report.age(settings.spool_max_age)} ago were removed from the spool")
         if self._orphans_dropped:
-            parts.append(f"{self._orphans_dropped} spans that ended processes had spooled were dropped "
-                         f"(spool over spool_max_mb={settings.spool_max_mb})")
+            parts.append(f"{counted(self._orphans_dropped, 'span')} that ended processes had spooled were "
+                         f"dropped (spool over spool_max_mb={settings.spool_max_mb})")
         if self._lost:
-            parts.append(f"{self._lost} spans lost ({self._problem})")
+            parts.append(f"{counted(self._lost, 'span')} lost ({self._problem})")
         if self._unwritten:
-            parts.append(f"{self._unwritten} spans may be lost (exit_timeout={settings.exit_timeout:g}s ran "
-                         f"out while they were written to the spool)")
+            parts.append(f"{counted(self._unwritten, 'span')} may be lost (exit_timeout="
+                         f"{settings.exit_timeout:g}s ran out while they were written to the spool)")
         return parts
 
     def say_exit_line(self, endpoint: str) -> None:

@@ -23,6 +23,7 @@ from traced_run.delivery.spill import Keeper, traces_of
 from traced_run.report import mask_url
 from traced_run.settings import Settings
 from traced_run.spool import SpoolRefused
+from traced_run.transport import NO_ANSWER
 
 if TYPE_CHECKING:
     from traced_run.export import Outcome, Sender
@@ -35,6 +36,8 @@ process finds MLflow again within about a second of its return (plus the
 attempt), and never more than one attempt a second while it is down."""
 SPOOL_RESERVE = 0.25
 """Part of the exit bound kept for writing what is left to the spool."""
+CUT_MARGIN = 0.1
+"""An attempt that ended with less than this left of the exit bound was cut short by it."""
 OUTAGE_NOTICE = 10.0
 """Seconds MLflow may take no batch before a running process says so: a
 shorter outage, or one a process exits during, is told only by the exit line."""
@@ -150,6 +153,8 @@ class DeliveryThread:
         payload = encode(batch, self._settings)
         timeout = self._attempt_timeout()
         if self._backoff.down() or self._queue.high() or timeout <= 0:
+            if timeout <= 0:
+                self._ledger.timed_out()
             with self._queue.hold() as held:
                 if held:
                     self._keeper.keep(batch, payload)
@@ -172,7 +177,10 @@ class DeliveryThread:
                 self._keeper.keep(batch, payload)
 
     def _failed(self, outcome: Outcome) -> None:
-        self._ledger.failed(outcome.reason)
+        # An attempt the exit bound cut short says nothing about MLflow: the reason must say so.
+        cut = self._queue.leaving() and outcome.status is None and outcome.reason.startswith(NO_ANSWER) \
+            and self._attempt_timeout() <= CUT_MARGIN
+        self._ledger.failed(outcome.reason, cut_by_exit_bound=cut)
         self._backoff.failed()
 
     def _tell_long_outage(self) -> None:

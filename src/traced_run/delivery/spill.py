@@ -98,7 +98,8 @@ class Keeper:
         """Said when it happens (a running service must learn of it), or, when
         leaving, by the exit line."""
         if self._ledger.rejected(spans, outcome.status, leaving):
-            report.say(f"MLflow rejected a batch of {spans} spans ({outcome.reason}); set aside in {aside}")
+            report.say(f"MLflow rejected a batch of {report.counted(spans, 'span')} ({outcome.reason}); "
+                       f"set aside in {aside}")
 
 
 def _halves(batch: Sequence[ReadableSpan]) -> tuple[Sequence[ReadableSpan], Sequence[ReadableSpan]]:
