@@ -257,3 +257,37 @@ def which() -> Callable[[str], str]:
         return found
 
     return find
+
+
+@contextlib.contextmanager
+def serving(app: App, command: list[str], port: int, env: Mapping[str, str],
+            booted: Callable[[str], bool] = lambda log: True) -> Iterator[Path]:
+    """A server started under traced-run, up (its port open and ``booted(log)``) while
+    the block runs, then stopped with SIGTERM; yields its log (stdout and stderr)."""
+    log = app.directory / "server.log"
+    with open(log, "wb") as stream:
+        server = subprocess.Popen([TRACED_RUN, *command], cwd=app.directory, env=env, stdout=stream,
+                                  stderr=subprocess.STDOUT)
+    try:
+        def up() -> bool:
+            if server.poll() is not None:
+                raise AssertionError(f"server exited: {log.read_text()[-3000:]}")
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            except OSError:
+                return False
+            return booted(log.read_text())
+
+        poll(up, timeout=90, what=f"{command[0]} on port {port}", interval=0.3)
+        yield log
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=60)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+
+
+def request(url: str, method: str = "GET", data: bytes | None = None) -> str:
+    with urllib.request.urlopen(urllib.request.Request(url, data=data, method=method), timeout=60) as answer:
+        return str(answer.read().decode())

@@ -10,19 +10,13 @@ same app run without traced-run must print the same line.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import signal
-import socket
-import subprocess
 import textwrap
-import urllib.request
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
-from conftest import TRACED_RUN, App, clean_env, free_port, poll, spans_by_type, traced_env
+from conftest import App, clean_env, free_port, request, serving, spans_by_type, traced_env
 
 MINE = """
     import json
@@ -358,39 +352,6 @@ FASTAPI_APP = """
         result = await support.run(prompt)
         return {"answer": result.output}
 """
-
-
-@contextlib.contextmanager
-def serving(app: App, command: list[str], port: int, env: dict[str, str]) -> Iterator[Path]:
-    """A server started under traced-run, up while the block runs, then stopped with SIGTERM;
-    yields its log (stdout and stderr)."""
-    log = app.directory / "server.log"
-    with open(log, "wb") as stream:
-        server = subprocess.Popen([TRACED_RUN, *command], cwd=app.directory, env=env, stdout=stream,
-                                  stderr=subprocess.STDOUT)
-    try:
-        def up() -> bool:
-            if server.poll() is not None:
-                raise AssertionError(f"server exited: {log.read_text()[-3000:]}")
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            except OSError:
-                return False
-            return True
-
-        poll(up, timeout=90, what=f"{command[0]} on port {port}", interval=0.3)
-        yield log
-        server.send_signal(signal.SIGTERM)
-        server.wait(timeout=60)
-    finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
-
-
-def request(url: str, method: str = "GET", data: bytes | None = None) -> str:
-    with urllib.request.urlopen(urllib.request.Request(url, data=data, method=method), timeout=60) as answer:
-        return str(answer.read().decode())
 
 
 def test_fastapi_with_its_own_instrumentation_one_trace_per_chat_none_for_health(

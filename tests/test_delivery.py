@@ -14,20 +14,28 @@ import json
 import re
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import textwrap
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
 
 import pytest
-from conftest import GENEROUS_EXIT, TRACED_RUN, App, MlflowServer, clean_env, free_port, poll
+from conftest import (
+    GENEROUS_EXIT,
+    TRACED_RUN,
+    App,
+    MlflowServer,
+    clean_env,
+    free_port,
+    poll,
+    request,
+    serving,
+)
 from faultproxy import FaultProxy, Mode, fault_proxy
 
 from traced_run.delivery import OUTAGE_NOTICE
@@ -822,36 +830,9 @@ REQUESTS = 8
 def serve_and_count(app: App, command: list[str], port: int, booted: Callable[[str], bool]) -> set[str]:
     """Start a prefork server under traced-run, wait for its workers, send
     REQUESTS requests two at a time, stop it with SIGTERM; the worker pids that answered."""
-    log = app.directory / "server.log"
     env = app.env(TRACED_RUN_SPOOL_DIR=str(spool_of(app)), TRACED_RUN_EXIT_TIMEOUT=str(EXIT_TIMEOUT))
-    with open(log, "wb") as stream:
-        server = subprocess.Popen([TRACED_RUN, *command], cwd=app.directory, env=env, stdout=stream,
-                                  stderr=subprocess.STDOUT)
-    try:
-        def up() -> bool:
-            if server.poll() is not None:
-                raise AssertionError(f"server exited: {log.read_text()[-3000:]}")
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            except OSError:
-                return False
-            return booted(log.read_text())
-
-        poll(up, timeout=90, what=f"{command[0]} on port {port}", interval=0.3)
-
-        def get(n: int) -> str:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/{n}", timeout=60) as response:
-                return str(response.read().decode())
-
-        with ThreadPoolExecutor(2) as pool:
-            pids = set(pool.map(get, range(REQUESTS)))
-        signalled = time.monotonic()
-        server.send_signal(signal.SIGTERM)
-        server.wait(timeout=60)
-        print(f"{' '.join(command[:4])}: answered by workers {sorted(pids)}, "
-              f"stopped {time.monotonic() - signalled:.1f}s after SIGTERM")
-    finally:
-        stop(server)
+    with serving(app, command, port, env, booted) as log, ThreadPoolExecutor(2) as pool:
+        pids = set(pool.map(lambda n: request(f"http://127.0.0.1:{port}/{n}"), range(REQUESTS)))
     output = log.read_text()
     assert "traced-run:" not in output, output
     return pids

@@ -13,9 +13,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import App, free_port, spans_by_type, traced_env
+from conftest import App, free_port, request, serving, spans_by_type, traced_env
 from openai_standin import OpenAIStandin
-from test_coexistence import request, serving
 
 
 @pytest.fixture
