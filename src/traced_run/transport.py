@@ -35,6 +35,18 @@ if TYPE_CHECKING:
 
     from traced_run.settings import Settings
 
+def import_network_modules() -> None:
+    """Import now what the first request imports: the delivery thread calls this
+    before it lets a fork go ahead. A fork while it is inside one of these imports
+    would give the child a module lock that no thread of the child ever releases,
+    and the child's own first post would wait for it until the exit bound ran out."""
+    import gzip  # noqa: F401
+    import http.client  # noqa: F401
+    import ssl  # noqa: F401
+    import urllib.error
+    import urllib.request  # noqa: F401
+
+
 WORKSPACE_HEADER = "X-MLFLOW-WORKSPACE"
 NO_ANSWER = "no answer within"
 """How a request's problem starts when the server did not answer in time."""

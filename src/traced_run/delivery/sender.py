@@ -108,6 +108,9 @@ class DeliveryThread:
     def run(self) -> None:
         try:
             from traced_run.export import Sender
+            from traced_run.transport import import_network_modules
+
+            import_network_modules()
         finally:
             self._loaded.set()  # a fork may go ahead now (see Delivery._before_fork)
         # The experiment is looked up (and created) by the first post, not here: a
