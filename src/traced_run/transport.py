@@ -215,7 +215,7 @@ def request(settings: Settings, url: str, *, method: str = "GET", data: bytes | 
 
     timeout = max(timeout, 0.05)
     try:
-        opener = _opener(settings)
+        opener = _opener(settings, secure=url.startswith("https:"))
     except TlsSetupError as error:
         return answer(None, problem=str(error))
     if settings.insecure_tls and url.startswith("https:"):
@@ -358,13 +358,15 @@ def _ssl_words(error: BaseException) -> str:
 INSECURE_WARNING = ("MLFLOW_TRACKING_INSECURE_TLS is true: the MLflow server's certificate is not verified, "
                     "so anyone on the way can read and change traces; use it for a development server only")
 
-_OPENERS: dict[tuple[str | None, str | None, str | None, bool], urllib.request.OpenerDirector] = {}
+_OPENERS: dict[tuple[str | None, str | None, str | None, bool, bool], urllib.request.OpenerDirector] = {}
 
 
-def _opener(settings: Settings) -> urllib.request.OpenerDirector:
+def _opener(settings: Settings, *, secure: bool) -> urllib.request.OpenerDirector:
     """urllib's usual opener (proxies from the environment as MLflow's client reads
-    them, https with ``tls_context``), minus redirects; one per TLS set-up."""
-    key = (settings.ca_bundle, settings.client_cert, settings.client_key, settings.insecure_tls)
+    them, https with ``tls_context``), minus redirects; one per TLS set-up. An
+    http:// MLflow never touches OpenSSL: a process forked while another of its
+    parent's threads was inside OpenSSL hung for good creating a TLS context."""
+    key = (settings.ca_bundle, settings.client_cert, settings.client_key, settings.insecure_tls, secure)
     found = _OPENERS.get(key)
     if found is None:
         import urllib.request
@@ -373,8 +375,10 @@ def _opener(settings: Settings) -> urllib.request.OpenerDirector:
             def redirect_request(self, *args: Any, **kwargs: Any) -> None:
                 return None  # urllib then raises the 3xx as an HTTPError
 
-        https = urllib.request.HTTPSHandler(context=tls_context(settings))
-        found = _OPENERS[key] = urllib.request.build_opener(NoRedirect, https)
+        handlers: list[Any] = [NoRedirect]
+        if secure:
+            handlers.append(urllib.request.HTTPSHandler(context=tls_context(settings)))
+        found = _OPENERS[key] = urllib.request.build_opener(*handlers)
     return found
 
 
