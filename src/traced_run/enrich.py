@@ -23,6 +23,7 @@ from opentelemetry.trace import Status
 from opentelemetry.util.types import AttributeValue
 
 from traced_run.redact import DEFAULT_RULES, Redactor, Rule
+from traced_run.selection import copy_span
 from traced_run.settings import Settings
 
 _processor = OpenInferenceSpanProcessor()
@@ -67,7 +68,7 @@ def _config_for(settings: Settings) -> _Config:
 def for_mlflow(span: ReadableSpan, settings: Settings) -> ReadableSpan:
     """The copy of ``span`` MLflow gets under ``settings``."""
     config = _config_for(settings)
-    copy = _copy(span, dict(span.attributes or {}))
+    copy = copy_span(span, dict(span.attributes or {}))
     _processor.on_end(copy)
     attributes: dict[str, AttributeValue] = dict(copy.attributes or {})
     _metadata(attributes, settings, is_root=span.parent is None)
@@ -78,9 +79,9 @@ def for_mlflow(span: ReadableSpan, settings: Settings) -> ReadableSpan:
     _bound_binary(attributes, settings.max_binary_bytes)
     redactor = config.redactor
     if not redactor:
-        return _copy(copy, attributes)
+        return copy_span(copy, attributes)
     text = redactor.redact
-    return _copy(
+    return copy_span(
         copy,
         {key: _redact_value(value, text) for key, value in attributes.items()},
         name=text(copy.name),
@@ -92,14 +93,6 @@ def for_mlflow(span: ReadableSpan, settings: Settings) -> ReadableSpan:
     )
 
 
-def _copy(span: ReadableSpan, attributes: dict[str, AttributeValue], **changed: Any) -> ReadableSpan:
-    fields: dict[str, Any] = dict(
-        name=span.name, context=span.context, parent=span.parent, resource=span.resource,
-        attributes=attributes, events=span.events, links=span.links, kind=span.kind, status=span.status,
-        start_time=span.start_time, end_time=span.end_time, instrumentation_scope=span.instrumentation_scope,
-    )
-    fields.update(changed)
-    return ReadableSpan(**fields)
 
 
 # -- conversations -------------------------------------------------------------------------

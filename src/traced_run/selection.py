@@ -209,12 +209,7 @@ class TraceSelection(SpanProcessor):
         attributes = dict(span.attributes or {})
         for key, value in (summary or {}).items():
             attributes.setdefault(key, value)
-        return ReadableSpan(
-            name=span.name, context=span.context, parent=span.parent, resource=resource,
-            attributes=attributes, events=span.events, links=span.links, kind=span.kind,
-            status=span.status, start_time=span.start_time, end_time=span.end_time,
-            instrumentation_scope=span.instrumentation_scope,
-        )
+        return copy_span(span, attributes, resource=resource)
 
     def _resource(self, resource: Resource) -> Resource:
         cached = self._resources.get(id(resource))
@@ -242,12 +237,19 @@ def _ended(span: Span, now: int, why: str, messages: AttributeValue | None) -> R
         prompt = _last_prompt(messages)
         if prompt is not None:
             attributes["input.value"] = prompt
-    return ReadableSpan(
-        name=span.name, context=span.get_span_context(), parent=span.parent, resource=span.resource,
-        attributes=attributes, events=span.events, links=span.links, kind=span.kind,
-        status=Status(StatusCode.ERROR, why), start_time=span.start_time, end_time=now,
-        instrumentation_scope=span.instrumentation_scope,
+    return copy_span(span, attributes, status=Status(StatusCode.ERROR, why), end_time=now)
+
+
+def copy_span(span: ReadableSpan, attributes: dict[str, AttributeValue], **changed: Any) -> ReadableSpan:
+    """A copy of ``span`` with ``attributes`` and the ``changed`` fields: the span itself is the
+    app's too (its other exporters), so what MLflow gets is always a copy."""
+    fields: dict[str, Any] = dict(
+        name=span.name, context=span.context, parent=span.parent, resource=span.resource,
+        attributes=attributes, events=span.events, links=span.links, kind=span.kind, status=span.status,
+        start_time=span.start_time, end_time=span.end_time, instrumentation_scope=span.instrumentation_scope,
     )
+    fields.update(changed)
+    return ReadableSpan(**fields)
 
 
 def _autolog_records_it() -> bool:
