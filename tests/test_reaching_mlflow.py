@@ -476,3 +476,44 @@ def test_an_exit_bound_reached_while_mlflow_still_answers_is_said_as_such(
         r"\(exit_timeout=4s reached while MLflow was still taking batches \(it took the one before\); set "
         r"TRACED_RUN_EXIT_TIMEOUT higher to wait longer at exit\): kept in .*", line), line
     assert mlflow_server.traces(experiment_id), "MLflow took batches meanwhile"
+
+
+FORKING_APP = AGENT + """
+    import os
+    import sys
+    import time
+
+    agent.run_sync("parent")
+    # The delivery thread builds its TLS context for its first post within about a
+    # second of the run's end: children forked every 40 ms cover that window.
+    children = []
+    for n in range(int(sys.argv[1])):
+        child = os.fork()
+        if child == 0:
+            agent.run_sync(f"child {n}")
+            os._exit(0)
+        children.append(child)
+        time.sleep(0.04)
+    for child in children:
+        _, status = os.waitpid(child, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+"""
+FORKS = 30
+
+
+def test_https_forked_children_deliver_without_hanging(
+        tmp_path: Path, mlflow_server: MlflowServer, https_mlflow: TlsProxy, pki: Pki) -> None:
+    """A child forked while its parent's delivery thread was inside OpenSSL (building
+    the TLS context for its first post) hung for its whole exit bound creating its own."""
+    name = new_name()
+    (tmp_path / "app.py").write_text(FORKING_APP.replace("\n    ", "\n"))
+    env = env_for(https_mlflow.url, tmp_path, experiment=name,
+                  MLFLOW_TRACKING_SERVER_CERT_PATH=str(pki.ca_cert))
+    started = time.monotonic()
+    done = subprocess.run([TRACED_RUN, "python", "app.py", str(FORKS)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=180)
+    took = time.monotonic() - started
+    assert done.returncode == 0 and traced_lines(done.stderr.encode()) == [], done.stderr
+    # A child that hung would wait out the 60 s exit bound.
+    assert took < 50, f"{FORKS} forks took {took:.1f} s"
+    assert len(mlflow_server.wait_traces(name, FORKS + 1)) == FORKS + 1

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import threading
 import time
 import zlib
 from dataclasses import dataclass
@@ -359,6 +361,28 @@ INSECURE_WARNING = ("MLFLOW_TRACKING_INSECURE_TLS is true: the MLflow server's c
                     "so anyone on the way can read and change traces; use it for a development server only")
 
 _OPENERS: dict[tuple[str | None, str | None, str | None, bool, bool], urllib.request.OpenerDirector] = {}
+_BUILDING = threading.Lock()
+"""Held while an opener is built, and across a fork. A child forked while its
+parent's delivery thread was inside OpenSSL (loading the CA certificates into a
+new context) inherits OpenSSL's locks held and hangs for good building its own
+context, so a fork waits for a build under way (at most ``FORK_WAIT`` s)."""
+FORK_WAIT = 10.0
+_held_for_fork = False
+
+
+def _before_fork() -> None:
+    global _held_for_fork
+    _held_for_fork = _BUILDING.acquire(timeout=FORK_WAIT)
+
+
+def _after_fork() -> None:
+    global _held_for_fork
+    if _held_for_fork:
+        _held_for_fork = False
+        _BUILDING.release()
+
+
+os.register_at_fork(before=_before_fork, after_in_parent=_after_fork, after_in_child=_after_fork)
 
 
 def _opener(settings: Settings, *, secure: bool) -> urllib.request.OpenerDirector:
@@ -367,19 +391,24 @@ def _opener(settings: Settings, *, secure: bool) -> urllib.request.OpenerDirecto
     http:// MLflow never touches OpenSSL: a process forked while another of its
     parent's threads was inside OpenSSL hung for good creating a TLS context."""
     key = (settings.ca_bundle, settings.client_cert, settings.client_key, settings.insecure_tls, secure)
-    found = _OPENERS.get(key)
-    if found is None:
-        import urllib.request
-
-        class NoRedirect(urllib.request.HTTPRedirectHandler):
-            def redirect_request(self, *args: Any, **kwargs: Any) -> None:
-                return None  # urllib then raises the 3xx as an HTTPError
-
-        handlers: list[Any] = [NoRedirect]
-        if secure:
-            handlers.append(urllib.request.HTTPSHandler(context=tls_context(settings)))
-        found = _OPENERS[key] = urllib.request.build_opener(*handlers)
+    with _BUILDING:
+        found = _OPENERS.get(key)
+        if found is None:
+            found = _OPENERS[key] = _build_opener(settings, secure=secure)
     return found
+
+
+def _build_opener(settings: Settings, *, secure: bool) -> urllib.request.OpenerDirector:
+    import urllib.request
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+            return None  # urllib then raises the 3xx as an HTTPError
+
+    handlers: list[Any] = [NoRedirect]
+    if secure:
+        handlers.append(urllib.request.HTTPSHandler(context=tls_context(settings)))
+    return urllib.request.build_opener(*handlers)
 
 
 def proxy_for(url: str) -> str | None:
