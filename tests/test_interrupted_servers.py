@@ -26,7 +26,6 @@ PROMPT = "Hold on for the weather in Paris"
 HELD_TOOL = """
     import asyncio
     import os
-    import time
     from pathlib import Path
 
     from pydantic_ai import Agent
@@ -36,25 +35,26 @@ HELD_TOOL = """
     agent = Agent(TestModel(), name="held")
 
 
-    def entered() -> None:
-        (HERE / f"entered-{os.getpid()}").touch()
-"""
-"""An agent whose tool says it has started (a file ``entered-<pid>``) and then
-waits until the test creates ``release``."""
-
-ASGI_APP = HELD_TOOL + """
-    from fastapi import FastAPI
-
-    api = FastAPI()
 
 
     @agent.tool_plain
     async def wait_for_release(city: str) -> str:
         \"\"\"Comes back once the test lets it.\"\"\"
-        entered()
+        (HERE / f"entered-{os.getpid()}").touch()
         while not (HERE / "release").exists():
             await asyncio.sleep(0.05)
         return f"{city}: released"
+"""
+"""An agent whose tool says it has started (a file ``entered-<pid>``) and then
+waits until the test creates ``release``. The tool is async in the WSGI app too
+(``run_sync`` runs it on its own loop): a sync tool runs on a thread of its own,
+which a worker's interpreter waits for at exit, so a tool that never comes back
+would hold the worker until gunicorn kills it, traced or not."""
+
+ASGI_APP = HELD_TOOL + """
+    from fastapi import FastAPI
+
+    api = FastAPI()
 
 
     @api.post("/chat")
@@ -66,15 +66,6 @@ ASGI_APP = HELD_TOOL + """
 WSGI_APP = HELD_TOOL + """
     import json
     from urllib.parse import parse_qs
-
-
-    @agent.tool_plain
-    def wait_for_release(city: str) -> str:
-        \"\"\"Comes back once the test lets it.\"\"\"
-        entered()
-        while not (HERE / "release").exists():
-            time.sleep(0.05)
-        return f"{city}: released"
 
 
     def application(environ, start_response):
@@ -152,7 +143,8 @@ def serving(app: App, source: str, command: list[str], port: int,
     log = app.directory / "server.log"
     with open(log, "wb") as stream:
         process = subprocess.Popen([TRACED_RUN, *command], cwd=app.directory, stdout=stream,
-                                   stderr=subprocess.STDOUT, env=traced_env(app, **env), start_new_session=True)
+                                   stderr=subprocess.STDOUT, env=traced_env(app, **env),
+                                   start_new_session=True)
     server = Server(process, log, app.directory, f"http://127.0.0.1:{port}")
     try:
         def up() -> bool:
@@ -201,36 +193,42 @@ def assert_finished_ok(trace: Any) -> None:
     assert ": released" in str(trace.info.response_preview)
 
 
-def assert_cut_off(trace: Any, why: str) -> None:
-    """Complete (every span the run had started has ended), ERROR, the prompt as Request."""
+def assert_cut_off(trace: Any, agent: str, tool: str) -> None:
+    """Complete (every span the run had started has ended: one model call, then the tool),
+    ERROR, the agent's and the tool's span ended with the status descriptions given,
+    the prompt as Request."""
     assert str(trace.info.state).endswith("ERROR"), statuses(trace)
-    found = statuses(trace)
-    assert sorted(found) == ["chat test", "execute_tool wait_for_release", "invoke_agent held"], found
-    assert found["chat test"] == ["OK"], found
-    for name in ("execute_tool wait_for_release", "invoke_agent held"):
-        assert found[name] == [f"ERROR {why}"], found
+    assert statuses(trace) == {"chat test": ["OK"],
+                               "execute_tool wait_for_release": [f"ERROR {tool}".strip()],
+                               "invoke_agent held": [f"ERROR {agent}".strip()]}
     assert PROMPT in str(trace.info.request_preview)
 
 
 # --- uvicorn -----------------------------------------------------------------------------
 
 
-def uvicorn(app: App, which: Callable[[str], str], *options: str) -> contextlib.AbstractContextManager[Server]:
+def uvicorn(app: App, which: Callable[[str], str],
+            *options: str) -> contextlib.AbstractContextManager[Server]:
     port = free_port()
     command = [which("uvicorn"), "--host", "127.0.0.1", "--port", str(port), *options, "app:api"]
-    return serving(app, ASGI_APP, command, port, lambda log: "Application startup complete" in log)
+    workers = int(options[options.index("--workers") + 1]) if "--workers" in options else 1
+    return serving(app, ASGI_APP, command, port,
+                   lambda log: log.count("Application startup complete") == workers)
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 def test_uvicorn_sigterm_lets_the_request_in_flight_finish_and_its_trace_arrives_ok(
-        app: App, which: Callable[[str], str]) -> None:
-    with uvicorn(app, which) as server:
+        app: App, which: Callable[[str], str], workers: int) -> None:
+    """One process (the app loaded before uvicorn's SIGTERM handler is set), and workers
+    (loaded after it: uvicorn gives SIGTERM its default back and raises it again at the end)."""
+    with uvicorn(app, which, "--workers", str(workers)) as server:
         sent = server.request_in_tool()
         server.process.send_signal(signal.SIGTERM)
         poll(lambda: "Waiting for connections to close" in server.output(), timeout=10,
              what="uvicorn's graceful shutdown")
         server.release()
         sent.wait()
-        assert server.wait() == -signal.SIGTERM, server.output()
+        assert server.wait() == (-signal.SIGTERM if workers == 1 else 0), server.output()
     assert sent.answer is not None and ": released" in sent.answer, sent.error
     assert "traced-run:" not in server.output(), server.output()
     assert_finished_ok(complete_trace(app))
@@ -245,7 +243,10 @@ def test_uvicorn_graceful_timeout_cancels_the_request_and_its_trace_arrives_comp
         sent.wait()
     assert sent.answer is None, sent.answer
     assert "traced-run:" not in server.output(), server.output()
-    assert_cut_off(complete_trace(app), "CancelledError: Task cancelled, timeout graceful shutdown exceeded")
+    # pydantic-ai ends its agent span as the cancellation passes (traced-run marks it: pydantic-ai
+    # records only an Exception) but never ends the tool's span, whose task is left behind: traced-run
+    # ends it when the process dies by the SIGTERM uvicorn raises again at the end.
+    assert_cut_off(complete_trace(app), agent="interrupted: CancelledError", tool="interrupted: SIGTERM")
 
 
 # --- gunicorn ----------------------------------------------------------------------------
@@ -287,15 +288,33 @@ def test_gunicorn_quick_shutdown_mid_request_leaves_a_complete_error_trace(
         sent.wait()
     assert sent.answer is None, sent.answer
     assert "traced-run:" not in server.output(), server.output()
-    assert_cut_off(complete_trace(app), "interrupted: process exit")
+    # SIGQUIT's handler raises SystemExit in the worker's main thread, in the loop run_sync runs the
+    # agent on, which cancels the run on its way out: pydantic-ai ends the tool's span with an error
+    # and the agent's with none, which traced-run marks, as the cancellation passes through it.
+    assert_cut_off(complete_trace(app), agent="interrupted: CancelledError", tool="")
 
 
 def test_gunicorn_graceful_timeout_kills_the_worker_the_spans_that_ended_still_arrive(
         app: App, which: Callable[[str], str]) -> None:
+    """SIGKILL ends a worker with no code of its own run: the run's open spans never
+    end and its trace stays IN_PROGRESS (README, Known limits); what had ended is there."""
     with gunicorn(app, which, "sync", "--graceful-timeout", "1") as server:
         sent = server.request_in_tool()
         server.process.send_signal(signal.SIGTERM)
-        assert server.wait() == 0, server.output()
+        assert server.wait(timeout=15) == 0, server.output()
         sent.wait()
+        worker = server.worker_pid()
     assert sent.answer is None, sent.answer
-    assert f"Worker (pid:{server.worker_pid()}) was sent SIGKILL" in server.output(), server.output()
+
+    def gone() -> bool:
+        try:
+            os.kill(worker, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+    poll(gone, timeout=10, what="the worker killed")
+    experiment_id = poll(lambda: app.server.experiment_id(app.experiment), timeout=30, what="the experiment")
+    (trace,) = poll(lambda: app.server.traces(experiment_id), timeout=30, what="the trace")
+    assert statuses(trace) == {"chat test": ["OK"]}
+    assert str(trace.info.state).endswith("IN_PROGRESS")

@@ -134,6 +134,9 @@ class TraceSelection(SpanProcessor):
             messages = self._prompts.pop(trace_id, None) if local_root else None
         if isinstance(agent, str):
             return
+        cut_off = _cut_off(span)
+        if cut_off is not None:
+            span = copy_span(span, dict(span.attributes or {}), status=Status(StatusCode.ERROR, cut_off))
         self._inner.on_end(self._shaped(span, agent if local_root else None, messages))
 
     def _track(self, span: Span) -> None:
@@ -238,6 +241,19 @@ def _ended(span: Span, now: int, why: str, messages: AttributeValue | None) -> R
         if prompt is not None:
             attributes["input.value"] = prompt
     return copy_span(span, attributes, status=Status(StatusCode.ERROR, why), end_time=now)
+
+
+def _cut_off(span: ReadableSpan) -> str | None:
+    """Why a pydantic-ai span that ends while a cancellation or an exit passes through it
+    (a server cancelling its request, Ctrl-C, ``sys.exit``) was cut off: pydantic-ai
+    records only an ``Exception`` on its spans, and one left unset would show as OK."""
+    scope = span.instrumentation_scope
+    if span.status.status_code is not StatusCode.UNSET or scope is None or scope.name != PYDANTIC_AI_SCOPE:
+        return None
+    passing = sys.exc_info()[1]
+    if passing is None or isinstance(passing, (Exception, GeneratorExit)):
+        return None
+    return f"interrupted: {type(passing).__name__}"
 
 
 def copy_span(span: ReadableSpan, attributes: dict[str, AttributeValue], **changed: Any) -> ReadableSpan:
