@@ -11,7 +11,7 @@ import signal
 import socket
 import subprocess
 import threading
-import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -97,7 +97,7 @@ class Request:
             with urllib.request.urlopen(urllib.request.Request(f"{self.url}/chat?{query}", method="POST"),
                                         timeout=60) as response:
                 self.answer = response.read().decode()
-        except (OSError, urllib.error.HTTPError) as error:
+        except OSError as error:  # HTTPError (a 500) is one too
             self.error = error
 
     def wait(self) -> None:
