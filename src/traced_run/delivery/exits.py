@@ -60,7 +60,7 @@ def _close_at_os_exit(hooks: _Hooks) -> None:
 
 def _keep_default_sigterm(hooks: _Hooks) -> None:
     """Setting SIGTERM back to its default sets ours: a server that set its own handler
-    before the app was imported (uvicorn's workers, ``uvicorn --reload``) puts the default
+    before the app was imported (``uvicorn --workers N``: each worker) puts the default
     back when it has finished its requests and raises SIGTERM again, and this process
     must deliver before it dies by it."""
 
