@@ -269,16 +269,7 @@ def serving(app: App, command: list[str], port: int, env: Mapping[str, str],
         server = subprocess.Popen([TRACED_RUN, *command], cwd=app.directory, env=env, stdout=stream,
                                   stderr=subprocess.STDOUT)
     try:
-        def up() -> bool:
-            if server.poll() is not None:
-                raise AssertionError(f"server exited: {log.read_text()[-3000:]}")
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            except OSError:
-                return False
-            return booted(log.read_text())
-
-        poll(up, timeout=90, what=f"{command[0]} on port {port}", interval=0.3)
+        wait_up(server, port, log, booted, command[0])
         yield log
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=60)
@@ -286,6 +277,22 @@ def serving(app: App, command: list[str], port: int, env: Mapping[str, str],
         if server.poll() is None:
             server.kill()
             server.wait()
+
+
+def wait_up(server: subprocess.Popen[bytes], port: int, log: Path, booted: Callable[[str], bool],
+            what: str) -> None:
+    """Until ``server`` has its port open and ``booted(log)`` (its output); fails if it exits first."""
+
+    def up() -> bool:
+        if server.poll() is not None:
+            raise AssertionError(f"server exited: {log.read_text()[-3000:]}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        except OSError:
+            return False
+        return booted(log.read_text(errors="replace"))
+
+    poll(up, timeout=90, what=f"{what} on port {port}", interval=0.3)
 
 
 def request(url: str, method: str = "GET", data: bytes | None = None) -> str:

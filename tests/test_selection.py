@@ -172,3 +172,27 @@ def test_a_forked_child_never_ends_its_parents_open_spans(setup: tuple[TracerPro
         _, status = os.waitpid(child, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert passed.names() == ["invoke_agent a"]
+
+
+def test_a_cancellation_passing_through_a_span_makes_it_error_one_handled_before_it_started_does_not(
+        setup: tuple[TracerProvider, TraceSelection, Passed]) -> None:
+    import asyncio
+
+    from opentelemetry.trace import StatusCode
+
+    provider, _, passed = setup
+    agent = provider.get_tracer(PYDANTIC_AI_SCOPE)
+    quiet = {"record_exception": False, "set_status_on_exception": False}  # as pydantic-ai opens its spans
+    with pytest.raises(asyncio.CancelledError), agent.start_as_current_span("invoke_agent cut", **quiet):
+        raise asyncio.CancelledError("timeout graceful shutdown exceeded")
+    try:
+        raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        with agent.start_as_current_span("invoke_agent cleanup"):
+            pass
+    with pytest.raises(RuntimeError), agent.start_as_current_span("invoke_agent failed", **quiet):
+        raise RuntimeError("pydantic-ai records an Exception itself")
+    cut = passed.by_name("invoke_agent cut").status
+    assert (cut.status_code, cut.description) == (StatusCode.ERROR, "interrupted: CancelledError")
+    for name in ("invoke_agent cleanup", "invoke_agent failed"):
+        assert passed.by_name(name).status.status_code is StatusCode.UNSET, name

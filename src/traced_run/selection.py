@@ -67,6 +67,8 @@ class TraceSelection(SpanProcessor):
         self._open: dict[int, Span] = {}
         """Spans started and not yet ended, by span id: what an interrupted run leaves open."""
         self._prompts: dict[int, AttributeValue] = {}
+        self._started_in_handler: dict[int, BaseException] = {}
+        """Span id -> the cancellation or exit being handled when it started (not what cut it off)."""
         """Wanted trace id -> the messages its latest model call was sent (the prompt of a run cut off)."""
         self._resources: dict[int, tuple[Resource, Resource]] = {}
         self._told_incomplete = False
@@ -78,6 +80,7 @@ class TraceSelection(SpanProcessor):
         pool a tool started must not end its parent's run as interrupted)."""
         self._lock = threading.Lock()
         self._open = {}
+        self._started_in_handler = {}
 
     def on_start(self, span: Span, parent_context: Context | None = None) -> None:
         scope = span.instrumentation_scope
@@ -86,8 +89,11 @@ class TraceSelection(SpanProcessor):
                 self._track(span)
             return
         trace_id = span.context.trace_id
+        handling = _cancellation()
         with self._lock:
             self._track(span)
+            if handling is not None:
+                self._started_in_handler[span.context.span_id] = handling
             decided = self._decided.get(trace_id, _NO_AGENT)
             if decided is not _NO_AGENT:  # wanted already, or left to MLflow's autolog
                 return
@@ -118,6 +124,7 @@ class TraceSelection(SpanProcessor):
         local_root = span.parent is None or span.parent.is_remote
         with self._lock:
             self._open.pop(context.span_id, None)
+            handled = self._started_in_handler.pop(context.span_id, None)
             agent = self._decided.get(trace_id)
             if agent is None:
                 if not local_root:
@@ -134,6 +141,9 @@ class TraceSelection(SpanProcessor):
             messages = self._prompts.pop(trace_id, None) if local_root else None
         if isinstance(agent, str):
             return
+        cut_off = _cut_off(span, handled)
+        if cut_off is not None:
+            span = copy_span(span, dict(span.attributes or {}), status=Status(StatusCode.ERROR, cut_off))
         self._inner.on_end(self._shaped(span, agent if local_root else None, messages))
 
     def _track(self, span: Span) -> None:
@@ -141,7 +151,9 @@ class TraceSelection(SpanProcessor):
         forgotten oldest first past the bound."""
         self._open[span.context.span_id] = span
         if len(self._open) > MAX_OPEN:
-            del self._open[next(iter(self._open))]
+            oldest = next(iter(self._open))
+            del self._open[oldest]
+            self._started_in_handler.pop(oldest, None)
 
     def interrupt(self, why: str) -> int:
         """End, in the copies MLflow gets, every span of an agent trace still open (the
@@ -238,6 +250,28 @@ def _ended(span: Span, now: int, why: str, messages: AttributeValue | None) -> R
         if prompt is not None:
             attributes["input.value"] = prompt
     return copy_span(span, attributes, status=Status(StatusCode.ERROR, why), end_time=now)
+
+
+def _cancellation() -> BaseException | None:
+    """The cancellation or exit (``asyncio.CancelledError``, ``KeyboardInterrupt``,
+    ``SystemExit``) passing or being handled on this thread now, if any."""
+    passing = sys.exc_info()[1]
+    return None if passing is None or isinstance(passing, (Exception, GeneratorExit)) else passing
+
+
+def _cut_off(span: ReadableSpan, handled: BaseException | None) -> str | None:
+    """Why a pydantic-ai span that ends while a cancellation or an exit passes through it
+    (a server cancelling its request, Ctrl-C, ``sys.exit``) was cut off: pydantic-ai
+    records only an ``Exception`` on its spans, and one left unset would show as OK.
+    ``handled``: what was being handled when the span started (a run made in an
+    ``except`` block, which that exception did not cut off)."""
+    scope = span.instrumentation_scope
+    if span.status.status_code is not StatusCode.UNSET or scope is None or scope.name != PYDANTIC_AI_SCOPE:
+        return None
+    passing = _cancellation()
+    if passing is None or passing is handled:
+        return None
+    return f"interrupted: {type(passing).__name__}"
 
 
 def copy_span(span: ReadableSpan, attributes: dict[str, AttributeValue], **changed: Any) -> ReadableSpan:
