@@ -259,7 +259,7 @@ class _ServerChecks(_Asking):
         # /health skips MLflow's Host header check; /version does not.
         answer = self.get("/version")
         if _bad_host(answer):
-            host = urllib.parse.urlsplit(self.base).netloc.rpartition("@")[2]
+            host = urllib.parse.urlsplit(self.base).netloc
             self.found.add(FAIL, "host header", f"MLflow refuses the Host header {host!r} "
                            "(403 Invalid Host header)",
                            f"start mlflow server with --allowed-hosts {host} (or a pattern covering it)")
