@@ -173,8 +173,9 @@ def _problem_and_fix(problem: str) -> tuple[str, str]:
     return (what, fix) if sep else (problem, "")
 
 
-class MlflowChecks:
-    """The checks that talk to MLflow, in order; each stops the rest when it must."""
+class _Asking:
+    """What every MLflow check shares: the request, and the answers that name their own fix
+    (no answer, credentials refused, a missing workspace)."""
 
     def __init__(self, settings: Settings, found: Findings, proof: bool) -> None:
         self.settings = settings
@@ -185,46 +186,12 @@ class MlflowChecks:
         self.headers = rest_headers(settings, settings.workspace)
         self.experiment_id: str | None = None
 
-    def run(self) -> None:
-        self.check_transport()
-        if not self.settings.tracking_uri:
-            if self.settings.endpoint:
-                self.found.add(WARN, "mlflow", "no tracking_uri: only the OTLP endpoint is checked",
-                               "set MLFLOW_TRACKING_URI too for the experiment and read-back checks")
-                self.experiment_id = self.settings.experiment_id or mlflow_api.DEFAULT_EXPERIMENT_ID
-                self.check_otlp()
-            return
-        if not self.reachable():
-            return
-        if not self.version_and_host():
-            return
-        if not self.check_workspace():
-            return
-        if not self.auth_and_experiment():
-            return
-        self.check_run()
-        if self.check_otlp() and self.proof:
-            self.end_to_end()
-
     def request(self, url: str, *, method: str = "GET", data: bytes | None = None,
                 headers: dict[str, str] | None = None) -> Answer:
         return request(self.settings, url, method=method, data=data, headers=headers, timeout=STEP_TIMEOUT)
 
     def get(self, path: str) -> Answer:
         return self.request(self.base + path, headers=self.headers)
-
-    def check_transport(self) -> None:
-        """How requests leave: through a proxy, and whether certificates are checked."""
-        url = self.base or self.settings.traces_endpoint or ""
-        proxy = proxy_for(url)
-        if proxy:
-            scheme = urllib.parse.urlsplit(url).scheme.upper()
-            self.found.add(OK, "proxy", f"requests to {mask_url(url)} go through {proxy} "
-                           f"({scheme}_PROXY; NO_PROXY does not cover the host)")
-        if self.settings.insecure_tls:
-            self.found.add(WARN, "tls", "certificates are not verified (MLFLOW_TRACKING_INSECURE_TLS=true): "
-                           "anyone on the way can read and change traces",
-                           "set MLFLOW_TRACKING_SERVER_CERT_PATH to the server's CA certificate instead")
 
     def failed(self, check: str, answer: Answer, hint: str) -> None:
         """A request that got no answer: a certificate or TLS problem carries its own fix."""
@@ -258,6 +225,23 @@ class MlflowChecks:
             return True
         return False
 
+
+class _ServerChecks(_Asking):
+    """How requests leave, and whether the server is an MLflow that takes this host and workspace."""
+
+    def check_transport(self) -> None:
+        """How requests leave: through a proxy, and whether certificates are checked."""
+        url = self.base or self.settings.traces_endpoint or ""
+        proxy = proxy_for(url)
+        if proxy:
+            scheme = urllib.parse.urlsplit(url).scheme.upper()
+            self.found.add(OK, "proxy", f"requests to {mask_url(url)} go through {proxy} "
+                           f"({scheme}_PROXY; NO_PROXY does not cover the host)")
+        if self.settings.insecure_tls:
+            self.found.add(WARN, "tls", "certificates are not verified (MLFLOW_TRACKING_INSECURE_TLS=true): "
+                           "anyone on the way can read and change traces",
+                           "set MLFLOW_TRACKING_SERVER_CERT_PATH to the server's CA certificate instead")
+
     def reachable(self) -> bool:
         answer = self.request(self.base + "/health")
         if answer.status is None:
@@ -275,7 +259,7 @@ class MlflowChecks:
         # /health skips MLflow's Host header check; /version does not.
         answer = self.get("/version")
         if _bad_host(answer):
-            host = urllib.parse.urlsplit(self.base).netloc.rpartition("@")[2]
+            host = urllib.parse.urlsplit(self.base).netloc
             self.found.add(FAIL, "host header", f"MLflow refuses the Host header {host!r} "
                            "(403 Invalid Host header)",
                            f"start mlflow server with --allowed-hosts {host} (or a pattern covering it)")
@@ -318,6 +302,10 @@ class MlflowChecks:
                        "start mlflow server with --enable-workspaces, or unset "
                        "MLFLOW_WORKSPACE")
         return False
+
+
+class _ExperimentChecks(_Asking):
+    """The credentials, the experiment traces go to, and the run they are linked to."""
 
     def auth_and_experiment(self) -> bool:
         settings = self.settings
@@ -375,6 +363,10 @@ class MlflowChecks:
             return
         self.found.add(OK, "run id", f"{run_id!r} exists ({info.get('status', '?')})")
 
+
+class _TraceChecks(_Asking):
+    """The OTLP route, which bodies it reads, and one trace sent and read back."""
+
     def check_otlp(self) -> bool:
         # An empty ExportTraceServiceRequest is a valid request that stores nothing.
         endpoint = self.settings.traces_endpoint or ""
@@ -413,7 +405,6 @@ class MlflowChecks:
         return ("refuses gzip bodies: traced-run sends uncompressed there (it learns that at the first "
                 "refused batch)")
 
-
     def end_to_end(self) -> None:
         from traced_run.export import Sender
 
@@ -444,6 +435,31 @@ class MlflowChecks:
                                f"{PROOF_WAIT:.0f} s (last: {what})", "look at the MLflow server's log")
                 return
             time.sleep(0.2)
+
+
+class MlflowChecks(_ServerChecks, _ExperimentChecks, _TraceChecks):
+    """The checks that talk to MLflow, in order; each stops the rest when it must."""
+
+    def run(self) -> None:
+        self.check_transport()
+        if not self.settings.tracking_uri:
+            if self.settings.endpoint:
+                self.found.add(WARN, "mlflow", "no tracking_uri: only the OTLP endpoint is checked",
+                               "set MLFLOW_TRACKING_URI too for the experiment and read-back checks")
+                self.experiment_id = self.settings.experiment_id or mlflow_api.DEFAULT_EXPERIMENT_ID
+                self.check_otlp()
+            return
+        if not self.reachable():
+            return
+        if not self.version_and_host():
+            return
+        if not self.check_workspace():
+            return
+        if not self.auth_and_experiment():
+            return
+        self.check_run()
+        if self.check_otlp() and self.proof:
+            self.end_to_end()
 
 
 def synthetic_trace(settings: Settings) -> tuple[bytes, str]:

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
-from traced_run.export import Sender
+from traced_run.export import Outcome, Sender
 from traced_run.report import age, counted, mask_url, say
 from traced_run.settings import Settings
-from traced_run.spool import Pile, Spool, SpoolRefused
+from traced_run.spool import Batch, Pile, Spool, SpoolRefused, Survey
 from traced_run.transport import without_userinfo
 
 
@@ -39,23 +41,15 @@ def flush(settings: Settings, written_for: str | None = None, drop_others: bool 
     endpoint = settings.traces_endpoint or ""
     shown = mask_url(endpoint)
     sender = Sender(settings)
-    sent = spans = rejected = 0
-    problem = ""
+    tally = _Tally()
     try:
         source = _written_for(spool, endpoint, written_for) if written_for else None
         for batches_of in (None, source) if source else (None,):
             with contextlib.closing(spool.send(endpoint, lambda batch: sender.post_by_trace(
                     batch.payload, batch.target, settings.timeout), written_for=batches_of)) as sending:
                 for batch, outcome, aside in sending:
-                    if outcome.delivered:
-                        sent += 1
-                        spans += batch.spans - sum(part.spans for part in outcome.rejected)
-                        rejected += len(outcome.rejected)
-                    elif aside is not None:
-                        rejected += 1
-                    else:
-                        problem = outcome.reason
-            if problem:
+                    tally.add(batch, outcome, aside)
+            if tally.problem:
                 break
         dropped = spool.drop_others(endpoint) if drop_others else {}
         seen = spool.survey(endpoint)
@@ -65,6 +59,37 @@ def flush(settings: Settings, written_for: str | None = None, drop_others: bool 
     except OSError as error:
         say(f"cannot use the spool {spool.directory}: {error.strerror}")
         return 1
+    _summarise(settings, spool, tally, dropped, seen)
+    if tally.problem:
+        say(f"stopped: {shown} did not take a batch ({tally.problem})")
+    left_for_source = source is not None and source in seen.others
+    return 1 if seen.for_endpoint or left_for_source else 0
+
+
+@dataclass
+class _Tally:
+    """What one flush did: batches and spans MLflow took, batches set aside, why it stopped."""
+
+    sent: int = 0
+    spans: int = 0
+    rejected: int = 0
+    problem: str = ""
+
+    def add(self, batch: Batch, outcome: Outcome, aside: Path | None) -> None:
+        if outcome.delivered:
+            self.sent += 1
+            self.spans += batch.spans - sum(part.spans for part in outcome.rejected)
+            self.rejected += len(outcome.rejected)
+        elif aside is not None:
+            self.rejected += 1
+        else:
+            self.problem = outcome.reason
+
+
+def _summarise(settings: Settings, spool: Spool, tally: _Tally, dropped: dict[str, Pile],
+               seen: Survey) -> None:
+    """What was sent, set aside, removed and left, on stdout."""
+    shown = mask_url(settings.traces_endpoint or "")
     unreadable = (f"; {spool.unreadable} files that were no readable batch set aside too "
                   f"(first: {spool.unreadable_why})") if spool.unreadable else ""
     expired = ""
@@ -72,18 +97,14 @@ def flush(settings: Settings, written_for: str | None = None, drop_others: bool 
         expired = (f"; removed {counted(spool.expired, 'batch', 'batches')} "
                    f"({counted(spool.expired_spans, 'span')}) older than "
                    f"spool_max_age={age(settings.spool_max_age)}")
-    print(f"sent {counted(sent, 'batch', 'batches')} ({counted(spans, 'span')}) to {shown}; {rejected} "
-          f"rejected (set aside in {spool.rejected}){unreadable}{expired}; {seen.for_endpoint} left in "
-          f"{spool.directory}")
+    print(f"sent {counted(tally.sent, 'batch', 'batches')} ({counted(tally.spans, 'span')}) to {shown}; "
+          f"{tally.rejected} rejected (set aside in {spool.rejected}){unreadable}{expired}; "
+          f"{seen.for_endpoint} left in {spool.directory}")
     for line in piles(dropped):
         print(f"dropped {line}")
     for line in piles(seen.others):
         print(f"left {line}: `traced-run flush --endpoint URL` sends them to {shown}, "
               "`traced-run flush --drop-other-endpoints` removes them")
-    if problem:
-        say(f"stopped: {shown} did not take a batch ({problem})")
-    left_for_source = source is not None and source in seen.others
-    return 1 if seen.for_endpoint or left_for_source else 0
 
 
 def _written_for(spool: Spool, endpoint: str, given: str) -> str | None:

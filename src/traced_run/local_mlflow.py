@@ -76,21 +76,7 @@ def _stop(server: subprocess.Popen[bytes]) -> None:
 
 
 def main(argv: list[str], parser_class: type[argparse.ArgumentParser]) -> int:
-    parser = parser_class(
-        prog="traced-run mlflow",
-        description="Start a local MLflow server for development (sqlite, artifact directory, one worker) "
-        "and keep it in the foreground until Ctrl-C. Exit codes: 0 stopped; 1 did not start; 2 bad option; "
-        "69 mlflow not installed.")
-    parser.add_argument("--port", type=int, default=5000, help="port to listen on (default 5000)")
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="address to bind (default 127.0.0.1, loopback only)")
-    parser.add_argument("--dir", default=DEFAULT_DIR,
-                        help=f"where the sqlite file, artifacts and server log go (default ./{DEFAULT_DIR})")
-    parser.add_argument("--allow-all-hosts", action="store_true",
-                        help="accept any Host header (--allowed-hosts '*'): anyone who can reach the port "
-                        "can read and write your traces")
-    parser.add_argument("--experiment-name", default="my-app",
-                        help="the experiment name the printed exports use")
+    parser = _parser(parser_class)
     args = parser.parse_args(argv)
     if not 0 < args.port < 65536:
         parser.error(f"--port: {args.port} is not a port number")
@@ -106,7 +92,6 @@ def main(argv: list[str], parser_class: type[argparse.ArgumentParser]) -> int:
     if not _port_free(args.host, args.port):
         say(f"{args.host}:{args.port} is in use (another MLflow?): choose another with --port")
         return 1
-
     command = [sys.executable, "-m", "mlflow", "server",
                "--backend-store-uri", f"sqlite:///{directory / 'mlflow.db'}",
                "--default-artifact-root", str(directory / "artifacts"),
@@ -117,7 +102,30 @@ def main(argv: list[str], parser_class: type[argparse.ArgumentParser]) -> int:
             say(f"WARNING: MLflow listens on {args.host}:{args.port} and accepts any Host header, without "
                 "auth: anyone who can reach this port can read and change your traces and experiments")
     local_host = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
-    url = f"http://{local_host}:{args.port}"
+    return _serve(command, directory, f"http://{local_host}:{args.port}", args.experiment_name)
+
+
+def _parser(parser_class: type[argparse.ArgumentParser]) -> argparse.ArgumentParser:
+    parser = parser_class(
+        prog="traced-run mlflow",
+        description="Start a local MLflow server for development (sqlite, artifact directory, one worker) "
+        "and keep it in the foreground until Ctrl-C. Exit codes: 0 stopped; 1 did not start; 2 bad option; "
+        "69 mlflow not installed.")
+    parser.add_argument("--port", type=int, default=5000, help="port to listen on (default 5000)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to bind (default 127.0.0.1, loopback only)")
+    parser.add_argument("--dir", default=DEFAULT_DIR,
+                        help=f"where the sqlite file, artifacts and server log go (default ./{DEFAULT_DIR})")
+    parser.add_argument("--allow-all-hosts", action="store_true",
+                        help="accept any Host header (--allowed-hosts '*'): anyone who can reach the port "
+                        "can read and write your traces")
+    parser.add_argument("--experiment-name", default="my-app",
+                        help="the experiment name the printed exports use")
+    return parser
+
+
+def _serve(command: list[str], directory: Path, url: str, experiment_name: str) -> int:
+    """Run the server until it answers, then until Ctrl-C/SIGTERM or its death; it is stopped either way."""
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     log_path = directory / "server.log"
     print(f"starting MLflow on {url} (data in {directory}, log {log_path}) ...", flush=True)
@@ -152,7 +160,7 @@ def main(argv: list[str], parser_class: type[argparse.ArgumentParser]) -> int:
         print(f"MLflow is running (pid {server.pid}): {url}\n"
               f"  UI:  {url}\n"
               f"  export MLFLOW_TRACKING_URI={url}\n"
-              f"  export MLFLOW_EXPERIMENT_NAME={args.experiment_name}\n"
+              f"  export MLFLOW_EXPERIMENT_NAME={experiment_name}\n"
               f"  traced-run python app.py      # in another shell; `traced-run doctor` checks the setup\n"
               "Ctrl-C stops it.", flush=True)
         while server.poll() is None:

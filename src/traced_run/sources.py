@@ -155,8 +155,24 @@ def _expand_all(value: Any, where: str, name: str, environ: Mapping[str, str]) -
 
 
 def _yaml_layer(path: str, environ: Mapping[str, str]) -> dict[str, Value]:
-    import yaml
+    keys = [name for name, spec in SPECS.items() if spec.in_yaml]
+    layer: dict[str, Value] = {}
+    for key_node, value_node, value in _yaml_entries(path, _config_text(path)):
+        where = f"{path}:{key_node.start_mark.line + 1}"
+        key = str(key_node.value)
+        if key not in keys:
+            close = difflib.get_close_matches(key, keys, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{where}: unknown key {key[:40]!r}{hint}")
+        if value is None:
+            continue
+        expanded = _expand_all(value, f"{path}:{value_node.start_mark.line + 1}", key, environ)
+        layer[key] = _parse(where, key, expanded, from_yaml=True, written=value)
+    return layer
 
+
+def _config_text(path: str) -> str:
+    """The config file's text, read within MAX_CONFIG_BYTES."""
     try:
         with open(path, "rb") as stream:
             data = stream.read(MAX_CONFIG_BYTES + 1)
@@ -166,10 +182,17 @@ def _yaml_layer(path: str, environ: Mapping[str, str]) -> dict[str, Value]:
         raise ConfigError(f"{path}: the config file is larger than {MAX_CONFIG_BYTES // 1024} KiB; "
                           "is it the right file?")
     try:
-        text = data.decode("utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError as error:
         line = data.count(b"\n", 0, error.start) + 1
         raise ConfigError(f"{path}:{line}: cannot read the config file: not UTF-8 text") from None
+
+
+def _yaml_entries(path: str, text: str) -> list[tuple[Any, Any, Any]]:
+    """The top-level mapping's (key node, value node, value) triples; a YAML
+    error becomes a ConfigError with its place."""
+    import yaml
+
     try:
         loader = _bounded_loader(yaml)(text)
     except yaml.reader.ReaderError as error:
@@ -182,11 +205,11 @@ def _yaml_layer(path: str, environ: Mapping[str, str]) -> dict[str, Value]:
         node = loader.get_single_node()
         # No document, or an empty one ("---" above commented-out keys): nothing set.
         if node is None or node.tag == "tag:yaml.org,2002:null":
-            return {}
+            return []
         if not isinstance(node, yaml.MappingNode):
             line = node.start_mark.line + 1
             raise ConfigError(f"{path}:{line}: expected a mapping of settings at the top level")
-        entries = [(k, v, _construct(loader, k, v, path)) for k, v in node.value]
+        return [(k, v, _construct(loader, k, v, path)) for k, v in node.value]
     except yaml.MarkedYAMLError as error:
         mark = error.problem_mark or error.context_mark
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
@@ -195,21 +218,6 @@ def _yaml_layer(path: str, environ: Mapping[str, str]) -> dict[str, Value]:
         raise ConfigError(f"{path}: malformed YAML: {error}") from None
     finally:
         loader.dispose()
-
-    keys = [name for name, spec in SPECS.items() if spec.in_yaml]
-    layer: dict[str, Value] = {}
-    for key_node, value_node, value in entries:
-        where = f"{path}:{key_node.start_mark.line + 1}"
-        key = str(key_node.value)
-        if key not in keys:
-            close = difflib.get_close_matches(key, keys, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"{where}: unknown key {key[:40]!r}{hint}")
-        if value is None:
-            continue
-        expanded = _expand_all(value, f"{path}:{value_node.start_mark.line + 1}", key, environ)
-        layer[key] = _parse(where, key, expanded, from_yaml=True, written=value)
-    return layer
 
 
 def _bounded_loader(yaml: Any) -> Any:

@@ -228,20 +228,9 @@ def _private(status: os.stat_result) -> bool:
     return stat.S_ISDIR(status.st_mode) and status.st_uid == os.geteuid() and not status.st_mode & 0o077
 
 
-class Spool:
-    @classmethod
-    def of(cls, settings: Settings) -> Spool:
-        """``spool_dir`` (or the per-user default), bounded by ``spool_max_mb``."""
-        max_bytes = settings.spool_max_mb * 1024 * 1024
-        lease = settings.timeout + CLAIM_MARGIN
-        if settings.spool_dir:
-            return cls(Path(settings.spool_dir), max_bytes, lease=lease, max_age=settings.spool_max_age)
-        try:
-            return cls(default_directory(), max_bytes, lease=lease, max_age=settings.spool_max_age)
-        except OSError as error:
-            temp = Path(tempfile.gettempdir())
-            return cls(temp, max_bytes, f"no spool: HOME is not writable and no private directory could be "
-                       f"made in {temp} ({error.strerror}); set TRACED_RUN_SPOOL_DIR")
+class _Directory:
+    """The spool's directory as a process that writes batches, or only looks, uses it:
+    opened safely, written whole, kept within its bound, surveyed. Sending is ``Spool``'s."""
 
     def __init__(self, directory: Path, max_bytes: int, unusable: str = "",
                  lease: float = 10.0 + CLAIM_MARGIN, max_age: float = default_of("spool_max_age")) -> None:
@@ -361,6 +350,26 @@ class Spool:
                     entries = [parse(name) for name in os.listdir(aside)]
                     rejected = sum(1 for e in entries if e is not None and e.kind == "otlp")
         return Survey(batches, spans, here, unreadable, first, rejected, others, expired)
+
+
+class Spool(_Directory):
+    """The claim protocol every sender follows (claim, post, done / set aside / release),
+    and the clean-up a sender makes on the way: stale claims given back, expired batches
+    and unreadable files removed or set aside, other endpoints' batches dropped."""
+
+    @classmethod
+    def of(cls, settings: Settings) -> Spool:
+        """``spool_dir`` (or the per-user default), bounded by ``spool_max_mb``."""
+        max_bytes = settings.spool_max_mb * 1024 * 1024
+        lease = settings.timeout + CLAIM_MARGIN
+        if settings.spool_dir:
+            return cls(Path(settings.spool_dir), max_bytes, lease=lease, max_age=settings.spool_max_age)
+        try:
+            return cls(default_directory(), max_bytes, lease=lease, max_age=settings.spool_max_age)
+        except OSError as error:
+            temp = Path(tempfile.gettempdir())
+            return cls(temp, max_bytes, f"no spool: HOME is not writable and no private directory could be "
+                       f"made in {temp} ({error.strerror}); set TRACED_RUN_SPOOL_DIR")
 
     def claim(self, endpoint: str, written_for: str | None = None) -> Iterator[Batch]:
         """Oldest first, the batches written for ``written_for`` (default
