@@ -12,8 +12,8 @@ invalid is set aside with the reason. At exit (normal, uncaught exception,
 SIGINT, SIGTERM, ``os._exit`` in a forked child) the process waits at most
 ``exit_timeout`` and spools whatever is left; it does not wait at all for an
 MLflow it has seen hang (its last post went unanswered for the post's whole
-timeout, or the post in flight has waited ``exit_timeout`` already): what is
-left goes to the spool at once.
+timeout, or MLflow has answered no post yet and the one in flight has waited
+``exit_timeout`` already): what is left goes to the spool at once.
 
 What the user is told, once: an outage that outlasts ``OUTAGE_NOTICE`` while
 the process runs is one line then (a service that never exits must learn of
@@ -147,10 +147,10 @@ class Delivery:
         self.ledger.say_exit_line(self._endpoint)
 
     def _deliver_until(self, until: float) -> str | None:
-        """Wait until ``until`` for what is queued to be handled, but for no post longer
-        than ``exit_timeout`` after it was sent: MLflow hangs then, and is not waited for
-        (why, returned). A post sent at exit (the process knew nothing of MLflow yet)
-        gets the whole bound."""
+        """Wait until ``until`` for what is queued to be handled; but an MLflow that has
+        answered no post yet is not waited for once its post has waited ``exit_timeout``
+        since it was sent: it hangs (why, returned). A post sent at exit (the process
+        knew nothing of MLflow yet) gets the whole bound."""
         patience = self._settings.exit_timeout
         while True:
             hanging = self._backoff.hanging(patience)

@@ -56,6 +56,8 @@ class Backoff:
         self.outage_wall = 0.0
         self._unanswered: str | None = None
         """Why the last attempt that ended got no answer in time; None once one ends otherwise."""
+        self._answered = False
+        """The last attempt that ended got an answer (of any status): MLflow is slow at worst."""
         self._asked_at: float | None = None
         """When the post in flight was sent."""
 
@@ -107,20 +109,22 @@ class Backoff:
                 self._asked_at = None
 
     def heard(self, outcome: Outcome) -> None:
-        """A post ended: with no answer within its timeout (MLflow hangs), or otherwise
-        (it answered, or refused at once: it does not hang)."""
+        """A post ended: answered (with any status), with no answer within its
+        timeout (MLflow hangs), or failed at once (refused: it does not hang)."""
         unanswered = outcome.status is None and outcome.reason.startswith(NO_ANSWER)
         with self._lock:
             self._unanswered = outcome.reason if unanswered else None
+            self._answered = outcome.delivered or outcome.status is not None
 
     def hanging(self, patience: float) -> str | None:
         """Why MLflow is not worth waiting for at exit, if it is not: the last post
         went unanswered for its whole timeout (none ended otherwise since), or the
-        post in flight has waited ``patience``."""
+        post in flight has waited ``patience`` while the last one got no answer
+        either (one that did says MLflow answers, if slowly: it gets the bound)."""
         with self._lock:
             if self._unanswered is not None:
                 return self._unanswered
-            waited = None if self._asked_at is None else self._clock() - self._asked_at
+            waited = None if self._asked_at is None or self._answered else self._clock() - self._asked_at
         if waited is not None and waited >= patience:
             return f"no answer from MLflow within {waited:.1f} s"
         return None
