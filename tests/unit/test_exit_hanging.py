@@ -17,7 +17,7 @@ from traced_run.delivery import Delivery
 from traced_run.delivery.sender import Backoff
 from traced_run.export import DELIVERED, Outcome
 from traced_run.spool import Spool
-from unit.helpers import REFUSED, FakeSender, settings, submit_together, trace
+from unit.helpers import REFUSED, Clock, FakeSender, settings, submit_together, trace
 
 ENDPOINT = "http://127.0.0.1:9/v1/traces"
 TIMED_OUT = Outcome(False, False, "no answer within 10.0 s")
@@ -25,14 +25,6 @@ TIMED_OUT = Outcome(False, False, "no answer within 10.0 s")
 EXIT_TIMEOUT = 2.0
 AT_ONCE = 0.5
 """Most an exit that does not wait for MLflow may take (today's bound would be 1.75 s)."""
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_what_the_backoff_knows_of_a_hanging_mlflow() -> None:

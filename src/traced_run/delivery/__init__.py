@@ -27,7 +27,8 @@ state is guarded):
 - ``queue.SpanQueue``: the queue, batching, the batch in flight and the
   closing state; app threads, the delivery thread, the exit path.
 - ``sender.DeliveryThread`` and ``sender.Backoff``: the delivery thread's loop,
-  its posts and back-off; only the delivery thread (back-off is also reset by close).
+  its posts, back-off and what they showed of MLflow hanging; only the delivery
+  thread (close also reads whether MLflow hangs, and resets the back-off).
 - ``spill.Keeper`` and ``spill.Spill``: writing to the spool; the spill
   thread, fed by app threads, and any thread that keeps a batch.
 - ``exits``: the hooks that run ``close`` (atexit, SIGTERM, ``os._exit``).
