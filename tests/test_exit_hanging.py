@@ -41,25 +41,28 @@ MLflow: room for a loaded machine's interpreter shutdown, well under the 2 s bou
 (plus that shutdown) that a hanging MLflow cost before."""
 
 
-@pytest.mark.parametrize(("learnt", "extra", "reason"), [
-    ("a post timed out", {"OTEL_EXPORTER_OTLP_TIMEOUT": "1"}, r"no answer within 1\.0 s"),
-    ("a post waits longer than the exit bound", {}, r"no answer from MLflow within [\d.]+ s"),
+@pytest.mark.parametrize(("learnt", "timeout", "posts", "reason"), [
+    ("a post timed out", "2", 2, r"no answer within 2\.0 s"),
+    ("a post waits longer than the exit bound", None, 1, r"no answer from MLflow within [\d.]+ s"),
 ], ids=["post-timed-out", "post-waiting"])
 def test_a_process_that_saw_mlflow_hang_exits_at_once_and_loses_nothing(
-        app: App, proxy: FaultProxy, learnt: str, extra: dict[str, str], reason: str) -> None:
+        app: App, proxy: FaultProxy, learnt: str, timeout: str | None, posts: int, reason: str) -> None:
     """MLflow hangs for the whole life of a process that makes a run every
-    ~0.05 s; the process leaves once its first post has gone unanswered for
-    longer than the exit bound: for its whole timeout (1 s), or still waiting
-    (the default 10 s timeout)."""
+    ~0.05 s. The process leaves once a post has gone unanswered for its whole
+    timeout (2 s: the second post has begun), or once its first post, with the
+    default 10 s timeout, has waited longer than the exit bound."""
     app.write(loop_app("hung", pause=0.05))
     spool = spool_of(app)
-    env = proxied_env(app, proxy, TRACED_RUN_EXIT_TIMEOUT=str(EXIT_TIMEOUT), **extra)
+    env = proxied_env(app, proxy, TRACED_RUN_EXIT_TIMEOUT=str(EXIT_TIMEOUT))
+    if timeout is not None:
+        env["OTEL_EXPORTER_OTLP_TIMEOUT"] = timeout
     proxy.mode = "hang"
     process = start(app, "python", "app.py", env=env)
     try:
         out = Lines(process)
-        poll(lambda: proxy.count(path="/", mode="hang") >= 1, timeout=60, what="a first post")
-        time.sleep(EXIT_TIMEOUT + 0.5)  # the hang itself: MLflow leaves the post unanswered meanwhile
+        poll(lambda: proxy.count(path="/", mode="hang") >= posts, timeout=60, what=f"{posts} posts")
+        if timeout is None:
+            time.sleep(EXIT_TIMEOUT + 0.5)  # the hang itself: MLflow leaves the post unanswered meanwhile
         (app.directory / "stop").touch()
         out.wait_for("stopped")
         ended = time.monotonic()
@@ -69,7 +72,7 @@ def test_a_process_that_saw_mlflow_hang_exits_at_once_and_loses_nothing(
         stop(process)
     runs = out.done()
     print(f"{learnt}: exit took {exit_took:.2f}s after the app's last line; {runs} runs; "
-          f"{proxy.count()} posts; stderr: {err.decode().strip()}")
+          f"{proxy.count(path='/')} requests; stderr: {err.decode().strip()}")
     assert process.returncode == 0, err.decode()
     assert exit_took < AT_ONCE, f"the exit waited {exit_took:.2f}s for a hanging MLflow"
     lines = err.decode().splitlines()
