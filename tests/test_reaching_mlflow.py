@@ -427,9 +427,12 @@ def test_a_traced_process_removes_expired_batches_and_says_so(
 # -- true exit reasons -------------------------------------------------------------------------
 
 BURST_APP = AGENT + """
+    import sys
+
     for number in range(600):
         agent.run_sync(f"Weather number {number}?")
-    print("leaving", flush=True)
+    print("done", flush=True)
+    sys.stdin.readline()  # leaves when the test says so
 """
 
 
@@ -450,10 +453,12 @@ def test_the_exit_line_says_what_mlflow_did(mode: str, reason: str, tmp_path: Pa
 
 def test_an_exit_bound_reached_while_mlflow_still_answers_is_said_as_such(
         tmp_path: Path, mlflow_server: MlflowServer) -> None:
-    """MLflow takes every batch, each a second late; the process leaves with five
-    batches queued (MLflow's answers are held until it leaves, so a machine's speed
-    does not decide how many) and an exit bound of 4 s. MLflow did not fail: the
-    line says the bound ran out, not that MLflow did not answer."""
+    """MLflow takes every batch, each a second late; the process leaves with batches
+    queued (MLflow's answers are held until its runs are done, so a machine's speed
+    does not decide how many), once MLflow has answered for two seconds (one that
+    has answered no post yet could be hanging: it is not waited for), with an exit
+    bound of 4 s. MLflow did not fail: the line says the bound ran out, not that
+    MLflow did not answer."""
     experiment_id = str(mlflow_server.client().create_experiment(new_name()))
     (tmp_path / "app.py").write_text(textwrap.dedent(BURST_APP))
     slow = SlowProxy(mlflow_server.url, answer_delay=1.0)
@@ -461,11 +466,12 @@ def test_an_exit_bound_reached_while_mlflow_still_answers_is_said_as_such(
         env = env_for(slow.url, tmp_path, MLFLOW_EXPERIMENT_ID=experiment_id, TRACED_RUN_EXIT_TIMEOUT="4",
                       TRACED_RUN_QUEUE_SIZE="100000", OTEL_EXPORTER_OTLP_TRACES_TIMEOUT="120")
         app = subprocess.Popen([TRACED_RUN, "python", "app.py"], cwd=tmp_path, env=env, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
-            assert app.stdout is not None and app.stdout.readline() == "leaving\n"
+            assert app.stdout is not None and app.stdout.readline() == "done\n"
             slow.held.set()
-            _, stderr = app.communicate(timeout=120)
+            time.sleep(2.0)  # MLflow answers meanwhile, a batch a second
+            _, stderr = app.communicate("leave\n", timeout=120)
         finally:
             app.kill()
     finally:

@@ -20,6 +20,16 @@ REFUSED = Outcome(False, False, "connection refused")
 NOT_FOUND = Outcome(False, True, "HTTP 404: experiment not found", 404)
 
 
+class Clock:
+    """A monotonic clock the test moves on."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def span(trace: int, number: int, name: str = "step") -> ReadableSpan:
     return ReadableSpan(name, context=SpanContext(trace, trace * 1000 + number, False),
                         resource=Resource.create({}), attributes={"n": number}, start_time=1, end_time=2)

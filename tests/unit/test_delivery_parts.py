@@ -17,7 +17,7 @@ from traced_run.delivery.sender import BACKOFF, Backoff
 from traced_run.delivery.spill import Keeper
 from traced_run.export import DELIVERED, encode
 from traced_run.spool import Spool
-from unit.helpers import REFUSED, FakeSender, settings, span, submit_together, trace
+from unit.helpers import REFUSED, Clock, FakeSender, settings, span, submit_together, trace
 
 ENDPOINT = "http://127.0.0.1:9/v1/traces"
 
@@ -54,14 +54,6 @@ def test_a_trace_larger_than_a_batch_is_cut() -> None:
 
 
 # --- the back-off ---------------------------------------------------------------------------
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_backoff_grows_to_a_short_cap_and_resets_when_mlflow_takes_a_batch() -> None:
     clock = Clock()
     backoff = Backoff(clock)

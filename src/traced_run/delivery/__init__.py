@@ -10,7 +10,10 @@ sent back, oldest first, one batch at a time (so no faster than MLflow
 answers), by this process or the next traced one. A batch MLflow rejects as
 invalid is set aside with the reason. At exit (normal, uncaught exception,
 SIGINT, SIGTERM, ``os._exit`` in a forked child) the process waits at most
-``exit_timeout`` and spools whatever is left.
+``exit_timeout`` and spools whatever is left; it does not wait at all for an
+MLflow it has seen hang (its last post went unanswered for the post's whole
+timeout, or MLflow has answered no post yet and the one in flight has waited
+``exit_timeout`` already): what is left goes to the spool at once.
 
 What the user is told, once: an outage that outlasts ``OUTAGE_NOTICE`` while
 the process runs is one line then (a service that never exits must learn of
@@ -24,7 +27,8 @@ state is guarded):
 - ``queue.SpanQueue``: the queue, batching, the batch in flight and the
   closing state; app threads, the delivery thread, the exit path.
 - ``sender.DeliveryThread`` and ``sender.Backoff``: the delivery thread's loop,
-  its posts and back-off; only the delivery thread (back-off is also reset by close).
+  its posts, back-off and what they showed of MLflow hanging; only the delivery
+  thread (close also reads whether MLflow hangs, and resets the back-off).
 - ``spill.Keeper`` and ``spill.Spill``: writing to the spool; the spill
   thread, fed by app threads, and any thread that keeps a batch.
 - ``exits``: the hooks that run ``close`` (atexit, SIGTERM, ``os._exit``).
@@ -118,24 +122,46 @@ class Delivery:
             return
         if self.interrupt is not None:
             self.interrupt(why)
-        self._backoff.retry_now()
-        deadline = self._queue.begin_closing(self._settings.exit_timeout)
+        hanging = self._backoff.hanging(self._settings.exit_timeout)
+        if hanging is None:
+            self._backoff.retry_now()
+        # Leaving an MLflow known to hang: no time for it, the delivery thread spools what it takes.
+        deadline = self._queue.begin_closing(self._settings.exit_timeout if hanging is None else 0.0)
         if deadline is None:
             return
         with self._queue.lock:
             started = self._thread is not None
-        if started:
-            self._queue.flush(max(0.0, deadline - time.monotonic() - SPOOL_RESERVE))
+        if started and hanging is None:
+            hanging = self._deliver_until(deadline - SPOOL_RESERVE)
         reserve_end = time.monotonic() + SPOOL_RESERVE
         left = self._queue.close(SPOOL_RESERVE)
         left = self._spill.close(max(0.0, reserve_end - time.monotonic())) + left
         if left:
-            # The delivery thread did not finish in time (MLflow hangs): keep the rest
+            # The delivery thread did not finish in time, or MLflow hangs: keep the rest
             # from this thread. A batch that was mid-send may reach MLflow twice;
             # MLflow stores a re-sent span once.
-            self.ledger.timed_out()
+            if hanging is None:
+                self.ledger.timed_out()
+            else:
+                self.ledger.left_hanging(hanging)
             self._keeper.keep(left)
         self.ledger.say_exit_line(self._endpoint)
+
+    def _deliver_until(self, until: float) -> str | None:
+        """Wait until ``until`` for what is queued to be handled; but an MLflow that has
+        answered no post yet is not waited for once its post has waited ``exit_timeout``
+        since it was sent: it hangs (why, returned). A post sent at exit (the process
+        knew nothing of MLflow yet) gets the whole bound."""
+        patience = self._settings.exit_timeout
+        while True:
+            hanging = self._backoff.hanging(patience)
+            if hanging is not None:
+                return hanging
+            left = until - time.monotonic()
+            more = self._backoff.patience_left(patience)
+            wait = left if more is None else min(left, more)
+            if self._queue.flush(max(0.0, wait)) or wait >= left:
+                return None
 
     def install_exit_hooks(self) -> None:
         exits.install(self.close)

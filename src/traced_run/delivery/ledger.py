@@ -74,6 +74,12 @@ class Ledger:
             if self._problem is None:
                 self._problem = self._exit_bound_reason()
 
+    def left_hanging(self, why: str) -> None:
+        """The exit path did not wait for MLflow, which hangs (``why``): that is the problem."""
+        with self._lock:
+            self._problem = why
+            self._answered = False
+
     def _exit_bound_reason(self) -> str:
         """What to say of the exit bound running out (lock held): true to what MLflow did."""
         bound = f"exit_timeout={self._settings.exit_timeout:g}s"

@@ -2,8 +2,8 @@
 while MLflow does not take them, and sends the spool back when it does.
 
 Everything here but ``Backoff`` is the delivery thread's own (the sender, the
-outage it reports, the unreadable files it told of). ``Backoff`` is read and
-written by that thread and reset by the exit path, so it has its own lock.
+outage it reports, the unreadable files it told of). ``Backoff`` is written by
+that thread, and read and reset by the exit path, so it has its own lock.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from opentelemetry.sdk.trace import ReadableSpan
@@ -22,7 +22,7 @@ from traced_run.delivery.queue import SpanQueue
 from traced_run.delivery.spill import Keeper, traces_of
 from traced_run.report import mask_url
 from traced_run.settings import Settings
-from traced_run.spool import SpoolRefused
+from traced_run.spool import SpoolRefused, Target
 from traced_run.transport import NO_ANSWER
 
 if TYPE_CHECKING:
@@ -44,7 +44,8 @@ shorter outage, or one a process exits during, is told only by the exit line."""
 
 
 class Backoff:
-    """When MLflow may be asked again, and since when it has not taken a batch."""
+    """When MLflow may be asked again, since when it has not taken a batch, and
+    whether it hangs: what the exit path needs to know to leave at once."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
@@ -53,6 +54,12 @@ class Backoff:
         self._failures = 0
         self.outage_since: float | None = None
         self.outage_wall = 0.0
+        self._unanswered: str | None = None
+        """Why the last attempt that ended got no answer in time; None once one ends otherwise."""
+        self._answered = False
+        """The last attempt that ended got an answer (of any status): MLflow is slow at worst."""
+        self._asked_at: float | None = None
+        """When the post in flight was sent."""
 
     def down(self) -> bool:
         with self._lock:
@@ -89,6 +96,43 @@ class Backoff:
         with self._lock:
             since = self.outage_since
             return self.outage_wall if since is not None and self._clock() - since >= at_least else None
+
+    @contextlib.contextmanager
+    def asking(self) -> Iterator[None]:
+        """Around a post: the exit path sees how long MLflow has left it unanswered."""
+        with self._lock:
+            self._asked_at = self._clock()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._asked_at = None
+
+    def heard(self, outcome: Outcome) -> None:
+        """A post ended: answered (with any status), with no answer within its
+        timeout (MLflow hangs), or failed at once (refused: it does not hang)."""
+        unanswered = outcome.status is None and outcome.reason.startswith(NO_ANSWER)
+        with self._lock:
+            self._unanswered = outcome.reason if unanswered else None
+            self._answered = outcome.delivered or outcome.status is not None
+
+    def hanging(self, patience: float) -> str | None:
+        """Why MLflow is not worth waiting for at exit, if it is not: the last post
+        went unanswered for its whole timeout (none ended otherwise since), or the
+        post in flight has waited ``patience`` while the last one got no answer
+        either (one that did says MLflow answers, if slowly: it gets the bound)."""
+        with self._lock:
+            if self._unanswered is not None:
+                return self._unanswered
+            waited = None if self._asked_at is None or self._answered else self._clock() - self._asked_at
+        if waited is not None and waited >= patience:
+            return f"no answer from MLflow within {waited:.1f} s"
+        return None
+
+    def patience_left(self, patience: float) -> float | None:
+        """Seconds until the post in flight has waited ``patience``; None when none is."""
+        with self._lock:
+            return None if self._asked_at is None else self._asked_at + patience - self._clock()
 
 
 class DeliveryThread:
@@ -162,8 +206,7 @@ class DeliveryThread:
                 if held:
                     self._keeper.keep(batch, payload)
             return
-        assert self._sender is not None
-        outcome = self._sender.post_by_trace(payload, target_of(self._settings), timeout)
+        outcome = self._post(payload, target_of(self._settings), timeout)
         with self._queue.hold() as held:
             if not held:  # close() took the batch over while it was posted: the answer is not ours
                 return
@@ -178,6 +221,13 @@ class DeliveryThread:
             else:
                 self._failed(outcome)
                 self._keeper.keep(batch, payload)
+
+    def _post(self, payload: bytes, target: Target, timeout: float) -> Outcome:
+        assert self._sender is not None
+        with self._backoff.asking():
+            outcome = self._sender.post_by_trace(payload, target, timeout)
+        self._backoff.heard(outcome)
+        return outcome
 
     def _failed(self, outcome: Outcome) -> None:
         # An attempt the exit bound cut short says nothing about MLflow: the reason must say so.
@@ -202,11 +252,12 @@ class DeliveryThread:
     def _send_spooled_one(self) -> bool:
         """Send one spooled batch, if MLflow is taking batches; the queue keeps
         priority. True when it was sent and there may be more."""
-        sender = self._sender
-        if self._backoff.down() or sender is None or self._queue.is_closed():
+        # No time left (leaving a hanging MLflow at once): a claim would only be posted to fail.
+        no_time = self._attempt_timeout() <= 0
+        if self._backoff.down() or self._sender is None or self._queue.is_closed() or no_time:
             return False
         try:
-            with contextlib.closing(self._spool.send(self._endpoint, lambda batch: sender.post_by_trace(
+            with contextlib.closing(self._spool.send(self._endpoint, lambda batch: self._post(
                     batch.payload, batch.target, self._attempt_timeout()))) as sending:
                 for batch, outcome, aside in sending:
                     # a batch given back to the spool is still this process's

@@ -1,0 +1,130 @@
+"""Leaving a hanging MLflow, in-process, against a fake sender: what the process
+has learnt of MLflow decides how long its exit waits. A post that went
+unanswered for its whole timeout, or one in flight for the whole exit bound
+while MLflow has answered none, means MLflow hangs: the exit spools what is
+left at once. A post sent at exit (nothing learnt yet) gets the bound; a
+healthy MLflow gets the last batch."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from traced_run.delivery import Delivery
+from traced_run.delivery.sender import Backoff
+from traced_run.export import DELIVERED, Outcome
+from traced_run.spool import Spool
+from unit.helpers import REFUSED, Clock, FakeSender, settings, submit_together, trace
+
+ENDPOINT = "http://127.0.0.1:9/v1/traces"
+TIMED_OUT = Outcome(False, False, "no answer within 10.0 s")
+"""What a post MLflow left unanswered for its whole timeout ends with (transport's words)."""
+EXIT_TIMEOUT = 2.0
+AT_ONCE = 0.5
+"""Most an exit that does not wait for MLflow may take (today's bound would be 1.75 s)."""
+
+
+def test_what_the_backoff_knows_of_a_hanging_mlflow() -> None:
+    clock = Clock()
+    backoff = Backoff(clock)
+    assert backoff.hanging(EXIT_TIMEOUT) is None
+    backoff.heard(TIMED_OUT)
+    assert backoff.hanging(EXIT_TIMEOUT) == "no answer within 10.0 s"
+    backoff.heard(DELIVERED)
+    assert backoff.hanging(EXIT_TIMEOUT) is None
+    with backoff.asking():  # MLflow answers, if slowly: a post in flight is not taken for a hang
+        clock.now += 10 * EXIT_TIMEOUT
+        assert backoff.hanging(EXIT_TIMEOUT) is None
+    backoff.heard(TIMED_OUT)
+    backoff.heard(REFUSED)  # refused at once: it no longer hangs, nor has it answered
+    assert backoff.hanging(EXIT_TIMEOUT) is None
+    with backoff.asking():
+        clock.now += 1.5
+        assert backoff.hanging(EXIT_TIMEOUT) is None
+        assert backoff.patience_left(EXIT_TIMEOUT) == pytest.approx(0.5)
+        clock.now += 0.5
+        assert backoff.hanging(EXIT_TIMEOUT) == "no answer from MLflow within 2.0 s"
+    assert backoff.hanging(EXIT_TIMEOUT) is None and backoff.patience_left(EXIT_TIMEOUT) is None
+
+
+def close_timed(delivery: Delivery) -> float:
+    started = time.monotonic()
+    delivery.close("process exit")
+    return time.monotonic() - started
+
+
+def test_after_a_post_that_timed_out_the_exit_does_not_wait(
+        tmp_path: Path, sender: type[FakeSender], capfd: pytest.CaptureFixture[str]) -> None:
+    sender.reset(TIMED_OUT, gated=True)
+    sender.release.release()  # the first post ends at once, unanswered; every later one hangs
+    delivery = Delivery(settings(tmp_path, exit_timeout=EXIT_TIMEOUT))
+    submit_together(delivery, trace(1, 3))
+    delivery.flush(0)
+    assert sender.posted.acquire(timeout=10)
+    submit_together(delivery, trace(2, 2))
+    delivery.flush(0)
+    assert sender.posted.acquire(timeout=10), "no second post"  # it hangs
+    elapsed = close_timed(delivery)
+    said = capfd.readouterr().err
+    assert elapsed < AT_ONCE, f"the exit waited {elapsed:.2f}s for a hanging MLflow"
+    assert f"5 spans of 2 traces not delivered to {ENDPOINT} (no answer within 10.0 s): kept in" in said, said
+    assert len(said.splitlines()) == 1, said
+
+
+def test_a_post_in_flight_for_the_whole_exit_bound_is_not_waited_for(
+        tmp_path: Path, sender: type[FakeSender], capfd: pytest.CaptureFixture[str]) -> None:
+    sender.reset(DELIVERED, gated=True)
+    clock = Clock()
+    delivery = Delivery(settings(tmp_path, exit_timeout=EXIT_TIMEOUT))
+    delivery._backoff = Backoff(clock)  # the delivery thread starts with the first span, after this
+    submit_together(delivery, trace(1, 3))
+    delivery.flush(0)
+    assert sender.posted.acquire(timeout=10)
+    clock.now += EXIT_TIMEOUT  # MLflow has left the post unanswered for the whole exit bound
+    elapsed = close_timed(delivery)
+    said = capfd.readouterr().err
+    assert elapsed < AT_ONCE, f"the exit waited {elapsed:.2f}s for a post MLflow leaves unanswered"
+    assert f"3 spans of 1 trace not delivered to {ENDPOINT} (no answer from MLflow within 2.0 s): kept in" \
+        in said, said
+    assert Spool.of(settings(tmp_path)).survey(ENDPOINT).spans == 3
+
+
+def test_a_post_sent_at_exit_gets_the_bound_and_a_healthy_mlflow_the_last_batch(
+        tmp_path: Path, sender: type[FakeSender], capfd: pytest.CaptureFixture[str]) -> None:
+    """The process knew nothing of MLflow: its first post is the exit's. MLflow
+    answers it after a while (well within the bound): delivered, nothing spooled."""
+    sender.reset(DELIVERED, gated=True)
+    delivery = Delivery(settings(tmp_path, exit_timeout=EXIT_TIMEOUT))
+    submit_together(delivery, trace(1, 3))
+    answer = threading.Timer(0.6, sender.release.release)
+    answer.start()
+    try:
+        elapsed = close_timed(delivery)
+    finally:
+        answer.cancel()
+    assert len(sender.posts) == 1
+    assert 0.5 < elapsed < EXIT_TIMEOUT, elapsed
+    assert capfd.readouterr().err == ""
+    assert Spool.of(settings(tmp_path)).survey(ENDPOINT).spans == 0
+
+
+def test_an_mlflow_that_hung_and_answers_again_gets_the_last_batch(
+        tmp_path: Path, sender: type[FakeSender], capfd: pytest.CaptureFixture[str]) -> None:
+    sender.reset(TIMED_OUT, DELIVERED)
+    delivery = Delivery(settings(tmp_path, exit_timeout=EXIT_TIMEOUT))
+    submit_together(delivery, trace(1, 3))
+    assert delivery.flush(5)  # unanswered, spooled; sent again once the back-off is over
+    spool = Spool.of(settings(tmp_path))
+    deadline = time.monotonic() + 5
+    while spool.survey(ENDPOINT).spans and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert spool.survey(ENDPOINT).spans == 0, "the spooled batch was not sent again"
+    submit_together(delivery, trace(2, 2))  # the last batch, queued at exit
+    delivery.close("process exit")
+    assert len(sender.posts) == 3
+    assert spool.survey(ENDPOINT).spans == 0, "a healthy MLflow's last batch was spooled"
+    said = capfd.readouterr().err.strip()
+    assert said.startswith("traced-run: 3 spans were spooled while") and said.endswith("and sent later"), said
