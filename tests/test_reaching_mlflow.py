@@ -485,6 +485,7 @@ def test_an_exit_bound_reached_while_mlflow_still_answers_is_said_as_such(
 
 
 FORKING_APP = AGENT + """
+    import asyncio
     import os
     import sys
     import time
@@ -496,7 +497,9 @@ FORKING_APP = AGENT + """
     for n in range(int(sys.argv[1])):
         child = os.fork()
         if child == 0:
-            agent.run_sync(f"child {n}")
+            # Not run_sync: its event loop is the parent's, and children running at once
+            # would share its epoll and steal each other's wake-ups.
+            asyncio.run(agent.run(f"child {n}"))
             os._exit(0)
         children.append(child)
         time.sleep(0.04)

@@ -361,28 +361,45 @@ INSECURE_WARNING = ("MLFLOW_TRACKING_INSECURE_TLS is true: the MLflow server's c
                     "so anyone on the way can read and change traces; use it for a development server only")
 
 _OPENERS: dict[tuple[str | None, str | None, str | None, bool, bool], urllib.request.OpenerDirector] = {}
-_BUILDING = threading.Lock()
-"""Held while an opener is built, and across a fork. A child forked while its
-parent's delivery thread was inside OpenSSL (loading the CA certificates into a
-new context) inherits OpenSSL's locks held and hangs for good building its own
-context, so a fork waits for a build under way (at most ``FORK_WAIT`` s)."""
-FORK_WAIT = 10.0
+_IN_OPENSSL = threading.Lock()
+"""Held while this process builds a TLS context or shakes hands, and across a
+fork. OpenSSL takes its own locks then (loading certificates, fetching its
+algorithms, seeding its random generator); a child forked meanwhile inherits
+them held and hangs for good at its next TLS handshake, or at the app's next
+``hashlib`` call. So a fork waits for a handshake under way, at most
+``FORK_WAIT`` s (a server that hangs mid-handshake holds it for its timeout)."""
+FORK_WAIT = 2.0
 _held_for_fork = False
+_openssl_unsafe = False
+"""True in a child forked while its parent was inside OpenSSL: it posts no https
+request (each would hang), so its batches go to the spool, with the reason."""
+FORKED_IN_OPENSSL = ("this process was forked while its parent was in a TLS handshake, so OpenSSL "
+                     "cannot be used in it")
 
 
 def _before_fork() -> None:
     global _held_for_fork
-    _held_for_fork = _BUILDING.acquire(timeout=FORK_WAIT)
+    _held_for_fork = _IN_OPENSSL.acquire(timeout=FORK_WAIT)
 
 
-def _after_fork() -> None:
+def _after_fork_in_parent() -> None:
     global _held_for_fork
     if _held_for_fork:
         _held_for_fork = False
-        _BUILDING.release()
+        _IN_OPENSSL.release()
 
 
-os.register_at_fork(before=_before_fork, after_in_parent=_after_fork, after_in_child=_after_fork)
+def _after_fork_in_child() -> None:
+    global _IN_OPENSSL, _held_for_fork, _openssl_unsafe
+    _openssl_unsafe = _openssl_unsafe or not _held_for_fork
+    _held_for_fork = False
+    _IN_OPENSSL = threading.Lock()  # the thread that held it is not in this process
+
+
+os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
+                    after_in_child=_after_fork_in_child)
+
+
 
 
 def _opener(settings: Settings, *, secure: bool) -> urllib.request.OpenerDirector:
@@ -391,7 +408,7 @@ def _opener(settings: Settings, *, secure: bool) -> urllib.request.OpenerDirecto
     http:// MLflow never touches OpenSSL: a process forked while another of its
     parent's threads was inside OpenSSL hung for good creating a TLS context."""
     key = (settings.ca_bundle, settings.client_cert, settings.client_key, settings.insecure_tls, secure)
-    with _BUILDING:
+    with _IN_OPENSSL:
         found = _OPENERS.get(key)
         if found is None:
             found = _OPENERS[key] = _build_opener(settings, secure=secure)
@@ -399,15 +416,29 @@ def _opener(settings: Settings, *, secure: bool) -> urllib.request.OpenerDirecto
 
 
 def _build_opener(settings: Settings, *, secure: bool) -> urllib.request.OpenerDirector:
+    import http.client
     import urllib.request
 
     class NoRedirect(urllib.request.HTTPRedirectHandler):
         def redirect_request(self, *args: Any, **kwargs: Any) -> None:
             return None  # urllib then raises the 3xx as an HTTPError
 
+    class GuardedHTTPSConnection(http.client.HTTPSConnection):
+        def connect(self) -> None:
+            if _openssl_unsafe:
+                raise OSError(FORKED_IN_OPENSSL)  # urllib makes it a URLError, as any failed connect
+            with _IN_OPENSSL:
+                super().connect()
+
+    class GuardedHTTPSHandler(urllib.request.HTTPSHandler):
+        def do_open(self, http_class: Any, req: Any, **kwargs: Any) -> Any:
+            return super().do_open(GuardedHTTPSConnection, req, **kwargs)
+
     handlers: list[Any] = [NoRedirect]
     if secure:
-        handlers.append(urllib.request.HTTPSHandler(context=tls_context(settings)))
+        if _openssl_unsafe:
+            raise TlsSetupError(FORKED_IN_OPENSSL)
+        handlers.append(GuardedHTTPSHandler(context=tls_context(settings)))
     return urllib.request.build_opener(*handlers)
 
 
