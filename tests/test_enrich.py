@@ -193,3 +193,25 @@ def test_without_content_the_chat_keeps_roles_and_tool_names_only(record: Any) -
     values = " ".join(str(value) for span in spans for value in (span.attributes or {}).values())
     for said in (conversations.PROMPT, "Be brief.", "42.50", "in transit", "cust-Q7", "Done: 2 lookups."):
         assert said not in values
+
+
+def test_mlflow_gets_what_it_reads_and_not_openinferences_flattened_copies(record: Any) -> None:
+    """MLflow's translation reads OpenInference's span kind, inputs, outputs, model,
+    provider and token counts, its chat view ``mlflow.spanInputs``/``Outputs``; the
+    ``llm.input_messages.*``/``llm.output_messages.*``/``llm.tools.*`` copies of the
+    messages and tool definitions, half of a model call's attributes, it never reads."""
+    spans = record("two-tools")
+    unread = ("llm.input_messages.", "llm.output_messages.", "llm.tools.")
+    kinds = []
+    for span in spans:
+        attributes = span.attributes or {}
+        kinds.append(attributes["openinference.span.kind"])
+        assert not [key for key in attributes if key.startswith(unread)], span.name
+        if attributes["openinference.span.kind"] == "LLM":
+            assert attributes["llm.model_name"] and attributes["llm.provider"], span.name
+            assert isinstance(attributes["llm.token_count.total"], int), span.name
+            assert {SPAN_INPUTS, SPAN_OUTPUTS, "gen_ai.input.messages", "gen_ai.tool.definitions"} <= set(
+                attributes), span.name
+        else:
+            assert {"input.value", "output.value"} <= set(attributes), span.name
+    assert sorted(kinds) == ["AGENT", "LLM", "LLM", "TOOL", "TOOL"]
