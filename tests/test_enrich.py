@@ -12,9 +12,11 @@ from typing import Any
 
 import conversations
 import pytest
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import Event, ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import Status, StatusCode
 from pydantic_ai import Agent
 from pydantic_ai.models.instrumented import InstrumentationSettings
 
@@ -215,3 +217,40 @@ def test_mlflow_gets_what_it_reads_and_not_openinferences_flattened_copies(recor
         else:
             assert {"input.value", "output.value"} <= set(attributes), span.name
     assert sorted(kinds) == ["AGENT", "LLM", "LLM", "TOOL", "TOOL"]
+
+
+def test_a_secret_anywhere_in_a_span_is_redacted_and_a_span_without_one_is_kept_as_it_is() -> None:
+    """The default rules screen a span's texts together, once: one secret in one of many
+    texts (an attribute, a list item, an event, the status, the name) still sends every
+    text through the rules; a span with none keeps them all, its resource still redacted."""
+    settings = Settings()
+    resource = Resource({"service.name": "bot", "deploy.url": "https://ci:hunter2pass@ci.example/x"})
+    plain = {f"app.note.{n}": f"note {n} of a long and harmless conversation" for n in range(30)}
+    secrets = {
+        "app.keys": ("nothing here", "sk-proj-A1b2C3d4E5f6G7h8I9j0"),
+        "app.header": "Authorization: Bearer abc.def-ghi_123",
+    }
+    for where, secret, redacted in [
+        ("attributes", {"app.keys": secrets["app.keys"]}, "[REDACTED]"),
+        ("attributes", {"app.header": secrets["app.header"]}, "Authorization: Bearer [REDACTED]"),
+        ("event", {}, "key [REDACTED]"),
+        ("status", {}, "postgres://bob:[REDACTED]@db:5432/app"),
+        ("name", {}, "call AKIA [REDACTED]"),
+    ]:
+        span = ReadableSpan(
+            name="call AKIA AKIAABCDEFGHIJKLMNOP" if where == "name" else "call",
+            attributes={**plain, **secret}, resource=resource,
+            events=[Event("said", {"text": "key sk-ant-api03-abcdefghijklmnopqrstuv" if where == "event"
+                                   else "nothing"})],
+            status=Status(StatusCode.ERROR, "postgres://bob:pa55word@db:5432/app" if where == "status"
+                          else "failed"))
+        copy = for_mlflow(span, settings)
+        texts = [copy.name, copy.status.description or "", *(str(e.attributes) for e in copy.events),
+                 *(str(value) for value in (copy.attributes or {}).values())]
+        assert any(redacted in text for text in texts), (where, texts)
+        for secret_text in ("sk-proj-A1b2", "abc.def-ghi_123", "sk-ant-api03", "pa55word", "AKIAABCD"):
+            assert not [text for text in texts if secret_text in text], (where, secret_text)
+        assert copy.resource.attributes["deploy.url"] == "https://ci:[REDACTED]@ci.example/x"
+    harmless = for_mlflow(ReadableSpan(name="call", attributes=plain, resource=resource), settings)
+    assert {key: (harmless.attributes or {})[key] for key in plain} == plain
+    assert harmless.resource.attributes["deploy.url"] == "https://ci:[REDACTED]@ci.example/x"

@@ -13,7 +13,7 @@ the spool or the network.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from openinference.instrumentation.pydantic_ai import OpenInferenceSpanProcessor
@@ -81,6 +81,8 @@ def for_mlflow(span: ReadableSpan, settings: Settings) -> ReadableSpan:
     redactor = config.redactor
     if not redactor:
         return copy_span(copy, attributes)
+    if not redactor.needed(_texts(copy, attributes)):
+        return copy_span(copy, attributes, resource=_redacted_resource(copy.resource, config))
     text = redactor.redact
     return copy_span(
         copy,
@@ -305,6 +307,25 @@ def _rewrite_parts(attributes: dict[str, AttributeValue], key: str,
     changed = [one(item) for item in items]
     if changed != items:
         attributes[key] = json.dumps(changed, ensure_ascii=False)
+
+
+def _texts(span: ReadableSpan, attributes: Mapping[str, AttributeValue]) -> Iterator[str]:
+    """Every text of the copy MLflow gets that redaction looks at, but its resource's."""
+    yield span.name
+    if span.status.description:
+        yield span.status.description
+    for event in span.events:
+        yield event.name
+        yield from _strings(event.attributes or {})
+    yield from _strings(attributes)
+
+
+def _strings(attributes: Mapping[str, AttributeValue]) -> Iterator[str]:
+    for value in attributes.values():
+        if isinstance(value, str):
+            yield value
+        elif isinstance(value, (list, tuple)):
+            yield from (item for item in value if isinstance(item, str))
 
 
 def _redact_value(value: AttributeValue, text: Callable[[str], str]) -> AttributeValue:
