@@ -12,15 +12,18 @@ from typing import Any
 
 import conversations
 import pytest
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import Status, StatusCode
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceState
 from pydantic_ai import Agent
 from pydantic_ai.models.instrumented import InstrumentationSettings
 
 from traced_run.enrich import SPAN_INPUTS, SPAN_OUTPUTS, for_mlflow
+from traced_run.export import request_bytes
 from traced_run.settings import Settings
 
 WITHHELD = "[content not exported]"
@@ -254,3 +257,38 @@ def test_a_secret_anywhere_in_a_span_is_redacted_and_a_span_without_one_is_kept_
     harmless = for_mlflow(ReadableSpan(name="call", attributes=plain, resource=resource), settings)
     assert {key: (harmless.attributes or {})[key] for key in plain} == plain
     assert harmless.resource.attributes["deploy.url"] == "https://ci:[REDACTED]@ci.example/x"
+
+
+@pytest.mark.parametrize("kind", list(conversations.KINDS))
+def test_the_request_is_the_sdks_encoding_byte_for_byte(record: Any, kind: str) -> None:
+    spans = record(kind)
+    assert request_bytes(spans) == encode_spans(spans).SerializeToString()
+
+
+def test_every_field_and_value_type_is_encoded_as_the_sdk_encodes_it() -> None:
+    """What pydantic-ai's spans do not show: events, links, remote parents, trace state,
+    every attribute type, values the SDK leaves out, several resources and scopes."""
+    remote = SpanContext(0xA1, 0xB2, is_remote=True, trace_state=TraceState([("k", "v"), ("x", "y")]))
+    local = SpanContext(0xC3 << 100, 0xD4 << 50, is_remote=False)
+    values: dict[str, Any] = {
+        "text": "héllo ✓", "empty": "", "yes": True, "no": False, "zero": 0, "big": 2**62, "negative": -5,
+        "pi": 3.25, "raw": b"\x00\xff", "texts": ("a", ""), "numbers": [1, -2], "flags": (True, False),
+        "floats": (0.5,), "nothing": None, "mapping": {"a": 1, "b": ["c"]}, "object": object(),
+        "surrogate": "\ud800", "nested": [("a", 1)],
+    }
+    scopes = [InstrumentationScope("pydantic-ai", "2.0", "https://schema/1", {"s": 1}),
+              InstrumentationScope("app"), None]
+    resources = [Resource({"service.name": "bot"}, "https://schema/r"), Resource({"service.name": "other"})]
+    spans = [
+        ReadableSpan(name=f"span {n}", context=SpanContext(0xE5 + n, 0xF6 + n, is_remote=False),
+                     parent=(remote, local, None)[n % 3], resource=resources[n % 2],
+                     instrumentation_scope=scopes[n % 3], attributes=values if n < 3 else {},
+                     events=[Event("said", {"n": n, "what": "x"}, 10 + n), Event("", None, 0)][: n % 3],
+                     links=[Link(local, {"why": "because"}), Link(remote)][: n % 3],
+                     kind=list(SpanKind)[n % 5], start_time=n and 1700000000000000000 + n,
+                     end_time=n and 1700000000000000100 + n,
+                     status=[Status(StatusCode.ERROR, "bad ✗"), Status(StatusCode.OK), Status()][n % 3])
+        for n in range(7)
+    ]
+    assert request_bytes(spans) == encode_spans(spans).SerializeToString()
+    assert request_bytes([]) == encode_spans([]).SerializeToString()
