@@ -102,13 +102,15 @@ def encode(spans: Sequence[ReadableSpan], settings: Settings) -> bytes:
 # the field numbers are opentelemetry-proto's (trace/v1/trace.proto, common/v1/common.proto).
 
 def request_bytes(spans: Sequence[ReadableSpan]) -> bytes:
-    """An ``ExportTraceServiceRequest`` of ``spans``, grouped by resource, then scope."""
-    grouped: dict[Resource, dict[InstrumentationScope | None, list[bytes]]] = {}
+    """An ``ExportTraceServiceRequest`` of ``spans``, grouped by resource, then scope.
+    Resources are told apart by identity (hashing one hashes all its attributes, for every
+    span): equal resources that are distinct objects each get a group, where the SDK makes one."""
+    grouped: dict[int, tuple[Resource, dict[InstrumentationScope | None, list[bytes]]]] = {}
     for span in spans:
-        scopes = grouped.setdefault(span.resource, {})
+        _, scopes = grouped.setdefault(id(span.resource), (span.resource, {}))
         scopes.setdefault(span.instrumentation_scope or None, []).append(_span(span))
     out = []
-    for resource, scopes in grouped.items():
+    for resource, scopes in grouped.values():
         body = [_message(b"\x0a", _attributes(b"\x0a", resource.attributes))]
         for scope, encoded in scopes.items():
             scope_body = [_message(b"\x0a", _scope(scope)), *(_message(b"\x12", span) for span in encoded)]
