@@ -97,10 +97,12 @@ def main() -> None:
     loop_start = time.monotonic()
     timed_start = time.perf_counter()
     cpu_start = time.process_time()
+    thread_start = time.thread_time()
     for _ in range(args.runs):
         agent.run_sync("What is the weather in Paris?")
     timed = time.perf_counter() - timed_start
     cpu = time.process_time() - cpu_start
+    thread_cpu = time.thread_time() - thread_start
     loop_end = time.monotonic()
     _emit({"loop_end": loop_end})
     _emit({
@@ -108,6 +110,7 @@ def main() -> None:
         "first_run_s": first_run - imported,
         "per_run_us": timed / max(args.runs, 1) * 1e6,
         "cpu_per_run_us": cpu / max(args.runs, 1) * 1e6,
+        "app_thread_cpu_per_run_us": thread_cpu / max(args.runs, 1) * 1e6,
         "runs": 1 + warm_runs + args.runs,
         "loop_start": loop_start,
         "loop_end": loop_end,
