@@ -1,8 +1,11 @@
 """The pydantic-ai app every benchmark process runs (one agent with a tool, TestModel).
 
-``python app.py --setup none|manual|instrument-all [--warm W] [--runs N]``
+``python app.py --setup none|floor|manual|instrument-all [--warm W] [--runs N]``
 
 - ``none``: the app has no tracing code (run bare, or under traced-run).
+- ``floor``: pydantic-ai's own instrumentation on an OpenTelemetry SDK
+  TracerProvider with no span processor: what any tracing of pydantic-ai
+  costs before a span is exported (``Agent.instrument_all()``).
 - ``manual``: the usual setup done in code, as MLflow's and OpenInference's docs
   show it: TracerProvider + OpenInferenceSpanProcessor + BatchSpanProcessor(
   OTLPSpanExporter) with default settings, then ``Agent.instrument_all()``.
@@ -11,8 +14,9 @@
   ``opentelemetry-instrument``).
 
 Timings (seconds from ``time.perf_counter`` / ``time.monotonic``, which is
-system-wide on Linux) are printed as JSON lines on stdout: a ``loop_end`` line as
-soon as the timed runs are done, and a final result line as the last thing the
+system-wide on Linux; CPU from ``time.process_time``, all threads of the
+process) are printed as JSON lines on stdout: a ``loop_end`` line as soon as
+the timed runs are done, and a final result line as the last thing the
 script does, so the harness can tell the app's own work from its exit.
 """
 
@@ -46,9 +50,16 @@ def _manual_setup() -> None:
     trace.set_tracer_provider(provider)
 
 
+def _floor_setup() -> None:
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+
+    trace.set_tracer_provider(TracerProvider())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--setup", choices=("none", "manual", "instrument-all"), default="none")
+    parser.add_argument("--setup", choices=("none", "floor", "manual", "instrument-all"), default="none")
     parser.add_argument("--warm", type=int, default=0, help="untimed agent runs before the timed ones")
     parser.add_argument("--warm-seconds", type=float, default=0.0,
                         help="keep making untimed runs until this long after the first one (so work a "
@@ -59,9 +70,11 @@ def main() -> None:
     started = time.perf_counter()
     if args.setup == "manual":
         _manual_setup()
+    elif args.setup == "floor":
+        _floor_setup()
     import pydantic_ai
 
-    if args.setup in ("manual", "instrument-all"):
+    if args.setup in ("floor", "manual", "instrument-all"):
         pydantic_ai.Agent.instrument_all()
     imported = time.perf_counter()
 
@@ -83,15 +96,21 @@ def main() -> None:
         warm_runs += 1
     loop_start = time.monotonic()
     timed_start = time.perf_counter()
+    cpu_start = time.process_time()
+    thread_start = time.thread_time()
     for _ in range(args.runs):
         agent.run_sync("What is the weather in Paris?")
     timed = time.perf_counter() - timed_start
+    cpu = time.process_time() - cpu_start
+    thread_cpu = time.thread_time() - thread_start
     loop_end = time.monotonic()
     _emit({"loop_end": loop_end})
     _emit({
         "import_s": imported - started,
         "first_run_s": first_run - imported,
         "per_run_us": timed / max(args.runs, 1) * 1e6,
+        "cpu_per_run_us": cpu / max(args.runs, 1) * 1e6,
+        "app_thread_cpu_per_run_us": thread_cpu / max(args.runs, 1) * 1e6,
         "runs": 1 + warm_runs + args.runs,
         "loop_start": loop_start,
         "loop_end": loop_end,

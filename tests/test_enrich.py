@@ -12,13 +12,18 @@ from typing import Any
 
 import conversations
 import pytest
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import Event, ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceState
 from pydantic_ai import Agent
 from pydantic_ai.models.instrumented import InstrumentationSettings
 
 from traced_run.enrich import SPAN_INPUTS, SPAN_OUTPUTS, for_mlflow
+from traced_run.export import request_bytes
 from traced_run.settings import Settings
 
 WITHHELD = "[content not exported]"
@@ -193,3 +198,97 @@ def test_without_content_the_chat_keeps_roles_and_tool_names_only(record: Any) -
     values = " ".join(str(value) for span in spans for value in (span.attributes or {}).values())
     for said in (conversations.PROMPT, "Be brief.", "42.50", "in transit", "cust-Q7", "Done: 2 lookups."):
         assert said not in values
+
+
+def test_mlflow_gets_what_it_reads_and_not_openinferences_flattened_copies(record: Any) -> None:
+    """MLflow's translation reads OpenInference's span kind, inputs, outputs, model,
+    provider and token counts, its chat view ``mlflow.spanInputs``/``Outputs``; the
+    ``llm.input_messages.*``/``llm.output_messages.*``/``llm.tools.*`` copies of the
+    messages and tool definitions, half of a model call's attributes, it never reads."""
+    spans = record("two-tools")
+    unread = ("llm.input_messages.", "llm.output_messages.", "llm.tools.")
+    kinds = []
+    for span in spans:
+        attributes = span.attributes or {}
+        kinds.append(attributes["openinference.span.kind"])
+        assert not [key for key in attributes if key.startswith(unread)], span.name
+        if attributes["openinference.span.kind"] == "LLM":
+            assert attributes["llm.model_name"] and attributes["llm.provider"], span.name
+            assert isinstance(attributes["llm.token_count.total"], int), span.name
+            assert {SPAN_INPUTS, SPAN_OUTPUTS, "gen_ai.input.messages", "gen_ai.tool.definitions"} <= set(
+                attributes), span.name
+        else:
+            assert {"input.value", "output.value"} <= set(attributes), span.name
+    assert sorted(kinds) == ["AGENT", "LLM", "LLM", "TOOL", "TOOL"]
+
+
+def test_a_secret_anywhere_in_a_span_is_redacted_and_a_span_without_one_is_kept_as_it_is() -> None:
+    """The default rules screen a span's texts together, once: one secret in one of many
+    texts (an attribute, a list item, an event, the status, the name) still sends every
+    text through the rules; a span with none keeps them all, its resource still redacted."""
+    settings = Settings()
+    resource = Resource({"service.name": "bot", "deploy.url": "https://ci:hunter2pass@ci.example/x"})
+    plain = {f"app.note.{n}": f"note {n} of a long and harmless conversation" for n in range(30)}
+    secrets = {
+        "app.keys": ("nothing here", "sk-proj-A1b2C3d4E5f6G7h8I9j0"),
+        "app.header": "Authorization: Bearer abc.def-ghi_123",
+    }
+    for where, secret, redacted in [
+        ("attributes", {"app.keys": secrets["app.keys"]}, "[REDACTED]"),
+        ("attributes", {"app.header": secrets["app.header"]}, "Authorization: Bearer [REDACTED]"),
+        ("event", {}, "key [REDACTED]"),
+        ("status", {}, "postgres://bob:[REDACTED]@db:5432/app"),
+        ("name", {}, "call AKIA [REDACTED]"),
+    ]:
+        span = ReadableSpan(
+            name="call AKIA AKIAABCDEFGHIJKLMNOP" if where == "name" else "call",
+            attributes={**plain, **secret}, resource=resource,
+            events=[Event("said", {"text": "key sk-ant-api03-abcdefghijklmnopqrstuv" if where == "event"
+                                   else "nothing"})],
+            status=Status(StatusCode.ERROR, "postgres://bob:pa55word@db:5432/app" if where == "status"
+                          else "failed"))
+        copy = for_mlflow(span, settings)
+        texts = [copy.name, copy.status.description or "", *(str(e.attributes) for e in copy.events),
+                 *(str(value) for value in (copy.attributes or {}).values())]
+        assert any(redacted in text for text in texts), (where, texts)
+        for secret_text in ("sk-proj-A1b2", "abc.def-ghi_123", "sk-ant-api03", "pa55word", "AKIAABCD"):
+            assert not [text for text in texts if secret_text in text], (where, secret_text)
+        assert copy.resource.attributes["deploy.url"] == "https://ci:[REDACTED]@ci.example/x"
+    harmless = for_mlflow(ReadableSpan(name="call", attributes=plain, resource=resource), settings)
+    assert {key: (harmless.attributes or {})[key] for key in plain} == plain
+    assert harmless.resource.attributes["deploy.url"] == "https://ci:[REDACTED]@ci.example/x"
+
+
+@pytest.mark.parametrize("kind", list(conversations.KINDS))
+def test_the_request_is_the_sdks_encoding_byte_for_byte(record: Any, kind: str) -> None:
+    spans = record(kind)
+    assert request_bytes(spans) == encode_spans(spans).SerializeToString()
+
+
+def test_every_field_and_value_type_is_encoded_as_the_sdk_encodes_it() -> None:
+    """What pydantic-ai's spans do not show: events, links, remote parents, trace state,
+    every attribute type, values the SDK leaves out, several resources and scopes."""
+    remote = SpanContext(0xA1, 0xB2, is_remote=True, trace_state=TraceState([("k", "v"), ("x", "y")]))
+    local = SpanContext(0xC3 << 100, 0xD4 << 50, is_remote=False)
+    values: dict[str, Any] = {
+        "text": "héllo ✓", "empty": "", "yes": True, "no": False, "zero": 0, "big": 2**62, "negative": -5,
+        "pi": 3.25, "raw": b"\x00\xff", "texts": ("a", ""), "numbers": [1, -2], "flags": (True, False),
+        "floats": (0.5,), "nothing": None, "mapping": {"a": 1, "b": ["c"]}, "object": object(),
+        "surrogate": "\ud800", "nested": [("a", 1)],
+    }
+    scopes = [InstrumentationScope("pydantic-ai", "2.0", "https://schema/1", {"s": 1}),
+              InstrumentationScope("app"), None]
+    resources = [Resource({"service.name": "bot"}, "https://schema/r"), Resource({"service.name": "other"})]
+    spans = [
+        ReadableSpan(name=f"span {n}", context=SpanContext(0xE5 + n, 0xF6 + n, is_remote=False),
+                     parent=(remote, local, None)[n % 3], resource=resources[n % 2],
+                     instrumentation_scope=scopes[n % 3], attributes=values if n < 3 else {},
+                     events=[Event("said", {"n": n, "what": "x"}, 10 + n), Event("", None, 0)][: n % 3],
+                     links=[Link(local, {"why": "because"}), Link(remote)][: n % 3],
+                     kind=list(SpanKind)[n % 5], start_time=n and 1700000000000000000 + n,
+                     end_time=n and 1700000000000000100 + n,
+                     status=[Status(StatusCode.ERROR, "bad ✗"), Status(StatusCode.OK), Status()][n % 3])
+        for n in range(7)
+    ]
+    assert request_bytes(spans) == encode_spans(spans).SerializeToString()
+    assert request_bytes([]) == encode_spans([]).SerializeToString()

@@ -13,7 +13,7 @@ the spool or the network.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from openinference.instrumentation.pydantic_ai import OpenInferenceSpanProcessor
@@ -68,18 +68,21 @@ def _config_for(settings: Settings) -> _Config:
 def for_mlflow(span: ReadableSpan, settings: Settings) -> ReadableSpan:
     """The copy of ``span`` MLflow gets under ``settings``."""
     config = _config_for(settings)
-    copy = copy_span(span, dict(span.attributes or {}))
-    _processor.on_end(copy)
-    attributes: dict[str, AttributeValue] = dict(copy.attributes or {})
+    attributes: dict[str, AttributeValue] = dict(span.attributes or {})
+    inputs, outputs = _json(attributes.get(_INPUT_MESSAGES)), _json(attributes.get(_OUTPUT_MESSAGES))
+    copy = _openinference(span, attributes, chat=isinstance(inputs, list) and isinstance(outputs, list))
     _metadata(attributes, settings, is_root=span.parent is None)
     if not settings.include_content:
         _withhold_content(attributes)
-    _conversation(attributes)
+        inputs, outputs = _json(attributes.get(_INPUT_MESSAGES)), _json(attributes.get(_OUTPUT_MESSAGES))
+    _conversation(attributes, inputs, outputs)
     _token_total(attributes)
     _bound_binary(attributes, settings.max_binary_bytes)
     redactor = config.redactor
     if not redactor:
         return copy_span(copy, attributes)
+    if not redactor.needed(_texts(copy, attributes)):
+        return copy_span(copy, attributes, resource=_redacted_resource(copy.resource, config))
     text = redactor.redact
     return copy_span(
         copy,
@@ -93,23 +96,52 @@ def for_mlflow(span: ReadableSpan, settings: Settings) -> ReadableSpan:
     )
 
 
+# -- OpenInference -------------------------------------------------------------------------
+
+_INPUT_MESSAGES = "gen_ai.input.messages"
+_OUTPUT_MESSAGES = "gen_ai.output.messages"
+_TOOL_PARAMETERS = ("model_request_parameters",)
+_CHAT = (_INPUT_MESSAGES, _OUTPUT_MESSAGES, *_TOOL_PARAMETERS)
+_UNREAD = ("llm.input_messages.", "llm.output_messages.", "llm.tools.")
+"""OpenInference's flattened copies of a model call's messages and tool definitions, ~20
+attributes a call, half the span: MLflow reads none of them (its chat view reads
+``mlflow.spanInputs``/``mlflow.spanOutputs``, its translation ``openinference.span.kind``,
+``input.value``, ``output.value``, ``llm.token_count.*``, ``llm.model_name``, ``llm.provider``),
+and the messages and tool definitions stay in pydantic-ai's own ``gen_ai.*`` attributes."""
+
+
+def _openinference(span: ReadableSpan, attributes: dict[str, AttributeValue], *, chat: bool) -> ReadableSpan:
+    """OpenInference's attributes added to ``attributes``, without those in ``_UNREAD``; returns
+    the copy of ``span`` it rewrote (its status is OpenInference's).
+
+    It is not shown what it would only turn into them: the tool definitions (it reads
+    ``model_request_parameters`` for nothing else), and, when ``_conversation`` replaces the
+    call's inputs and outputs for MLflow (``chat``), the messages, from which it would make
+    only those and ``input.value``/``output.value``, which MLflow reads only when a span has
+    no ``mlflow.spanInputs``/``mlflow.spanOutputs``."""
+    hidden = _CHAT if chat else _TOOL_PARAMETERS
+    copy = copy_span(span, {key: value for key, value in attributes.items() if key not in hidden})
+    _processor.on_end(copy)
+    for key, value in (copy.attributes or {}).items():
+        if not key.startswith(_UNREAD):
+            attributes[key] = value
+    return copy
 
 
 # -- conversations -------------------------------------------------------------------------
 
-def _conversation(attributes: dict[str, AttributeValue]) -> None:
-    """An LLM span's inputs become the whole conversation it was sent, and its
-    outputs the model's answer, shaped for MLflow's chat view (see ``_chat``)
-    with the system instructions as the first message: pydantic-ai keeps them
-    outside its message list. OpenInference left only the last user prompt there."""
-    messages = _json(attributes.get("gen_ai.input.messages"))
+def _conversation(attributes: dict[str, AttributeValue], messages: Any, outputs: Any) -> None:
+    """An LLM span's inputs become the whole conversation it was sent (``messages``,
+    pydantic-ai's ``gen_ai.input.messages`` parsed), and its outputs the model's answer
+    (``outputs``), shaped for MLflow's chat view (see ``_chat``) with the system
+    instructions as the first message: pydantic-ai keeps them outside its message list.
+    OpenInference left only the last user prompt there."""
     if not isinstance(messages, list):
         return
     instructions = _json(attributes.get("gen_ai.system_instructions"))
     if isinstance(instructions, list) and instructions:
         messages = [{"role": "system", "parts": instructions}, *messages]
     attributes[SPAN_INPUTS] = json.dumps(_chat(messages), ensure_ascii=False)
-    outputs = _json(attributes.get("gen_ai.output.messages"))
     if isinstance(outputs, list):
         attributes[SPAN_OUTPUTS] = json.dumps(_chat(outputs), ensure_ascii=False)
 
@@ -275,6 +307,25 @@ def _rewrite_parts(attributes: dict[str, AttributeValue], key: str,
     changed = [one(item) for item in items]
     if changed != items:
         attributes[key] = json.dumps(changed, ensure_ascii=False)
+
+
+def _texts(span: ReadableSpan, attributes: Mapping[str, AttributeValue]) -> Iterator[str]:
+    """Every text of the copy MLflow gets that redaction looks at, but its resource's."""
+    yield span.name
+    if span.status.description:
+        yield span.status.description
+    for event in span.events:
+        yield event.name
+        yield from _strings(event.attributes or {})
+    yield from _strings(attributes)
+
+
+def _strings(attributes: Mapping[str, AttributeValue]) -> Iterator[str]:
+    for value in attributes.values():
+        if isinstance(value, str):
+            yield value
+        elif isinstance(value, (list, tuple)):
+            yield from (item for item in value if isinstance(item, str))
 
 
 def _redact_value(value: AttributeValue, text: Callable[[str], str]) -> AttributeValue:

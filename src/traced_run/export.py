@@ -10,13 +10,17 @@ process.
 
 from __future__ import annotations
 
+import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
-from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import SpanContext
 
 from traced_run import mlflow_api
 from traced_run.enrich import for_mlflow
@@ -86,7 +90,171 @@ def by_trace(payload: bytes) -> list[tuple[bytes, int]]:
 
 def encode(spans: Sequence[ReadableSpan], settings: Settings) -> bytes:
     """The OTLP request body for ``spans``, as ``settings`` shape it for MLflow."""
-    return bytes(encode_spans([for_mlflow(span, settings) for span in spans]).SerializeToString())
+    return request_bytes([for_mlflow(span, settings) for span in spans])
+
+
+# -- the OTLP request, written as protobuf's wire format ------------------------------------
+#
+# The same bytes the SDK's encode_spans(...).SerializeToString() gives (tests/test_enrich.py
+# compares them), written directly: the SDK builds a protobuf object per attribute, span and
+# level and copies each into its parent, which cost the delivery thread more than all the
+# rest of the encoding together. Fields go in field-number order, as protobuf writes them;
+# the field numbers are opentelemetry-proto's (trace/v1/trace.proto, common/v1/common.proto).
+
+def request_bytes(spans: Sequence[ReadableSpan]) -> bytes:
+    """An ``ExportTraceServiceRequest`` of ``spans``, grouped by resource, then scope.
+    Resources are told apart by identity (hashing one hashes all its attributes, for every
+    span): equal resources that are distinct objects each get a group, where the SDK makes one."""
+    grouped: dict[int, tuple[Resource, dict[InstrumentationScope | None, list[bytes]]]] = {}
+    for span in spans:
+        _, scopes = grouped.setdefault(id(span.resource), (span.resource, {}))
+        scopes.setdefault(span.instrumentation_scope or None, []).append(_span(span))
+    out = []
+    for resource, scopes in grouped.values():
+        body = [_message(b"\x0a", _attributes(b"\x0a", resource.attributes))]
+        for scope, encoded in scopes.items():
+            scope_body = [_message(b"\x0a", _scope(scope)), *(_message(b"\x12", span) for span in encoded)]
+            if scope is not None and scope.schema_url:
+                scope_body.append(_text(b"\x1a", scope.schema_url))
+            body.append(_message(b"\x12", b"".join(scope_body)))
+        if resource.schema_url:
+            body.append(_text(b"\x1a", resource.schema_url))
+        out.append(_message(b"\x0a", b"".join(body)))
+    return b"".join(out)
+
+
+def _span(span: ReadableSpan) -> bytes:
+    context = span.get_span_context()
+    assert context is not None  # a finished SDK span always has one
+    parent = span.parent
+    out = [b"\x0a\x10", context.trace_id.to_bytes(16, "big"), b"\x12\x08", context.span_id.to_bytes(8, "big")]
+    if context.trace_state:
+        out.append(_text(b"\x1a", ",".join(f"{key}={value}" for key, value in context.trace_state.items())))
+    if parent is not None:
+        out += (b"\x22\x08", parent.span_id.to_bytes(8, "big"))
+    if span.name:
+        out.append(_text(b"\x2a", span.name))
+    out += (b"\x30", _varint(span.kind.value + 1))  # the protobuf enum counts UNSPECIFIED first
+    if span.start_time:
+        out += (b"\x39", _FIXED64.pack(span.start_time))
+    if span.end_time:
+        out += (b"\x41", _FIXED64.pack(span.end_time))
+    out.append(_attributes(b"\x4a", span.attributes))
+    out.append(_count(b"\x50", span.dropped_attributes))
+    for event in span.events:
+        event_body = (b"\x09" + _FIXED64.pack(event.timestamp) if event.timestamp else b"") + (
+            _text(b"\x12", event.name) if event.name else b"") + _attributes(b"\x1a", event.attributes) + \
+            _count(b"\x20", event.dropped_attributes)
+        out.append(_message(b"\x5a", event_body))
+    out.append(_count(b"\x60", span.dropped_events))
+    for link in span.links:
+        link_body = b"\x0a\x10" + link.context.trace_id.to_bytes(16, "big") + b"\x12\x08" + \
+            link.context.span_id.to_bytes(8, "big") + _attributes(b"\x22", link.attributes) + \
+            _count(b"\x28", link.dropped_attributes) + b"\x35" + _FIXED32.pack(_flags(link.context))
+        out.append(_message(b"\x6a", link_body))
+    out.append(_count(b"\x70", span.dropped_links))
+    status = span.status
+    code = status.status_code.value
+    out.append(_message(b"\x7a", (_text(b"\x12", status.description) if status.description else b"")
+                        + (b"\x18" + _varint(code) if code else b"")))
+    out += (b"\x85\x01", _FIXED32.pack(_flags(parent)))
+    return b"".join(out)
+
+
+def _flags(parent: SpanContext | None) -> int:
+    """SPAN_FLAGS_CONTEXT_HAS_IS_REMOTE, and IS_REMOTE for a remote parent."""
+    return 0x300 if parent is not None and parent.is_remote else 0x100
+
+
+def _scope(scope: InstrumentationScope | None) -> bytes:
+    if scope is None:
+        return b""
+    return (_text(b"\x0a", scope.name) if scope.name else b"") + (
+        _text(b"\x12", scope.version) if scope.version else b"") + _attributes(b"\x1a", scope.attributes)
+
+
+_KEYS: dict[str, bytes] = {}
+"""A key's encoded field, by key: a process uses a few dozen keys, on every span."""
+
+
+def _attributes(tag: bytes, attributes: Mapping[str, Any] | None) -> bytes:
+    """Each (key, value) as a ``KeyValue`` field ``tag``; a value the SDK would not encode (a
+    type OTLP has none for, text that is not UTF-8) is left out, as the SDK leaves it out."""
+    if not attributes:
+        return b""
+    out = []
+    for key, value in attributes.items():
+        encoded = _KEYS.get(key)
+        if encoded is None:
+            encoded = _KEYS[key] = _text(b"\x0a", key)
+        try:
+            out.append(_message(tag, encoded + _message(b"\x12", _value(value))))
+        except (TypeError, ValueError):
+            continue
+    return b"".join(out)
+
+
+def _value(value: Any) -> bytes:
+    """An ``AnyValue``; its one field is written even when it holds its type's default."""
+    kind = type(value)
+    if kind is str:
+        return _text(b"\x0a", value)
+    if kind is bool:
+        return b"\x10\x01" if value else b"\x10\x00"
+    if kind is int:
+        return b"\x18" + _varint(value & 0xFFFFFFFFFFFFFFFF)
+    if kind is float:
+        return b"\x21" + _DOUBLE.pack(value)
+    # Anything else as the SDK takes it, in its order (a str or int subclass, a tuple, ...).
+    if value is None:
+        return b""
+    if isinstance(value, bool):
+        return _value(bool(value))
+    if isinstance(value, str):
+        return _value(str(value))
+    if isinstance(value, int):
+        return _value(int(value))
+    if isinstance(value, float):
+        return _value(float(value))
+    if isinstance(value, bytes):
+        return _message(b"\x3a", value)
+    if isinstance(value, Sequence):
+        return _message(b"\x2a", b"".join(_message(b"\x0a", _value(item)) for item in value))
+    if isinstance(value, Mapping):
+        return _message(b"\x32", b"".join(_message(b"\x0a", _text(b"\x0a", str(key)) + _message(
+            b"\x12", _value(item))) for key, item in value.items()))
+    raise TypeError(f"Invalid type {type(value)} of value {value}")
+
+
+def _text(tag: bytes, text: str) -> bytes:
+    return _message(tag, text.encode())
+
+
+def _message(tag: bytes, body: bytes) -> bytes:
+    return tag + _varint(len(body)) + body
+
+
+def _count(tag: bytes, count: int) -> bytes:
+    return tag + _varint(count) if count else b""
+
+
+_ONE_BYTE = [bytes([n]) for n in range(0x80)]
+
+
+def _varint(number: int) -> bytes:
+    if number < 0x80:
+        return _ONE_BYTE[number]
+    out = bytearray()
+    while number > 0x7F:
+        out.append(number & 0x7F | 0x80)
+        number >>= 7
+    out.append(number)
+    return bytes(out)
+
+
+_FIXED64 = struct.Struct("<Q")
+_FIXED32 = struct.Struct("<I")
+_DOUBLE = struct.Struct("<d")
 
 
 class Sender:

@@ -45,6 +45,11 @@ DEFAULT_RULES: tuple[Rule, ...] = (
 )
 
 
+REMEMBERED_MIN = 32
+"""Shorter texts (ids, names, numbers) are screened each time: most are seen once."""
+REMEMBERED_CHARS = 1 << 22
+"""Characters of clean texts remembered at most (4 Mi); past it, forgotten all at once."""
+
 _JSON_KEY_END = re.compile(r'"\s*:\s*$')
 """What precedes an unquoted JSON value: a key's closing quote and the colon."""
 
@@ -57,9 +62,33 @@ class Redactor:
         self._unscreened = [(rule, needles) for rule, needles in self._rules if not needles]
         self._needles = tuple(dict.fromkeys(needle for _, needles in self._rules for needle in needles))
         self._marker = marker
+        self._clean: dict[str, None] = {}
+        """Texts ``needed`` found holding no needle (only read and added to: any thread may screen)."""
+        self._clean_chars = 0
 
     def __bool__(self) -> bool:
         return bool(self._rules)
+
+    def needed(self, texts: Iterable[str]) -> bool:
+        """Whether ``redact`` may change any of ``texts``. A span's texts are screened
+        together, once (nearly every span holds no needle anywhere), and those of them
+        already found clean are not screened again: an agent's instructions, tool
+        definitions and schemas come back on every model call, and one dictionary look-up
+        costs less than one search per needle."""
+        if self._unscreened:
+            return True
+        clean = self._clean
+        fresh = [text for text in texts if text not in clean]
+        lowered = "\n".join(fresh).lower()  # no needle holds a newline: none is made by joining
+        if any(needle in lowered for needle in self._needles):
+            return True
+        for text in fresh:
+            if len(text) >= REMEMBERED_MIN:
+                clean[text] = None
+                self._clean_chars += len(text)
+        if self._clean_chars > REMEMBERED_CHARS:
+            self._clean, self._clean_chars = {}, 0
+        return False
 
     def redact(self, text: str) -> str:
         lowered = text.lower()
