@@ -28,9 +28,9 @@ from pydantic_ai import Agent
 from pydantic_ai.models.instrumented import InstrumentationSettings
 from pydantic_ai.models.test import TestModel
 
-from traced_run import enrich
-from traced_run.export import encode, request_bytes
-from traced_run.settings import Settings
+from traced_run.config.settings import Settings
+from traced_run.delivery.export import encode, request_bytes
+from traced_run.spans import enrich
 
 
 class _Kept(SpanProcessor):

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from conftest import QuietHandler
 
-from traced_run import compat
-from traced_run.export import Sender
-from traced_run.settings import Settings
-from traced_run.spool import Target
+from traced_run.config import compat
+from traced_run.config.settings import Settings
+from traced_run.delivery.export import Sender
+from traced_run.delivery.spool import Target
 
 sys.path.insert(0, str(Path(__file__).parent / "compat"))
 import matrix

@@ -16,7 +16,7 @@ from conftest import TRACED_RUN, clean_env
 
 import traced_run
 from traced_run.bootstrap import BOOT_DIR
-from traced_run.settings import SPECS
+from traced_run.config.settings import SPECS
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 KNOWN_ENV = {var for spec in SPECS.values() for var in spec.env + spec.env_off}

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 from conftest import TRACED_RUN, MlflowServer, QuietHandler, clean_env, free_port
 
-from traced_run.settings import Settings
-from traced_run.spool import Spool, Target
+from traced_run.config.settings import Settings
+from traced_run.delivery.spool import Spool, Target
 
 SECRET = "hunter2-doctor-s3cret"
 LINE = re.compile(r"(OK|WARN|FAIL) ([\w .-]+): (.+)")

@@ -22,9 +22,9 @@ from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode,
 from pydantic_ai import Agent
 from pydantic_ai.models.instrumented import InstrumentationSettings
 
-from traced_run.enrich import SPAN_INPUTS, SPAN_OUTPUTS, for_mlflow
-from traced_run.export import request_bytes
-from traced_run.settings import Settings
+from traced_run.config.settings import Settings
+from traced_run.delivery.export import request_bytes
+from traced_run.spans.enrich import SPAN_INPUTS, SPAN_OUTPUTS, for_mlflow
 
 WITHHELD = "[content not exported]"
 

@@ -21,7 +21,7 @@ import yaml
 from conftest import AGENT_APP, BIN, GENEROUS_EXIT, TRACED_RUN, App, clean_env
 
 import traced_run
-from traced_run.settings import SPECS
+from traced_run.config.settings import SPECS
 
 SECRET = "hunter2-s3cret"
 UNUSED_URI = "http://127.0.0.1:9"

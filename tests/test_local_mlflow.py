@@ -110,7 +110,7 @@ def test_port_in_use_is_one_line(tmp_path: Path) -> None:
 def test_without_mlflow_says_how_to_install_and_exits_69(tmp_path: Path) -> None:
     # An environment where `mlflow` cannot be found: a None entry in sys.modules is what
     # the import system reports as "not installed".
-    program = ("import sys; sys.modules['mlflow'] = None; from traced_run.cli import main; "
+    program = ("import sys; sys.modules['mlflow'] = None; from traced_run.commands.cli import main; "
                "sys.exit(main(['mlflow', '--dir', sys.argv[1]]))")
     done = subprocess.run([sys.executable, "-c", program, str(tmp_path)], capture_output=True, text=True,
                           env=clean_env(), timeout=60)

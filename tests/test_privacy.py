@@ -22,7 +22,7 @@ from conftest import App, QuietHandler, free_port
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
-from traced_run.redact import DEFAULT_RULES, Redactor
+from traced_run.spans.redact import DEFAULT_RULES, Redactor
 
 APP = """
     import base64, sys

@@ -6,9 +6,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from traced_run import reference
-from traced_run.settings import SPECS, Settings
-from traced_run.sources import load
+from traced_run.config import reference
+from traced_run.config.settings import SPECS, Settings
+from traced_run.config.sources import load
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -11,8 +11,8 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from traced_run import selection
-from traced_run.selection import PYDANTIC_AI_SCOPE, TRACE_NAME_TAG, TraceSelection
+from traced_run.spans import selection
+from traced_run.spans.selection import PYDANTIC_AI_SCOPE, TRACE_NAME_TAG, TraceSelection
 
 
 class Passed(InMemorySpanExporter):

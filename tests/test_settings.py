@@ -1,4 +1,4 @@
-"""Settings, in process: ``traced_run.sources.load`` reads a plain environment
+"""Settings, in process: ``traced_run.config.sources.load`` reads a plain environment
 mapping and real YAML files, and either returns the effective settings with the
 source that decided each one, or raises one ConfigError line that names where
 (file:line, env var or option), the key and the problem, never a secret."""
@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 import yaml
 
+from traced_run.config.settings import SPECS, Settings
+from traced_run.config.sources import OPTIONS_ENV, Loaded, load
 from traced_run.report import ConfigError
-from traced_run.settings import SPECS, Settings
-from traced_run.sources import OPTIONS_ENV, Loaded, load
 
 SECRET = "hunter2-s3cret"
 

@@ -21,9 +21,9 @@ from typing import Any
 import pytest
 from conftest import TRACED_RUN, clean_env
 
+from traced_run.config.settings import SPECS
+from traced_run.config.sources import OPTIONS_ENV, load, shown
 from traced_run.report import ConfigError
-from traced_run.settings import SPECS
-from traced_run.sources import OPTIONS_ENV, load, shown
 
 SECRET = "Zq9secretZq9"
 SEED = 16

@@ -1,7 +1,7 @@
 """Hostile settings (issue 16): a config file planted in the working directory,
 secrets in odd shapes, inputs without bounds. Each test here failed on 066f5f4.
 
-Most run ``traced_run.sources.load`` in process on a plain environment mapping;
+Most run ``traced_run.config.sources.load`` in process on a plain environment mapping;
 a few run the launcher or the env-only bootstrap as real processes, since what
 the user sees (exit code, the one stderr line, the app still running) is the
 promise."""
@@ -21,10 +21,11 @@ import pytest
 from conftest import AGENT_APP, TRACED_RUN, clean_env
 from test_settings import error_of
 
-from traced_run import report, sources
+from traced_run import report
+from traced_run.config import sources
+from traced_run.config.settings import SPECS
+from traced_run.config.sources import OPTIONS_ENV, load
 from traced_run.report import mask_url
-from traced_run.settings import SPECS
-from traced_run.sources import OPTIONS_ENV, load
 
 SECRET = "hunter2-s3cret"
 UNUSED_URI = "http://127.0.0.1:9"
@@ -409,7 +410,7 @@ def test_a_repeated_option_and_an_empty_command_are_one_line_each(cwd: Path) -> 
 
 def test_argument_list_too_long_says_what_traced_run_added(cwd: Path) -> None:
     # An argument longer than Linux's MAX_ARG_STRLEN (128 KiB): exec fails with E2BIG.
-    code = ("import sys; from traced_run.cli import main; "
+    code = ("import sys; from traced_run.commands.cli import main; "
             "sys.exit(main(['--service-name', 'svc', 'true', 'a' * 200_000]))")
     done = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=60,
                           env=clean_env(MLFLOW_TRACKING_URI=UNUSED_URI))

@@ -22,12 +22,12 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from traced_run import spool as spool_module
-from traced_run.export import Outcome
-from traced_run.spool import Spool, Target
+from traced_run.delivery import spool as spool_module
+from traced_run.delivery.export import Outcome
+from traced_run.delivery.spool import Spool, Target
 
 if TYPE_CHECKING:
-    from traced_run.spool import Batch
+    from traced_run.delivery.spool import Batch
 
 ENDPOINT = "http://127.0.0.1:9/v1/traces"
 TARGET = Target(ENDPOINT, "0", None, None)

@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 from conftest import TRACED_RUN, clean_env
 
-from traced_run import flags, settings, sources, startcheck
-from traced_run.settings import SPECS
+from traced_run import flags, startcheck
+from traced_run.config import settings, sources
+from traced_run.config.settings import SPECS
 
 LOADED = "import sys, json; print(json.dumps(sorted(sys.modules)))"
 ALLOWED = {"sitecustomize", "traced_run", "traced_run.bootstrap", "traced_run.flags"}
@@ -41,7 +42,7 @@ def test_the_bootstrap_loads_nothing_a_bare_interpreter_has_not() -> None:
 # -- the shell launcher's settings check, in the app's own interpreter --------------------
 
 HEAVY = {"argparse", "dataclasses", "inspect", "typing", "re", "json", "yaml", "urllib.parse",
-         "traced_run.settings", "traced_run.sources"}
+         "traced_run.config.settings", "traced_run.config.sources"}
 """What the launcher's check must not import for plain settings: most of a bare start-up each."""
 LOADED_PLAINLY = "import sys; sys.stdout.write(' '.join(sorted(sys.modules)))"
 """LOADED without json, which imports re."""
@@ -62,7 +63,7 @@ def test_under_the_launcher_plain_settings_are_checked_without_the_settings_mach
 
 def test_a_value_outside_the_plain_forms_gets_the_full_check(tmp_path: Path) -> None:
     env = clean_env(MLFLOW_TRACKING_URI="http://127.0.0.1:9", OTEL_EXPORTER_OTLP_TIMEOUT="5")
-    assert "traced_run.sources" in _launched_modules(env, tmp_path)
+    assert "traced_run.config.sources" in _launched_modules(env, tmp_path)
 
 
 LEAN_KINDS = {id(settings.BOOL): "bool", id(settings.URL): "url", id(settings.PATH): "path",

@@ -14,8 +14,8 @@ import pytest
 from conftest import AGENT, AGENT_APP, App, spans_by_type
 from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
 
+from traced_run.config.settings import Settings
 from traced_run.pipeline import sample_ratio
-from traced_run.settings import Settings
 
 TWO_TURNS = AGENT + """
     first = agent.run_sync("What is the weather in Paris?")

@@ -9,7 +9,7 @@ import pytest
 from test_settings import cwd, error_of
 
 from traced_run import transport
-from traced_run.sources import load
+from traced_run.config.sources import load
 
 __all__ = ["cwd"]  # the autouse fixture: an empty working directory
 

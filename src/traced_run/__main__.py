@@ -1,3 +1,3 @@
-from traced_run.cli import main
+from traced_run.commands.cli import main
 
 raise SystemExit(main())

@@ -67,7 +67,7 @@ def _check_launched() -> None:
 def _check_settings_now() -> None:
     """Strict mode: a bad setting stops the app before any of its code runs."""
     from traced_run import report
-    from traced_run.sources import load
+    from traced_run.config.sources import load
 
     try:
         load()

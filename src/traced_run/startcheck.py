@@ -21,7 +21,7 @@ TYPE_CHECKING = False  # typing itself costs more than this whole module
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-    from traced_run.settings import Settings
+    from traced_run.config.settings import Settings
 
 # -- generated from the settings table; tests/test_startup.py fails when it drifts ----------
 ENV = {
@@ -104,8 +104,8 @@ def problem(environ: "Mapping[str, str]") -> "str | None":
     """The one line that refuses the settings of a process with this environment, or None."""
     if _plainly_valid(environ):
         return None
+    from traced_run.config.sources import load
     from traced_run.report import ConfigError
-    from traced_run.sources import load
 
     try:
         loaded = load(environ)

@@ -4,7 +4,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from traced_run import export
+from traced_run.delivery import export
 from unit.helpers import FakeSender
 
 

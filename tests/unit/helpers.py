@@ -11,10 +11,10 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanContext
 
+from traced_run.config.settings import Settings
 from traced_run.delivery import Delivery
-from traced_run.export import DELIVERED, Outcome, Sender
-from traced_run.settings import Settings
-from traced_run.spool import Target
+from traced_run.delivery.export import DELIVERED, Outcome, Sender
+from traced_run.delivery.spool import Target
 
 REFUSED = Outcome(False, False, "connection refused")
 NOT_FOUND = Outcome(False, True, "HTTP 404: experiment not found", 404)

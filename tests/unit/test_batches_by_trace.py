@@ -9,8 +9,8 @@ import pytest
 from opentelemetry.sdk.trace import ReadableSpan
 
 from traced_run.delivery import Delivery
-from traced_run.export import DELIVERED, Outcome, by_trace, encode, target_of
-from traced_run.spool import Spool
+from traced_run.delivery.export import DELIVERED, Outcome, by_trace, encode, target_of
+from traced_run.delivery.spool import Spool
 from unit.helpers import NOT_FOUND, FakeSender, settings, span, submit_together, trace
 
 ENDPOINT = "http://127.0.0.1:9/v1/traces"

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 
 from traced_run.delivery import Delivery
+from traced_run.delivery.export import DELIVERED, encode
 from traced_run.delivery.ledger import Ledger
 from traced_run.delivery.queue import whole_traces
 from traced_run.delivery.sender import BACKOFF, Backoff
 from traced_run.delivery.spill import Keeper
-from traced_run.export import DELIVERED, encode
-from traced_run.spool import Spool
+from traced_run.delivery.spool import Spool
 from unit.helpers import REFUSED, Clock, FakeSender, settings, span, submit_together, trace
 
 ENDPOINT = "http://127.0.0.1:9/v1/traces"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from traced_run.delivery import Delivery
-from traced_run.spool import Spool
+from traced_run.delivery.spool import Spool
 from unit.helpers import NOT_FOUND, FakeSender, delivery_threads, settings, submit_together, trace
 
 

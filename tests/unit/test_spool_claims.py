@@ -8,7 +8,7 @@ import os
 import time
 from pathlib import Path
 
-from traced_run.spool import Spool, Target
+from traced_run.delivery.spool import Spool, Target
 
 ENDPOINT = "http://127.0.0.1:9/v1/traces"
 TARGET = Target(ENDPOINT, "0", None, None)

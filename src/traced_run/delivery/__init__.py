@@ -45,13 +45,13 @@ from collections.abc import Callable
 from opentelemetry.context import Context
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 
+from traced_run.config.settings import Settings
 from traced_run.delivery import exits
 from traced_run.delivery.ledger import Ledger
 from traced_run.delivery.queue import BATCH_SIZE, SpanQueue
 from traced_run.delivery.sender import OUTAGE_NOTICE, SPOOL_RESERVE, Backoff, DeliveryThread
 from traced_run.delivery.spill import Keeper, Spill
-from traced_run.settings import Settings
-from traced_run.spool import Spool
+from traced_run.delivery.spool import Spool
 
 __all__ = ["BATCH_SIZE", "OUTAGE_NOTICE", "Delivery", "DeliveryProcessor"]
 

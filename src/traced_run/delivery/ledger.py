@@ -12,9 +12,9 @@ from __future__ import annotations
 import threading
 
 from traced_run import report
+from traced_run.config.settings import Settings
+from traced_run.delivery.spool import Spool
 from traced_run.report import counted, mask_url
-from traced_run.settings import Settings
-from traced_run.spool import Spool
 
 
 class Ledger:

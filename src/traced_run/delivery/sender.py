@@ -17,16 +17,16 @@ from typing import TYPE_CHECKING
 from opentelemetry.sdk.trace import ReadableSpan
 
 from traced_run import report
+from traced_run.config.settings import Settings
 from traced_run.delivery.ledger import Ledger
 from traced_run.delivery.queue import SpanQueue
 from traced_run.delivery.spill import Keeper, traces_of
+from traced_run.delivery.spool import SpoolRefused, Target
 from traced_run.report import mask_url
-from traced_run.settings import Settings
-from traced_run.spool import SpoolRefused, Target
 from traced_run.transport import NO_ANSWER
 
 if TYPE_CHECKING:
-    from traced_run.export import Outcome, Sender
+    from traced_run.delivery.export import Outcome, Sender
 
 BATCH_DELAY = 1.0
 """Seconds a partial batch waits for more spans before it is sent anyway."""
@@ -151,7 +151,7 @@ class DeliveryThread:
 
     def run(self) -> None:
         try:
-            from traced_run.export import Sender
+            from traced_run.delivery.export import Sender
             from traced_run.transport import import_network_modules
 
             import_network_modules()
@@ -195,7 +195,7 @@ class DeliveryThread:
         return self._queue.attempt_timeout(self._settings.timeout, SPOOL_RESERVE)
 
     def _deliver(self, batch: list[ReadableSpan]) -> None:
-        from traced_run.export import encode, target_of
+        from traced_run.delivery.export import encode, target_of
 
         payload = encode(batch, self._settings)
         timeout = self._attempt_timeout()

@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING
 from opentelemetry.sdk.trace import ReadableSpan
 
 from traced_run import report
+from traced_run.config.settings import Settings
 from traced_run.delivery.ledger import Ledger
-from traced_run.settings import Settings
-from traced_run.spool import Spool, Target
+from traced_run.delivery.spool import Spool, Target
 
 if TYPE_CHECKING:
-    from traced_run.export import Outcome
+    from traced_run.delivery.export import Outcome
 
 
 def trace_of(span: ReadableSpan) -> int:
@@ -50,7 +50,7 @@ class Keeper:
         bound. Until each part is written its spans count as unwritten: when
         the exit bound runs out meanwhile, the exit line says so, since the
         writing thread then ends with the process."""
-        from traced_run.export import encode, target_of
+        from traced_run.delivery.export import encode, target_of
 
         target = target_of(self._settings)
         self._ledger.writing(len(batch))
@@ -80,7 +80,7 @@ class Keeper:
         larger than the whole bound would be removed by it at once, so a batch
         is halved (between traces, while it holds more than one) until its parts
         fit, and only a single span larger than the bound is dropped."""
-        from traced_run.export import encode
+        from traced_run.delivery.export import encode
 
         if len(batch) == 1 or self.spool.fits(len(payload)):
             yield batch, payload
@@ -89,7 +89,7 @@ class Keeper:
             yield from self._pieces(part, encode(part, self._settings))
 
     def set_aside(self, payload: bytes, spans: int, traces: int, outcome: Outcome, leaving: bool) -> None:
-        from traced_run.export import target_of
+        from traced_run.delivery.export import target_of
 
         aside = self.spool.put_rejected(target_of(self._settings), spans, traces, payload, outcome.reason)
         self.rejected(spans, aside, outcome, leaving)

@@ -50,11 +50,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from traced_run.settings import Settings, default_of
+from traced_run.config.settings import Settings, default_of
 from traced_run.transport import printable, without_userinfo
 
 if TYPE_CHECKING:
-    from traced_run.export import Outcome
+    from traced_run.delivery.export import Outcome
 
 SUFFIX = ".otlp"
 STALE_WRITE_SECONDS = 300.0

@@ -7,8 +7,8 @@ import urllib.parse
 from typing import Any
 
 from traced_run import transport
+from traced_run.config.settings import Settings
 from traced_run.report import mask_url
-from traced_run.settings import Settings
 
 DEFAULT_EXPERIMENT_ID = "0"
 

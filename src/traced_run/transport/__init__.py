@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     import ssl
     import urllib.request
 
-    from traced_run.settings import Settings
+    from traced_run.config.settings import Settings
 
 def import_network_modules() -> None:
     """Import now what the first request imports: the delivery thread calls this

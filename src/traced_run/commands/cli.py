@@ -21,9 +21,9 @@ from typing import Any, NoReturn
 
 from traced_run import __version__, report
 from traced_run.bootstrap import BOOT_DIR
+from traced_run.config.settings import SPECS
+from traced_run.config.sources import Loaded, load, shown
 from traced_run.flags import OPTIONS_ENV
-from traced_run.settings import SPECS
-from traced_run.sources import Loaded, load, shown
 from traced_run.startcheck import no_destination
 
 EPILOG = """\
@@ -134,7 +134,7 @@ def _config(argv: list[str], env: dict[str, str]) -> int:
     parser.add_argument("--reference", action="store_true", help="print the Markdown reference instead")
     args = parser.parse_args(argv)
     if args.example or args.reference:
-        from traced_run import reference
+        from traced_run.config import reference
 
         print(reference.example_config() if args.example else reference.markdown_reference(), end="")
         return 0
@@ -162,19 +162,19 @@ def _flush(argv: list[str], env: dict[str, str]) -> int:
 
         report.say(NO_TRACKING_URI)
         return report.EXIT_CONFIG
-    from traced_run.flush import flush
+    from traced_run.commands.flush import flush
 
     return flush(loaded.settings, args.endpoint, args.drop_other_endpoints)
 
 
 def _doctor(argv: list[str], env: dict[str, str]) -> int:
-    from traced_run import doctor
+    from traced_run.commands import doctor
 
     return doctor.main(argv, env, _Parser)
 
 
 def _mlflow(argv: list[str], env: dict[str, str]) -> int:
-    from traced_run import local_mlflow
+    from traced_run.commands import local_mlflow
 
     return local_mlflow.main(argv, _Parser)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from traced_run import report
-from traced_run.settings import Settings
+from traced_run.config.settings import Settings
 from traced_run.transport import NO_TRACKING_URI
 
 

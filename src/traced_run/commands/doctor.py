@@ -33,15 +33,17 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from traced_run import compat, mlflow_api, report
+from traced_run import report
+from traced_run.config import compat
+from traced_run.config.settings import SPECS, Settings, default_of
+from traced_run.config.sources import Loaded, load, shown
+from traced_run.delivery.spool import Spool, SpoolRefused, Target
 from traced_run.report import age, counted, mask_url
-from traced_run.settings import SPECS, Settings, default_of
-from traced_run.sources import Loaded, load, shown
-from traced_run.spool import Spool, SpoolRefused, Target
 from traced_run.transport import (
     CREDENTIALS_FIX,
     NO_TRACKING_URI,
     Answer,
+    mlflow_api,
     otlp_headers,
     printable,
     proxy_for,
@@ -406,7 +408,7 @@ class _TraceChecks(_Asking):
                 "refused batch)")
 
     def end_to_end(self) -> None:
-        from traced_run.export import Sender
+        from traced_run.delivery.export import Sender
 
         payload, trace_id = synthetic_trace(self.settings)
         started = time.monotonic()
@@ -469,7 +471,7 @@ def synthetic_trace(settings: Settings) -> tuple[bytes, str]:
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-    from traced_run.export import encode
+    from traced_run.delivery.export import encode
 
     memory = InMemorySpanExporter()
     provider = TracerProvider(resource=Resource.create({"service.name": "traced-run-doctor"}))
@@ -550,7 +552,7 @@ def check_spool(settings: Settings, found: Findings) -> dict[str, Any]:
     else:
         found.add(OK, "spool", f"empty ({spool.directory})")
     if seen.others:
-        from traced_run.flush import piles
+        from traced_run.commands.flush import piles
 
         found.add(WARN, "spool other endpoints", "; ".join(piles(seen.others)),
                   f"`traced-run flush --endpoint URL` sends them to "

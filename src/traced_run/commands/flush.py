@@ -20,10 +20,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from traced_run.export import Outcome, Sender
+from traced_run.config.settings import Settings
+from traced_run.delivery.export import Outcome, Sender
+from traced_run.delivery.spool import Batch, Pile, Spool, SpoolRefused, Survey
 from traced_run.report import age, counted, mask_url, say
-from traced_run.settings import Settings
-from traced_run.spool import Batch, Pile, Spool, SpoolRefused, Survey
 from traced_run.transport import without_userinfo
 
 

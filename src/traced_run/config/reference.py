@@ -3,11 +3,11 @@ reference, so that neither can drift from the code (tests compare both)."""
 
 from __future__ import annotations
 
-from traced_run.settings import FIELDS, SPECS, Spec, default_of
-from traced_run.sources import shown
+from traced_run.config.settings import FIELDS, SPECS, Spec, default_of
+from traced_run.config.sources import shown
 
 HEADER = """\
-# traced-run settings. Generated from src/traced_run/settings.py: do not edit by hand
+# traced-run settings. Generated from src/traced_run/config/settings.py: do not edit by hand
 # (traced-run config --example > config/traced-run.yaml).
 #
 # Precedence: launcher options > environment variables > this file > defaults.
@@ -65,7 +65,7 @@ def markdown_reference() -> str:
     lines = [
         "# Settings reference",
         "",
-        "Generated from `src/traced_run/settings.py` (`traced-run config --reference`).",
+        "Generated from `src/traced_run/config/settings.py` (`traced-run config --reference`).",
         "Precedence: launcher options > environment variables > YAML file > defaults;",
         "an empty environment variable counts as unset. Secrets are never printed.",
         "\"Named file only\": a `./traced-run.yaml` found in the working directory, not named by",

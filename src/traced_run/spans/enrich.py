@@ -22,9 +22,9 @@ from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.trace import Status
 from opentelemetry.util.types import AttributeValue
 
-from traced_run.redact import DEFAULT_RULES, Redactor, Rule
-from traced_run.selection import copy_span
-from traced_run.settings import Settings
+from traced_run.config.settings import Settings
+from traced_run.spans.redact import DEFAULT_RULES, Redactor, Rule
+from traced_run.spans.selection import copy_span
 
 _processor = OpenInferenceSpanProcessor()
 

@@ -29,11 +29,13 @@ from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
 from opentelemetry.trace import Link, Span, SpanKind
 from opentelemetry.util.types import Attributes
 
-from traced_run import compat, flags, mlflow_native, report
+from traced_run import flags, report
+from traced_run.config import compat
+from traced_run.config.settings import Settings
+from traced_run.config.sources import load
 from traced_run.delivery import Delivery, DeliveryProcessor
-from traced_run.selection import PYDANTIC_AI_SCOPE, TraceSelection
-from traced_run.settings import Settings
-from traced_run.sources import load
+from traced_run.pipeline import mlflow_native
+from traced_run.spans.selection import PYDANTIC_AI_SCOPE, TraceSelection
 from traced_run.transport import NO_TRACKING_URI
 
 _installed = False

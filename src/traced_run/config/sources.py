@@ -22,9 +22,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from traced_run.config.settings import SPECS, Settings, Spec, unquote_strict
 from traced_run.flags import OPTIONS_ENV
 from traced_run.report import ConfigError, mask_url
-from traced_run.settings import SPECS, Settings, Spec, unquote_strict
 
 DEFAULT_CONFIG = "traced-run.yaml"
 MAX_CONFIG_BYTES = 256 * 1024

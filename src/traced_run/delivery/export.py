@@ -22,11 +22,10 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext
 
-from traced_run import mlflow_api
-from traced_run.enrich import for_mlflow
-from traced_run.settings import Settings
-from traced_run.spool import Target
-from traced_run.transport import Answer, post_otlp
+from traced_run.config.settings import Settings
+from traced_run.delivery.spool import Target
+from traced_run.spans.enrich import for_mlflow
+from traced_run.transport import Answer, mlflow_api, post_otlp
 
 INVALID = {400, 404, 413, 415, 422}
 """Statuses that say the batch itself (or where it is addressed) is wrong: sending it again cannot help."""

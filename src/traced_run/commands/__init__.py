@@ -1,0 +1,3 @@
+"""traced-run's commands: the Python launcher and its subcommands (``cli``), and
+``doctor``, ``flush`` and ``mlflow`` (``local_mlflow``). Nothing below imports
+from here."""
