@@ -292,3 +292,14 @@ def test_every_field_and_value_type_is_encoded_as_the_sdk_encodes_it() -> None:
     ]
     assert request_bytes(spans) == encode_spans(spans).SerializeToString()
     assert request_bytes([]) == encode_spans([]).SerializeToString()
+
+
+def test_keys_that_keep_changing_do_not_grow_the_key_cache_without_bound() -> None:
+    from traced_run.delivery import export
+
+    context = SpanContext(0xA1, 0xB2, is_remote=False)
+    for n in range(3 * export._KEYS_BOUND):
+        span = ReadableSpan("step", context=context, resource=Resource({}), attributes={f"order.{n}": n},
+                            start_time=1, end_time=2)
+        assert request_bytes([span]) == encode_spans([span]).SerializeToString()
+    assert len(export._KEYS) <= export._KEYS_BOUND

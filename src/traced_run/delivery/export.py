@@ -173,7 +173,9 @@ def _scope(scope: InstrumentationScope | None) -> bytes:
 
 
 _KEYS: dict[str, bytes] = {}
-"""A key's encoded field, by key: a process uses a few dozen keys, on every span."""
+"""A key's encoded field, by key: a process uses a few dozen keys, on every span; an app
+whose keys keep changing (an id in a key) empties it at ``_KEYS_BOUND`` instead of growing."""
+_KEYS_BOUND = 4096
 
 
 def _attributes(tag: bytes, attributes: Mapping[str, Any] | None) -> bytes:
@@ -185,6 +187,8 @@ def _attributes(tag: bytes, attributes: Mapping[str, Any] | None) -> bytes:
     for key, value in attributes.items():
         encoded = _KEYS.get(key)
         if encoded is None:
+            if len(_KEYS) >= _KEYS_BOUND:
+                _KEYS.clear()
             encoded = _KEYS[key] = _text(b"\x0a", key)
         try:
             out.append(_message(tag, encoded + _message(b"\x12", _value(value))))
