@@ -67,9 +67,9 @@ class TraceSelection(SpanProcessor):
         self._open: dict[int, Span] = {}
         """Spans started and not yet ended, by span id: what an interrupted run leaves open."""
         self._prompts: dict[int, AttributeValue] = {}
+        """Wanted trace id -> the messages its latest model call was sent (the prompt of a run cut off)."""
         self._started_in_handler: dict[int, BaseException] = {}
         """Span id -> the cancellation or exit being handled when it started (not what cut it off)."""
-        """Wanted trace id -> the messages its latest model call was sent (the prompt of a run cut off)."""
         self._resources: dict[int, tuple[Resource, Resource]] = {}
         self._told_incomplete = False
         self._told_autolog = False

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
     from traced_run.config.settings import Settings
 
+
 def import_network_modules() -> None:
     """Import now what the first request imports: the delivery thread calls this
     before it lets a fork go ahead. A fork while it is inside one of these imports
@@ -325,8 +326,6 @@ def tls_context(settings: Settings) -> ssl.SSLContext:
 
     cafile = capath = None
     if settings.ca_bundle:
-        import os
-
         capath, cafile = (settings.ca_bundle, None) if os.path.isdir(settings.ca_bundle) \
             else (None, settings.ca_bundle)
     try:
@@ -398,8 +397,6 @@ def _after_fork_in_child() -> None:
 
 os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
                     after_in_child=_after_fork_in_child)
-
-
 
 
 def _opener(settings: Settings, *, secure: bool) -> urllib.request.OpenerDirector:
