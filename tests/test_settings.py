@@ -82,6 +82,7 @@ SAMPLES: dict[str, tuple[Any, Any, str, Any]] = {
                             "env=prod,team=b", {"team": "b", "flag": "true", "env": "prod"}),
     "exit_timeout": (1.5, 1.5, "7", 7.0),
     "queue_size": (100, 100, "200", 200),
+    "courier": (False, False, "on", True),
     "spool_dir": ("/var/spool/yaml", "/var/spool/yaml", " /tmp/env-spool ", "/tmp/env-spool"),
     "spool_max_mb": (16, 16, "32", 32),
     "spool_max_age": ("3d", 259200.0, "3600", 3600.0),
@@ -437,7 +438,7 @@ def test_an_options_variable_naming_a_setting_without_option_is_refused() -> Non
     ("include_contents", "include_content"),
     ("servicename", "service_name"),
     ("MLFLOW_TRACKING_URI", None),
-    ("colour", None),
+    ("flavour", None),
 ])
 def test_an_unknown_key_names_the_line_and_suggests_the_closest(
         key: str, suggestion: str | None, tmp_path: Path) -> None:
@@ -447,6 +448,16 @@ def test_an_unknown_key_names_the_line_and_suggests_the_closest(
         assert message == f"{path}:3: unknown key {key!r}"
     else:
         assert message == f"{path}:3: unknown key {key!r} (did you mean {suggestion!r}?)"
+
+
+@pytest.mark.parametrize("line", ['token:% "s3cr3t-value: 1"', "password:s3cr3t-value: 1",
+                                  "s3cr3t value with spaces: 1"])
+def test_an_unknown_key_that_is_no_name_is_not_echoed(line: str, tmp_path: Path) -> None:
+    """A line whose ': ' went astray makes a key of what was a value, perhaps a password."""
+    path = write(tmp_path / "c.yaml", f"timeout: 3\n{line}\n")
+    message = error_of({"TRACED_RUN_CONFIG": str(path)})
+    assert message == (f"{path}:2: unknown key (not a setting name; is a ': ' missing or "
+                       "misplaced on that line?)")
 
 
 @pytest.mark.parametrize(("text", "line", "column"), [

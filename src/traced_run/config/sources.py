@@ -33,6 +33,7 @@ MAX_DEPTH = 8
 """YAML nesting: settings need two levels (a mapping of headers); deeper is refused
 before PyYAML's recursive composer could exhaust the stack."""
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_NAME_LIKE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,39}")
 
 
 @dataclass(frozen=True)
@@ -161,9 +162,14 @@ def _yaml_layer(path: str, environ: Mapping[str, str]) -> dict[str, Value]:
         where = f"{path}:{key_node.start_mark.line + 1}"
         key = str(key_node.value)
         if key not in keys:
+            if not _NAME_LIKE.fullmatch(key):
+                # A key that is no name is most often a line whose ': ' went missing, and
+                # the rest of such a line may be a password: it is not echoed.
+                raise ConfigError(f"{where}: unknown key (not a setting name; is a ': ' missing "
+                                  "or misplaced on that line?)")
             close = difflib.get_close_matches(key, keys, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"{where}: unknown key {key[:40]!r}{hint}")
+            raise ConfigError(f"{where}: unknown key {key!r}{hint}")
         if value is None:
             continue
         expanded = _expand_all(value, f"{path}:{value_node.start_mark.line + 1}", key, environ)
