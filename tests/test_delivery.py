@@ -597,20 +597,22 @@ CONCURRENT_RUNS = """
 
 
 def test_a_batch_with_a_trace_mlflow_rejects_loses_only_that_trace(app: App, proxy: FaultProxy) -> None:
-    """Three runs at once end in one batch; MLflow refuses any request that holds the
-    poisoned one. Posted again trace by trace, once: the two good runs arrive, the
-    poisoned one is set aside alone."""
+    """Three runs at once end in one batch or, when the batch timer falls between their
+    spans, two; MLflow refuses any request that holds the poisoned one. Posted again trace
+    by trace, once: the two good runs arrive, the poisoned one alone is set aside."""
     app.write(tool_agent("mixed", CONCURRENT_RUNS))
     proxy.reject = b"poison 1"
     done = app.run("python", "app.py", env=proxied_env(app, proxy))
     assert done.returncode == 0, done.stderr.decode()
     rejected = spool_of(app) / "rejected"
-    (aside,) = sorted(rejected.glob("*.otlp"))
-    assert b"poison 1" in aside.read_bytes() and b"good" not in aside.read_bytes()
-    assert f'"spans": {RUN_SPANS}, "traces": 1'.encode() in aside.read_bytes()
-    # The whole batch; once per process, the same batch uncompressed (a 400 may be an MLflow that
-    # cannot read gzip: export tries that once); then the poisoned trace alone.
-    assert proxy.statuses().count(400) == 3, f"the whole batch, plain, the poisoned trace: {proxy.statuses()}"
+    aside = [path.read_bytes() for path in sorted(rejected.glob("*.otlp"))]
+    assert aside and all(b"poison 1" in batch and b"good" not in batch for batch in aside)
+    counts = [json.loads(batch.split(b"\n", 1)[0]) for batch in aside]
+    assert sum(count["spans"] for count in counts) == RUN_SPANS
+    assert all(count["traces"] == 1 for count in counts), counts
+    # Each batch whole; once per process, a batch uncompressed (a 400 may be an MLflow that
+    # cannot read gzip: export tries that once); then the poisoned trace alone: nothing more.
+    assert 3 <= proxy.statuses().count(400) <= 2 * len(aside) + 1, proxy.statuses()
     (line,) = done.stderr.decode().splitlines()
     assert re.fullmatch(rf"traced-run: {RUN_SPANS} spans rejected by MLflow \(HTTP 400\), set aside in "
                         rf"{re.escape(str(rejected))}", line), line
