@@ -76,8 +76,9 @@ class MlflowServer:
         import mlflow
 
         mlflow.set_tracking_uri(self.url)
-        return list(mlflow.search_traces(locations=[experiment_id], return_type="list",
-                                         max_results=1000))
+        # No max_results: MLflow pages through all of them, so a count past a page
+        # fails as "too many" instead of polling until the deadline.
+        return list(mlflow.search_traces(locations=[experiment_id], return_type="list"))
 
     def wait_traces(self, experiment: str, count: int, *, timeout: float = 30,
                     by_name: bool = True) -> list[Any]:

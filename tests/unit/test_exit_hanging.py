@@ -92,6 +92,31 @@ def test_a_post_in_flight_for_the_whole_exit_bound_is_not_waited_for(
     assert Spool.of(settings(tmp_path)).survey(ENDPOINT).spans == 3
 
 
+def test_a_slow_post_begun_long_before_the_exit_gets_only_the_bound(
+        tmp_path: Path, sender: type[FakeSender], capfd: pytest.CaptureFixture[str]) -> None:
+    """MLflow answered the last post (slow, not hanging); the one in flight began more than
+    the exit bound before the exit and is still unanswered: the exit waits what is left of
+    its bound, not for the post's own timeout, and keeps the batch."""
+    sender.reset(DELIVERED, gated=True)
+    clock = Clock()
+    delivery = Delivery(settings(tmp_path, exit_timeout=EXIT_TIMEOUT))
+    delivery._backoff = Backoff(clock)
+    submit_together(delivery, trace(1, 3))
+    delivery.flush(0)
+    assert sender.posted.acquire(timeout=10)
+    sender.release.release()
+    assert delivery.flush(10)
+    submit_together(delivery, trace(2, 2))
+    delivery.flush(0)
+    assert sender.posted.acquire(timeout=10)
+    clock.now += 2 * EXIT_TIMEOUT
+    elapsed = close_timed(delivery)
+    said = capfd.readouterr().err
+    assert elapsed < EXIT_TIMEOUT + 0.5, f"the exit waited {elapsed:.2f}s for a slow post"
+    assert f"2 spans of 1 trace not delivered to {ENDPOINT} (exit_timeout=2s reached" in said, said
+    assert Spool.of(settings(tmp_path)).survey(ENDPOINT).spans == 2
+
+
 def test_a_post_sent_at_exit_gets_the_bound_and_a_healthy_mlflow_the_last_batch(
         tmp_path: Path, sender: type[FakeSender], capfd: pytest.CaptureFixture[str]) -> None:
     """The process knew nothing of MLflow: its first post is the exit's. MLflow

@@ -16,7 +16,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
@@ -58,6 +57,19 @@ class Rejected:
 DELIVERED = Outcome(True, False, "", 200)
 
 
+def plain(outcome: Outcome) -> tuple[Any, ...]:
+    """``outcome`` as tuples ``marshal`` writes (the courier's answer)."""
+    return (outcome.delivered, outcome.invalid, outcome.reason, outcome.status,
+            tuple((part.payload, part.spans, plain(part.outcome)) for part in outcome.rejected))
+
+
+def outcome_of(fields: Sequence[Any]) -> Outcome:
+    """The Outcome ``plain`` wrote."""
+    delivered, invalid, reason, status, rejected = fields
+    parts = tuple(Rejected(payload, spans, outcome_of(outcome)) for payload, spans, outcome in rejected)
+    return Outcome(delivered, invalid, reason, status, parts)
+
+
 def target_of(settings: Settings) -> Target:
     """Where this process's batches go, known without asking MLflow."""
     endpoint = settings.traces_endpoint or ""
@@ -69,6 +81,9 @@ def target_of(settings: Settings) -> Target:
 
 def by_trace(payload: bytes) -> list[tuple[bytes, int]]:
     """The request's spans as one request per trace, oldest first: (body, spans)."""
+    # Only a rejected batch is read back: protobuf's modules (about 4 MB) wait for one.
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
     request = ExportTraceServiceRequest.FromString(payload)
     traces = list(dict.fromkeys(span.trace_id for resource in request.resource_spans
                                 for scope in resource.scope_spans for span in scope.spans))

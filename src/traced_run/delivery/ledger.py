@@ -68,10 +68,14 @@ class Ledger:
             self._lost += spans
             self._problem = why
 
-    def timed_out(self) -> None:
-        """The exit bound ran out with spans still in this process's hands."""
+    def timed_out(self, courier: int | None = None) -> None:
+        """The exit bound ran out with spans still in this process's hands; ``courier`` the
+        pid of a courier that held a request unanswered then."""
         with self._lock:
-            if self._problem is None:
+            if courier is not None:
+                self._problem = (f"no answer from the courier process (pid {courier}) posting to MLflow "
+                                 f"within exit_timeout={self._settings.exit_timeout:g}s")
+            elif self._problem is None:
                 self._problem = self._exit_bound_reason()
 
     def left_hanging(self, why: str) -> None:
@@ -171,7 +175,8 @@ class Ledger:
                          f"({why}): kept in {self._spool.directory}; the next traced process or "
                          f"`traced-run flush` sends them")
         elif sent_later and not self._outage_told:
-            parts.append(f"{counted(sent_later, 'span')} were spooled while {where} was unreachable ({why}) "
+            state = "was unreachable" if self._problem else "fell behind"
+            parts.append(f"{counted(sent_later, 'span')} were spooled while {where} {state} ({why}) "
                          f"and sent later")
         if self._rejected > self._rejected_told:
             statuses = ", ".join(str(status) for status in sorted(self._statuses))
