@@ -220,6 +220,12 @@ class Lines:
         assert self._process.stderr is not None
         return self._process.stderr.read()
 
+    def finish_timed(self, timeout: float) -> tuple[bytes, float]:
+        """``finish``, and how many seconds the app took to end from now."""
+        began = time.monotonic()
+        err = self.finish(timeout)
+        return err, time.monotonic() - began
+
 
 def start(app: App, *command: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen([TRACED_RUN, *command], cwd=app.directory, env=env,
