@@ -1,6 +1,6 @@
 """The import layers, asserted statically: each module's imports (at the top, inside
 functions, under TYPE_CHECKING) are read with ``ast``, and none reaches a layer above
-its own. Bottom to top: what every layer may use (``flags``, ``report``), ``config/``,
+its own. Bottom to top: what every layer may use (``flags``, ``patches``, ``report``), ``config/``,
 ``transport/``, ``spans/``, ``delivery/``, ``pipeline/``, start-up (``bootstrap``,
 ``startcheck``, ``_boot``), ``commands/``. A new module must be placed in a layer here.
 """
@@ -17,7 +17,7 @@ import traced_run
 PACKAGE = Path(traced_run.__file__).resolve().parent
 
 LAYERS = [
-    ("base", ["traced_run", "traced_run.flags", "traced_run.report"]),
+    ("base", ["traced_run", "traced_run.flags", "traced_run.patches", "traced_run.report"]),
     ("config", ["traced_run.config"]),
     ("transport", ["traced_run.transport"]),
     ("spans", ["traced_run.spans"]),

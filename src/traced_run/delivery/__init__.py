@@ -33,7 +33,8 @@ state is guarded):
   thread, fed by app threads, and any thread that keeps a batch.
 - ``courier.Courier``: the process that encodes and posts batches for a busy
   process; only the delivery thread (close stops it, a forked child forgets it).
-- ``exits``: the hooks that run ``close`` (atexit, SIGTERM, ``os._exit``).
+- ``exits``: the hooks that run ``close`` (atexit, SIGTERM through the exit
+  thread, ``os._exit``).
 - ``ledger.Ledger``: every count and ``problem``, and the exit line; all threads.
 """
 
@@ -176,7 +177,8 @@ class Delivery:
                 return None
 
     def install_exit_hooks(self) -> None:
-        exits.install(self.close)
+        # Another way out waits for a delivery under way: its bound, and a second for the spool.
+        exits.install(self.close, self._settings.exit_timeout + 1.0)
 
 
 class DeliveryProcessor(SpanProcessor):

@@ -12,7 +12,6 @@ keeps working.
 
 from __future__ import annotations
 
-import functools
 import os
 import socket
 import sys
@@ -29,7 +28,7 @@ from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
 from opentelemetry.trace import Link, Span, SpanKind
 from opentelemetry.util.types import Attributes
 
-from traced_run import flags, report
+from traced_run import flags, patches, report
 from traced_run.config import compat
 from traced_run.config.settings import Settings
 from traced_run.config.sources import load
@@ -198,24 +197,25 @@ class Router:
     def watch(self, settings_class: type) -> None:
         """Route the tracer of every ``InstrumentationSettings`` made from now on; and
         join each global provider the app sets from now on, and the one it has set."""
-        original_init = settings_class.__init__  # type: ignore[misc]
         router = self
 
-        # wraps() keeps the signature: logfire reads it to choose the arguments it passes.
-        @functools.wraps(original_init)
-        def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
-            original_init(self, *args, **kwargs)
-            self.tracer = router.tracer_for(kwargs.get("tracer_provider"), self.tracer)
+        def route(original_init: Any) -> Any:
+            # wraps() (in patches.replace) keeps the signature: logfire reads it to choose its arguments.
+            def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+                original_init(self, *args, **kwargs)
+                self.tracer = router.tracer_for(kwargs.get("tracer_provider"), self.tracer)
 
-        settings_class.__init__ = __init__  # type: ignore[misc]
-        original_set = trace.set_tracer_provider
+            return __init__
 
-        @functools.wraps(original_set)
-        def set_tracer_provider(tracer_provider: trace.TracerProvider) -> None:
-            original_set(tracer_provider)
-            router.global_provider()
+        def join_each(original_set: Any) -> Any:
+            def set_tracer_provider(tracer_provider: trace.TracerProvider) -> None:
+                original_set(tracer_provider)
+                router.global_provider()
 
-        trace.set_tracer_provider = set_tracer_provider
+            return set_tracer_provider
+
+        patches.replace(settings_class, "__init__", route)
+        patches.replace(trace, "set_tracer_provider", join_each)
         self.global_provider()
 
     def tracer_for(self, provider: trace.TracerProvider | None, tracer: trace.Tracer) -> trace.Tracer:
@@ -304,3 +304,13 @@ class _RoutedTracer(trace.Tracer):
 
     def start_as_current_span(self, *args: Any, **kwargs: Any) -> Any:
         return self._real().start_as_current_span(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        """What else the tracer it stands for has (an SDK tracer's ``resource``,
+        ``instrumentation_scope``, ``sampler``): code that reads it finds it."""
+        if name in _ROUTED_OWN:  # not set yet (unpickling, a half-built copy): no recursion
+            raise AttributeError(name)
+        return getattr(self._real(), name)
+
+
+_ROUTED_OWN = frozenset({"_router", "_provider", "_tracer", "_by_provider"})
