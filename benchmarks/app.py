@@ -13,9 +13,6 @@
 - ``instrument-all``: only ``Agent.instrument_all()`` (the provider comes from
   ``opentelemetry-instrument``).
 
-Under traced-run, a busy process hands its batches to a courier process: its CPU
-over the timed runs and its peak RSS are read from ``/proc`` and reported apart.
-
 Timings (seconds from ``time.perf_counter`` / ``time.monotonic``, which is
 system-wide on Linux; CPU from ``time.process_time``, all threads of the
 process) are printed as JSON lines on stdout: a ``loop_end`` line as soon as
@@ -51,26 +48,6 @@ def _manual_setup() -> None:
     provider.add_span_processor(OpenInferenceSpanProcessor())
     provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
-
-
-def _couriers() -> dict[int, tuple[float, int]]:
-    """traced-run's courier processes of this process: pid -> (CPU seconds so far, peak RSS kB)."""
-    found = {}
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/stat") as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
-            if fields[1] != str(os.getpid()):
-                continue
-            with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
-                if b"traced_run.delivery.courier_process" not in cmdline.read():
-                    continue
-            with open(f"/proc/{pid}/status") as status:
-                peak = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
-            found[int(pid)] = ((int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), peak)
-        except (OSError, StopIteration, IndexError, ValueError):  # ended meanwhile
-            pass
-    return found
 
 
 def _floor_setup() -> None:
@@ -121,14 +98,11 @@ def main() -> None:
     timed_start = time.perf_counter()
     cpu_start = time.process_time()
     thread_start = time.thread_time()
-    couriers_start = _couriers()
     for _ in range(args.runs):
         agent.run_sync("What is the weather in Paris?")
     timed = time.perf_counter() - timed_start
     cpu = time.process_time() - cpu_start
     thread_cpu = time.thread_time() - thread_start
-    couriers_end = _couriers()
-    courier_cpu = sum(cpu - couriers_start.get(pid, (0.0, 0))[0] for pid, (cpu, _) in couriers_end.items())
     loop_end = time.monotonic()
     _emit({"loop_end": loop_end})
     _emit({
@@ -137,8 +111,6 @@ def main() -> None:
         "per_run_us": timed / max(args.runs, 1) * 1e6,
         "cpu_per_run_us": cpu / max(args.runs, 1) * 1e6,
         "app_thread_cpu_per_run_us": thread_cpu / max(args.runs, 1) * 1e6,
-        "courier_cpu_per_run_us": courier_cpu / max(args.runs, 1) * 1e6,
-        "courier_peak_kb": max((peak for _, peak in couriers_end.values()), default=0),
         "runs": 1 + warm_runs + args.runs,
         "loop_start": loop_start,
         "loop_end": loop_end,

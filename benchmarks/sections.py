@@ -50,15 +50,15 @@ class Plan:
     per_run_runs: int = 1000
     per_run_warm_runs: int = 20
     per_run_warm_seconds: float = 5.0
-    """Long enough for a tracer's deferred work, and for traced-run's courier (started after
-    two busy seconds) to be up, before the timed runs."""
+    """Long enough for a tracer's deferred work (its imports, its first batches) to be done
+    before the timed runs."""
     exit_warmups: int = 0
     exit_reps: int = 3
     exit_concurrent: bool = False
     rss_warmups: int = 0
     rss_reps: int = 3
     rss_runs: int = 600
-    """About 6 s of runs: traced-run's courier is up and has taken batches by the end."""
+    """About 6 s of runs: a busy process (100+ spans a second) that has delivered many batches."""
     burst_reps: int = 2
     burst_runs: int = 2000
     burst_deadline_s: float = 180.0
@@ -222,9 +222,6 @@ FLOOR = "pydantic-ai instrumentation, no export"
 MANUAL = "manual setup in code"
 
 
-COURIER_OFF = "traced-run, courier off"
-COURIER = "traced-run's courier process"
-APP_AND_COURIER = "traced-run, app + courier"
 INSTANT = "to a stand-in that answers at once"
 TRACED_INSTANT = f"traced-run, {INSTANT}"
 MANUAL_INSTANT = f"manual setup in code, {INSTANT}"
@@ -235,8 +232,7 @@ def per_run(bench: Bench, experiment_id: str) -> list[Row]:
     The floor is pydantic-ai's own instrumentation on an SDK provider that
     exports nothing: what any tracing of pydantic-ai pays. traced-run is held
     to it for wall time (what the app waits) and to the manual recipe for the
-    CPU of the app's process, all its threads; its courier process's CPU is
-    shown apart and added to it (what exporting costs the machine).
+    CPU of the app's process, all its threads (what exporting costs the machine).
 
     MLflow runs on the same 2 cores and takes most of one while it stores the
     runs' spans, preempting the app: traced-run and the manual recipe also send
@@ -247,7 +243,7 @@ def per_run(bench: Bench, experiment_id: str) -> list[Row]:
     args = ("--warm", str(plan.per_run_warm_runs), "--warm-seconds", str(plan.per_run_warm_seconds),
             "--runs", str(plan.per_run_runs))
     versus = bench.versus_manual("untraced", experiment_id, args)
-    traced_argv, traced_env = versus["traced-run"]
+    traced_argv, _ = versus["traced-run"]
     instant = InstantOtlp()
     manual_argv, _ = versus[MANUAL]
     setups: Setups = {
@@ -255,17 +251,15 @@ def per_run(bench: Bench, experiment_id: str) -> list[Row]:
         FLOOR: ([PYTHON, *bench.app("--setup", "floor", *args)], clean_env()),
         MANUAL: versus[MANUAL],
         "traced-run": versus["traced-run"],
-        COURIER_OFF: (traced_argv, {**traced_env, "TRACED_RUN_COURIER": "false"}),
         TRACED_INSTANT: (traced_argv, bench.traced_env(experiment_id, instant.url)),
         MANUAL_INSTANT: (manual_argv, bench.manual_env(experiment_id, instant.url)),
     }
 
-    def per_run_us(variant: str, done: Done) -> tuple[float, float, float]:
+    def per_run_us(variant: str, done: Done) -> tuple[float, float]:
         if variant.startswith("traced-run") and done.stderr.strip():
             bench.notes.append(f"3 per-run, {variant} stderr: {done.stderr.strip().splitlines()[-1]}")
         result = done.result()
-        return (float(result["per_run_us"]), float(result["cpu_per_run_us"]),
-                float(result["courier_cpu_per_run_us"]))
+        return float(result["per_run_us"]), float(result["cpu_per_run_us"])
 
     try:
         kept = bench.interleave(setups, plan.per_run_warmups, plan.per_run_reps, "3 per-run", 600, per_run_us)
@@ -275,38 +269,26 @@ def per_run(bench: Bench, experiment_id: str) -> list[Row]:
             f"≥{plan.per_run_warm_seconds:g} s of warm runs")
     wall = {variant: [one[0] for one in kept[variant]] for variant in setups}
     cpu = {variant: [one[1] for one in kept[variant]] for variant in setups}
-    cpu[COURIER] = [one[2] for one in kept["traced-run"]]
-    cpu[APP_AND_COURIER] = [one[1] + one[2] for one in kept["traced-run"]]
     instants = ((TRACED_INSTANT, FLOOR, None), (MANUAL_INSTANT, FLOOR, None))
-    return [*_per_run_rows(f"{runs}: wall", wall, (("traced-run", FLOOR, 1.10), (COURIER_OFF, FLOOR, None),
-                                                   *instants)),
+    return [*_per_run_rows(f"{runs}: wall", wall, (("traced-run", FLOOR, 1.10), *instants)),
             *_per_run_rows(f"{runs}: CPU of the app's process, all threads (process_time)", cpu,
-                           (("traced-run", MANUAL, 0.90), (COURIER_OFF, MANUAL, None), *instants)),
-            *_per_run_rows(f"{runs}: CPU, app and courier", cpu, ((COURIER, None, None),
-                                                                  (APP_AND_COURIER, MANUAL, None)),
-                           baselines=False)]
+                           (("traced-run", MANUAL, 0.90), *instants))]
 
 
-Traced = tuple[tuple[str, str | None, float | None], ...]
+Traced = tuple[tuple[str, str, float | None], ...]
 """traced-run's variants of a measure: (variant, the variant it is held to, the limit)."""
 
 
-def _per_run_rows(measure: str, values: dict[str, list[float]], traced: Traced, *,
-                  baselines: bool = True) -> list[Row]:
-    """The untraced, floor and manual rows (``baselines``), then traced-run's: each against untraced,
-    the floor and manual, and held to ``limit`` times its reference, when it has one."""
+def _per_run_rows(measure: str, values: dict[str, list[float]], traced: Traced) -> list[Row]:
+    """The untraced, floor and manual rows, then traced-run's: each against untraced, the floor
+    and manual, and held to ``limit`` times its reference, when it has one."""
     medians = {variant: statistics.median(figures) for variant, figures in values.items()}
-    rows = []
-    if baselines:
-        rows.append(Row("3", measure, "untraced", values["untraced"], "µs", versus="1.00x (baseline)"))
-        rows.append(_ratio_row("3", measure, FLOOR, values[FLOOR], "µs", medians["untraced"], None))
-        manual = _ratio_row("3", measure, MANUAL, values[MANUAL], "µs", medians["untraced"], None)
-        manual.versus += f"; {medians[MANUAL] / medians[FLOOR]:.2f}x floor"
-        rows.append(manual)
+    rows = [Row("3", measure, "untraced", values["untraced"], "µs", versus="1.00x (baseline)"),
+            _ratio_row("3", measure, FLOOR, values[FLOOR], "µs", medians["untraced"], None)]
+    manual = _ratio_row("3", measure, MANUAL, values[MANUAL], "µs", medians["untraced"], None)
+    manual.versus += f"; {medians[MANUAL] / medians[FLOOR]:.2f}x floor"
+    rows.append(manual)
     for variant, reference, limit in traced:
-        if reference is None:
-            rows.append(Row("3", measure, variant, values[variant], "µs"))
-            continue
         row = _ratio_row("3", measure, variant, values[variant], "µs", medians["untraced"], None)
         row.versus += (f"; {medians[variant] / medians[FLOOR]:.2f}x floor"
                        f"; {medians[variant] / medians[MANUAL]:.2f}x manual")
@@ -401,21 +383,17 @@ def peak_rss(bench: Bench, experiment_id: str) -> list[Row]:
     args = ("--runs", str(runs - 1))  # the app always makes one run first
     setups = bench.versus_manual("untraced", experiment_id, args)
 
-    def peak_mb(variant: str, done: Done) -> tuple[float, float]:
-        return done.maxrss_kb / 1024, float(done.result()["courier_peak_kb"]) / 1024
+    def peak_mb(variant: str, done: Done) -> float:
+        done.result()
+        return done.maxrss_kb / 1024
 
     kept = bench.interleave(setups, bench.plan.rss_warmups, bench.plan.rss_reps, "5 rss", 300, peak_mb)
-    app = {variant: [one[0] for one in figures] for variant, figures in kept.items()}
-    courier = [one[1] for one in kept["traced-run"]]
-    base = statistics.median(app["untraced"])
-    measure = f"peak RSS (wait4 ru_maxrss; the courier's VmHWM), {runs} runs"
+    base = statistics.median(kept["untraced"])
+    measure = f"peak RSS (wait4 ru_maxrss), {runs} runs"
     return [
-        Row("5", measure, "untraced", app["untraced"], "MB", versus="baseline"),
-        _delta_row("5", measure, "traced-run (the app's process)", app["traced-run"], "MB", base, None),
-        Row("5", measure, COURIER, courier, "MB"),
-        _delta_row("5", measure, APP_AND_COURIER, [one[0] + one[1] for one in kept["traced-run"]], "MB", base,
-                   30.0),
-        _delta_row("5", measure, "manual setup in code", app["manual setup in code"], "MB", base, None),
+        Row("5", measure, "untraced", kept["untraced"], "MB", versus="baseline"),
+        _delta_row("5", measure, "traced-run", kept["traced-run"], "MB", base, 30.0),
+        _delta_row("5", measure, "manual setup in code", kept["manual setup in code"], "MB", base, None),
     ]
 
 

@@ -35,6 +35,7 @@ from conftest import (
     poll,
     request,
     serving,
+    traced_env,
 )
 from faultproxy import FaultProxy, Mode, fault_proxy
 
@@ -558,6 +559,47 @@ def test_queue_full_while_a_post_hangs_spools_rather_than_drops(app: App, proxy:
     print(f"flood: {err.decode()}")
     assert "dropped" not in err.decode(), err.decode()
     wait_runs(app.server, app.experiment, "flood", 250, timeout=120)
+
+
+BUSY_APP = """
+    import json
+    import os
+    import time
+
+    def children():
+        \"\"\"Processes whose parent is this one.\"\"\"
+        found = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/stat") as stat:
+                    if stat.read().rsplit(")", 1)[1].split()[1] == str(os.getpid()):
+                        found.append(int(pid))
+            except OSError:  # ended meanwhile
+                pass
+        return found
+
+    seen, i, started = set(), 0, time.monotonic()
+    while i < 300 or time.monotonic() < started + 3:
+        agent.run_sync(f"busy {i}")
+        i += 1
+        if i % 25 == 0:
+            seen.update(children())
+    print(json.dumps({"runs": i, "spans_per_s": 4 * i / (time.monotonic() - started),
+                      "children": sorted(seen)}))
+"""
+
+
+def test_a_busy_process_starts_no_process_and_loses_nothing(app: App) -> None:
+    """Hundreds of spans a second for seconds: the app's own process does all the delivery
+    work (no helper process, ever), stdout is the app's and every run arrives whole."""
+    app.write(tool_agent("busy", BUSY_APP))
+    done = app.run("python", "app.py", env=traced_env(app))
+    assert done.returncode == 0 and done.stderr == b"", done.stderr.decode()
+    (line,) = done.stdout.decode().splitlines()
+    seen = json.loads(line)
+    print(f"busy: {seen['runs']} runs, {seen['spans_per_s']:.0f} spans a second")
+    assert seen["children"] == [], seen
+    wait_runs(app.server, app.experiment, "busy", seen["runs"], timeout=180)
 
 
 # --- invalid batches, the spool's bound and permissions --------------------------------

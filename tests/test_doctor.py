@@ -10,7 +10,6 @@ import json
 import re
 import socket
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -20,7 +19,6 @@ from pathlib import Path
 import pytest
 from conftest import TRACED_RUN, MlflowServer, QuietHandler, clean_env, free_port
 
-from traced_run.commands.doctor import Findings, check_courier
 from traced_run.config.settings import Settings
 from traced_run.delivery.spool import Spool, Target
 
@@ -64,8 +62,7 @@ def test_all_ok_against_mlflow_and_the_proof_trace_is_in_mlflow(
     found = checks(done.stdout)
     assert [c for c, (status, _) in found.items() if status != "OK"] == [], done.stdout
     for check in ("settings", "versions", "mlflow reachable", "host header", "mlflow version", "auth",
-                  "experiment", "otlp endpoint", "end-to-end", "bootstrap", "sitecustomize", "courier",
-                  "spool"):
+                  "experiment", "otlp endpoint", "end-to-end", "bootstrap", "sitecustomize", "spool"):
         assert check in found, (check, done.stdout)
     assert "does not exist yet" in found["experiment"][1]
     assert mlflow_server.experiment_id(name) is None, "doctor creates no experiment"
@@ -76,35 +73,6 @@ def test_all_ok_against_mlflow_and_the_proof_trace_is_in_mlflow(
     assert trace.info.tags.get("traced_run.doctor") == "true"
     summary = done.stdout.splitlines()[-1]
     print(f"doctor against a running MLflow: {seconds:.2f} s, round trip {match[2]} ms; {summary}")
-
-
-def test_courier_false_is_reported_as_off(tmp_path: Path, mlflow_server: MlflowServer) -> None:
-    env = env_for(mlflow_server.url, tmp_path, TRACED_RUN_COURIER="false")
-    done, _ = doctor(tmp_path, env, "--no-trace")
-    assert done.returncode == 0, done.stdout + done.stderr
-    status, what = checks(done.stdout)["courier"]
-    assert status == "OK" and what.startswith("off (courier: false)"), what
-
-
-def test_a_courier_that_cannot_import_its_modules_is_a_warning_that_names_the_error(tmp_path: Path) -> None:
-    """An install the courier cannot see under ``-S`` (a package reachable only through a .pth
-    hook, which ``-S`` skips): the same child the app would start, started for real."""
-    found = Findings()
-    probe = {"python": sys.executable, "path": [str(tmp_path)]}  # traced-run's modules are not there
-    check_courier(Settings(), probe, clean_env(), found)
-    (check,) = found.checks
-    assert (check.status, check.check) == ("WARN", "courier"), check
-    assert check.what == ("a busy process could not start its courier: ModuleNotFoundError: No module named "
-                          "'traced_run'"), check.what
-    assert "sends its traces itself" in check.hint
-
-
-def test_an_app_run_by_another_program_has_no_courier(tmp_path: Path) -> None:
-    """uWSGI embeds Python: its ``sys.executable`` is uwsgi, which cannot run the courier."""
-    found = Findings()
-    check_courier(Settings(), {"python": "/usr/bin/uwsgi", "path": []}, clean_env(), found)
-    (check,) = found.checks
-    assert check.status == "OK" and check.what.startswith("none for /usr/bin/uwsgi"), check
 
 
 def test_json_against_mlflow_names_the_trace_and_the_settings(

@@ -39,7 +39,7 @@ def test_example_config_uncommented_gives_the_defaults(tmp_path: Path) -> None:
     assert loaded.settings == Settings(config=str(path))
     from_file = {name for name, source in loaded.sources.items() if source.startswith(f"{path}:")}
     assert from_file == {"enabled", "strict", "headers", "timeout", "compression", "resource_attributes",
-                         "insecure_tls", "exit_timeout", "queue_size", "courier", "spool_max_mb",
+                         "insecure_tls", "exit_timeout", "queue_size", "spool_max_mb",
                          "spool_max_age", "include_content",
                          "include_binary_content", "redact", "redact_defaults", "redaction_marker",
                          "max_binary_bytes", "tags", "sample_ratio", "mode"}

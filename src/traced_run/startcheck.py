@@ -58,7 +58,6 @@ ENV = {
     "OTEL_RESOURCE_ATTRIBUTES": ("resource_attributes", ""),
     "TRACED_RUN_EXIT_TIMEOUT": ("exit_timeout", ""),
     "TRACED_RUN_QUEUE_SIZE": ("queue_size", ""),
-    "TRACED_RUN_COURIER": ("courier", "bool"),
     "TRACED_RUN_SPOOL_DIR": ("spool_dir", "path"),
     "TRACED_RUN_SPOOL_MAX_MB": ("spool_max_mb", ""),
     "TRACED_RUN_SPOOL_MAX_AGE": ("spool_max_age", ""),

@@ -118,16 +118,6 @@ def test_a_queue_that_ran_past_half_says_mlflow_fell_behind_not_that_it_was_unre
                                           "past half of queue_size=2048) and sent later")
 
 
-def test_an_exit_bound_that_ran_out_on_the_courier_names_it(tmp_path: Path) -> None:
-    keep, ledger, spool = keeper(tmp_path, 1 << 20)
-    ledger.timed_out(courier=4242)
-    keep.keep(trace(1, 2))
-    assert ledger.exit_line(ENDPOINT) == (
-        f"2 spans of 1 trace not delivered to {ENDPOINT} (no answer from the courier process (pid 4242) "
-        f"posting to MLflow within exit_timeout=2s): kept in {spool.directory}; the next traced process or "
-        "`traced-run flush` sends them")
-
-
 def test_a_batch_larger_than_the_bound_is_kept_in_parts_cut_between_traces(tmp_path: Path) -> None:
     spans = [s for n in range(1, 7) for s in trace(n, 4)]
     one_trace = len(encode(trace(1, 4), settings(tmp_path)))

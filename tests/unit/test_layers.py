@@ -89,10 +89,8 @@ def test_the_start_up_modules_import_at_start_only_what_start_up_needs() -> None
 
 def test_the_delivery_thread_alone_imports_export() -> None:
     """``delivery.export`` (protobuf encoding, enrich) is imported by the delivery thread
-    when it starts, never when the pipeline is built in the app's thread (the courier
-    process's module is imported only in that process)."""
-    own = ("traced_run.delivery.export", "traced_run.delivery.courier_process")
+    when it starts, never when the pipeline is built in the app's thread."""
     delivery = [module for module in MODULES
-                if module.startswith("traced_run.delivery") and module not in own]
+                if module.startswith("traced_run.delivery") and module != "traced_run.delivery.export"]
     assert [module for module in delivery
             if "traced_run.delivery.export" in _imports(module, top_level_only=True)] == []

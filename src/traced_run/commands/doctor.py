@@ -487,16 +487,14 @@ def synthetic_trace(settings: Settings) -> tuple[bytes, str]:
 # -- local: the bootstrap in a child, sitecustomize, spool ---------------------------------
 
 _PROBE = (
-    "import json, os, sys; s = sys.modules.get('sitecustomize'); "
+    "import json, sys; s = sys.modules.get('sitecustomize'); "
     "print(json.dumps({'boot': 'traced_run.bootstrap' in sys.modules, "
-    "'sitecustomize': getattr(s, '__file__', None), 'python': sys.executable, "
-    "'path': [os.path.abspath(entry) for entry in sys.path if entry]}))"
+    "'sitecustomize': getattr(s, '__file__', None), 'python': sys.executable}))"
 )
 
 
-def check_bootstrap(env: dict[str, str], found: Findings) -> dict[str, Any] | None:
-    """A child started as the launcher starts apps (its environment, `python` from PATH); what
-    it saw (``_PROBE``) when it loaded the bootstrap."""
+def check_bootstrap(env: dict[str, str], found: Findings) -> None:
+    """A child started as the launcher starts apps (its environment, `python` from PATH)."""
     from traced_run.bootstrap import BOOT_DIR
 
     python = shutil.which("python", path=env.get("PATH")) or shutil.which("python3", path=env.get("PATH"))
@@ -507,18 +505,18 @@ def check_bootstrap(env: dict[str, str], found: Findings) -> dict[str, Any] | No
                               timeout=CHILD_TIMEOUT, stdin=subprocess.DEVNULL)
     except (OSError, subprocess.TimeoutExpired) as error:
         found.add(FAIL, "bootstrap", f"`{python} -c ...` did not run: {error}")
-        return None
+        return
     try:
-        seen: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+        seen = json.loads(done.stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):
         found.add(FAIL, "bootstrap", f"`{python} -c ...` failed (exit {done.returncode}): "
                   f"{(done.stderr.strip().splitlines() or [''])[-1]}")
-        return None
+        return
     if not seen["boot"]:
         found.add(FAIL, "bootstrap", f"{python} does not load traced-run's bootstrap",
                   "`python` on PATH is another environment: install traced-run there, or activate this one "
                   f"({sys.executable})")
-        return None
+        return
     found.add(OK, "bootstrap", f"`python -c` ({seen['python']}) loads traced_run.bootstrap from {BOOT_DIR}")
     user = seen.get("sitecustomize")
     if user and os.path.dirname(os.path.abspath(user)) != BOOT_DIR:
@@ -531,39 +529,6 @@ def check_bootstrap(env: dict[str, str], found: Findings) -> dict[str, Any] | No
                       "chained (runs once, first)")
     else:
         found.add(OK, "sitecustomize", "no user sitecustomize (nothing shadowed)")
-    return seen
-
-
-def check_courier(settings: Settings, probe: dict[str, Any] | None, env: dict[str, str],
-                  found: Findings) -> None:
-    """Whether a busy process could start its courier: the interpreter, flags, path and working
-    directory the app's delivery thread would use, importing the module it would run."""
-    from traced_run.delivery.courier import PROCESS_MODULE, can_start, process_env
-
-    if not settings.courier:
-        found.add(OK, "courier", "off (courier: false): a busy process does all its export work itself")
-        return
-    if probe is None:  # the bootstrap check said why
-        return
-    python = probe["python"]
-    if not can_start(python):
-        found.add(OK, "courier", f"none for {python} (not a Python interpreter, or not POSIX): a busy "
-                  "process does all its export work itself")
-        return
-    try:
-        done = subprocess.run([python, "-S", "-c", f"import {PROCESS_MODULE}"], cwd="/",
-                              env=process_env(probe["path"], env), capture_output=True, text=True,
-                              timeout=CHILD_TIMEOUT, stdin=subprocess.DEVNULL)
-        problem = None if done.returncode == 0 else \
-            (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
-    except (OSError, subprocess.TimeoutExpired) as error:
-        problem = str(error)
-    if problem is None:
-        found.add(OK, "courier", f"a busy process can start its courier (`{python} -S -m {PROCESS_MODULE}`)")
-    else:
-        found.add(WARN, "courier", f"a busy process could not start its courier: {problem}",
-                  "such a process says so in one line and sends its traces itself; `courier: false` "
-                  "stops it trying")
 
 
 def check_spool(settings: Settings, found: Findings) -> dict[str, Any]:
@@ -634,7 +599,7 @@ def run(env: dict[str, str], *, proof: bool = True) -> tuple[Findings, dict[str,
         worker.start()
     extra["versions"] = check_versions(found)
     local = Findings()
-    check_courier(loaded.settings, check_bootstrap(env, local), env, local)
+    check_bootstrap(env, local)
     extra["spool"] = _bounded_spool_check(loaded.settings, local)
     if worker.is_alive() or worker.ident is not None:
         worker.join(max(0.0, TOTAL_BOUND - (time.monotonic() - started)))

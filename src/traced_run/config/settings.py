@@ -545,11 +545,6 @@ class Settings:
         _count(1_000_000), "Most finished spans held in memory; past half of it, batches go to the spool "
         "instead.",
         env=("TRACED_RUN_QUEUE_SIZE",)))
-    courier: bool = setting(True, Spec(
-        BOOL, "Once a process is busy (two batches in a row at 128 spans a second or more), hand its "
-        "batches to a process of its own, traced-courier, which encodes and posts them off the app's "
-        "GIL; it takes about 40 MB of memory. false: the app's process does it all.",
-        env=("TRACED_RUN_COURIER",)))
     spool_dir: str | None = setting(None, Spec(
         PATH, "Where undelivered batches wait for a later send; default ~/.cache/traced-run/spool.",
         env=("TRACED_RUN_SPOOL_DIR",), trust=Trust(_always, "choose where traces are kept on disk")))

@@ -31,8 +31,6 @@ state is guarded):
   thread (close also reads whether MLflow hangs, and resets the back-off).
 - ``spill.Keeper`` and ``spill.Spill``: writing to the spool; the spill
   thread, fed by app threads, and any thread that keeps a batch.
-- ``courier.Courier``: the process that encodes and posts batches for a busy
-  process; only the delivery thread (close stops it, a forked child forgets it).
 - ``exits``: the hooks that run ``close`` (atexit, SIGTERM through the exit
   thread, ``os._exit``).
 - ``ledger.Ledger``: every count and ``problem``, and the exit line; all threads.
@@ -50,7 +48,6 @@ from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 
 from traced_run.config.settings import Settings
 from traced_run.delivery import exits
-from traced_run.delivery.courier import Courier
 from traced_run.delivery.ledger import Ledger
 from traced_run.delivery.queue import BATCH_SIZE, SpanQueue
 from traced_run.delivery.sender import OUTAGE_NOTICE, SPOOL_RESERVE, Backoff, DeliveryThread
@@ -73,7 +70,6 @@ class Delivery:
         self.spool = Spool.of(settings)
         self.interrupt: Callable[[str], object] | None = None
         """Set by the pipeline: ends the open spans of agent runs when the process leaves."""
-        self._courier: Courier | None = None
         self._build()
         os.register_at_fork(before=self._before_fork, after_in_child=self._build)
 
@@ -81,9 +77,6 @@ class Delivery:
         """Fresh parts: at start, and in a forked child, which starts empty (it
         never re-sends its parent's queue), starts its own thread when it has
         spans, and is flushed by the ``os._exit`` wrapper it inherits."""
-        if self._courier is not None:
-            self._courier.forget()
-        self._courier = Courier(self._settings)
         self.ledger = Ledger(self._settings, self.spool)
         self._keeper = Keeper(self._settings, self.spool, self.ledger,
                               lambda: self._queue.set_spool_idle(False))
@@ -114,9 +107,8 @@ class Delivery:
 
     def _start_locked(self) -> None:
         if self._thread is None:
-            assert self._courier is not None
             loop = DeliveryThread(self._settings, self._queue, self._keeper, self.ledger, self._backoff,
-                                  self._loaded, self._courier)
+                                  self._loaded)
             self._thread = threading.Thread(target=loop.run, name="traced-run-delivery", daemon=True)
             self._thread.start()
 
@@ -150,13 +142,11 @@ class Delivery:
             # from this thread. A batch that was mid-send may reach MLflow twice;
             # MLflow stores a re-sent span once.
             if hanging is None:
-                self.ledger.timed_out(None if self._courier is None else self._courier.asked())
+                self.ledger.timed_out()
             else:
                 self.ledger.left_hanging(hanging)
             self._keeper.keep(left)
         self.ledger.say_exit_line(self._endpoint)
-        if self._courier is not None:
-            self._courier.stop()
 
     def _deliver_until(self, until: float) -> str | None:
         """Wait until ``until`` for what is queued to be handled; but an MLflow that has

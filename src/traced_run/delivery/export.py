@@ -57,19 +57,6 @@ class Rejected:
 DELIVERED = Outcome(True, False, "", 200)
 
 
-def plain(outcome: Outcome) -> tuple[Any, ...]:
-    """``outcome`` as tuples ``marshal`` writes (the courier's answer)."""
-    return (outcome.delivered, outcome.invalid, outcome.reason, outcome.status,
-            tuple((part.payload, part.spans, plain(part.outcome)) for part in outcome.rejected))
-
-
-def outcome_of(fields: Sequence[Any]) -> Outcome:
-    """The Outcome ``plain`` wrote."""
-    delivered, invalid, reason, status, rejected = fields
-    parts = tuple(Rejected(payload, spans, outcome_of(outcome)) for payload, spans, outcome in rejected)
-    return Outcome(delivered, invalid, reason, status, parts)
-
-
 def target_of(settings: Settings) -> Target:
     """Where this process's batches go, known without asking MLflow."""
     endpoint = settings.traces_endpoint or ""

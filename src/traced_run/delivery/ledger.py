@@ -68,14 +68,10 @@ class Ledger:
             self._lost += spans
             self._problem = why
 
-    def timed_out(self, courier: int | None = None) -> None:
-        """The exit bound ran out with spans still in this process's hands; ``courier`` the
-        pid of a courier that held a request unanswered then."""
+    def timed_out(self) -> None:
+        """The exit bound ran out with spans still in this process's hands."""
         with self._lock:
-            if courier is not None:
-                self._problem = (f"no answer from the courier process (pid {courier}) posting to MLflow "
-                                 f"within exit_timeout={self._settings.exit_timeout:g}s")
-            elif self._problem is None:
+            if self._problem is None:
                 self._problem = self._exit_bound_reason()
 
     def left_hanging(self, why: str) -> None:

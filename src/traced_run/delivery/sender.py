@@ -18,7 +18,6 @@ from opentelemetry.sdk.trace import ReadableSpan
 
 from traced_run import report
 from traced_run.config.settings import Settings
-from traced_run.delivery.courier import Courier, CourierGone
 from traced_run.delivery.ledger import Ledger
 from traced_run.delivery.queue import SpanQueue
 from traced_run.delivery.spill import Keeper, traces_of
@@ -138,9 +137,8 @@ class Backoff:
 
 class DeliveryThread:
     def __init__(self, settings: Settings, queue: SpanQueue, keeper: Keeper, ledger: Ledger,
-                 backoff: Backoff, loaded: threading.Event, courier: Courier) -> None:
+                 backoff: Backoff, loaded: threading.Event) -> None:
         self._settings = settings
-        self._courier = courier
         self._endpoint = settings.traces_endpoint or ""
         self._queue = queue
         self._keeper = keeper
@@ -197,16 +195,18 @@ class DeliveryThread:
         return self._queue.attempt_timeout(self._settings.timeout, SPOOL_RESERVE)
 
     def _deliver(self, batch: list[ReadableSpan]) -> None:
+        from traced_run.delivery.export import encode, target_of
+
+        payload = encode(batch, self._settings)
         timeout = self._attempt_timeout()
-        keep = self._backoff.down() or self._queue.high() or timeout <= 0
-        payload, outcome = self._encoded(batch, None if keep else timeout)
-        if outcome is None:
+        if self._backoff.down() or self._queue.high() or timeout <= 0:
             if timeout <= 0:
                 self._ledger.timed_out()
             with self._queue.hold() as held:
                 if held:
-                    self._keeper.keep(batch, payload or None)
+                    self._keeper.keep(batch, payload)
             return
+        outcome = self._post(payload, target_of(self._settings), timeout)
         with self._queue.hold() as held:
             if not held:  # close() took the batch over while it was posted: the answer is not ours
                 return
@@ -221,28 +221,6 @@ class DeliveryThread:
             else:
                 self._failed(outcome)
                 self._keeper.keep(batch, payload)
-
-    def _encoded(self, batch: list[ReadableSpan], timeout: float | None) -> tuple[bytes, Outcome | None]:
-        """The batch's request body (empty when the courier's post delivered it), and, unless
-        ``timeout`` is None, what MLflow made of it posted: by the courier once it is up, else here."""
-        from traced_run.delivery.export import encode, target_of
-
-        target = target_of(self._settings)
-        if self._courier.usable(len(batch), leaving=self._queue.leaving()):
-            try:
-                with self._backoff.asking() if timeout is not None else contextlib.nullcontext():
-                    payload, outcome = self._courier.post(batch, target, timeout)
-            except CourierGone:  # the batch is still ours: it goes from here, as every later one
-                if self._queue.is_closed():  # close() has kept it
-                    return b"", None
-                left = None if timeout is None else self._attempt_timeout()
-                timeout = left if left is not None and left > 0 else None
-            else:
-                if outcome is not None:
-                    self._backoff.heard(outcome)
-                return payload, outcome
-        payload = encode(batch, self._settings)
-        return payload, None if timeout is None else self._post(payload, target, timeout)
 
     def _post(self, payload: bytes, target: Target, timeout: float) -> Outcome:
         assert self._sender is not None
