@@ -442,3 +442,43 @@ def test_env_only_no_error_of_ours_reaches_the_apps_import(cwd: Path) -> None:
     assert done.stdout == '{"lookup":"a: sunny"}\n'
     assert one_line(done.stderr) == ("could not set up tracing: RecursionError: maximum recursion depth "
                                      "exceeded; the app runs untraced")
+
+
+# -- 10. values that can never be sent (issue 25) ------------------------------------------
+
+NOT_UTF8 = "bad\udcffutf"
+"""What Python makes of the byte 0xff in an environment value (a Latin-1 terminal's é is 0xe9)."""
+
+
+@pytest.mark.parametrize(("var", "value"), [("MLFLOW_EXPERIMENT_NAME", NOT_UTF8),
+                                            ("MLFLOW_EXPERIMENT_ID", "\uff11\uff12"),
+                                            ("MLFLOW_EXPERIMENT_ID", "\u0661\u0662")])
+def test_the_launcher_refuses_a_value_that_can_never_be_sent(var: str, value: str, cwd: Path) -> None:
+    done = launch("--strict", "python", "-c", "open('ran', 'w').close()", cwd=cwd,
+                  env=clean_env(MLFLOW_TRACKING_URI=UNUSED_URI, **{var: value}))
+    assert done.returncode == 78
+    line = one_line(done.stderr)
+    assert line.startswith(f"env {var}: "), line
+    assert "expected UTF-8 text" in line or "expected a numeric MLflow experiment id (digits 0-9)" in line
+    assert not (cwd / "ran").exists() and done.stdout == ""
+
+
+@pytest.mark.parametrize("var", ["OTEL_SERVICE_NAME", "TRACED_RUN_SESSION_ID", "TRACED_RUN_USER_ID",
+                                 "TRACED_RUN_TRACE_NAME", "TRACED_RUN_TAGS", "OTEL_RESOURCE_ATTRIBUTES",
+                                 "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+                                 "TRACED_RUN_REDACTION_MARKER", "TRACED_RUN_REDACT"])
+def test_text_that_is_not_utf8_is_refused_not_dropped(var: str, tmp_path: Path) -> None:
+    value = f"k={NOT_UTF8}" if var in ("TRACED_RUN_TAGS", "OTEL_RESOURCE_ATTRIBUTES") else NOT_UTF8
+    assert "expected UTF-8 text" in error_of({var: value})
+    # the same through a ${VAR} of the file, and as a launcher option's value
+    config = tmp_path / "c.yaml"
+    config.write_text("service_name: ${V}\ntags: {k: '${V}'}\n")
+    message = error_of({"TRACED_RUN_CONFIG": str(config), "V": NOT_UTF8})
+    assert message == (f"{config}:1: service_name: expected UTF-8 text; this holds bytes that are not "
+                       "(a Latin-1 terminal or file?), which MLflow could never take, got '${V}'")
+    assert "expected UTF-8 text" in error_of({OPTIONS_ENV: f'{{"experiment_name": "{NOT_UTF8}"}}'})
+
+
+def test_a_path_that_is_not_utf8_is_a_path() -> None:
+    """The file system takes any bytes, and a path is never sent."""
+    assert load({"TRACED_RUN_SPOOL_DIR": f"/tmp/{NOT_UTF8}"}).settings.spool_dir == f"/tmp/{NOT_UTF8}"

@@ -42,6 +42,7 @@ _WORKSPACE = re.compile(r"[a-z0-9][-a-z0-9]{0,61}[a-z0-9]", re.ASCII)
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 """An HTTP field name (RFC 9110 token)."""
 _BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_DIGITS = re.compile(r"[0-9]+")
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,25 @@ class Kind:
     """Checks (and converts) a value that YAML already typed."""
     limit: str = ""
     """The bound a value must keep, for the docs: ``at most 1000 characters``."""
+    any_bytes: bool = False
+    """Takes text that is not UTF-8 (a path: the file system takes any bytes). Nothing else
+    does: whatever is sent is UTF-8, and a value that cannot be would lose every batch."""
+
+
+def require_utf8(value: Any) -> None:
+    """Raises ValueError when a string in ``value`` cannot be UTF-8: an environment value
+    holds a byte that is not as a lone surrogate (``\\udcff`` for 0xff)."""
+    if isinstance(value, Mapping):
+        texts = [*value.keys(), *value.values()]
+    else:
+        texts = value if isinstance(value, list) else [value]
+    for text in texts:
+        try:
+            if isinstance(text, str):
+                text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("expected UTF-8 text; this holds bytes that are not (a Latin-1 terminal "
+                             "or file?), which MLflow could never take") from None
 
 
 def _bool_yaml(value: Any) -> bool:
@@ -174,8 +194,9 @@ def _duration_yaml(value: Any) -> float:
 
 def _experiment_id(text: str) -> str:
     text = _bounded(text.strip(), 64)
-    if not text.isdigit():
-        raise ValueError("expected a numeric MLflow experiment id")
+    # Not str.isdigit(): it takes full-width and Arabic-Indic digits, which MLflow refuses.
+    if not _DIGITS.fullmatch(text):
+        raise ValueError("expected a numeric MLflow experiment id (digits 0-9)")
     return text
 
 
@@ -383,7 +404,8 @@ PASSWORD = _text_kind("string", _password, f"at most {MAX_SECRET} characters")
 TOKEN = _text_kind("string", _header_value,
                    f"Latin-1 without control characters, at most {MAX_SECRET} characters")
 URL = _text_kind("url", _url, f"no query or fragment, at most {MAX_URL} characters")
-PATH = _text_kind("path", _path, f"~ expanded, at most {MAX_PATH} characters")
+PATH = dataclasses.replace(_text_kind("path", _path, f"~ expanded, at most {MAX_PATH} characters"),
+                           any_bytes=True)
 EXPERIMENT_ID = _text_kind("experiment id", _experiment_id, "digits")
 EXPERIMENT_NAME = _text_kind("string", _experiment_name,
                              f"one line, at most {MAX_EXPERIMENT_NAME} characters, MLflow's limit")

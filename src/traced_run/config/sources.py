@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from traced_run.config.settings import SPECS, Settings, Spec, unquote_strict
+from traced_run.config.settings import SPECS, Settings, Spec, require_utf8, unquote_strict
 from traced_run.flags import OPTIONS_ENV
 from traced_run.report import ConfigError, mask_url
 
@@ -94,6 +94,8 @@ def _parse(source: str, name: str, raw: Any, from_yaml: bool, written: Any = Non
     quotes that, never what a variable holds."""
     spec = SPECS[name]
     try:
+        if not spec.kind.any_bytes:
+            require_utf8(raw)
         value = spec.kind.check_yaml(raw) if from_yaml else spec.kind.parse_text(raw)
     except ValueError as error:
         raise _problem(source, name, spec, raw if written is None else written, str(error)) from None
