@@ -349,7 +349,8 @@ CONFIG_ERRORS: list[tuple[str, str | None, dict[str, str], list[str], str]] = [
     ("option url", None, {}, ["--tracking-uri", "mlflow"],
      "option --tracking-uri: tracking_uri: expected an http:// or https:// URL with a host, got 'mlflow'"),
     ("option id", None, {}, ["--experiment-id", "abc"],
-     "option --experiment-id: experiment_id: expected a numeric MLflow experiment id, got 'abc'"),
+     "option --experiment-id: experiment_id: expected a numeric MLflow experiment id (digits 0-9), "
+     "got 'abc'"),
     ("yaml both experiments", "experiment_id: 1\nexperiment_name: x\n", {}, [],
      "both experiment_id ({cfg}:1) and experiment_name ({cfg}:2) are set; set only one"),
     # a file contradicting itself is wrong even where a higher source decides, like any wrong value

@@ -150,6 +150,8 @@ MASKED = [
     (f"to http://a:{SECRET}@h1/x and https://b:{SECRET}@h2 done",
      "to http://***@h1/x and https://***@h2 done"),
     ("http://host:5000/v1/traces", "http://host:5000/v1/traces"),
+    (f"https://bob:{SECRET}://x@host/p", "https://***@host/p"),
+    (f"'https://bob:{SECRET}://x://y@h' and http://c@d", "'https://***@h' and http://***@d"),
 ]
 
 
@@ -259,7 +261,7 @@ def test_the_value_of_a_var_is_never_echoed(tmp_path: Path) -> None:
     config.write_text("redact: [ok, '${T}']\n")
     message = error_of({"TRACED_RUN_CONFIG": str(config), "T": f"({SECRET}"})
     assert message.startswith(f"{config}:1: redact: pattern 2 is not a regular expression (missing )")
-    assert SECRET not in message and message.endswith(", got " + repr(str(["ok", "${T}"])))
+    assert SECRET not in message and message.endswith(", got (value hidden)"), "a pattern may be a secret"
 
 
 # -- 6. parsing without bounds ------------------------------------------------------------
@@ -482,3 +484,44 @@ def test_text_that_is_not_utf8_is_refused_not_dropped(var: str, tmp_path: Path) 
 def test_a_path_that_is_not_utf8_is_a_path() -> None:
     """The file system takes any bytes, and a path is never sent."""
     assert load({"TRACED_RUN_SPOOL_DIR": f"/tmp/{NOT_UTF8}"}).settings.spool_dir == f"/tmp/{NOT_UTF8}"
+
+
+# -- 11. secrets in the wrong place (issue 25) ---------------------------------------------
+
+SECRET_FORMS = {
+    # form: (the variable, its value; whether the settings are refused)
+    "a password pasted into the user name": ("MLFLOW_TRACKING_USERNAME", f"bob:{SECRET}", True),
+    "a URL password holding ://": ("MLFLOW_TRACKING_URI", f"http://bob:{SECRET}://x@127.0.0.1:9", True),
+    "a URL password holding =x://": ("MLFLOW_TRACKING_URI", f"http://bob:{SECRET}=b://x@127.0.0.1:9", True),
+    "a literal secret as a redaction pattern": ("TRACED_RUN_REDACT", f"{SECRET},sk-[a-z]+", False),
+    "a malformed redaction pattern": ("TRACED_RUN_REDACT", f"({SECRET}", True),
+    "a redaction pattern of a named file": ("TRACED_RUN_CONFIG", "{named}", False),
+}
+
+
+@pytest.mark.parametrize("form", SECRET_FORMS)
+def test_a_secret_in_the_wrong_place_is_in_no_output_and_no_file(form: str, tmp_path: Path) -> None:
+    """config, the doctor and a --strict start each see the setting; none shows the secret, and
+    nothing traced-run writes (spool, cache under HOME) holds it."""
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    named = tmp_path / "team.yaml"
+    named.write_text(f"redact: ['{SECRET}']\n")
+    var, value, refused = SECRET_FORMS[form]
+    env = clean_env(HOME=str(home), TRACED_RUN_SPOOL_DIR=str(home / "spool"),
+                    **{var: value.format(named=named)})
+    env.setdefault("MLFLOW_TRACKING_URI", UNUSED_URI)
+    runs = [launch("config", cwd=work, env=env), launch("doctor", "--no-trace", cwd=work, env=env),
+            launch("--strict", "python", "-c", "pass", cwd=work, env=env)]
+    for done in runs:
+        assert "Traceback" not in done.stderr
+        assert SECRET not in done.stdout + done.stderr, (form, done.stdout, done.stderr)
+    written = [p for root in (home, work) for p in root.rglob("*") if p.is_file()]
+    assert [p for p in written if SECRET.encode() in p.read_bytes()] == []
+    started = runs[2]
+    assert started.returncode == (78 if refused else 0), started.stderr
+    if refused:
+        assert one_line(started.stderr).startswith(f"env {var}: ")
+    else:
+        assert '"***"' in runs[0].stdout

@@ -25,10 +25,11 @@ EXIT_NOT_FOUND = 127
 
 _said: set[str] = set()
 _lock = threading.Lock()
-# What a URL carries before its host runs to the last "@" before the next "://" (or the
-# end): users paste unencoded "@", "/", ":", spaces and even line breaks in passwords and
-# tokens, and a masked host or path is harmless where a shown password is not.
-_USERINFO = re.compile(r"(?<=://)(?:(?!://).)*@", re.DOTALL)
+# What a URL carries before its host runs to the last "@" before the next URL (a scheme and
+# "://" after a space, quote, bracket, "=" or ",") or the end: users paste unencoded "@", "/",
+# ":", "://", spaces and even line breaks in passwords and tokens, and a masked host or path
+# is harmless where a shown password is not.
+_USERINFO = re.compile(r"(?<=://)(?:(?!(?<=[\s'\"(<\[{=,])[A-Za-z][A-Za-z0-9+.-]*://).)*@", re.DOTALL)
 CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 """C0, DEL and C1: a server's ANSI escapes, a CR that rewrites the line, a header break."""
 

@@ -462,7 +462,10 @@ class Spec:
     """The launcher option; a bool setting's option stores ``option_value``."""
     option_value: Any = None
     secret: bool = False
-    """Never printed: shown as ``***`` (mappings: each value)."""
+    """Never printed: shown as ``***`` (mappings: each value; lists: each item)."""
+    echoed: bool = True
+    """An error may quote a wrong value; not one that may be a secret in the wrong place
+    (``bob:password`` as the user name)."""
     in_yaml: bool = True
     group: str | None = None
     """Settings of one group are decided together: the highest source naming any of
@@ -517,7 +520,8 @@ class Settings:
         "sent as X-MLFLOW-WORKSPACE with every request. Default: the server's default workspace.",
         env=("MLFLOW_WORKSPACE",), trust=DESTINATION))
     username: str | None = setting(None, Spec(
-        USER_NAME, "MLflow basic-auth user name.", env=("MLFLOW_TRACKING_USERNAME",), trust=CREDENTIALS))
+        USER_NAME, "MLflow basic-auth user name.", env=("MLFLOW_TRACKING_USERNAME",), echoed=False,
+        trust=CREDENTIALS))
     password: str | None = setting(None, Spec(
         PASSWORD, "MLflow basic-auth password; write ${VAR} in YAML, not the password.",
         env=("MLFLOW_TRACKING_PASSWORD",), secret=True, trust=CREDENTIALS))
@@ -596,7 +600,7 @@ class Settings:
     redact: tuple[str, ...] = setting((), Spec(
         PATTERNS, "More regular expressions whose matches are replaced in every exported attribute "
         "value (a pattern with a group: only the first group). Env: comma-separated.",
-        env=("TRACED_RUN_REDACT",)))
+        env=("TRACED_RUN_REDACT",), secret=True))
     redact_defaults: bool = setting(True, Spec(
         BOOL, "Also redact common secrets: API keys, bearer tokens, passwords in URLs and key=value.",
         env=("TRACED_RUN_REDACT_DEFAULTS",),

@@ -62,7 +62,7 @@ def shown(name: str, value: Any) -> str:
                  for k, v in value.items())
         return "{" + ", ".join(pairs) + "}"
     if isinstance(value, tuple):
-        return "[" + ", ".join(json.dumps(mask_url(item)) for item in value) + "]"
+        return "[" + ", ".join(json.dumps("***" if secret else mask_url(item)) for item in value) + "]"
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -77,13 +77,13 @@ SHOWN_VALUE = 80
 
 
 def _problem(source: str, name: str, spec: Spec, raw: Any, why: str) -> ConfigError:
-    if spec.secret:
+    if spec.secret or not spec.echoed:
         what = "(value hidden)"
     else:
-        text = mask_url(str(raw))
-        if "@" in text and "://" not in text:
-            # A wrong value that is almost a URL ("http:/user:pw@host"): what precedes
-            # the "@" would be credentials in one.
+        text = str(raw)
+        if "@" in text:
+            # A wrong value that is (almost) a URL, "http:/user:pw@host" or "https://u:p://w@h":
+            # whatever precedes its last "@" may be credentials.
             text = "***@" + text.rpartition("@")[2]
         what = repr(text[:SHOWN_VALUE] + "..." if len(text) > SHOWN_VALUE else text)
     return ConfigError(f"{source}: {name}: {why}, got {what}")
