@@ -105,6 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         command = command[1:]
     elif subcommand is not None:
         return subcommand(command[1:], env)
+    # Its notes are the app's to say, when it loads the settings: said here too, a line would be twice.
     loaded = _load(env)
     if loaded is None:
         return report.EXIT_CONFIG
@@ -141,6 +142,7 @@ def _config(argv: list[str], env: dict[str, str]) -> int:
     loaded = _load(env)
     if loaded is None:
         return report.EXIT_CONFIG
+    loaded.say_notes()
     for name, value in vars(loaded.settings).items():
         print(f"{name}: {shown(name, value)}  # {loaded.sources[name]}")
     return 0
@@ -157,6 +159,7 @@ def _flush(argv: list[str], env: dict[str, str]) -> int:
     loaded = _load(env)
     if loaded is None:
         return report.EXIT_CONFIG
+    loaded.say_notes()
     if not loaded.settings.traces_endpoint:
         from traced_run.transport import NO_TRACKING_URI
 

@@ -631,6 +631,8 @@ def run(env: dict[str, str], *, proof: bool = True) -> tuple[Findings, dict[str,
         check_bootstrap(env, found)
         return found, extra
     check_settings(loaded, found)
+    for note in loaded.notes:
+        found.add(WARN, "config file", note)
     extra["settings"] = {name: {"value": shown(name, getattr(loaded.settings, name)),
                                 "source": loaded.sources[name]} for name in SPECS}
     network = Findings()
