@@ -550,3 +550,53 @@ def test_the_config_file_in_the_working_directory_reaches_the_app(app: App) -> N
     (trace,) = app.traces(1)
     assert trace.info.tags["service.name"] == "from-yaml"
     assert trace.info.tags["team"] == "agents"
+
+
+# -- never silent about running untraced (issue 25) ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def other_python(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The Python of another environment, without traced-run."""
+    directory = tmp_path_factory.mktemp("other-venv")
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(directory)], check=True, timeout=120)
+    return str(directory / "bin" / "python")
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["untraced", "strict"])
+def test_another_environments_python_says_it_runs_untraced(strict: bool, other_python: str,
+                                                           tmp_path: Path) -> None:
+    done = launch(*(["--strict"] if strict else []), other_python, "-c", MARKER_APP, cwd=tmp_path,
+                  env=clean_env(MLFLOW_TRACKING_URI=UNUSED_URI))
+    line = one_line(done.stderr)
+    assert line.startswith(f"{other_python} cannot import traced_run: it is not installed in that "
+                           "Python's environment; "), line
+    if strict:
+        assert done.returncode == 70 and "not starting the app (strict mode)" in line
+        assert done.stdout == "" and not (tmp_path / "ran").exists()
+    else:
+        assert (done.returncode, done.stdout) == (0, "app ran\n") and "the app runs untraced" in line
+
+
+@pytest.mark.parametrize(("flags", "letter"), [(["-E"], "E"), (["-Es"], "E"), (["-I"], "I"),
+                                               (["-X", "dev", "-I"], "I"), (["-W", "ignore", "-S"], "S"),
+                                               (["#!"], "E")],
+                         ids=["-E", "-Es", "-I", "-X dev -I", "-W ignore -S", "#! python -E"])
+@pytest.mark.parametrize("strict", [False, True], ids=["untraced", "strict"])
+def test_python_options_that_skip_the_bootstrap_are_said(flags: list[str], letter: str, strict: bool,
+                                                         tmp_path: Path) -> None:
+    if flags == ["#!"]:
+        (tmp_path / "app.py").write_text(f"#!{BIN / 'python'} -E\n{MARKER_APP}\n")
+        (tmp_path / "app.py").chmod(0o755)
+        command = ["./app.py"]
+    else:
+        command = ["python", *flags, "-c", MARKER_APP]
+    done = launch(*(["--strict"] if strict else []), *command, cwd=tmp_path,
+                  env=clean_env(MLFLOW_TRACKING_URI=UNUSED_URI))
+    line = one_line(done.stderr)
+    assert f" -{letter} " in line and f"drop -{letter} to trace the app" in line, line
+    if strict:
+        assert done.returncode == 70 and line.endswith("; not starting the app (strict mode)")
+        assert not (tmp_path / "ran").exists()
+    else:
+        assert (done.returncode, done.stdout) == (0, "app ran\n") and line.endswith("; the app runs untraced")

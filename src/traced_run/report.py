@@ -82,6 +82,17 @@ def say(message: str) -> None:
         pass
 
 
+def untraced_interpreter(strict: bool) -> None:
+    """Said by an interpreter a launcher started that cannot import traced_run (another
+    environment's Python, a #! interpreter, ``uv run`` in a project without traced-run):
+    loaded by path, as nothing else of the package can be. Strict mode stops it here."""
+    what = "not starting the app (strict mode)" if strict else "the app runs untraced"
+    say(f"{sys.executable} cannot import traced_run: it is not installed in that Python's environment; "
+        f"{what}. Install traced-run there, or run the app with the Python traced-run is installed in")
+    if strict:
+        os._exit(EXIT_SETUP)
+
+
 def forget_after_fork() -> None:
     """A forked child reports its own problems, even ones its parent already said."""
     global _lock
