@@ -124,9 +124,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         report.say(f"{skipped}; {what}")
         if loaded.settings.strict:
             return report.EXIT_SETUP
-    # The Python that becomes the command, or one it starts (uv run, a #! interpreter), says
-    # when it cannot import traced_run (_boot/sitecustomize.py); the first that can checks.
-    env[LAUNCHED_ENV] = str(os.getpid())
+    # Checked here: no process checks again, but a Python of the command that cannot import
+    # traced_run (uv run's, a #! interpreter's) says so (_boot/sitecustomize.py).
+    env[LAUNCHED_ENV] = "0"
     return _exec(command, env)
 
 
