@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import http.server
 import json
+import os
 import re
 import socket
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -19,6 +21,8 @@ from pathlib import Path
 import pytest
 from conftest import TRACED_RUN, MlflowServer, QuietHandler, clean_env, free_port
 
+from traced_run.commands.cli import child_environment
+from traced_run.commands.doctor import PROBE
 from traced_run.config.settings import Settings
 from traced_run.delivery.spool import Spool, Target
 
@@ -173,6 +177,38 @@ def test_invalid_settings_are_one_fail_line(tmp_path: Path) -> None:
     assert "Traceback" not in done.stderr
     status, what = checks(done.stdout)["settings"]
     assert status == "FAIL" and "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT" in what
+
+
+def planted_names(env: dict[str, str]) -> set[str]:
+    """Every module the bootstrap probe's child imports (seen in such a child, bootstrap loaded)
+    and every standard library module, by its top-level name."""
+    seen = subprocess.run([sys.executable, "-c", PROBE + "; print(json.dumps(sorted(sys.modules)))"],
+                          env=env, cwd="/", capture_output=True, text=True, timeout=60, check=True)
+    imported = json.loads(seen.stdout.splitlines()[-1])
+    assert "traced_run.bootstrap" in imported and "json" in imported, imported
+    return {name.partition(".")[0] for name in imported} | set(sys.stdlib_module_names)
+
+
+def test_nothing_in_the_working_directory_runs(tmp_path: Path) -> None:
+    """A cloned repository with a module named like each one the doctor's child imports, and a
+    `python` of its own found through a relative PATH entry: none of it runs."""
+    repo, ran = tmp_path / "repo", tmp_path / "ran"
+    repo.mkdir()
+    env = env_for("http://127.0.0.1:9", tmp_path)
+    names = planted_names(child_environment({}, env))
+    for name in names:
+        (repo / f"{name}.py").write_text(f"open({str(ran)!r}, 'a').write({name!r} + ' ')\n")
+    (repo / "python").write_text(f"#!/bin/sh\necho python >> {ran}\n")
+    (repo / "python").chmod(0o755)
+    env["PATH"] = os.pathsep.join([".", "", env["PATH"]])
+    for command in (["doctor", "--no-trace"], ["config"], ["flush"]):
+        done = subprocess.run([TRACED_RUN, *command], cwd=repo, env=env, capture_output=True, text=True,
+                              timeout=60)
+        assert "Traceback" not in done.stderr, done.stderr
+        if command[0] == "doctor":
+            assert checks(done.stdout)["bootstrap"][0] == "OK", done.stdout
+    assert not ran.exists(), f"ran from the working directory: {ran.read_text()}"
+    print(f"{len(names)} module names planted; none ran")
 
 
 def test_bad_option_is_usage_error(tmp_path: Path) -> None:

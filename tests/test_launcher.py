@@ -283,18 +283,17 @@ def test_a_user_sitecustomize_runs_once_under_the_launcher(options: list[str], t
 
 def test_show_config_prints_every_setting_with_the_source_that_decided_it(tmp_path: Path) -> None:
     config = tmp_path / "traced-run.yaml"
-    config.write_text("# team defaults\ntimeout: 3\nservice_name: from-yaml\n"
-                      "resource_attributes: {team: agents}\n")
+    config.write_text("# team defaults\nsession_id: nightly\nservice_name: from-yaml\n"
+                      "tags: {team: agents}\n")
     env = clean_env(MLFLOW_TRACKING_URI="http://mlflow.example.com:5000/", MLFLOW_EXPERIMENT_NAME="agents",
-                    OTEL_EXPORTER_OTLP_TIMEOUT="", OTEL_RESOURCE_ATTRIBUTES="env=prod",
+                    TRACED_RUN_SESSION_ID="", TRACED_RUN_TAGS="env=prod",
                     TRACED_RUN_OPTIONS='{"service_name": "stale, from some outer launcher"}')
     shown = show_config(tmp_path, env, "--service-name", "from-option", "--experiment-id", "42")
     assert shown["config"] == (str(config), "found in the working directory")
     assert shown["tracking_uri"] == ("http://mlflow.example.com:5000", "env MLFLOW_TRACKING_URI")
     assert shown["service_name"] == ("from-option", "option --service-name")
-    assert shown["timeout"] == (3.0, f"{config}:2")  # the empty env var counts as unset
-    assert shown["resource_attributes"] == ({"team": "agents", "env": "prod"},
-                                            f"{config}:4 + env OTEL_RESOURCE_ATTRIBUTES")
+    assert shown["session_id"] == ("nightly", f"{config}:2")  # the empty env var counts as unset
+    assert shown["tags"] == ({"team": "agents", "env": "prod"}, f"{config}:4 + env TRACED_RUN_TAGS")
     # an option naming the experiment id beats the environment's name
     assert shown["experiment_id"] == ("42", "option --experiment-id")
     assert shown["experiment_name"] == (None, "default")
@@ -334,7 +333,7 @@ def test_show_config_masks_every_secret(tmp_path: Path) -> None:
 # -- invalid settings: exit 78, one line, the command never runs --------------------------
 
 CONFIG_ERRORS: list[tuple[str, str | None, dict[str, str], list[str], str]] = [
-    # (id, ./traced-run.yaml text, env, options, the expected line after "traced-run: ")
+    # (id, TRACED_RUN_CONFIG's text, env, options, the expected line after "traced-run: ")
     ("unknown key", "timeout: 3\ntracking_urn: http://x\n", {}, [],
      "{cfg}:2: unknown key 'tracking_urn' (did you mean 'tracking_uri'?)"),
     ("yaml timeout", "timeout: abc\n", {}, [],
@@ -349,7 +348,8 @@ CONFIG_ERRORS: list[tuple[str, str | None, dict[str, str], list[str], str]] = [
     ("option url", None, {}, ["--tracking-uri", "mlflow"],
      "option --tracking-uri: tracking_uri: expected an http:// or https:// URL with a host, got 'mlflow'"),
     ("option id", None, {}, ["--experiment-id", "abc"],
-     "option --experiment-id: experiment_id: expected a numeric MLflow experiment id, got 'abc'"),
+     "option --experiment-id: experiment_id: expected a numeric MLflow experiment id (digits 0-9), "
+     "got 'abc'"),
     ("yaml both experiments", "experiment_id: 1\nexperiment_name: x\n", {}, [],
      "both experiment_id ({cfg}:1) and experiment_name ({cfg}:2) are set; set only one"),
     # a file contradicting itself is wrong even where a higher source decides, like any wrong value
@@ -382,9 +382,10 @@ def test_invalid_settings_exit_78_with_one_line_and_do_not_run_the_command(
         tmp_path: Path) -> None:
     """The shell launcher has the app's interpreter refuse them, at start-up, with the same line."""
     config = tmp_path / "traced-run.yaml"
+    environ = clean_env(**{"MLFLOW_TRACKING_URI": UNUSED_URI, **env})
     if yaml_text is not None:
         config.write_text(yaml_text)
-    environ = clean_env(**{"MLFLOW_TRACKING_URI": UNUSED_URI, **env})
+        environ["TRACED_RUN_CONFIG"] = str(config)  # a file nobody named may set few of these
     done = launch(*options, "python", "-c", MARKER_APP, cwd=tmp_path, env=environ,
                   launcher=LAUNCHERS[launcher])
     assert done.returncode == 78, done.stderr
@@ -423,9 +424,10 @@ def test_an_unreadable_config_file_exits_78(tmp_path: Path) -> None:
     ("tracking_uri: https://alice:${PW}@\n", {"PW": SECRET}),
 ])
 def test_a_refusal_never_shows_a_secret(yaml_text: str | None, env: dict[str, str], tmp_path: Path) -> None:
-    if yaml_text is not None:
-        (tmp_path / "traced-run.yaml").write_text(yaml_text)
     environ = clean_env(**{"MLFLOW_TRACKING_URI": UNUSED_URI, **env})
+    if yaml_text is not None:
+        (tmp_path / "team.yaml").write_text(yaml_text)
+        environ["TRACED_RUN_CONFIG"] = str(tmp_path / "team.yaml")
     for argv in (["true"], ["config"]):
         done = launch(*argv, cwd=tmp_path, env=environ)
         assert done.returncode == 78
@@ -459,8 +461,9 @@ def test_strict_mode_stops_the_app_before_its_code_runs(where: str, tmp_path: Pa
         extra["OTEL_EXPORTER_OTLP_TIMEOUT"] = "abc"
         source = "env OTEL_EXPORTER_OTLP_TIMEOUT"
     else:
-        (tmp_path / "traced-run.yaml").write_text("timeout: abc\n")
-        source = f"{tmp_path / 'traced-run.yaml'}:1"
+        (tmp_path / "team.yaml").write_text("timeout: abc\n")
+        extra["TRACED_RUN_CONFIG"] = str(tmp_path / "team.yaml")
+        source = f"{tmp_path / 'team.yaml'}:1"
     done = subprocess.run([sys.executable, "app.py"], cwd=tmp_path, env=env_only(boot_dir, **extra),
                           capture_output=True, text=True, timeout=60)
     assert done.stdout == ""
@@ -537,14 +540,63 @@ def test_launcher_options_reach_the_app_and_beat_the_environment(app: App) -> No
 
 
 def test_the_config_file_in_the_working_directory_reaches_the_app(app: App) -> None:
-    (app.directory / "traced-run.yaml").write_text(
-        f"experiment_name: {app.experiment}\nservice_name: from-yaml\n"
-        "resource_attributes:\n  team: agents\n")
+    (app.directory / "traced-run.yaml").write_text("service_name: from-yaml\ntags:\n  team: agents\n")
     app.write(AGENT_APP)
     done = app.run("python", "app.py", env=clean_env(MLFLOW_TRACKING_URI=app.server.url,
+                                                     MLFLOW_EXPERIMENT_NAME=app.experiment,
                                                      TRACED_RUN_EXIT_TIMEOUT=GENEROUS_EXIT))
     assert done.returncode == 0, done.stderr.decode()
     assert done.stderr == b""
     (trace,) = app.traces(1)
     assert trace.info.tags["service.name"] == "from-yaml"
     assert trace.info.tags["team"] == "agents"
+
+
+# -- never silent about running untraced (issue 25) ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def other_python(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The Python of another environment, without traced-run."""
+    directory = tmp_path_factory.mktemp("other-venv")
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(directory)], check=True, timeout=120)
+    return str(directory / "bin" / "python")
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["untraced", "strict"])
+def test_another_environments_python_says_it_runs_untraced(strict: bool, other_python: str,
+                                                           tmp_path: Path) -> None:
+    done = launch(*(["--strict"] if strict else []), other_python, "-c", MARKER_APP, cwd=tmp_path,
+                  env=clean_env(MLFLOW_TRACKING_URI=UNUSED_URI))
+    line = one_line(done.stderr)
+    assert line.startswith(f"{other_python} cannot import traced_run: it is not installed in that "
+                           "Python's environment; "), line
+    if strict:
+        assert done.returncode == 70 and "not starting the app (strict mode)" in line
+        assert done.stdout == "" and not (tmp_path / "ran").exists()
+    else:
+        assert (done.returncode, done.stdout) == (0, "app ran\n") and "the app runs untraced" in line
+
+
+@pytest.mark.parametrize(("flags", "letter"), [(["-E"], "E"), (["-Es"], "E"), (["-I"], "I"),
+                                               (["-X", "dev", "-I"], "I"), (["-W", "ignore", "-S"], "S"),
+                                               (["#!"], "E")],
+                         ids=["-E", "-Es", "-I", "-X dev -I", "-W ignore -S", "#! python -E"])
+@pytest.mark.parametrize("strict", [False, True], ids=["untraced", "strict"])
+def test_python_options_that_skip_the_bootstrap_are_said(flags: list[str], letter: str, strict: bool,
+                                                         tmp_path: Path) -> None:
+    if flags == ["#!"]:
+        (tmp_path / "app.py").write_text(f"#!{BIN / 'python'} -E\n{MARKER_APP}\n")
+        (tmp_path / "app.py").chmod(0o755)
+        command = ["./app.py"]
+    else:
+        command = ["python", *flags, "-c", MARKER_APP]
+    done = launch(*(["--strict"] if strict else []), *command, cwd=tmp_path,
+                  env=clean_env(MLFLOW_TRACKING_URI=UNUSED_URI))
+    line = one_line(done.stderr)
+    assert f" -{letter} " in line and f"drop -{letter} to trace the app" in line, line
+    if strict:
+        assert done.returncode == 70 and line.endswith("; not starting the app (strict mode)")
+        assert not (tmp_path / "ran").exists()
+    else:
+        assert (done.returncode, done.stdout) == (0, "app ran\n") and line.endswith("; the app runs untraced")

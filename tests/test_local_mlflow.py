@@ -45,8 +45,21 @@ def started(tmp_path: Path, *options: str) -> Iterator[subprocess.Popen[str]]:
             command.wait()
 
 
+def plant_modules(directory: Path, ran: Path) -> None:
+    """A module named like every standard library module, and like mlflow and uvicorn (which
+    the server starts with -m), each noting that it ran."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in {*sys.stdlib_module_names, "mlflow", "uvicorn"}:
+        (directory / f"{name}.py").write_text(f"open({str(ran)!r}, 'a').write({name!r} + ' ')\n")
+
+
 def test_starts_answers_and_stops_on_sigterm(tmp_path: Path) -> None:
+    """Also: the working directory and the data directory (a cloned repository's
+    ./.traced-run/mlflow) are not where the server's Python looks for modules."""
     port = free_port()
+    ran = tmp_path / "ran"
+    plant_modules(tmp_path, ran)
+    plant_modules(tmp_path / "data", ran)
     with started(tmp_path, "--port", str(port)) as command:
         assert command.stdout is not None
         lines = []
@@ -75,6 +88,7 @@ def test_starts_answers_and_stops_on_sigterm(tmp_path: Path) -> None:
         except ProcessLookupError:
             pass
         assert processes_using(tmp_path / "data") == []
+    assert not ran.exists(), f"ran from the working or data directory: {ran.read_text()}"
 
 
 def test_all_hosts_on_every_address_warns_and_sigterm_stops_the_start(tmp_path: Path) -> None:

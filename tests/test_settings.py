@@ -296,10 +296,10 @@ def test_experiment_id_and_name_as_options_are_refused() -> None:
 
 
 def test_traced_run_yaml_in_the_working_directory_is_read(cwd: Path) -> None:
-    write(cwd / "traced-run.yaml", "# comment\ntimeout: 2\n")
+    write(cwd / "traced-run.yaml", "# comment\nsession_id: batch-7\n")
     loaded = load({})
-    assert loaded.settings.timeout == 2.0
-    assert loaded.sources["timeout"] == f"{cwd / 'traced-run.yaml'}:2"
+    assert loaded.settings.session_id == "batch-7"
+    assert loaded.sources["session_id"] == f"{cwd / 'traced-run.yaml'}:2"
     assert loaded.settings.config == str(cwd / "traced-run.yaml")
     assert loaded.sources["config"] == "found in the working directory"
 

@@ -18,12 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from conftest import AGENT_APP, TRACED_RUN, clean_env
-from test_settings import error_of
+from test_settings import SAMPLES, error_of
 
 from traced_run import report
 from traced_run.config import sources
-from traced_run.config.settings import SPECS
+from traced_run.config.settings import SPECS, Settings
 from traced_run.config.sources import OPTIONS_ENV, load
 from traced_run.report import mask_url
 
@@ -75,66 +76,94 @@ def test_a_named_file_does_not_outdo_the_environment_either(tmp_path: Path) -> N
     assert loaded.settings.tracking_uri == "https://mlflow.mine.example"
 
 
-UNNAMED_REFUSED = [
-    ("tracking_uri: http://attacker.example:5000", "choose where traces go"),
-    ("endpoint: http://attacker.example:4318/v1/traces", "choose where traces go"),
-    ("token: ${T}", "choose the credentials or headers traces are sent with"),
-    ("username: mallory", "choose the credentials or headers traces are sent with"),
-    ("password: ${T}", "choose the credentials or headers traces are sent with"),
-    ("headers: {Authorization: Bearer theirs}", "choose the credentials or headers traces are sent with"),
-    ("spool_dir: ./spool", "choose where traces are kept on disk"),
-    ("workspace: theirs", "choose where traces go"),
-    ("ca_bundle: /etc/hosts", "choose which certificates are trusted"),
-    ("client_cert: /etc/hosts", "choose the credentials or headers traces are sent with"),
-    ("insecure_tls: true", "turn off certificate verification"),
-    ("redact_defaults: false", "turn off the default redaction"),
-    ("max_binary_bytes: 10000000", "export binary parts larger than the default 65536 bytes"),
-    ("mode: mlflow", "switch to mode mlflow, which skips redaction"),
-]
+UNNAMED_MAY_SET = ["service_name", "session_id", "user_id", "tags", "trace_name"]
+"""Trace metadata: the only keys that cannot redirect, hang, fill or silence anything."""
 
 
-@pytest.mark.parametrize(("line", "what"), UNNAMED_REFUSED)
-def test_a_file_nobody_named_may_not_redirect_or_weaken_privacy(line: str, what: str, cwd: Path) -> None:
+def ignored_line(config: Path, line: int, key: str, more: str = "") -> str:
+    return (f"{config}:{line}: {key}{more}: a traced-run.yaml found in the working directory, which nobody "
+            f"named, may set only {', '.join(UNNAMED_MAY_SET)}; the whole file is ignored; name it "
+            "(--config FILE or TRACED_RUN_CONFIG=FILE) if you trust it")
+
+
+@pytest.mark.parametrize("name", [n for n, s in SPECS.items() if s.in_yaml and n not in UNNAMED_MAY_SET])
+def test_a_file_nobody_named_that_sets_anything_else_is_ignored_with_one_line(name: str, cwd: Path) -> None:
+    """Each key outside the allow-list, even one a higher source decides: the whole file is
+    ignored (its allowed keys too), said once; named, the same file counts."""
     config = cwd / "traced-run.yaml"
-    config.write_text(f"experiment_name: from-the-repo\n{line}\n")
-    environ = {"T": SECRET}
-    if not line.startswith(("tracking_uri", "endpoint")):
-        environ["MLFLOW_TRACKING_URI"] = "https://mlflow.mine.example"
-    message = error_of(environ)
-    assert message == (f"{config}:2: {line.split(':')[0]}: a traced-run.yaml found in the working directory "
-                       f"may not {what}; name the file (--config FILE or TRACED_RUN_CONFIG=FILE) if you "
-                       "trust it")
-    # named, the same file is trusted
-    loaded = load({**environ, "TRACED_RUN_CONFIG": str(config)})
-    assert loaded.settings.experiment_name == "from-the-repo"
-    loaded = load({**environ, OPTIONS_ENV: f'{{"config": "{config}"}}'})
-    assert loaded.settings.experiment_name == "from-the-repo"
+    config.write_text(yaml.safe_dump({"service_name": "from-the-repo", name: SAMPLES[name][0]},
+                                     sort_keys=False))
+    environ = {"MLFLOW_TRACKING_URI": "https://mlflow.mine.example"}
+    loaded = load(environ)
+    assert loaded.notes == (ignored_line(config, 2, name),)
+    assert loaded.settings == Settings(tracking_uri="https://mlflow.mine.example")
+    named = load({**environ, "TRACED_RUN_CONFIG": str(config)})
+    assert named.notes == () and named.settings.service_name == "from-the-repo"
+    assert named.sources[name] == f"{config}:2" or name in ("tracking_uri", "endpoint")
 
 
-@pytest.mark.parametrize("line", ["redact_defaults: true", "max_binary_bytes: 1024", "mode: otlp",
-                                  "tags: {team: agents}", "include_content: false", "timeout: 3"])
-def test_a_file_nobody_named_may_still_set_what_keeps_traces_where_and_as_private_as_they_were(
-        line: str, cwd: Path) -> None:
-    (cwd / "traced-run.yaml").write_text(f"experiment_name: from-the-repo\n{line}\n")
+def test_the_line_names_the_first_such_key_and_counts_the_others_and_never_echoes_a_non_name(
+        cwd: Path) -> None:
+    config = cwd / "traced-run.yaml"
+    config.write_text("tags: {team: a}\nredact: ['(a+)+$']\nexit_timeout: 3600\nsample_ratio: 0\n"
+                      "enabled: false\n")
+    assert load({}).notes == (ignored_line(config, 2, "redact", " (and 3 more keys)"),)
+    config.write_text(f"tags: {{team: a}}\npassword {SECRET}: x\n")
+    (note,) = load({}).notes
+    assert note == ignored_line(config, 2, "a key that is no setting name") and SECRET not in note
+
+
+@pytest.mark.parametrize("name", UNNAMED_MAY_SET)
+def test_a_file_nobody_named_may_set_trace_metadata(name: str, cwd: Path) -> None:
+    (cwd / "traced-run.yaml").write_text(yaml.safe_dump({name: SAMPLES[name][0]}))
     loaded = load({"MLFLOW_TRACKING_URI": "https://mlflow.mine.example"})
-    assert loaded.settings.experiment_name == "from-the-repo"
+    assert loaded.notes == ()
+    assert getattr(loaded.settings, name) == SAMPLES[name][1]
 
 
-def test_an_unnamed_files_destination_is_fine_when_a_higher_source_decides_it(cwd: Path) -> None:
-    """Effect, not presence: the file's tracking_uri is dropped, so nothing goes there."""
-    (cwd / "traced-run.yaml").write_text("tracking_uri: http://attacker.example:5000\n")
-    loaded = load({"MLFLOW_TRACKING_URI": "https://mlflow.mine.example"})
-    assert loaded.settings.traces_endpoint == "https://mlflow.mine.example/v1/traces"
+def test_config_and_the_doctor_say_the_file_is_ignored(cwd: Path) -> None:
+    config = cwd / "traced-run.yaml"
+    config.write_text("spool_dir: ./spool\n")
+    env = clean_env(MLFLOW_TRACKING_URI=UNUSED_URI)
+    shown = launch("config", cwd=cwd, env=env)
+    assert shown.returncode == 0 and one_line(shown.stderr) == ignored_line(config, 1, "spool_dir")
+    assert "config: null  # default" in shown.stdout and "./spool" not in shown.stdout
+    doctor = launch("doctor", "--no-trace", cwd=cwd, env=env)
+    assert f"WARN config file: {ignored_line(config, 1, 'spool_dir')}\n" in doctor.stdout
+    assert doctor.stderr == ""
 
 
-def test_the_launcher_in_a_cloned_repository_refuses_its_file_before_anything_runs(cwd: Path) -> None:
-    (cwd / "traced-run.yaml").write_text("endpoint: http://127.0.0.1:9/v1/traces\nredact_defaults: false\n")
-    done = launch("python", "-c", "open('ran', 'w').close()", cwd=cwd,
-                  env=clean_env(MLFLOW_TRACKING_TOKEN=SECRET))
-    assert done.returncode == 78
-    assert one_line(done.stderr).startswith(f"{cwd / 'traced-run.yaml'}:1: endpoint: a traced-run.yaml "
-                                            "found in the working directory may not choose where traces go")
-    assert not (cwd / "ran").exists() and done.stdout == ""
+CATASTROPHIC = """
+    import time
+    from pydantic_ai import Agent
+    from pydantic_ai.models.test import TestModel
+
+    started = time.monotonic()
+    agent = Agent(TestModel(custom_output_text="a" * 40 + "!"))
+    print(agent.run_sync("a" * 40 + "!").output[-1], round(time.monotonic() - started))
+"""
+
+
+@pytest.mark.parametrize("how", ["launcher", "env-only"])
+def test_a_cloned_repositorys_catastrophic_pattern_does_not_hang_the_app(how: str, cwd: Path) -> None:
+    """A pattern that backtracks for ever on 40 a's: the file is ignored, the app finishes,
+    and one line names the file."""
+    config = cwd / "traced-run.yaml"
+    config.write_text("trace_name: from-the-repo\nredact: ['(a+)+$']\n")
+    (cwd / "app.py").write_text(textwrap.dedent(CATASTROPHIC))
+    env = clean_env(MLFLOW_TRACKING_URI=UNUSED_URI, TRACED_RUN_EXIT_TIMEOUT="1")
+    if how == "launcher":
+        done = launch("--strict", "python", "app.py", cwd=cwd, env=env)
+    else:
+        boot = launch("--print-pythonpath", cwd=cwd, env=env).stdout.strip()
+        done = subprocess.run([sys.executable, "app.py"], cwd=cwd, capture_output=True, text=True,
+                              timeout=120, env={**env, "PYTHONPATH": boot})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("! "), done.stdout
+    lines = done.stderr.splitlines()
+    assert lines[0] == f"traced-run: {ignored_line(config, 2, 'redact')}", done.stderr
+    # the spans were made, and not delivered to the closed port: a line of its own says so
+    assert len(lines) == 2 and "not delivered" in lines[1], done.stderr
 
 
 # -- 5. secrets printed or stored ---------------------------------------------------------
@@ -150,6 +179,8 @@ MASKED = [
     (f"to http://a:{SECRET}@h1/x and https://b:{SECRET}@h2 done",
      "to http://***@h1/x and https://***@h2 done"),
     ("http://host:5000/v1/traces", "http://host:5000/v1/traces"),
+    (f"https://bob:{SECRET}://x@host/p", "https://***@host/p"),
+    (f"'https://bob:{SECRET}://x://y@h' and http://c@d", "'https://***@h' and http://***@d"),
 ]
 
 
@@ -259,7 +290,7 @@ def test_the_value_of_a_var_is_never_echoed(tmp_path: Path) -> None:
     config.write_text("redact: [ok, '${T}']\n")
     message = error_of({"TRACED_RUN_CONFIG": str(config), "T": f"({SECRET}"})
     assert message.startswith(f"{config}:1: redact: pattern 2 is not a regular expression (missing )")
-    assert SECRET not in message and message.endswith(", got " + repr(str(["ok", "${T}"])))
+    assert SECRET not in message and message.endswith(", got (value hidden)"), "a pattern may be a secret"
 
 
 # -- 6. parsing without bounds ------------------------------------------------------------
@@ -442,3 +473,84 @@ def test_env_only_no_error_of_ours_reaches_the_apps_import(cwd: Path) -> None:
     assert done.stdout == '{"lookup":"a: sunny"}\n'
     assert one_line(done.stderr) == ("could not set up tracing: RecursionError: maximum recursion depth "
                                      "exceeded; the app runs untraced")
+
+
+# -- 10. values that can never be sent (issue 25) ------------------------------------------
+
+NOT_UTF8 = "bad\udcffutf"
+"""What Python makes of the byte 0xff in an environment value (a Latin-1 terminal's é is 0xe9)."""
+
+
+@pytest.mark.parametrize(("var", "value"), [("MLFLOW_EXPERIMENT_NAME", NOT_UTF8),
+                                            ("MLFLOW_EXPERIMENT_ID", "\uff11\uff12"),
+                                            ("MLFLOW_EXPERIMENT_ID", "\u0661\u0662")])
+def test_the_launcher_refuses_a_value_that_can_never_be_sent(var: str, value: str, cwd: Path) -> None:
+    done = launch("--strict", "python", "-c", "open('ran', 'w').close()", cwd=cwd,
+                  env=clean_env(MLFLOW_TRACKING_URI=UNUSED_URI, **{var: value}))
+    assert done.returncode == 78
+    line = one_line(done.stderr)
+    assert line.startswith(f"env {var}: "), line
+    assert "expected UTF-8 text" in line or "expected a numeric MLflow experiment id (digits 0-9)" in line
+    assert not (cwd / "ran").exists() and done.stdout == ""
+
+
+@pytest.mark.parametrize("var", ["OTEL_SERVICE_NAME", "TRACED_RUN_SESSION_ID", "TRACED_RUN_USER_ID",
+                                 "TRACED_RUN_TRACE_NAME", "TRACED_RUN_TAGS", "OTEL_RESOURCE_ATTRIBUTES",
+                                 "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+                                 "TRACED_RUN_REDACTION_MARKER", "TRACED_RUN_REDACT"])
+def test_text_that_is_not_utf8_is_refused_not_dropped(var: str, tmp_path: Path) -> None:
+    value = f"k={NOT_UTF8}" if var in ("TRACED_RUN_TAGS", "OTEL_RESOURCE_ATTRIBUTES") else NOT_UTF8
+    assert "expected UTF-8 text" in error_of({var: value})
+    # the same through a ${VAR} of the file, and as a launcher option's value
+    config = tmp_path / "c.yaml"
+    config.write_text("service_name: ${V}\ntags: {k: '${V}'}\n")
+    message = error_of({"TRACED_RUN_CONFIG": str(config), "V": NOT_UTF8})
+    assert message == (f"{config}:1: service_name: expected UTF-8 text; this holds bytes that are not "
+                       "(a Latin-1 terminal or file?), which MLflow could never take, got '${V}'")
+    assert "expected UTF-8 text" in error_of({OPTIONS_ENV: f'{{"experiment_name": "{NOT_UTF8}"}}'})
+
+
+def test_a_path_that_is_not_utf8_is_a_path() -> None:
+    """The file system takes any bytes, and a path is never sent."""
+    assert load({"TRACED_RUN_SPOOL_DIR": f"/tmp/{NOT_UTF8}"}).settings.spool_dir == f"/tmp/{NOT_UTF8}"
+
+
+# -- 11. secrets in the wrong place (issue 25) ---------------------------------------------
+
+SECRET_FORMS = {
+    # form: (the variable, its value; whether the settings are refused)
+    "a password pasted into the user name": ("MLFLOW_TRACKING_USERNAME", f"bob:{SECRET}", True),
+    "a URL password holding ://": ("MLFLOW_TRACKING_URI", f"http://bob:{SECRET}://x@127.0.0.1:9", True),
+    "a URL password holding =x://": ("MLFLOW_TRACKING_URI", f"http://bob:{SECRET}=b://x@127.0.0.1:9", True),
+    "a literal secret as a redaction pattern": ("TRACED_RUN_REDACT", f"{SECRET},sk-[a-z]+", False),
+    "a malformed redaction pattern": ("TRACED_RUN_REDACT", f"({SECRET}", True),
+    "a redaction pattern of a named file": ("TRACED_RUN_CONFIG", "{named}", False),
+}
+
+
+@pytest.mark.parametrize("form", SECRET_FORMS)
+def test_a_secret_in_the_wrong_place_is_in_no_output_and_no_file(form: str, tmp_path: Path) -> None:
+    """config, the doctor and a --strict start each see the setting; none shows the secret, and
+    nothing traced-run writes (spool, cache under HOME) holds it."""
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    named = tmp_path / "team.yaml"
+    named.write_text(f"redact: ['{SECRET}']\n")
+    var, value, refused = SECRET_FORMS[form]
+    env = clean_env(HOME=str(home), TRACED_RUN_SPOOL_DIR=str(home / "spool"),
+                    **{var: value.format(named=named)})
+    env.setdefault("MLFLOW_TRACKING_URI", UNUSED_URI)
+    runs = [launch("config", cwd=work, env=env), launch("doctor", "--no-trace", cwd=work, env=env),
+            launch("--strict", "python", "-c", "pass", cwd=work, env=env)]
+    for done in runs:
+        assert "Traceback" not in done.stderr
+        assert SECRET not in done.stdout + done.stderr, (form, done.stdout, done.stderr)
+    written = [p for root in (home, work) for p in root.rglob("*") if p.is_file()]
+    assert [p for p in written if SECRET.encode() in p.read_bytes()] == []
+    started = runs[2]
+    assert started.returncode == (78 if refused else 0), started.stderr
+    if refused:
+        assert one_line(started.stderr).startswith(f"env {var}: ")
+    else:
+        assert '"***"' in runs[0].stdout

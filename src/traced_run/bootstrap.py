@@ -70,7 +70,7 @@ def _check_settings_now() -> None:
     from traced_run.config.sources import load
 
     try:
-        load()
+        load().say_notes()
     except report.ConfigError as error:
         _refuse(f"{error} (strict mode: not starting the app)")
 

@@ -19,7 +19,9 @@ SDK_DISABLED_ENV = "OTEL_SDK_DISABLED"
 STRICT_ENV = "TRACED_RUN_STRICT"
 LAUNCHED_ENV = "TRACED_RUN_LAUNCHED"
 """The shell launcher puts its pid here before it becomes the command: that process
-(and no child of it) checks the settings at start-up, as the launcher would have."""
+(and no child of it) checks the settings at start-up, as the launcher would have. The
+Python launcher, which checked them itself, puts 0. Either way the first Python that
+loads the bootstrap removes it, and one that cannot import traced_run says so."""
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")

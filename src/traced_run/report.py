@@ -25,10 +25,11 @@ EXIT_NOT_FOUND = 127
 
 _said: set[str] = set()
 _lock = threading.Lock()
-# What a URL carries before its host runs to the last "@" before the next "://" (or the
-# end): users paste unencoded "@", "/", ":", spaces and even line breaks in passwords and
-# tokens, and a masked host or path is harmless where a shown password is not.
-_USERINFO = re.compile(r"(?<=://)(?:(?!://).)*@", re.DOTALL)
+# What a URL carries before its host runs to the last "@" before the next URL (a scheme and
+# "://" after a space, quote, bracket, "=" or ",") or the end: users paste unencoded "@", "/",
+# ":", "://", spaces and even line breaks in passwords and tokens, and a masked host or path
+# is harmless where a shown password is not.
+_USERINFO = re.compile(r"(?<=://)(?:(?!(?<=[\s'\"(<\[{=,])[A-Za-z][A-Za-z0-9+.-]*://).)*@", re.DOTALL)
 CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 """C0, DEL and C1: a server's ANSI escapes, a CR that rewrites the line, a header break."""
 
@@ -79,6 +80,17 @@ def say(message: str) -> None:
         stream.flush()
     except (OSError, ValueError):
         pass
+
+
+def untraced_interpreter(strict: bool) -> None:
+    """Said by an interpreter a launcher started that cannot import traced_run (another
+    environment's Python, a #! interpreter, ``uv run`` in a project without traced-run):
+    loaded by path, as nothing else of the package can be. Strict mode stops it here."""
+    what = "not starting the app (strict mode)" if strict else "the app runs untraced"
+    say(f"{sys.executable} cannot import traced_run: it is not installed in that Python's environment; "
+        f"{what}. Install traced-run there, or run the app with the Python traced-run is installed in")
+    if strict:
+        os._exit(EXIT_SETUP)
 
 
 def forget_after_fork() -> None:

@@ -111,6 +111,7 @@ def problem(environ: "Mapping[str, str]") -> "str | None":
         loaded = load(environ)
     except ConfigError as error:
         return str(error)
+    loaded.say_notes()
     return no_destination(loaded.settings)
 
 

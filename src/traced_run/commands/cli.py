@@ -16,6 +16,8 @@ import argparse
 import errno
 import json
 import os
+import re
+import shutil
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
@@ -23,7 +25,7 @@ from traced_run import __version__, report
 from traced_run.bootstrap import BOOT_DIR
 from traced_run.config.settings import SPECS
 from traced_run.config.sources import Loaded, load, shown
-from traced_run.flags import OPTIONS_ENV
+from traced_run.flags import LAUNCHED_ENV, OPTIONS_ENV
 from traced_run.startcheck import no_destination
 
 EPILOG = """\
@@ -32,8 +34,8 @@ commands of its own:
   traced-run flush                send the spooled batches now
   traced-run doctor [--json]      check settings, install and MLflow; send one trace end to end
   traced-run mlflow [--port P]    a local MLflow server for development (needs traced-run[mlflow])
-exit codes: the command's own; 2 bad option; 78 invalid settings;
-126 command not executable; 127 command not found.
+exit codes: the command's own; 2 bad option; 70 (--strict) the command's Python cannot
+load traced-run; 78 invalid settings; 126 command not executable; 127 command not found.
 A program named like one of these, or like an option, runs after `--`: traced-run -- config."""
 
 
@@ -105,6 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         command = command[1:]
     elif subcommand is not None:
         return subcommand(command[1:], env)
+    # Its notes are the app's to say, when it loads the settings: said here too, a line would be twice.
     loaded = _load(env)
     if loaded is None:
         return report.EXIT_CONFIG
@@ -115,7 +118,54 @@ def main(argv: Sequence[str] | None = None) -> int:
     if refusal is not None:
         report.say(refusal)
         return report.EXIT_CONFIG
+    skipped = _skips_the_bootstrap(command, env)
+    if skipped is not None:
+        what = "not starting the app (strict mode)" if loaded.settings.strict else "the app runs untraced"
+        report.say(f"{skipped}; {what}")
+        if loaded.settings.strict:
+            return report.EXIT_SETUP
+    # Checked here: no process checks again, but a Python of the command that cannot import
+    # traced_run (uv run's, a #! interpreter's) says so (_boot/sitecustomize.py).
+    env[LAUNCHED_ENV] = "0"
     return _exec(command, env)
+
+
+_PYTHON = re.compile(r"python(\d+(\.\d+)?)?")
+_SKIPPING = {"E": "ignores PYTHONPATH", "I": "ignores PYTHONPATH", "S": "skips site and sitecustomize"}
+
+
+def _skips_the_bootstrap(command: list[str], env: dict[str, str]) -> str | None:
+    """``python -E``/``-I``/``-S`` (also combined, ``-Es``, or on a ``#!`` line): the
+    interpreter never loads the bootstrap, so nothing would say the app runs untraced."""
+    interpreter, args = command[0], command[1:]
+    if not _PYTHON.fullmatch(os.path.basename(interpreter)):
+        script = shutil.which(interpreter, path=env.get("PATH"))
+        try:
+            with open(script or interpreter, "rb") as stream:
+                first = stream.readline(256).decode("utf-8", "replace")
+        except OSError:
+            return None
+        words = first[2:].split() if first.startswith("#!") else []
+        if words[:1] and os.path.basename(words[0]) == "env":
+            words = words[1:]
+        if not (words and _PYTHON.fullmatch(os.path.basename(words[0]))):
+            return None
+        interpreter, args = f"{script or interpreter} (#!{' '.join(words)})", words[1:]
+    given = iter(args)
+    for arg in given:
+        if not arg.startswith("-") or arg.startswith("--") or arg == "-":
+            return None
+        for index, letter in enumerate(arg[1:], 2):
+            if letter in _SKIPPING:
+                return (f"{interpreter} -{letter} {_SKIPPING[letter]}, where traced-run's bootstrap is: "
+                        f"drop -{letter} to trace the app")
+            if letter in "cm":  # the app's code or module follows
+                return None
+            if letter in "XW":  # the option's value: the rest of the word, else the next one
+                if index == len(arg):
+                    next(given, None)
+                break
+    return None
 
 
 def _load(env: dict[str, str]) -> Loaded | None:
@@ -141,6 +191,7 @@ def _config(argv: list[str], env: dict[str, str]) -> int:
     loaded = _load(env)
     if loaded is None:
         return report.EXIT_CONFIG
+    loaded.say_notes()
     for name, value in vars(loaded.settings).items():
         print(f"{name}: {shown(name, value)}  # {loaded.sources[name]}")
     return 0
@@ -157,6 +208,7 @@ def _flush(argv: list[str], env: dict[str, str]) -> int:
     loaded = _load(env)
     if loaded is None:
         return report.EXIT_CONFIG
+    loaded.say_notes()
     if not loaded.settings.traces_endpoint:
         from traced_run.transport import NO_TRACKING_URI
 

@@ -26,6 +26,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -486,7 +487,7 @@ def synthetic_trace(settings: Settings) -> tuple[bytes, str]:
 
 # -- local: the bootstrap in a child, sitecustomize, spool ---------------------------------
 
-_PROBE = (
+PROBE = (
     "import json, sys; s = sys.modules.get('sitecustomize'); "
     "print(json.dumps({'boot': 'traced_run.bootstrap' in sys.modules, "
     "'sitecustomize': getattr(s, '__file__', None), 'python': sys.executable}))"
@@ -497,12 +498,18 @@ def check_bootstrap(env: dict[str, str], found: Findings) -> None:
     """A child started as the launcher starts apps (its environment, `python` from PATH)."""
     from traced_run.bootstrap import BOOT_DIR
 
-    python = shutil.which("python", path=env.get("PATH")) or shutil.which("python3", path=env.get("PATH"))
-    python = python or sys.executable
+    # Only absolute PATH entries: "." or an empty entry would run a `python` of the working
+    # directory, which a cloned repository chooses.
+    path = os.pathsep.join(entry for entry in env.get("PATH", "").split(os.pathsep) if os.path.isabs(entry))
+    python = shutil.which("python", path=path) or shutil.which("python3", path=path) or sys.executable
     # The probe never imports pydantic_ai: the bootstrap loads but builds nothing and sends nothing.
+    # `-c` puts the working directory first on sys.path, where a json.py would run with the user's
+    # rights: the child works in an empty directory of its own (not -I or -E, which would skip the
+    # PYTHONPATH under test; not -P, which Python 3.10 lacks).
     try:
-        done = subprocess.run([python, "-c", _PROBE], env=env, capture_output=True, text=True,
-                              timeout=CHILD_TIMEOUT, stdin=subprocess.DEVNULL)
+        with tempfile.TemporaryDirectory(prefix="traced-run-doctor-") as neutral:
+            done = subprocess.run([python, "-c", PROBE], env=env, cwd=neutral, capture_output=True,
+                                  text=True, timeout=CHILD_TIMEOUT, stdin=subprocess.DEVNULL)
     except (OSError, subprocess.TimeoutExpired) as error:
         found.add(FAIL, "bootstrap", f"`{python} -c ...` did not run: {error}")
         return
@@ -589,6 +596,8 @@ def run(env: dict[str, str], *, proof: bool = True) -> tuple[Findings, dict[str,
         check_bootstrap(env, found)
         return found, extra
     check_settings(loaded, found)
+    for note in loaded.notes:
+        found.add(WARN, "config file", note)
     extra["settings"] = {name: {"value": shown(name, getattr(loaded.settings, name)),
                                 "source": loaded.sources[name]} for name in SPECS}
     network = Findings()

@@ -35,6 +35,10 @@ DEFAULT_DIR = os.path.join(".traced-run", "mlflow")
 START_TIMEOUT = 300.0
 """Seconds to wait for /health: a cold start on a loaded 2-core machine takes tens of seconds."""
 STOP_TIMEOUT = 15.0
+SERVER_CWD = "/"
+"""Where the server runs: `-m` puts the working directory first on sys.path (MLflow's uvicorn
+child's too), and the data directory, ./.traced-run/mlflow by default, may be a cloned
+repository's, with a json.py in it."""
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -143,7 +147,7 @@ def _serve(command: list[str], directory: Path, url: str, experiment_name: str) 
         with open(log_path, "ab") as log:
             # Own session: Ctrl-C reaches only us, and we stop the whole group in order.
             server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                      env=env, cwd=directory, start_new_session=True)
+                                      env=env, cwd=SERVER_CWD, start_new_session=True)
         deadline = time.monotonic() + START_TIMEOUT
         while not _healthy(url):
             if stop.is_set():

@@ -14,9 +14,14 @@ HEADER = """\
 # An empty environment variable counts as unset. ${VAR} in a value is replaced
 # from the environment, so secrets stay out of this file.
 # Found as ./traced-run.yaml without being named (--config, TRACED_RUN_CONFIG), this
-# file may not set the keys marked "named file only" (see README, Security).
+# file may set only the keys marked "also from an unnamed file"; with any other key it
+# is ignored as a whole, said in one line (see README, Security).
 # Every key below is commented out at its default: uncomment what you change.
 """
+
+
+UNNAMED = "Also from an unnamed file (a ./traced-run.yaml nobody named)."
+"""Said of each key that ``Spec.unnamed_file`` allows there."""
 
 
 def _default_yaml(name: str) -> str:
@@ -25,13 +30,6 @@ def _default_yaml(name: str) -> str:
 
 def _type(spec: Spec) -> str:
     return f"{spec.kind.name} ({spec.kind.limit})" if spec.kind.limit else spec.kind.name
-
-
-def _trust(spec: Spec) -> str:
-    """The sentence on what a ./traced-run.yaml nobody named may not do with this key."""
-    if spec.trust is None:
-        return ""
-    return f"Named file only when it would {spec.trust.what} (not from an unnamed ./traced-run.yaml)."
 
 
 def _where(spec: Spec) -> str:
@@ -52,9 +50,9 @@ def example_config() -> str:
         spec = SPECS[item.name]
         if not spec.in_yaml:
             continue
-        trust = f"\n# {_trust(spec)}" if spec.trust else ""
+        unnamed = f"\n# {UNNAMED}" if spec.unnamed_file else ""
         blocks.append(
-            f"\n# {spec.doc}{trust}\n# type: {_type(spec)}; {_where(spec)}\n"
+            f"\n# {spec.doc}{unnamed}\n# type: {_type(spec)}; {_where(spec)}\n"
             f"# {item.name}: {_default_yaml(item.name)}\n"
         )
     return "".join(blocks)
@@ -68,8 +66,9 @@ def markdown_reference() -> str:
         "Generated from `src/traced_run/config/settings.py` (`traced-run config --reference`).",
         "Precedence: launcher options > environment variables > YAML file > defaults;",
         "an empty environment variable counts as unset. Secrets are never printed.",
-        "\"Named file only\": a `./traced-run.yaml` found in the working directory, not named by",
-        "`--config` or `TRACED_RUN_CONFIG`, may not set it so (README, Security).",
+        "A `./traced-run.yaml` found in the working directory, not named by `--config` or",
+        "`TRACED_RUN_CONFIG`, may set only the keys marked \"also from an unnamed file\"; with any",
+        "other key it is ignored as a whole, said in one line (README, Security).",
         "",
         "| YAML key | environment | option | type | default | what it does |",
         "| --- | --- | --- | --- | --- | --- |",
@@ -82,7 +81,7 @@ def markdown_reference() -> str:
         option = f"`{spec.option}`" if spec.option else ""
         secret = " Secret: never printed." if spec.secret else ""
         kind = _type(spec).replace("|", "\\|")  # a bare | would end the table cell
-        trust = f" {_trust(spec)}" if spec.trust else ""
+        unnamed = f" {UNNAMED}" if spec.unnamed_file else ""
         lines.append(f"| {key} | {env} | {option} | {kind} | `{_default_yaml(item.name)}` "
-                     f"| {spec.doc}{secret}{trust} |")
+                     f"| {spec.doc}{secret}{unnamed} |")
     return "\n".join(lines) + "\n"

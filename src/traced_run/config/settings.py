@@ -42,6 +42,7 @@ _WORKSPACE = re.compile(r"[a-z0-9][-a-z0-9]{0,61}[a-z0-9]", re.ASCII)
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 """An HTTP field name (RFC 9110 token)."""
 _BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_DIGITS = re.compile(r"[0-9]+")
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,25 @@ class Kind:
     """Checks (and converts) a value that YAML already typed."""
     limit: str = ""
     """The bound a value must keep, for the docs: ``at most 1000 characters``."""
+    any_bytes: bool = False
+    """Takes text that is not UTF-8 (a path: the file system takes any bytes). Nothing else
+    does: whatever is sent is UTF-8, and a value that cannot be would lose every batch."""
+
+
+def require_utf8(value: Any) -> None:
+    """Raises ValueError when a string in ``value`` cannot be UTF-8: an environment value
+    holds a byte that is not as a lone surrogate (``\\udcff`` for 0xff)."""
+    if isinstance(value, Mapping):
+        texts = [*value.keys(), *value.values()]
+    else:
+        texts = value if isinstance(value, list) else [value]
+    for text in texts:
+        try:
+            if isinstance(text, str):
+                text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("expected UTF-8 text; this holds bytes that are not (a Latin-1 terminal "
+                             "or file?), which MLflow could never take") from None
 
 
 def _bool_yaml(value: Any) -> bool:
@@ -174,8 +194,9 @@ def _duration_yaml(value: Any) -> float:
 
 def _experiment_id(text: str) -> str:
     text = _bounded(text.strip(), 64)
-    if not text.isdigit():
-        raise ValueError("expected a numeric MLflow experiment id")
+    # Not str.isdigit(): it takes full-width and Arabic-Indic digits, which MLflow refuses.
+    if not _DIGITS.fullmatch(text):
+        raise ValueError("expected a numeric MLflow experiment id (digits 0-9)")
     return text
 
 
@@ -383,7 +404,8 @@ PASSWORD = _text_kind("string", _password, f"at most {MAX_SECRET} characters")
 TOKEN = _text_kind("string", _header_value,
                    f"Latin-1 without control characters, at most {MAX_SECRET} characters")
 URL = _text_kind("url", _url, f"no query or fragment, at most {MAX_URL} characters")
-PATH = _text_kind("path", _path, f"~ expanded, at most {MAX_PATH} characters")
+PATH = dataclasses.replace(_text_kind("path", _path, f"~ expanded, at most {MAX_PATH} characters"),
+                           any_bytes=True)
 EXPERIMENT_ID = _text_kind("experiment id", _experiment_id, "digits")
 EXPERIMENT_NAME = _text_kind("string", _experiment_name,
                              f"one line, at most {MAX_EXPERIMENT_NAME} characters, MLflow's limit")
@@ -406,27 +428,6 @@ MODE = _choice("otlp", "mlflow")
 
 
 @dataclass(frozen=True)
-class Trust:
-    """What a ``./traced-run.yaml`` found in the working directory, which nobody
-    named, may not do: a cloned repository must not choose where traces and
-    credentials go, or make traces reveal more than the defaults do."""
-
-    refuses: Callable[[Any], bool]
-    """True for a value such a file may not set."""
-    what: str
-    """Completes "a config file nobody named may not ...": ``choose where traces go``."""
-
-
-def _always(value: Any) -> bool:
-    return True
-
-
-DESTINATION = Trust(_always, "choose where traces go")
-CREDENTIALS = Trust(_always, "choose the credentials or headers traces are sent with")
-TLS_TRUST = Trust(_always, "choose which certificates are trusted")
-
-
-@dataclass(frozen=True)
 class Spec:
     """A row of the settings table, less the name and default (the field's)."""
 
@@ -440,15 +441,21 @@ class Spec:
     """The launcher option; a bool setting's option stores ``option_value``."""
     option_value: Any = None
     secret: bool = False
-    """Never printed: shown as ``***`` (mappings: each value)."""
+    """Never printed: shown as ``***`` (mappings: each value; lists: each item)."""
+    echoed: bool = True
+    """An error may quote a wrong value; not one that may be a secret in the wrong place
+    (``bob:password`` as the user name)."""
     in_yaml: bool = True
     group: str | None = None
     """Settings of one group are decided together: the highest source naming any of
     them decides all, and the others' values from lower sources are dropped."""
     exclusive: bool = False
     """One source may name only one setting of the group."""
-    trust: Trust | None = None
-    """What a config file found in the working directory, not named, may not set."""
+    unnamed_file: bool = False
+    """A ``./traced-run.yaml`` found in the working directory, which nobody named (a cloned
+    repository's), may set it: only what cannot redirect traces or credentials, hang, fill
+    memory or disk, or silence tracing (trace metadata). Every other key makes such a file
+    ignored as a whole."""
     merged: bool = False
     """Mappings merge key by key across sources instead of the winner replacing all."""
 
@@ -478,7 +485,7 @@ class Settings:
         env=(STRICT_ENV,), option="--strict", option_value=True))
     tracking_uri: str | None = setting(None, Spec(
         URL, "MLflow tracking server URL; traces go to <tracking_uri>/v1/traces.",
-        env=("MLFLOW_TRACKING_URI",), option="--tracking-uri", group="destination", trust=DESTINATION))
+        env=("MLFLOW_TRACKING_URI",), option="--tracking-uri", group="destination"))
     experiment_id: str | None = setting(None, Spec(
         EXPERIMENT_ID, "MLflow experiment id; with neither id nor name, experiment 0 (Default).",
         env=("MLFLOW_EXPERIMENT_ID",), option="--experiment-id", group="experiment",
@@ -493,39 +500,38 @@ class Settings:
     workspace: str | None = setting(None, Spec(
         WORKSPACE, "MLflow workspace (mlflow server --enable-workspaces) of the experiment and its traces; "
         "sent as X-MLFLOW-WORKSPACE with every request. Default: the server's default workspace.",
-        env=("MLFLOW_WORKSPACE",), trust=DESTINATION))
+        env=("MLFLOW_WORKSPACE",)))
     username: str | None = setting(None, Spec(
-        USER_NAME, "MLflow basic-auth user name.", env=("MLFLOW_TRACKING_USERNAME",), trust=CREDENTIALS))
+        USER_NAME, "MLflow basic-auth user name.", env=("MLFLOW_TRACKING_USERNAME",), echoed=False))
     password: str | None = setting(None, Spec(
         PASSWORD, "MLflow basic-auth password; write ${VAR} in YAML, not the password.",
-        env=("MLFLOW_TRACKING_PASSWORD",), secret=True, trust=CREDENTIALS))
+        env=("MLFLOW_TRACKING_PASSWORD",), secret=True))
     token: str | None = setting(None, Spec(
         TOKEN, "MLflow bearer token, used when no user name is set.",
-        env=("MLFLOW_TRACKING_TOKEN",), secret=True, trust=CREDENTIALS))
+        env=("MLFLOW_TRACKING_TOKEN",), secret=True))
     endpoint: str | None = setting(None, Spec(
         URL, "Full OTLP/HTTP traces URL, e.g. a collector's; default <tracking_uri>/v1/traces.",
-        env=("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",), group="destination", trust=DESTINATION))
+        env=("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",), group="destination"))
     headers: dict[str, str] = setting({}, Spec(
         HEADERS, "Extra HTTP headers sent with every export (values are never printed).",
         env=("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "OTEL_EXPORTER_OTLP_HEADERS"), secret=True,
-        merged=True, trust=CREDENTIALS))
+        merged=True))
     ca_bundle: str | None = setting(None, Spec(
         PATH, "CA certificates (PEM file or directory) that verify an https:// MLflow or endpoint, "
         "instead of the system's; the first variable set wins.",
         env=("MLFLOW_TRACKING_SERVER_CERT_PATH", "OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE",
-             "OTEL_EXPORTER_OTLP_CERTIFICATE", "REQUESTS_CA_BUNDLE"), trust=TLS_TRUST))
+             "OTEL_EXPORTER_OTLP_CERTIFICATE", "REQUESTS_CA_BUNDLE")))
     client_cert: str | None = setting(None, Spec(
         PATH, "Client certificate (PEM) sent to an https:// server that asks for one; may hold the key too.",
         env=("MLFLOW_TRACKING_CLIENT_CERT_PATH", "OTEL_EXPORTER_OTLP_TRACES_CLIENT_CERTIFICATE",
-             "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE"), trust=CREDENTIALS))
+             "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE")))
     client_key: str | None = setting(None, Spec(
         PATH, "Private key (PEM) of client_cert, when that file does not hold it.",
-        env=("OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY", "OTEL_EXPORTER_OTLP_CLIENT_KEY"), trust=CREDENTIALS))
+        env=("OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY", "OTEL_EXPORTER_OTLP_CLIENT_KEY")))
     insecure_tls: bool = setting(False, Spec(
         BOOL, "Do not verify the server's certificate (a development server only): anyone on the way "
         "can read and change traces. Said in one warning line.",
-        env=("MLFLOW_TRACKING_INSECURE_TLS",),
-        trust=Trust(lambda on: on is True, "turn off certificate verification")))
+        env=("MLFLOW_TRACKING_INSECURE_TLS",)))
     timeout: float = setting(10.0, Spec(
         SECONDS, "Seconds one export request may take, retries included (as the OTel SDK reads it).",
         env=("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT")))
@@ -534,7 +540,7 @@ class Settings:
         env=("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "OTEL_EXPORTER_OTLP_COMPRESSION")))
     service_name: str | None = setting(None, Spec(
         TEXT, "service.name of the traces; default the script or module name.",
-        env=("OTEL_SERVICE_NAME",), option="--service-name"))
+        env=("OTEL_SERVICE_NAME",), option="--service-name", unnamed_file=True))
     resource_attributes: dict[str, str] = setting({}, Spec(
         PAIRS, "More resource attributes; MLflow shows each as a trace tag.",
         env=("OTEL_RESOURCE_ATTRIBUTES",), merged=True))
@@ -547,7 +553,7 @@ class Settings:
         env=("TRACED_RUN_QUEUE_SIZE",)))
     spool_dir: str | None = setting(None, Spec(
         PATH, "Where undelivered batches wait for a later send; default ~/.cache/traced-run/spool.",
-        env=("TRACED_RUN_SPOOL_DIR",), trust=Trust(_always, "choose where traces are kept on disk")))
+        env=("TRACED_RUN_SPOOL_DIR",)))
     spool_max_mb: int = setting(256, Spec(
         _count(1_048_576), "Most megabytes the spool holds; past it the oldest batches are removed, "
         "and counted.",
@@ -569,35 +575,33 @@ class Settings:
     redact: tuple[str, ...] = setting((), Spec(
         PATTERNS, "More regular expressions whose matches are replaced in every exported attribute "
         "value (a pattern with a group: only the first group). Env: comma-separated.",
-        env=("TRACED_RUN_REDACT",)))
+        env=("TRACED_RUN_REDACT",), secret=True))
     redact_defaults: bool = setting(True, Spec(
         BOOL, "Also redact common secrets: API keys, bearer tokens, passwords in URLs and key=value.",
-        env=("TRACED_RUN_REDACT_DEFAULTS",),
-        trust=Trust(lambda on: on is False, "turn off the default redaction")))
+        env=("TRACED_RUN_REDACT_DEFAULTS",)))
     redaction_marker: str = setting("[REDACTED]", Spec(
         TEXT, "What a redacted secret is replaced with.", env=("TRACED_RUN_REDACTION_MARKER",)))
     max_binary_bytes: int = setting(65536, Spec(
         _count(64 * 1024 * 1024), "Largest binary message part (image, audio) exported; a larger one is "
-        "replaced by its size.", env=("TRACED_RUN_MAX_BINARY_BYTES",),
-        trust=Trust(lambda size: size > 65536, "export binary parts larger than the default 65536 bytes")))
+        "replaced by its size.", env=("TRACED_RUN_MAX_BINARY_BYTES",)))
     session_id: str | None = setting(None, Spec(
         TEXT, "MLflow trace session of every trace; default pydantic-ai's conversation id.",
-        env=("TRACED_RUN_SESSION_ID",)))
+        env=("TRACED_RUN_SESSION_ID",), unnamed_file=True))
     user_id: str | None = setting(None, Spec(
-        TEXT, "MLflow trace user of every trace.", env=("TRACED_RUN_USER_ID",)))
+        TEXT, "MLflow trace user of every trace.", env=("TRACED_RUN_USER_ID",), unnamed_file=True))
     tags: dict[str, str] = setting({}, Spec(
         PAIRS, "Trace tags set on every trace, e.g. environment, version, git_commit.",
-        env=("TRACED_RUN_TAGS",), merged=True))
+        env=("TRACED_RUN_TAGS",), merged=True, unnamed_file=True))
     trace_name: str | None = setting(None, Spec(
-        TEXT, "Name of every trace; default the agent's name.", env=("TRACED_RUN_TRACE_NAME",)))
+        TEXT, "Name of every trace; default the agent's name.", env=("TRACED_RUN_TRACE_NAME",),
+        unnamed_file=True))
     sample_ratio: float = setting(1.0, Spec(
         RATIO, "Share of traces kept, decided by trace id so a trace is kept or dropped whole; "
         "default from OTEL_TRACES_SAMPLER(_ARG) when set, else 1.",
         env=("TRACED_RUN_SAMPLE_RATIO",)))
     mode: str = setting("otlp", Spec(
         MODE, "otlp: our pipeline over OTLP/HTTP; mlflow: MLflow's own mlflow.pydantic_ai.autolog() "
-        "(needs the mlflow package in the app).", env=("TRACED_RUN_MODE",),
-        trust=Trust(lambda mode: mode == "mlflow", "switch to mode mlflow, which skips redaction")))
+        "(needs the mlflow package in the app).", env=("TRACED_RUN_MODE",)))
 
     @property
     def traces_endpoint(self) -> str | None:

@@ -8,8 +8,9 @@ a secret's value, and the value of a ``${VAR}``, is never part of it.
 
 Hostile input is bounded: the file's size, the YAML's nesting, no aliases (a
 few hundred bytes of them expand to gigabytes), no duplicate keys, and every
-value's length (the settings table). A ``./traced-run.yaml`` nobody named may
-not choose where traces and credentials go nor weaken privacy (``Spec.trust``).
+value's length (the settings table). A ``./traced-run.yaml`` nobody named may set
+only trace metadata (``Spec.unnamed_file``); one that sets more is ignored, said in
+``Loaded.notes``.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from traced_run.config.settings import SPECS, Settings, Spec, unquote_strict
+from traced_run.config.settings import SPECS, Settings, Spec, require_utf8, unquote_strict
 from traced_run.flags import OPTIONS_ENV
-from traced_run.report import ConfigError, mask_url
+from traced_run.report import ConfigError, counted, mask_url, say
 
 DEFAULT_CONFIG = "traced-run.yaml"
 MAX_CONFIG_BYTES = 256 * 1024
@@ -51,6 +52,12 @@ class Loaded:
 
     settings: Settings
     sources: dict[str, str]
+    notes: tuple[str, ...] = ()
+    """Lines to say that do not stop anything: a ``./traced-run.yaml`` ignored, and why."""
+
+    def say_notes(self) -> None:
+        for note in self.notes:
+            say(note)
 
 
 def shown(name: str, value: Any) -> str:
@@ -62,7 +69,7 @@ def shown(name: str, value: Any) -> str:
                  for k, v in value.items())
         return "{" + ", ".join(pairs) + "}"
     if isinstance(value, tuple):
-        return "[" + ", ".join(json.dumps(mask_url(item)) for item in value) + "]"
+        return "[" + ", ".join(json.dumps("***" if secret else mask_url(item)) for item in value) + "]"
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -77,13 +84,13 @@ SHOWN_VALUE = 80
 
 
 def _problem(source: str, name: str, spec: Spec, raw: Any, why: str) -> ConfigError:
-    if spec.secret:
+    if spec.secret or not spec.echoed:
         what = "(value hidden)"
     else:
-        text = mask_url(str(raw))
-        if "@" in text and "://" not in text:
-            # A wrong value that is almost a URL ("http:/user:pw@host"): what precedes
-            # the "@" would be credentials in one.
+        text = str(raw)
+        if "@" in text:
+            # A wrong value that is (almost) a URL, "http:/user:pw@host" or "https://u:p://w@h":
+            # whatever precedes its last "@" may be credentials.
             text = "***@" + text.rpartition("@")[2]
         what = repr(text[:SHOWN_VALUE] + "..." if len(text) > SHOWN_VALUE else text)
     return ConfigError(f"{source}: {name}: {why}, got {what}")
@@ -94,6 +101,8 @@ def _parse(source: str, name: str, raw: Any, from_yaml: bool, written: Any = Non
     quotes that, never what a variable holds."""
     spec = SPECS[name]
     try:
+        if not spec.kind.any_bytes:
+            require_utf8(raw)
         value = spec.kind.check_yaml(raw) if from_yaml else spec.kind.parse_text(raw)
     except ValueError as error:
         raise _problem(source, name, spec, raw if written is None else written, str(error)) from None
@@ -155,10 +164,32 @@ def _expand_all(value: Any, where: str, name: str, environ: Mapping[str, str]) -
     return value
 
 
-def _yaml_layer(path: str, environ: Mapping[str, str]) -> dict[str, Value]:
+def _file_layer(path: str, named: bool, environ: Mapping[str, str]) -> tuple[dict[str, Value], str | None]:
+    """The file's settings, or none and the line that says why a file nobody named is
+    ignored: it sets something else than ``Spec.unnamed_file`` allows."""
+    entries = _yaml_entries(path, _config_text(path))
+    refused = [(str(key.value), f"{path}:{key.start_mark.line + 1}") for key, _, value in entries
+               if value is not None and not (str(key.value) in SPECS and SPECS[str(key.value)].unnamed_file)]
+    if named or not refused:
+        return _yaml_layer(path, entries, environ), None
+    key, where = refused[0]
+    more = f" (and {counted(len(refused) - 1, 'more key')})" if len(refused) > 1 else ""
+    allowed = ", ".join(name for name, spec in SPECS.items() if spec.unnamed_file)
+    return {}, (f"{where}: {_key_as_said(key)}{more}: a traced-run.yaml found in the working "
+                f"directory, which nobody named, may set only {allowed}; the whole file is ignored; "
+                "name it (--config FILE or TRACED_RUN_CONFIG=FILE) if you trust it")
+
+
+def _key_as_said(key: str) -> str:
+    """A key as a line names it; one that is no name is not echoed (see _yaml_layer)."""
+    return key if _NAME_LIKE.fullmatch(key) else "a key that is no setting name"
+
+
+def _yaml_layer(path: str, entries: list[tuple[Any, Any, Any]],
+                environ: Mapping[str, str]) -> dict[str, Value]:
     keys = [name for name, spec in SPECS.items() if spec.in_yaml]
     layer: dict[str, Value] = {}
-    for key_node, value_node, value in _yaml_entries(path, _config_text(path)):
+    for key_node, value_node, value in entries:
         where = f"{path}:{key_node.start_mark.line + 1}"
         key = str(key_node.value)
         if key not in keys:
@@ -302,7 +333,9 @@ def _load(environ: Mapping[str, str]) -> Loaded:
     options = _options_layer(environ)
     env = _env_layer(environ)
     path, named = _config_path(options, env)
-    from_file = _yaml_layer(path, environ) if path else {}
+    from_file, ignored = _file_layer(path, named, environ) if path else ({}, None)
+    if ignored:
+        path = None
     layers = [from_file, env, options]
 
     chosen: dict[str, Value] = {}
@@ -316,8 +349,6 @@ def _load(environ: Mapping[str, str]) -> Loaded:
         elif given:
             chosen[name] = given[-1]
     _resolve_groups(layers, chosen)
-    if path and not named:
-        _refuse_what_an_unnamed_file_may_not_set(from_file, chosen)
     _move_url_credentials(chosen)
     if path:
         given_path = chosen.get("config")
@@ -325,19 +356,7 @@ def _load(environ: Mapping[str, str]) -> Loaded:
 
     values = {name: value.value for name, value in chosen.items()}
     sources = {name: chosen[name].source if name in chosen else "default" for name in SPECS}
-    return Loaded(Settings(**values), sources)
-
-
-def _refuse_what_an_unnamed_file_may_not_set(from_file: dict[str, Value], chosen: dict[str, Value]) -> None:
-    """A ``./traced-run.yaml`` nobody named (a cloned repository's) may not decide
-    where traces and credentials go nor weaken privacy; named, it may."""
-    for name, given in from_file.items():
-        trust = SPECS[name].trust
-        decides = chosen.get(name) is given or (SPECS[name].merged and name in chosen)
-        if trust is not None and decides and trust.refuses(given.value):
-            raise ConfigError(
-                f"{given.source}: {name}: a traced-run.yaml found in the working directory may not "
-                f"{trust.what}; name the file (--config FILE or TRACED_RUN_CONFIG=FILE) if you trust it")
+    return Loaded(Settings(**values), sources, (ignored,) if ignored else ())
 
 
 def _move_url_credentials(chosen: dict[str, Value]) -> None:

@@ -53,6 +53,7 @@ def install() -> None:
         except report.ConfigError as error:
             _fail(f"{error}", strict_code=report.EXIT_CONFIG, strict=flags.strict(os.environ))
             return
+        loaded.say_notes()
         settings = loaded.settings
         if not settings.enabled:
             return
