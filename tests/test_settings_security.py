@@ -258,7 +258,8 @@ def test_the_value_of_a_var_is_never_echoed(tmp_path: Path) -> None:
     assert SECRET not in message and "${T}" in message
     config.write_text("redact: [ok, '${T}']\n")
     message = error_of({"TRACED_RUN_CONFIG": str(config), "T": f"({SECRET}"})
-    assert message.startswith(f"{config}:1: redact: pattern 2 is not a regular expression (missing )")
+    assert message.startswith(f"{config}:1: redact: pattern 2 is not a regular expression RE2 accepts "
+                              "(missing )")
     assert SECRET not in message and message.endswith(", got " + repr(str(["ok", "${T}"])))
 
 

@@ -152,7 +152,11 @@ class Delivery:
                 self.ledger.timed_out(None if self._courier is None else self._courier.asked())
             else:
                 self.ledger.left_hanging(hanging)
-            self._keeper.keep(left)
+            from traced_run.spans import redact
+
+            # On the thread that is leaving: its redaction ends with the exit bound, as the rest does.
+            with redact.until(max(deadline, reserve_end)):
+                self._keeper.keep(left)
         self.ledger.say_exit_line(self._endpoint)
         if self._courier is not None:
             self._courier.stop()
