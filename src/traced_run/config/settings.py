@@ -605,7 +605,8 @@ class Settings:
         "linear time: no backreferences or lookaround (refused when the settings load), \\b \\w \\d \\s "
         "are ASCII only (\\pL and \\p{N} are not), $ is \\z unless (?m). A text redaction "
         "cannot screen within its bound is replaced by a note of its length: see README, Redaction.",
-        env=("TRACED_RUN_REDACT",)))
+        # A pattern may be the secret itself, written out.
+        env=("TRACED_RUN_REDACT",), secret=True))
     redact_defaults: bool = setting(True, Spec(
         BOOL, "Also redact common secrets: API keys, bearer tokens, passwords in URLs and key=value.",
         env=("TRACED_RUN_REDACT_DEFAULTS",),

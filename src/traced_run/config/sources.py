@@ -62,7 +62,7 @@ def shown(name: str, value: Any) -> str:
                  for k, v in value.items())
         return "{" + ", ".join(pairs) + "}"
     if isinstance(value, tuple):
-        return "[" + ", ".join(json.dumps(mask_url(item)) for item in value) + "]"
+        return "[" + ", ".join(json.dumps("***" if secret else mask_url(item)) for item in value) + "]"
     if value is None:
         return "null"
     if isinstance(value, bool):
