@@ -71,7 +71,8 @@ REMEMBERED_CHARS = 1 << 22
 MAX_SCREENED = 1 << 22
 """Characters (4 Mi) of one text the rules scan at most. A longer text that a rule would have
 to scan (it holds a default rule's literal, or there are rules of the user's) is not exported:
-one search cannot be stopped halfway, and RE2 gets slower once a text outgrows its memory."""
+one search cannot be stopped halfway, and one whose DFA runs out of memory goes on many times
+slower (still linear)."""
 SCREEN_SECONDS = 0.5
 """CPU seconds (of the thread redacting) the rules may take on one text; past them the text is
 not exported. Each search is linear, but a rule of the user's such as ``a+b|a`` searches to the
