@@ -216,7 +216,7 @@ def test_a_hostile_prompt_arrives_redacted_and_whole_and_the_app_finishes(app: A
     app.write(HOSTILE_APP)
     done = app.run("python", "app.py", str(pairs), env=traced_env(app))
     assert done.returncode == 0, done.stderr.decode()
-    assert b"traced-run" not in done.stderr  # no exit line: every span was delivered
+    assert b"traced-run" not in done.stderr, done.stderr.decode()  # no exit line: every span was delivered
     (trace,) = app.traces(1)
     assert "hunter2-url-pw" not in trace.to_json()
     inputs = [json.dumps(span.inputs) for span in spans_by_type(trace)["LLM"]]
@@ -235,7 +235,7 @@ def test_a_users_catastrophic_rule_runs_in_linear_time(app: App) -> None:
     app.write(CATASTROPHIC_APP)
     done = app.run("python", "app.py", env=traced_env(app, TRACED_RUN_REDACT=r"(\w+\s?)+$"))
     assert done.returncode == 0, done.stderr.decode()
-    assert b"traced-run" not in done.stderr
+    assert b"traced-run" not in done.stderr, done.stderr.decode()
     (trace,) = app.traces(1)
     assert "[REDACTED]" in trace.to_json()  # the rule ran: the model's name ends in a word
     assert all("word " * 5000 + "!" in json.dumps(span.inputs) for span in spans_by_type(trace)["LLM"])
