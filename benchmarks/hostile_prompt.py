@@ -4,12 +4,13 @@ URL-password rule quadratic while Python's ``re`` held the GIL.
 
 ``python benchmarks/hostile_prompt.py [--pairs 20000] [--reps 5]``
 
-The app (TestModel agent with one tool, one run with that prompt) runs interleaved
-untraced and under ``traced-run`` against a loopback OTLP endpoint that answers 200 at once
-(``harness.InstantOtlp``: no MLflow shares the cores), default ``exit_timeout``. Prints the
-median and min-max wall time of each, the difference, and whether traced-run printed an exit
-line (it does when spans were not delivered within the exit bound). Not part of ``run.py``'s
-report: it is how redaction's bound is checked before and after a change to it.
+The benchmark app (``app.py --prompt-file``: TestModel agent with one tool, two runs with that
+prompt) runs interleaved untraced and under ``traced-run`` against a loopback OTLP endpoint that
+answers 200 at once (``harness.InstantOtlp``: no MLflow shares the cores), default
+``exit_timeout``. Prints the median and min-max wall time of each, the difference, and whether
+traced-run printed an exit line (it does when spans were not delivered within the exit bound).
+Not part of ``run.py``'s report: it is how redaction's bound is checked before and after a
+change to it.
 """
 
 from __future__ import annotations
@@ -17,27 +18,22 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import textwrap
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import BIN, PYTHON, Done, InstantOtlp, clean_env, interleave, make_workdir, remove_workdir, run
-
-APP = """
-    import sys
-    from pydantic_ai import Agent
-    from pydantic_ai.models.test import TestModel
-
-    agent = Agent(TestModel(), name="support", instructions="Be brief.")
-
-    @agent.tool_plain
-    def lookup(city: str) -> str:
-        \"\"\"Look a city up.\"\"\"
-        return f"{city}: sunny"
-
-    agent.run_sync("://" + "a-" * int(sys.argv[1]))
-"""
+from harness import (
+    APP,
+    BIN,
+    PYTHON,
+    Done,
+    InstantOtlp,
+    clean_env,
+    interleave,
+    make_workdir,
+    remove_workdir,
+    run,
+)
 
 
 def main() -> None:
@@ -49,11 +45,11 @@ def main() -> None:
     workdir = make_workdir()
     endpoint = InstantOtlp()
     try:
-        (workdir / "app.py").write_text(textwrap.dedent(APP))
+        (workdir / "prompt.txt").write_text("://" + "a-" * args.pairs)
         env = {"untraced": clean_env(),
                "traced-run": clean_env(OTEL_EXPORTER_OTLP_TRACES_ENDPOINT=f"{endpoint.url}/v1/traces")}
-        argv = {"untraced": [PYTHON, "app.py", str(args.pairs)],
-                "traced-run": [str(BIN / "traced-run"), PYTHON, "app.py", str(args.pairs)]}
+        app = [PYTHON, str(APP), "--prompt-file", "prompt.txt"]
+        argv = {"untraced": app, "traced-run": [str(BIN / "traced-run"), *app]}
 
         def once(variant: str) -> Done:
             done = run(argv[variant], env[variant], cwd=workdir, timeout=args.timeout)
