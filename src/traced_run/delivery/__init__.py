@@ -145,7 +145,11 @@ class Delivery:
                 self.ledger.timed_out()
             else:
                 self.ledger.left_hanging(hanging)
-            self._keeper.keep(left)
+            from traced_run.spans import redact
+
+            # On the thread that is leaving: its redaction ends with the exit bound, as the rest does.
+            with redact.until(max(deadline, reserve_end)):
+                self._keeper.keep(left)
         self.ledger.say_exit_line(self._endpoint)
 
     def _deliver_until(self, until: float) -> str | None:
