@@ -193,8 +193,10 @@ class QuietHandler(http.server.BaseHTTPRequestHandler):
     """A test's stand-in HTTP server: whole answers in one call, and no log line
     per request on stderr, where a test's own output is read."""
 
-    def answer(self, status: int, body: bytes) -> None:
+    def answer(self, status: int, body: bytes, content_type: str | None = None) -> None:
         self.send_response(status)
+        if content_type:
+            self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
