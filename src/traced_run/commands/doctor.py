@@ -6,7 +6,7 @@ Each check prints ``OK|WARN|FAIL <check>: <what> [— what to do]`` on stdout
 Bounded: every network step has a short timeout (``STEP_TIMEOUT``) and the
 checks that talk to MLflow run on a daemon thread the main thread waits for at
 most ``TOTAL_BOUND`` seconds, so a server that hangs, or a host name whose DNS
-lookup hangs (urllib's timeout does not cover it), cannot hold the doctor. When
+lookup hangs (no request timeout covers it), cannot hold the doctor. When
 MLflow cannot be reached, the checks that need it are not run.
 
 Side effects, on purpose few: doctor never creates an experiment (a missing
