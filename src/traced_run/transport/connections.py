@@ -295,8 +295,13 @@ def _checkin(key: tuple[_Route, object], kept: _Kept) -> None:
 
 
 def _dropped(sock: socket.socket) -> bool:
-    """An idle connection the server has closed (or said something on) since: readable."""
+    """An idle connection the server has closed (or said something on) since: readable.
+    poll, not select: an app with more than 1024 files open has sockets select cannot take."""
     try:
+        if hasattr(select, "poll"):
+            poller = select.poll()
+            poller.register(sock, select.POLLIN)
+            return bool(poller.poll(0))
         return bool(select.select([sock], [], [], 0)[0])
     except (OSError, ValueError):
         return True
