@@ -204,7 +204,7 @@ def otlp_answer(answer: Answer) -> Answer:
     if not answer.ok:
         return answer
     media = answer.content_type.partition(";")[0].strip().lower()
-    partial = _partial_success(answer.body, json=media == OTLP_TYPES[1]) if media in OTLP_TYPES else None
+    partial = _partial_success(answer.body, as_json=media == OTLP_TYPES[1]) if media in OTLP_TYPES else None
     if partial is None:
         server = f"server {printable(answer.server)[:80]!r}" if answer.server else "an unnamed server"
         what = (f"{media} with a body that is no ExportTraceServiceResponse" if media in OTLP_TYPES
@@ -220,11 +220,11 @@ def otlp_answer(answer: Answer) -> Answer:
     return answer
 
 
-def _partial_success(body: bytes, *, json: bool) -> tuple[int, str] | None:
+def _partial_success(body: bytes, *, as_json: bool) -> tuple[int, str] | None:
     """(rejected spans, error message) of an ExportTraceServiceResponse, None when ``body``
     is not one. Read by hand, as ``export`` writes requests: protobuf's modules cost a
     process about 4 MB."""
-    if json:
+    if as_json:
         return _json_partial_success(body)
     outer = _fields(body)
     if outer is None:
