@@ -7,13 +7,15 @@ traced-run's requests."""
 
 from __future__ import annotations
 
+import http.server
 import json
 import re
+import threading
 import urllib.request
 from collections.abc import Iterator
 
 import pytest
-from conftest import App, MlflowServer, poll
+from conftest import App, MlflowServer, QuietHandler, poll
 from faultproxy import FaultProxy, fault_proxy
 from test_delivery import (
     EXIT_TIMEOUT,
@@ -33,6 +35,7 @@ from test_delivery import (
 
 from traced_run import transport
 from traced_run.config.settings import Settings
+from traced_run.transport import connections
 
 
 @pytest.fixture
@@ -233,3 +236,45 @@ def test_requests_made_as_traced_run_makes_them_are_not_instrumented(mlflow_serv
         assert len(exporter.get_finished_spans()) == 1
     finally:
         instrumentor.uninstrument()
+
+
+@pytest.mark.parametrize("noticed", [True, False], ids=["noticed before use", "found on use"])
+def test_a_kept_connection_the_server_closed_meanwhile_is_replaced(
+        noticed: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """MLflow's uvicorn closes an idle kept connection after 5 s (this stand-in at once):
+    the next request goes on a new connection, whether the closed one is noticed before
+    it is used or only when the request meets the closed socket."""
+    opened: list[int] = []
+    closed: list[int] = []
+
+    class ClosesIdle(QuietHandler):
+        protocol_version = "HTTP/1.1"
+        timeout = 0.1  # seconds an idle kept connection lives
+
+        def setup(self) -> None:
+            opened.append(1)
+            super().setup()
+
+        def finish(self) -> None:
+            super().finish()
+            closed.append(1)
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.answer(200, b"", "application/x-protobuf")
+
+    if not noticed:
+        monkeypatch.setattr(connections, "_dropped", lambda sock: False)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), ClosesIdle)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}"
+    settings = Settings(tracking_uri=url)
+    try:
+        for n in range(1, 4):
+            answer = transport.post_otlp(settings, url + "/v1/traces", b"", "0", None, None, 10)
+            assert answer.ok, answer
+            poll(lambda: len(closed) == n, timeout=30, what="the server to close the idle connection")  # noqa: B023
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert len(opened) == 3
