@@ -210,7 +210,7 @@ def otlp_answer(answer: Answer) -> Answer:
         what = (f"{media} with a body that is no ExportTraceServiceResponse" if media in OTLP_TYPES
                 else f"{printable(media)[:60] or 'no content type'}, not an OTLP answer")
         return replace(answer, problem=f"HTTP {answer.status} {what}, from {server}: is the endpoint "
-                       "MLflow's /v1/traces? (MLflow answers application/x-protobuf)")
+                       "MLflow's /v1/traces?")
     rejected, message = partial
     if rejected or message:
         from traced_run.report import say
