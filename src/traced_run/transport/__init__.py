@@ -420,8 +420,9 @@ def _network_reason(reason: object, timeout: float, settings: Settings) -> str:
         if isinstance(reason, ssl.SSLEOFError) and not settings.client_cert:
             # A TLS 1.3 server that requires a client certificate checks it after the handshake
             # and may just close the connection: the client sees only the end of it.
-            return f"the server closed the TLS connection ({said}), as a server that requires a " \
-                   f"client certificate does; {CLIENT_CERT_FIX}"
+            # Worded as the alert's line is: which of the two a client sees is a race.
+            return f"the server closed the TLS connection ({said}): it may want a client certificate; " \
+                   f"{CLIENT_CERT_FIX}"
         if code == "WRONG_VERSION_NUMBER":
             return f"TLS failed ({said}): is the server plain http://? then write http:// in the URL"
         return f"TLS failed ({said})"
