@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from faultproxy import FaultProxy, fault_proxy
 
 BIN = Path(sys.executable).parent
 TRACED_RUN = str(BIN / "traced-run")
@@ -224,6 +225,13 @@ def traced_env(app: App, *, experiment: bool = True, exit_timeout: str = GENEROU
 @pytest.fixture
 def app(tmp_path: Path, mlflow_server: MlflowServer) -> App:
     return App(tmp_path, mlflow_server, f"test-{uuid.uuid4().hex[:12]}")
+
+
+@pytest.fixture
+def proxy(mlflow_server: MlflowServer) -> Iterator[FaultProxy]:
+    """The fault proxy (tests/faultproxy.py) in front of the session's MLflow."""
+    with fault_proxy(mlflow_server.url) as running:
+        yield running
 
 
 def spans_by_type(trace: Any) -> dict[str, list[Any]]:

@@ -12,11 +12,10 @@ import json
 import re
 import threading
 import urllib.request
-from collections.abc import Iterator
 
 import pytest
 from conftest import App, MlflowServer, QuietHandler, poll
-from faultproxy import FaultProxy, fault_proxy
+from faultproxy import FaultProxy
 from test_delivery import (
     EXIT_TIMEOUT,
     MARGIN,
@@ -36,12 +35,6 @@ from test_delivery import (
 from traced_run import transport
 from traced_run.config.settings import Settings
 from traced_run.transport import connections
-
-
-@pytest.fixture
-def proxy(mlflow_server: MlflowServer) -> Iterator[FaultProxy]:
-    with fault_proxy(mlflow_server.url) as running:
-        yield running
 
 
 def by_id(app: App, proxy: FaultProxy, **extra: str) -> dict[str, str]:
