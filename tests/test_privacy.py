@@ -75,10 +75,10 @@ class Recorder:
                                                  method="POST")
                 try:
                     with urllib.request.urlopen(request, timeout=60) as answer:
-                        status, payload = answer.status, answer.read()
+                        status, payload, kind = answer.status, answer.read(), answer.headers["Content-Type"]
                 except urllib.error.HTTPError as error:
-                    status, payload = error.code, error.read()
-                self.answer(status, payload)
+                    status, payload, kind = error.code, error.read(), error.headers["Content-Type"]
+                self.answer(status, payload, kind)
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
