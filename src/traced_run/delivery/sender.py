@@ -225,7 +225,7 @@ class DeliveryThread:
     def _encoded(self, batch: list[ReadableSpan], timeout: float | None) -> tuple[bytes, Outcome | None]:
         """The batch's request body (empty when the courier's post delivered it), and, unless
         ``timeout`` is None, what MLflow made of it posted: by the courier once it is up, else here."""
-        from traced_run.delivery.export import encode, target_of
+        from traced_run.delivery.export import target_of
 
         target = target_of(self._settings)
         if self._courier.usable(len(batch), leaving=self._queue.leaving()):
@@ -241,8 +241,24 @@ class DeliveryThread:
                 if outcome is not None:
                     self._backoff.heard(outcome)
                 return payload, outcome
-        payload = encode(batch, self._settings)
+        payload = self._encode(batch)
         return payload, None if timeout is None else self._post(payload, target, timeout)
+
+    def _encode(self, batch: list[ReadableSpan]) -> bytes:
+        """``encode``; a span it drops is counted and leaves the batch, so that what follows
+        (counts, the spool) is of the spans sent. The batch is the queue's in flight, which
+        close() may take over: it changes under the queue's lock."""
+        from traced_run.delivery.export import encode
+
+        dropped: list[ReadableSpan] = []
+        payload = encode(batch, self._settings, dropped)
+        if dropped:
+            self._ledger.unencodable(dropped)
+            gone = {id(span) for span in dropped}
+            kept = [span for span in batch if id(span) not in gone]
+            with self._queue.lock:
+                batch[:] = kept
+        return payload
 
     def _post(self, payload: bytes, target: Target, timeout: float) -> Outcome:
         assert self._sender is not None
