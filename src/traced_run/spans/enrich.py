@@ -233,6 +233,8 @@ NESTING_CUT = f"[nested deeper than {MAX_NESTING} levels: not exported]"
 _CUT_JSON = json.dumps(NESTING_CUT)
 
 _JSON_SPACE = " \t\n\r"
+_MAY_OPEN = "[{" + _JSON_SPACE
+"""A JSON array or object starts with one of these (or is empty)."""
 _ESCAPE = re.compile(r"\\.", re.DOTALL)
 _STRING = re.compile(r'"[^"]*"')
 _NOT_BRACKET = re.compile(r"[^\[\]{}]+")
@@ -282,7 +284,9 @@ def _bound_nesting(attributes: dict[str, AttributeValue]) -> None:
     """Every JSON text MLflow gets within ``MAX_NESTING``: what pydantic-ai and OpenInference
     wrote (tool arguments, results, messages), and what was parsed and written here."""
     for key, value in attributes.items():
-        if isinstance(value, str):
+        # Inline, the cheapest test first: this runs on every value of every span.
+        if (isinstance(value, str) and value[:1] in _MAY_OPEN
+                and value.count("[") + value.count("{") > MAX_NESTING):
             attributes[key] = nesting_bounded(value)
 
 
