@@ -60,8 +60,10 @@ def test_deep_tool_arguments_and_a_lone_surrogate_cost_no_trace(app: App) -> Non
     app.write(BAD_RUNS_APP)
     done = app.run("python", "app.py", env=traced_env(app))
     assert done.returncode == 0, done.stderr.decode(errors="replace")
-    # Nothing lost, so nothing to say (the surrogate run fails in the app, as it would untraced).
-    assert b"traced-run:" not in done.stderr, done.stderr.decode(errors="replace")
+    # Nothing lost nor dropped (the surrogate run fails in the app, as it would untraced). A slow
+    # MLflow on a loaded machine may still be said, so only those words are looked for.
+    said = done.stderr.decode(errors="replace")
+    assert "lost" not in said and "dropped" not in said and "could not be encoded" not in said, said
     traces = app.traces(11, timeout=60)
     spans = [span for trace in traces for span in trace.data.spans]
     assert len({trace.info.request_preview for trace in traces}) == 11
