@@ -230,16 +230,21 @@ def test_a_span_that_cannot_be_encoded_costs_only_itself(tmp_path: Path, sender:
     delivery.start()
     submit_together(delivery, [*trace(1, 2), unencodable(2), *trace(2, 1), *trace(3, 2)])
     assert delivery.flush(5)
+    delivery.submit(unencodable(4))  # a batch of it alone: nothing to post, nothing to keep
+    assert delivery.flush(5)
     delivery.close()
+    assert len(sender.posts) == 1
+    assert Spool.of(settings(tmp_path)).survey(ENDPOINT).spans == 0
     sent = [(span.trace_id[-1], span.name) for payload in sender.posts
             for resource in ExportTraceServiceRequest.FromString(payload).resource_spans
             for scope in resource.scope_spans for span in scope.spans]
     assert sorted(sent) == [(1, "step"), (1, "step"), (2, "step"), (3, "step"), (3, "step")]
     said = capfd.readouterr().err.splitlines()
-    assert len(said) == 2, said
-    assert said[0].startswith(f"traced-run: dropped span 'bad step' of trace {2:032x}: it could not be "
-                              "encoded (RecursionError: maximum recursion depth exceeded"), said
-    assert said[1] == "traced-run: 1 span dropped (could not be encoded)", said
+    assert len(said) == 3, said
+    for line, trace_id in zip(said[:2], (2, 4), strict=True):
+        assert line.startswith(f"traced-run: dropped span 'bad step' of trace {trace_id:032x}: it could not "
+                               "be encoded (RecursionError: maximum recursion depth exceeded"), said
+    assert said[2] == "traced-run: 2 spans dropped (could not be encoded)", said
 
 
 def test_a_kept_batch_counts_a_span_that_cannot_be_encoded_once(tmp_path: Path) -> None:

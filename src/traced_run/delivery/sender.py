@@ -200,6 +200,8 @@ class DeliveryThread:
         timeout = self._attempt_timeout()
         keep = self._backoff.down() or self._queue.high() or timeout <= 0
         payload, outcome = self._encoded(batch, None if keep else timeout)
+        if not batch:  # each of its spans was dropped as unencodable (said and counted)
+            return
         if outcome is None:
             if timeout <= 0:
                 self._ledger.timed_out()
@@ -242,7 +244,7 @@ class DeliveryThread:
                     self._backoff.heard(outcome)
                 return payload, outcome
         payload = self._encode(batch)
-        return payload, None if timeout is None else self._post(payload, target, timeout)
+        return payload, None if timeout is None or not batch else self._post(payload, target, timeout)
 
     def _encode(self, batch: list[ReadableSpan]) -> bytes:
         """``encode``; a span it drops is counted and leaves the batch, so that what follows
