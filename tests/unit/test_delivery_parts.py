@@ -9,6 +9,9 @@ from collections import deque
 from pathlib import Path
 
 import pytest
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.trace import SpanContext
 
 from traced_run.delivery import Delivery
 from traced_run.delivery.export import DELIVERED, encode
@@ -196,3 +199,47 @@ def test_a_full_queue_spills_to_disk_rather_than_drop(tmp_path: Path, sender: ty
     said = capfd.readouterr().err
     assert "dropped" not in said, said
     assert "1201 spans of 301 traces not delivered" in said, said
+
+
+# --- a span that cannot be encoded ----------------------------------------------------------
+def unencodable(trace_id: int) -> ReadableSpan:
+    """A span no encoder takes: a value nested past Python's recursion limit (what a library
+    may still hand over after enrich bounded what it knows of)."""
+    nested: list[object] = []
+    for _ in range(5000):
+        nested = [nested]
+    return ReadableSpan("bad step", context=SpanContext(trace_id, 7, False), resource=Resource.create({}),
+                        attributes={"nested": nested}, start_time=1, end_time=2)  # type: ignore[dict-item]
+
+
+def test_a_span_that_cannot_be_encoded_costs_only_itself(tmp_path: Path, sender: type[FakeSender],
+                                                        capfd: pytest.CaptureFixture[str]) -> None:
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    delivery = Delivery(settings(tmp_path))
+    delivery.start()
+    submit_together(delivery, [*trace(1, 2), unencodable(2), *trace(2, 1), *trace(3, 2)])
+    assert delivery.flush(5)
+    delivery.submit(unencodable(4))  # a batch of it alone: nothing to post, nothing to keep
+    assert delivery.flush(5)
+    delivery.close()
+    assert len(sender.posts) == 1
+    assert Spool.of(settings(tmp_path)).survey(ENDPOINT).spans == 0
+    sent = [(span.trace_id[-1], span.name) for payload in sender.posts
+            for resource in ExportTraceServiceRequest.FromString(payload).resource_spans
+            for scope in resource.scope_spans for span in scope.spans]
+    assert sorted(sent) == [(1, "step"), (1, "step"), (2, "step"), (3, "step"), (3, "step")]
+    said = capfd.readouterr().err.splitlines()
+    assert len(said) == 3, said
+    for line, trace_id in zip(said[:2], (2, 4), strict=True):
+        assert line.startswith(f"traced-run: dropped span 'bad step' of trace {trace_id:032x}: it could not "
+                               "be encoded (RecursionError: maximum recursion depth exceeded"), said
+    assert said[2] == "traced-run: 2 spans dropped (could not be encoded)", said
+
+
+def test_a_kept_batch_counts_a_span_that_cannot_be_encoded_once(tmp_path: Path) -> None:
+    keep, ledger, _ = keeper(tmp_path, 1 << 20)
+    bad = unencodable(9)
+    keep.keep([*trace(1, 2), bad])
+    keep.keep([bad])  # the exit path takes over a batch the delivery thread had encoded
+    assert str(ledger.exit_line(ENDPOINT)).endswith("; 1 span dropped (could not be encoded)")

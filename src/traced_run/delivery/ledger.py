@@ -10,6 +10,9 @@ methods below. No other lock is taken while it is held.
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
+
+from opentelemetry.sdk.trace import ReadableSpan
 
 from traced_run import report
 from traced_run.config.settings import Settings
@@ -40,6 +43,7 @@ class Ledger:
         self._unwritten = 0
         """Spans a thread is writing to the spool."""
         self._lost = 0
+        self._unencodable: set[tuple[int, int]] = set()  # a set: a batch may be encoded twice
         self._outage_told = False
 
     # -- what happened ------------------------------------------------------------------------
@@ -96,6 +100,10 @@ class Ledger:
     def dropped(self) -> None:
         with self._lock:
             self._dropped += 1
+
+    def unencodable(self, spans: Sequence[ReadableSpan]) -> None:  # each said when dropped (export.encode)
+        with self._lock:
+            self._unencodable.update((s.context.trace_id, s.context.span_id) for s in spans if s.context)
 
     def writing(self, spans: int) -> None:
         """Spans a thread starts writing to the spool: said at exit when it never finished."""
@@ -185,10 +193,12 @@ class Ledger:
         settings = self._settings
         over_spool = self._oversized + sum(self._own[name][0] for name in removed)
         parts = []
-        if self._dropped or over_spool:
-            causes = [f"queue_size={settings.queue_size} full"] if self._dropped else []
-            causes += [f"spool over spool_max_mb={settings.spool_max_mb}"] if over_spool else []
-            parts.append(f"{counted(self._dropped + over_spool, 'span')} dropped ({', '.join(causes)})")
+        dropped = {f"queue_size={settings.queue_size} full": self._dropped,
+                   f"spool over spool_max_mb={settings.spool_max_mb}": over_spool,
+                   "could not be encoded": len(self._unencodable)}
+        if any(dropped.values()):
+            causes = ", ".join(cause for cause, spans in dropped.items() if spans)
+            parts.append(f"{counted(sum(dropped.values()), 'span')} dropped ({causes})")
         if self._spool.expired_spans:
             expired = counted(self._spool.expired_spans, "span")
             parts.append(f"{expired} that ended processes spooled more than spool_max_age="
@@ -204,6 +214,5 @@ class Ledger:
         return parts
 
     def say_exit_line(self, endpoint: str) -> None:
-        line = self.exit_line(endpoint)
-        if line is not None:
+        if (line := self.exit_line(endpoint)) is not None:
             report.say(line)

@@ -56,8 +56,11 @@ class Keeper:
         self._ledger.writing(len(batch))
         left = len(batch)
         try:
-            for spans, piece in self._pieces(batch, encode(batch, self._settings) if payload is None
-                                             else payload):
+            if payload is None:
+                dropped: list[ReadableSpan] = []
+                payload = encode(batch, self._settings, dropped)
+                self._ledger.unencodable(dropped)
+            for spans, piece in self._pieces(batch, payload):
                 self._put(target, spans, piece)
                 left -= len(spans)
         except Exception as error:  # encoding a part: counted, never silent

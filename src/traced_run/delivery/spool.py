@@ -664,7 +664,8 @@ def _header_line(target: Target, spans: int, traces: int, payload: bytes) -> byt
 
 
 def _reason_text(reason: str) -> bytes:
-    return (printable(reason) + "\n").encode()
+    # A reason may quote a lone surrogate (an OS error's file name): escaped, the file is still written.
+    return (printable(reason) + "\n").encode(errors="backslashreplace")
 
 
 def _same_endpoint(stored: str, endpoint: str) -> bool:

@@ -13,7 +13,9 @@ the spool or the network.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterator, Mapping
+from itertools import accumulate
 from typing import Any
 
 from openinference.instrumentation.pydantic_ai import OpenInferenceSpanProcessor
@@ -79,6 +81,7 @@ def for_mlflow(span: ReadableSpan, settings: Settings) -> ReadableSpan:
     _conversation(attributes, inputs, outputs)
     _token_total(attributes)
     _bound_binary(attributes, settings.max_binary_bytes)
+    _bound_nesting(attributes)
     redactor = config.redactor
     if not redactor:
         return copy_span(copy, attributes)
@@ -227,9 +230,80 @@ def _json(value: AttributeValue | None) -> Any:
     if not isinstance(value, str):
         return None
     try:
-        return json.loads(value)
+        return json.loads(nesting_bounded(value))
     except ValueError:
         return None
+
+
+# -- nesting -------------------------------------------------------------------------------
+
+MAX_NESTING = 24
+"""Deepest JSON nesting (arrays and objects) MLflow's copy holds. A model can send tool
+arguments thousands of levels deep: Python's json raises RecursionError at about a thousand,
+and well before that MLflow (3.17) stores a trace it cannot read back: a span's inputs or
+outputs 32 objects deep pass protobuf's bound of 100 levels (an object is three) when MLflow
+converts the trace, and every search of the experiment that would list it fails. 24 leaves
+room for what wraps a value on its way (a message list, MLflow's translation)."""
+NESTING_CUT = f"[nested deeper than {MAX_NESTING} levels: not exported]"
+"""What stands, as a JSON string, for a value cut at ``MAX_NESTING``."""
+_CUT_JSON = json.dumps(NESTING_CUT)
+
+_JSON_SPACE = " \t\n\r"
+_MAY_OPEN = "[{" + _JSON_SPACE
+"""A JSON array or object starts with one of these (or is empty)."""
+_ESCAPE = re.compile(r"\\.", re.DOTALL)
+_STRING = re.compile(r'"[^"]*"')
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
+_TOKEN = re.compile(r'\\.|"|[\[\]{}]', re.DOTALL)
+
+
+def nesting_bounded(text: str) -> str:
+    """``text``, or when it is JSON nested deeper than ``MAX_NESTING``, the same text with
+    each array or object below that depth replaced by ``NESTING_CUT`` (valid JSON stays
+    valid). It never parses, so never recurses: a text of any depth costs a few scans at
+    C speed, most texts one count (fewer brackets than the bound)."""
+    if text.lstrip(_JSON_SPACE)[:1] not in ("[", "{") or text.count("[") + text.count("{") <= MAX_NESTING:
+        return text
+    # Escapes first (a quote or bracket after a backslash is text), then strings: brackets remain.
+    brackets = _NOT_BRACKET.sub("", _STRING.sub("", _ESCAPE.sub("", text)))
+    if max(accumulate(map(_STEP.__getitem__, brackets)), default=0) <= MAX_NESTING:
+        return text
+    return _cut(text)
+
+
+def _cut(text: str) -> str:
+    parts: list[str] = []
+    depth, start, kept_from, in_string = 0, 0, 0, False
+    for token in _TOKEN.finditer(text):
+        mark = token[0]
+        if mark == '"':
+            in_string = not in_string
+        if in_string or mark[0] in '"\\':
+            continue
+        if mark in "[{":
+            depth += 1
+            if depth == MAX_NESTING + 1:
+                start = token.start()
+        elif depth > 0:
+            depth -= 1
+            if depth == MAX_NESTING:
+                parts += (text[kept_from:start], _CUT_JSON)
+                kept_from = token.end()
+    if depth > MAX_NESTING:  # never closed: cut to the end
+        parts += (text[kept_from:start], _CUT_JSON)
+        kept_from = len(text)
+    return "".join(parts) + text[kept_from:]
+
+
+def _bound_nesting(attributes: dict[str, AttributeValue]) -> None:
+    """Every JSON text MLflow gets within ``MAX_NESTING``: what pydantic-ai and OpenInference
+    wrote (tool arguments, results, messages), and what was parsed and written here."""
+    for key, value in attributes.items():
+        # Inline, the cheapest test first: this runs on every value of every span.
+        if (isinstance(value, str) and value[:1] in _MAY_OPEN
+                and value.count("[") + value.count("{") > MAX_NESTING):
+            attributes[key] = nesting_bounded(value)
 
 
 _PROMPT_TOKENS = "llm.token_count.prompt"
