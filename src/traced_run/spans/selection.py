@@ -19,12 +19,14 @@ Response) and the agent's name as the trace name; spans of a resource whose
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import sys
 import threading
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from typing import Any
 
 from opentelemetry.context import Context
@@ -269,9 +271,50 @@ def _cut_off(span: ReadableSpan, handled: BaseException | None) -> str | None:
     if span.status.status_code is not StatusCode.UNSET or scope is None or scope.name != PYDANTIC_AI_SCOPE:
         return None
     passing = _cancellation()
-    if passing is None or passing is handled:
+    if passing is None or passing is handled or _left_by_the_app(passing):
         return None
     return f"interrupted: {type(passing).__name__}"
+
+
+def _left_by_the_app(passing: BaseException) -> bool:
+    """``passing`` is pydantic-ai ending a run the app left normally (a ``break`` out of a
+    stream or an ``iter`` loop, an early ``return``), not a cancellation from outside.
+
+    pydantic-ai (2.x) runs a run's span in a task of its own, awaiting the run's
+    ``wrap_run`` capability chain; when the app leaves the run's context with no result, pydantic-ai
+    cancels that task, so a ``CancelledError`` passes through the span though nothing
+    failed. A cancellation from outside (``task.cancel()``, a timeout, a server cancelling
+    its request) reaches that task as the error pydantic-ai re-raises there, which leaves it
+    not cancelling, or while the app's task is cancelling too. Checked on pydantic-ai 2.68
+    and 2.78; 1.x ran the span in the app's task and raised nothing on a normal leave.
+    Python 3.10 has no ``Task.cancelling()``: there such a run stays as interrupted."""
+    if not isinstance(passing, asyncio.CancelledError):
+        return False
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # no event loop on this thread
+        return False
+    if task is None or not _cancelling(task):
+        return False
+    if not _runs_wrap_run(task.get_coro()):
+        return False
+    return not any(other is not task and _cancelling(other) for other in asyncio.all_tasks(task.get_loop()))
+
+
+def _runs_wrap_run(coroutine: object) -> bool:
+    """The task made for a run's ``wrap_run`` chain: its coroutine (pydantic-ai's task
+    wrapper) awaits a ``wrap_run`` directly."""
+    for _ in range(2):
+        code = getattr(coroutine, "cr_code", None)
+        if code is not None and code.co_name == "wrap_run":
+            return True
+        coroutine = getattr(coroutine, "cr_await", None)
+    return False
+
+
+def _cancelling(task: asyncio.Task[Any]) -> int:
+    count: Callable[[], int] | None = getattr(task, "cancelling", None)  # Python >= 3.11
+    return count() if count is not None else 0
 
 
 def copy_span(span: ReadableSpan, attributes: dict[str, AttributeValue], **changed: Any) -> ReadableSpan:
