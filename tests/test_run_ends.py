@@ -1,6 +1,6 @@
 """How a run ended, told truly: a run the app leaves on purpose (a ``break`` out of
 a stream once it has the first text, an ``iter`` loop stopped at the first tool
-call) arrives OK, every span OK; a run cancelled from outside arrives ERROR; and
+call) arrives OK, every span OK, with the output it had; a run cancelled from outside arrives ERROR; and
 every ERROR span says why in its status (a ModelRetry's text, ``interrupted: ...``
 for a tool cut off), not only in an event."""
 
@@ -112,6 +112,8 @@ def test_runs_left_on_purpose_are_ok_and_error_spans_say_why(app: App) -> None:
         assert str(trace.info.state).endswith("OK"), (name, trace.info.state)
         assert {span.name: _status(span) for span in trace.data.spans if _status(span)[0] != "OK"} == {}, name
     assert "Stream until the first text" in str(traces["streamer"].info.request_preview)
+    # The output it had: what the model had answered when the app stopped reading.
+    assert "first" in str(traces["streamer"].info.response_preview), traces["streamer"].info
     stepped = [span.name for span in traces["stepper"].data.spans]
     assert "execute_tool lookup" not in stepped, stepped  # stopped before the tool ran
 

@@ -70,6 +70,8 @@ class TraceSelection(SpanProcessor):
         """Spans started and not yet ended, by span id: what an interrupted run leaves open."""
         self._prompts: dict[int, AttributeValue] = {}
         """Wanted trace id -> the messages its latest model call was sent (the prompt of a run cut off)."""
+        self._answers: dict[int, AttributeValue] = {}
+        """Wanted trace id -> its latest model call's answer (the output of a run the app left early)."""
         self._started_in_handler: dict[int, BaseException] = {}
         """Span id -> the cancellation or exit being handled when it started (not what cut it off)."""
         self._resources: dict[int, tuple[Resource, Resource]] = {}
@@ -141,12 +143,30 @@ class TraceSelection(SpanProcessor):
                 if messages is not None:
                     self._prompts[trace_id] = messages
             messages = self._prompts.pop(trace_id, None) if local_root else None
+            answer = self._answer(trace_id, span, local_root) if isinstance(agent, ReadableSpan) else None
         if isinstance(agent, str):
             return
         cut_off = _cut_off(span, handled)
         if cut_off is not None:
             span = copy_span(span, dict(span.attributes or {}), status=Status(StatusCode.ERROR, cut_off))
+        output = _text(answer)
+        if output is not None:
+            span = copy_span(span, {**(span.attributes or {}), "output.value": output})
         self._inner.on_end(self._shaped(span, agent if local_root else None, messages))
+
+    def _answer(self, trace_id: int, span: ReadableSpan, local_root: bool) -> AttributeValue | None:
+        """(Lock held.) The answer of the trace's latest model call, if ``span`` is an agent run
+        that ended with no result (a ``break`` out of its stream or ``iter`` loop): the output
+        it had, which MLflow then shows as its outputs. Kept unparsed: this is the app's thread."""
+        attributes = span.attributes or {}
+        answer = attributes.get("gen_ai.output.messages")
+        if answer is not None:
+            self._answers[trace_id] = answer
+        run_without_result = "pydantic_ai.all_messages" in attributes and "final_result" not in attributes
+        answer = self._answers.get(trace_id) if run_without_result else None
+        if local_root:
+            self._answers.pop(trace_id, None)
+        return answer
 
     def _track(self, span: Span) -> None:
         """Remember an open span (lock held); spans never ended (a leak in the app) are
@@ -315,6 +335,18 @@ def _runs_wrap_run(coroutine: object) -> bool:
 def _cancelling(task: asyncio.Task[Any]) -> int:
     count: Callable[[], int] | None = getattr(task, "cancelling", None)  # Python >= 3.11
     return count() if count is not None else 0
+
+
+def _text(answer: AttributeValue | None) -> str | None:
+    """The text parts of a model call's answer (``gen_ai.output.messages``), if it has any."""
+    try:
+        parsed: Any = json.loads(answer) if isinstance(answer, str) else None
+    except ValueError:
+        return None
+    parts = [part for message in (parsed if isinstance(parsed, list) else []) if isinstance(message, dict)
+             for part in message.get("parts") or () if isinstance(part, dict) and part.get("type") == "text"]
+    text = "".join(part["content"] for part in parts if isinstance(part.get("content"), str))
+    return text or None
 
 
 def copy_span(span: ReadableSpan, attributes: dict[str, AttributeValue], **changed: Any) -> ReadableSpan:
