@@ -70,8 +70,7 @@ class TraceSelection(SpanProcessor):
         """Spans started and not yet ended, by span id: what an interrupted run leaves open."""
         self._prompts: dict[int, AttributeValue] = {}
         """Wanted trace id -> the messages its latest model call was sent (the prompt of a run cut off)."""
-        self._answers: dict[int, AttributeValue] = {}
-        """Wanted trace id -> its latest model call's answer (the output of a run the app left early)."""
+        self._answers = _Answers()
         self._started_in_handler: dict[int, BaseException] = {}
         """Span id -> the cancellation or exit being handled when it started (not what cut it off)."""
         self._resources: dict[int, tuple[Resource, Resource]] = {}
@@ -143,7 +142,7 @@ class TraceSelection(SpanProcessor):
                 if messages is not None:
                     self._prompts[trace_id] = messages
             messages = self._prompts.pop(trace_id, None) if local_root else None
-            answer = self._answer(trace_id, span, local_root) if isinstance(agent, ReadableSpan) else None
+            answer = self._answers.of(trace_id, span, local_root) if isinstance(agent, ReadableSpan) else None
         if isinstance(agent, str):
             return
         cut_off = _cut_off(span, handled)
@@ -153,20 +152,6 @@ class TraceSelection(SpanProcessor):
         if output is not None:
             span = copy_span(span, {**(span.attributes or {}), "output.value": output})
         self._inner.on_end(self._shaped(span, agent if local_root else None, messages))
-
-    def _answer(self, trace_id: int, span: ReadableSpan, local_root: bool) -> AttributeValue | None:
-        """(Lock held.) The answer of the trace's latest model call, if ``span`` is an agent run
-        that ended with no result (a ``break`` out of its stream or ``iter`` loop): the output
-        it had, which MLflow then shows as its outputs. Kept unparsed: this is the app's thread."""
-        attributes = span.attributes or {}
-        answer = attributes.get("gen_ai.output.messages")
-        if answer is not None:
-            self._answers[trace_id] = answer
-        run_without_result = "pydantic_ai.all_messages" in attributes and "final_result" not in attributes
-        answer = self._answers.get(trace_id) if run_without_result else None
-        if local_root:
-            self._answers.pop(trace_id, None)
-        return answer
 
     def _track(self, span: Span) -> None:
         """Remember an open span (lock held); spans never ended (a leak in the app) are
@@ -261,6 +246,28 @@ class TraceSelection(SpanProcessor):
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         return self._inner.force_flush(timeout_millis)
+
+
+class _Answers:
+    """Each wanted trace's latest model answer (under the selection's lock), kept unparsed:
+    this is the app's thread."""
+
+    def __init__(self) -> None:
+        self._latest: dict[int, AttributeValue] = {}
+
+    def of(self, trace_id: int, span: ReadableSpan, local_root: bool) -> AttributeValue | None:
+        """The answer of the trace's latest model call, if ``span`` is an agent run that ended
+        with no result (a ``break`` out of its stream or ``iter`` loop): the output it had,
+        which MLflow then shows as its outputs."""
+        attributes = span.attributes or {}
+        answer = attributes.get("gen_ai.output.messages")
+        if answer is not None:
+            self._latest[trace_id] = answer
+        run_without_result = "pydantic_ai.all_messages" in attributes and "final_result" not in attributes
+        answer = self._latest.get(trace_id) if run_without_result else None
+        if local_root:
+            self._latest.pop(trace_id, None)
+        return answer
 
 
 def _ended(span: Span, now: int, why: str, messages: AttributeValue | None) -> ReadableSpan:
