@@ -21,7 +21,7 @@ from typing import Any
 from openinference.instrumentation.pydantic_ai import OpenInferenceSpanProcessor
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan
-from opentelemetry.trace import Status
+from opentelemetry.trace import Status, StatusCode
 from opentelemetry.util.types import AttributeValue
 
 from traced_run.config.settings import Settings
@@ -72,7 +72,8 @@ def for_mlflow(span: ReadableSpan, settings: Settings) -> ReadableSpan:
     config = _config_for(settings)
     attributes: dict[str, AttributeValue] = dict(span.attributes or {})
     inputs, outputs = _json(attributes.get(_INPUT_MESSAGES)), _json(attributes.get(_OUTPUT_MESSAGES))
-    copy = _openinference(span, attributes, chat=isinstance(inputs, list) and isinstance(outputs, list))
+    chat = isinstance(inputs, list) and isinstance(outputs, list)
+    copy = _explained(_openinference(span, attributes, chat=chat))
     _span_type(attributes)
     _metadata(attributes, settings, is_root=span.parent is None)
     if not settings.include_content:
@@ -145,6 +146,26 @@ def _span_type(attributes: dict[str, AttributeValue]) -> None:
     kind = attributes.get(_SPAN_KIND)
     if isinstance(kind, str) and kind:
         attributes.setdefault(SPAN_TYPE, kind)
+
+
+_INTERRUPTIONS = ("CancelledError", "KeyboardInterrupt", "SystemExit")
+
+
+def _explained(span: ReadableSpan) -> ReadableSpan:
+    """An ERROR span says why in its status, where MLflow shows it: pydantic-ai leaves a
+    failed tool's status (ModelRetry, a cancelled tool, UserError) without a message and
+    records the exception only as an event. ``ToolRetryError: <the retry's text>``, as
+    MLflow's autolog says it; ``interrupted: CancelledError`` for a tool cut off."""
+    if span.status.status_code is not StatusCode.ERROR or span.status.description:
+        return span
+    event = next((event for event in reversed(span.events) if event.name == "exception"), None)
+    attributes = (event.attributes or {}) if event is not None else {}
+    kind = str(attributes.get("exception.type", "")).rpartition(".")[2]
+    if not kind:
+        return span
+    message = attributes.get("exception.message")
+    why = f"interrupted: {kind}" if kind in _INTERRUPTIONS else f"{kind}: {message}" if message else kind
+    return copy_span(span, dict(span.attributes or {}), status=Status(StatusCode.ERROR, why))
 
 
 # -- conversations -------------------------------------------------------------------------

@@ -19,12 +19,14 @@ Response) and the agent's name as the trace name; spans of a resource whose
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import sys
 import threading
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from typing import Any
 
 from opentelemetry.context import Context
@@ -68,6 +70,7 @@ class TraceSelection(SpanProcessor):
         """Spans started and not yet ended, by span id: what an interrupted run leaves open."""
         self._prompts: dict[int, AttributeValue] = {}
         """Wanted trace id -> the messages its latest model call was sent (the prompt of a run cut off)."""
+        self._answers = _Answers()
         self._started_in_handler: dict[int, BaseException] = {}
         """Span id -> the cancellation or exit being handled when it started (not what cut it off)."""
         self._resources: dict[int, tuple[Resource, Resource]] = {}
@@ -139,11 +142,15 @@ class TraceSelection(SpanProcessor):
                 if messages is not None:
                     self._prompts[trace_id] = messages
             messages = self._prompts.pop(trace_id, None) if local_root else None
+            answer = self._answers.of(trace_id, span, local_root) if isinstance(agent, ReadableSpan) else None
         if isinstance(agent, str):
             return
         cut_off = _cut_off(span, handled)
         if cut_off is not None:
             span = copy_span(span, dict(span.attributes or {}), status=Status(StatusCode.ERROR, cut_off))
+        output = _text(answer)
+        if output is not None:
+            span = copy_span(span, {**(span.attributes or {}), "output.value": output})
         self._inner.on_end(self._shaped(span, agent if local_root else None, messages))
 
     def _track(self, span: Span) -> None:
@@ -241,6 +248,28 @@ class TraceSelection(SpanProcessor):
         return self._inner.force_flush(timeout_millis)
 
 
+class _Answers:
+    """Each wanted trace's latest model answer (under the selection's lock), kept unparsed:
+    this is the app's thread."""
+
+    def __init__(self) -> None:
+        self._latest: dict[int, AttributeValue] = {}
+
+    def of(self, trace_id: int, span: ReadableSpan, local_root: bool) -> AttributeValue | None:
+        """The answer of the trace's latest model call, if ``span`` is an agent run that ended
+        with no result (a ``break`` out of its stream or ``iter`` loop): the output it had,
+        which MLflow then shows as its outputs."""
+        attributes = span.attributes or {}
+        answer = attributes.get("gen_ai.output.messages")
+        if answer is not None:
+            self._latest[trace_id] = answer
+        run_without_result = "pydantic_ai.all_messages" in attributes and "final_result" not in attributes
+        answer = self._latest.get(trace_id) if run_without_result else None
+        if local_root:
+            self._latest.pop(trace_id, None)
+        return answer
+
+
 def _ended(span: Span, now: int, why: str, messages: AttributeValue | None) -> ReadableSpan:
     """A copy of the open ``span`` as if it had ended now with an error; an agent run
     cut off (it has no messages of its own yet) gets the prompt of its last model call."""
@@ -269,9 +298,62 @@ def _cut_off(span: ReadableSpan, handled: BaseException | None) -> str | None:
     if span.status.status_code is not StatusCode.UNSET or scope is None or scope.name != PYDANTIC_AI_SCOPE:
         return None
     passing = _cancellation()
-    if passing is None or passing is handled:
+    if passing is None or passing is handled or _left_by_the_app(passing):
         return None
     return f"interrupted: {type(passing).__name__}"
+
+
+def _left_by_the_app(passing: BaseException) -> bool:
+    """``passing`` is pydantic-ai ending a run the app left normally (a ``break`` out of a
+    stream or an ``iter`` loop, an early ``return``), not a cancellation from outside.
+
+    pydantic-ai (2.x) runs a run's span in a task of its own, awaiting the run's
+    ``wrap_run`` capability chain; when the app leaves the run's context with no result, pydantic-ai
+    cancels that task, so a ``CancelledError`` passes through the span though nothing
+    failed. A cancellation from outside (``task.cancel()``, a timeout, a server cancelling
+    its request) reaches that task as the error pydantic-ai re-raises there, which leaves it
+    not cancelling, or while the app's task is cancelling too. Checked on pydantic-ai 2.68
+    and 2.78; 1.x ran the span in the app's task and raised nothing on a normal leave.
+    Python 3.10 has no ``Task.cancelling()``: there such a run stays as interrupted."""
+    if not isinstance(passing, asyncio.CancelledError):
+        return False
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # no event loop on this thread
+        return False
+    if task is None or not _cancelling(task):
+        return False
+    if not _runs_wrap_run(task.get_coro()):
+        return False
+    return not any(other is not task and _cancelling(other) for other in asyncio.all_tasks(task.get_loop()))
+
+
+def _runs_wrap_run(coroutine: object) -> bool:
+    """The task made for a run's ``wrap_run`` chain: its coroutine (pydantic-ai's task
+    wrapper) awaits a ``wrap_run`` directly."""
+    for _ in range(2):
+        code = getattr(coroutine, "cr_code", None)
+        if code is not None and code.co_name == "wrap_run":
+            return True
+        coroutine = getattr(coroutine, "cr_await", None)
+    return False
+
+
+def _cancelling(task: asyncio.Task[Any]) -> int:
+    count: Callable[[], int] | None = getattr(task, "cancelling", None)  # Python >= 3.11
+    return count() if count is not None else 0
+
+
+def _text(answer: AttributeValue | None) -> str | None:
+    """The text parts of a model call's answer (``gen_ai.output.messages``), if it has any."""
+    try:
+        parsed: Any = json.loads(answer) if isinstance(answer, str) else None
+    except ValueError:
+        return None
+    parts = [part for message in (parsed if isinstance(parsed, list) else []) if isinstance(message, dict)
+             for part in message.get("parts") or () if isinstance(part, dict) and part.get("type") == "text"]
+    text = "".join(part["content"] for part in parts if isinstance(part.get("content"), str))
+    return text or None
 
 
 def copy_span(span: ReadableSpan, attributes: dict[str, AttributeValue], **changed: Any) -> ReadableSpan:
