@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -335,3 +336,78 @@ def test_the_fallback_in_the_temp_dir_is_private_and_not_a_name_others_can_take(
     assert directory.parent == temp and directory.name.startswith(f"traced-run-{uid}-")
     assert status.st_uid == uid and stat.S_IMODE(status.st_mode) == 0o700 and list(directory.iterdir()) == []
     assert spool_module.default_directory() == directory  # the next process finds the same one
+
+
+# --- nothing blocks the spool (issue 24) ---------------------------------------------------
+
+
+def backdated(spool: Spool, name: str, seconds: float, writer: int) -> str:
+    """Batch ``name`` as if process ``writer`` wrote it ``seconds`` ago: the name holds both,
+    and the file's time says so too."""
+    entry = spool_module.parse(name)
+    assert entry is not None
+    old = f"{int((entry.written - seconds) * 1e9):020d}-{writer}-{name.rsplit('-', 1)[1]}"
+    os.rename(spool.directory / name, spool.directory / old)
+    os.utime(spool.directory / old, (entry.written - seconds, entry.written - seconds))
+    return old
+
+
+def ended_pid() -> int:
+    return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True).stdout)
+
+
+def test_a_claim_given_back_does_not_make_a_batch_younger(tmp_path: Path) -> None:
+    """A flush that stopped at the oldest batch moved its time past its lease: later, the
+    batches behind it expired while it stayed, for ever."""
+    writer = ended_pid()
+    flushed = Spool(tmp_path / "spool", 1 << 20, max_age=3600)
+    names = [backdated(flushed, str(flushed.put(TARGET, 2, 1, bytes([i]))[0]), 3000, writer)
+             for i in range(2)]
+    held = next(flushed.claim(ENDPOINT))
+    assert held.name == names[0]
+    flushed.release(held)  # MLflow did not take it
+    later = Spool(tmp_path / "spool", 1 << 20, max_age=1800)  # as if 20 minutes later, with 3600
+    assert taken(later) == [] and (later.expired, later.expired_spans) == (2, 4)
+    assert list(later.directory.glob("*.otlp*")) == []
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("experiment_id", "\u0661\u0662"),  # Arabic-Indic digits: no number to MLflow
+    ("experiment_id", " 12"),
+    ("run_id", "run\u20ac1"),  # not Latin-1: http.client cannot put it in a header
+    ("workspace", "Team A"),
+])
+def test_a_batch_whose_header_cannot_be_sent_is_set_aside_and_the_next_goes(
+        spool: Spool, field: str, value: str) -> None:
+    header = {"endpoint": ENDPOINT, "experiment_id": "0", "spans": 1, "traces": 1, "bytes": 1, field: value}
+    planted = plant(spool, json.dumps(header).encode() + b"\nx")
+    later, _ = spool.put(TARGET, 1, 1, b"later")
+    assert [batch.name for batch in taken(spool)] == [later]
+    reason = (spool.rejected / planted.name.replace(".otlp", ".reason.txt")).read_text()
+    assert f"header field {field!r} cannot be sent: expected" in reason, reason
+
+
+def test_put_back_set_aside_sends_them_again_and_leaves_what_is_no_batch(spool: Spool) -> None:
+    name, _ = spool.put(TARGET, 3, 1, b"refused once")
+    (batch,) = spool.claim(ENDPOINT)
+    spool.reject(batch, "experiment 'x' is deleted in MLflow")
+    spool.rejected.joinpath("00000000000000000001-1-0000000b.otlp").write_bytes(b"not a batch")
+    assert spool.put_back_set_aside() == 1
+    (again,) = taken(spool)
+    assert (again.payload, again.spans) == (b"refused once", 3) and again.name != name
+    assert sorted(p.name for p in spool.rejected.iterdir()) == ["00000000000000000001-1-0000000b.otlp"]
+    assert spool.put_back_set_aside() == 0
+
+
+def test_a_removal_mark_of_a_writer_that_never_ends_goes_after_max_age(tmp_path: Path) -> None:
+    """Pid 1 (the app in a container) is alive to every later process: its marks stayed for ever."""
+    spool = Spool(tmp_path / "spool", 1 << 20, max_age=3600)
+    spool.put(TARGET, 1, 1, b"p")
+    marks = [spool.directory / f"0000000000000000000{n}-1-0000000a.dropped" for n in (1, 2)]
+    for mark in marks:
+        mark.touch()
+    then = time.time() - 7200
+    os.utime(marks[0], (then, then))
+    taken(spool)
+    assert [mark.exists() for mark in marks] == [False, True]

@@ -16,11 +16,12 @@ HOUR = 3600.0
 
 
 def old_batch(spool: Spool) -> str:
+    """A batch written an hour ago, while MLflow was down: its name holds when it was written."""
     name, _ = spool.put(TARGET, 1, 1, b"payload")
     assert name is not None
-    then = time.time() - HOUR  # written an hour ago, while MLflow was down
-    os.utime(spool.directory / name, (then, then))
-    return name
+    old = f"{int((time.time() - HOUR) * 1e9):020d}{name[20:]}"
+    os.rename(spool.directory / name, spool.directory / old)
+    return old
 
 
 def test_an_old_batch_claimed_by_a_live_process_is_not_claimed_again(tmp_path: Path) -> None:

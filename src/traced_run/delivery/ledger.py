@@ -33,6 +33,8 @@ class Ledger:
         self._rejected = 0
         self._rejected_told = 0
         self._statuses: set[int] = set()
+        self._refusal = ""
+        """Why MLflow refused the first batch it refused without an HTTP status (its experiment deleted)."""
         self._dropped = 0
         self._oversized = 0
         """Spans dropped as each alone larger than the spool's bound."""
@@ -128,13 +130,15 @@ class Ledger:
             if self._own.pop(name, None) is not None and delivered:
                 self._sent_later += spans
 
-    def rejected(self, spans: int, status: int | None, leaving: bool) -> bool:
+    def rejected(self, spans: int, status: int | None, reason: str, leaving: bool) -> bool:
         """Counted; True when it is to be said now (a running service must learn of it),
         False when the exit line will say it."""
         with self._lock:
             self._rejected += spans
             if status is not None:
                 self._statuses.add(status)
+            else:
+                self._refusal = self._refusal or reason
             if not leaving:
                 self._rejected_told += spans
             return not leaving
@@ -176,8 +180,9 @@ class Ledger:
                          f"and sent later")
         if self._rejected > self._rejected_told:
             statuses = ", ".join(str(status) for status in sorted(self._statuses))
+            why = "; ".join(filter(None, (statuses and f"HTTP {statuses}", self._refusal)))
             untold = self._rejected - self._rejected_told
-            parts.append(f"{counted(untold, 'span')} rejected by MLflow (HTTP {statuses}), "
+            parts.append(f"{counted(untold, 'span')} rejected by MLflow ({why}), "
                          f"set aside in {self._spool.rejected}")
         return parts
 

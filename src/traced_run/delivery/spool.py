@@ -50,7 +50,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from traced_run.config.settings import Settings, default_of
+from traced_run.config.settings import (
+    EXPERIMENT_ID,
+    EXPERIMENT_NAME,
+    RUN_ID,
+    WORKSPACE,
+    Kind,
+    Settings,
+    default_of,
+)
 from traced_run.transport import printable, without_userinfo
 
 if TYPE_CHECKING:
@@ -71,6 +79,11 @@ _NAME = re.compile(r"(?P<batch>(?P<time>\d{20})-(?P<writer>\d{1,10})-[0-9a-f]{8}
 """``<time ns>-<writer pid>-<random>.otlp``, claimed: ``...otlp.claimed-<pid>``,
 removed by the bound while its writer runs: ``....dropped``, set aside: ``....reason.txt``."""
 _WRITING = ".writing-"
+_SENT: dict[str, Kind] = {"experiment_id": EXPERIMENT_ID, "experiment_name": EXPERIMENT_NAME,
+                          "run_id": RUN_ID, "workspace": WORKSPACE}
+"""The header fields that go to MLflow, and the settings' rule for each: one a setting
+would refuse (written by another version, or by hand) would be refused by MLflow, or
+could not be sent at all, for ever."""
 GONE = "gone"
 """What reading a file another process moved meanwhile gives: not a fault of the file."""
 _OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -84,6 +97,8 @@ class Entry:
 
     batch: str
     """The batch's name, unclaimed: what ``put`` returned for it."""
+    written: float
+    """When the batch was written (seconds since the epoch): its age, which no claim moves."""
     writer: int
     claimer: int | None
     kind: str
@@ -97,7 +112,8 @@ def parse(name: str) -> Entry | None:
         return None
     claimer = found["claimer"]
     kind = "otlp" if found["otlp"] else "dropped" if found["dropped"] else "reason"
-    return Entry(found["batch"] + SUFFIX, int(found["writer"]), int(claimer) if claimer else None, kind)
+    return Entry(found["batch"] + SUFFIX, int(found["time"]) / 1e9, int(found["writer"]),
+                 int(claimer) if claimer else None, kind)
 
 
 def _claimed(batch: str) -> str:
@@ -153,12 +169,12 @@ class Pile:
     batches: int = 0
     spans: int = 0
     oldest: float = 0.0
-    """Modification time of the oldest (seconds since the epoch)."""
+    """When the oldest was written (seconds since the epoch)."""
 
-    def add(self, spans: int, mtime: float) -> None:
+    def add(self, spans: int, written: float) -> None:
         self.batches += 1
         self.spans += spans
-        self.oldest = min(self.oldest or mtime, mtime)
+        self.oldest = min(self.oldest or written, written)
 
 
 @dataclass(frozen=True)
@@ -335,21 +351,25 @@ class _Directory:
                     continue
                 batches += 1
                 spans += header.spans
-                mtime = _mtime(fd, name)
                 entry = parse(name)
-                old = time.time() - mtime > self.max_age
-                expired += old and entry is not None and not _alive(entry.writer)
+                assert entry is not None
+                expired += self._expired(entry)
                 if _same_endpoint(header.target.endpoint, endpoint):
                     here += 1
                 else:
                     pile = others.setdefault(without_userinfo(header.target.endpoint), Pile())
-                    pile.add(header.spans, mtime)
+                    pile.add(header.spans, entry.written)
             rejected = 0
             with _closing(_open_dir("rejected", fd, self.rejected)) as aside:
                 if aside is not None:
                     entries = [parse(name) for name in os.listdir(aside)]
                     rejected = sum(1 for e in entries if e is not None and e.kind == "otlp")
         return Survey(batches, spans, here, unreadable, first, rejected, others, expired)
+
+    def _expired(self, entry: Entry) -> bool:
+        """Older than ``max_age`` by when it was written, and its writer gone (while it runs,
+        it still tries the batch, and counts it at exit)."""
+        return time.time() - entry.written > self.max_age and not _alive(entry.writer)
 
 
 class Spool(_Directory):
@@ -383,7 +403,7 @@ class Spool(_Directory):
         with self._existing() as fd:
             if fd is None:
                 return
-            _reclaim_stale(fd)
+            _reclaim_stale(fd, self.max_age)
             self._expire(fd)
             for name in _waiting(fd):
                 header = _read_header(fd, name, self.max_bytes)
@@ -434,10 +454,9 @@ class Spool(_Directory):
         """Remove the batches older than ``max_age``: they were written for an
         endpoint that has not taken them in all that time. A batch whose writer
         still runs stays: that process still tries it, and counts it at exit."""
-        now = time.time()
         for name in _waiting(fd):
             entry = parse(name)
-            if now - _mtime(fd, name) <= self.max_age or entry is None or _alive(entry.writer):
+            if entry is None or not self._expired(entry):
                 continue
             header = _read_header(fd, name, self.max_bytes)
             with contextlib.suppress(FileNotFoundError):  # claimed meanwhile: not removed
@@ -453,14 +472,36 @@ class Spool(_Directory):
                 return dropped
             for name in _waiting(fd):
                 header = _read_header(fd, name, self.max_bytes)
-                if isinstance(header, str) or _same_endpoint(header.target.endpoint, endpoint):
+                entry = parse(name)
+                if isinstance(header, str) or entry is None or _same_endpoint(header.target.endpoint,
+                                                                             endpoint):
                     continue
-                mtime = _mtime(fd, name)
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(name, dir_fd=fd)
                     pile = dropped.setdefault(without_userinfo(header.target.endpoint), Pile())
-                    pile.add(header.spans, mtime)
+                    pile.add(header.spans, entry.written)
         return dropped
+
+    def put_back_set_aside(self) -> int:
+        """Move the batches set aside back into the spool, with their reasons gone (the cause
+        has been fixed), as batches written now: ageing restarts, and their writers, which
+        counted them as rejected, never count them again. Files that are no readable batch
+        stay aside. How many went back."""
+        back = 0
+        with self._existing() as fd:
+            if fd is None:
+                return 0
+            with _closing(_open_dir("rejected", fd, self.rejected)) as aside:
+                for name in sorted(os.listdir(aside)) if aside is not None else ():
+                    entry = parse(name)
+                    if (aside is None or entry is None or entry.kind != "otlp" or entry.claimer is not None
+                            or not isinstance(_read_header(aside, name, self.max_bytes), Header)):
+                        continue
+                    with contextlib.suppress(FileNotFoundError):
+                        os.replace(name, _new_name(), src_dir_fd=aside, dst_dir_fd=fd)
+                        back += 1
+                        _unlink(aside, _reason_of(name))
+        return back
 
     def _set_aside_unreadable(self, fd: int, name: str, why: str) -> None:
         """Moved, not read again: whatever it is (a FIFO, a symlink: a rename moves the link itself)."""
@@ -553,9 +594,11 @@ def _enforce_bound(fd: int, max_bytes: int) -> int:
     return orphans
 
 
-def _reclaim_stale(fd: int) -> None:
+def _reclaim_stale(fd: int, max_age: float) -> None:
     """Give back the claims of processes that are gone (dead, or past their
-    lease); remove the marks and half-written files of processes that ended."""
+    lease); remove half-written files of processes that ended, and the marks of
+    processes that ended, or that have not looked for them in ``max_age`` (a pid
+    that stays alive for ever, such as 1 in a container, must not keep one for ever)."""
     now = time.time()
     for name in os.listdir(fd):
         if name.startswith(_WRITING):
@@ -566,17 +609,21 @@ def _reclaim_stale(fd: int) -> None:
         entry = parse(name)
         if entry is None:
             continue
-        if entry.kind == "dropped" and not _alive(entry.writer):  # its writer ended without looking
+        if entry.kind == "dropped" and (not _alive(entry.writer) or _older(fd, name, now - max_age)):
             _unlink(fd, name)
         if entry.claimer is None:
             continue
-        try:
-            lease_over = os.stat(name, dir_fd=fd, follow_symlinks=False).st_mtime < now
-        except FileNotFoundError:
-            continue
-        if lease_over or not _alive(entry.claimer):
+        if _older(fd, name, now) or not _alive(entry.claimer):
             with contextlib.suppress(FileNotFoundError):
                 os.replace(name, entry.batch, src_dir_fd=fd, dst_dir_fd=fd)
+
+
+def _older(fd: int, name: str, than: float) -> bool:
+    """Whether file ``name`` was last changed before time ``than``; False when it is gone."""
+    try:
+        return os.stat(name, dir_fd=fd, follow_symlinks=False).st_mtime < than
+    except FileNotFoundError:
+        return False
 
 
 @contextlib.contextmanager
@@ -669,13 +716,6 @@ def _reason_text(reason: str) -> bytes:
 
 def _same_endpoint(stored: str, endpoint: str) -> bool:
     return without_userinfo(stored) == without_userinfo(endpoint)
-
-
-def _mtime(fd: int, name: str) -> float:
-    try:
-        return os.stat(name, dir_fd=fd, follow_symlinks=False).st_mtime
-    except FileNotFoundError:
-        return time.time()
 
 
 def _regular_size(fd: int, name: str) -> int:
@@ -772,6 +812,13 @@ def _parse_header(line: bytes) -> Header | str:
         texts[key] = value
     if not texts["endpoint"]:
         return "its header names no endpoint"
+    for key, kind in _SENT.items():
+        sent = texts[key]
+        try:
+            if sent is not None and kind.parse_text(sent) != sent:
+                raise ValueError("expected no surrounding spaces")
+        except ValueError as error:  # MLflow would refuse it, or it cannot go into a header at all
+            return f"header field {key!r} cannot be sent: {error}"
     numbers = {}
     for key in ("spans", "traces", "bytes"):
         value = found.get(key, 0 if key != "bytes" else None)
