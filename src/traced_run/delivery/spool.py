@@ -3,12 +3,14 @@
 One file per batch: a JSON header line (where it goes, how many spans,
 traces and payload bytes) then the OTLP protobuf request body. Files are
 written whole under a temporary name and renamed, so a reader never sees half
-a batch; a process claims a file by renaming it before sending it, so two
-processes draining the same spool never send the same batch at once. A
-claim is given back only when its claimer is gone: its pid is not alive on
-this host, or its lease ran out (the claimer sets the file's time to the end
-of its lease as it claims: the longest one post may take, and some), never
-because the batch is old. The
+a batch; a process claims a file by locking it (``flock``, without waiting)
+and renaming it before sending it, and holds the lock until the batch is sent,
+given back or set aside, so two processes draining the same spool never send
+the same batch at once. A claim is given back by whoever finds its file
+unlocked: the kernel lets a lock go when its holder dies, however long its post
+took and whatever its pid (1, in a container, is alive to everyone), and a
+forked child lets go of the claims it inherited (``let_go_inherited``).
+Nothing is given back because the batch is old. The
 directory is the owner's only and bounded in size: past the bound the oldest
 batches are removed, and counted, and so are batches older than
 ``spool_max_age`` (an endpoint nobody uses any more never drains them). The
@@ -39,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import os
 import re
@@ -67,8 +70,6 @@ if TYPE_CHECKING:
 SUFFIX = ".otlp"
 STALE_WRITE_SECONDS = 300.0
 """A half-written file older than this was left by a process that died while writing."""
-CLAIM_MARGIN = 60.0
-"""A claim's lease is the post's timeout and this much more (reading, set-up)."""
 HEADER_ROOM = 4096
 """More than a batch's header line takes (endpoint, experiment, run id, counts)."""
 HEADER_LIMIT = 65536
@@ -151,6 +152,8 @@ class Batch:
     """Where it is now (claimed)."""
     name: str
     """Its name in the spool, unclaimed: what ``put`` returned for it."""
+    lock: int
+    """The descriptor whose lock is the claim: closed once the batch is done, released or rejected."""
 
 
 @dataclass(frozen=True)
@@ -249,10 +252,8 @@ class _Directory:
     opened safely, written whole, kept within its bound, surveyed. Sending is ``Spool``'s."""
 
     def __init__(self, directory: Path, max_bytes: int, unusable: str = "",
-                 lease: float = 10.0 + CLAIM_MARGIN, max_age: float = default_of("spool_max_age")) -> None:
+                 max_age: float = default_of("spool_max_age")) -> None:
         self.directory = directory
-        self.lease = lease
-        """Seconds this process holds a claim for at most: one post."""
         self.unusable = unusable
         """Why there is no directory to use at all (said instead of using one)."""
         self.max_bytes = max_bytes
@@ -265,6 +266,8 @@ class _Directory:
         self.unreadable = 0
         """Files this process set aside because they were not batches it could read."""
         self.unreadable_why = ""
+        self._held: set[int] = set()
+        """The descriptors of this process's claims (see ``Spool.let_go_inherited``)."""
 
     # -- directories ------------------------------------------------------------------------
 
@@ -381,11 +384,10 @@ class Spool(_Directory):
     def of(cls, settings: Settings) -> Spool:
         """``spool_dir`` (or the per-user default), bounded by ``spool_max_mb``."""
         max_bytes = settings.spool_max_mb * 1024 * 1024
-        lease = settings.timeout + CLAIM_MARGIN
         if settings.spool_dir:
-            return cls(Path(settings.spool_dir), max_bytes, lease=lease, max_age=settings.spool_max_age)
+            return cls(Path(settings.spool_dir), max_bytes, max_age=settings.spool_max_age)
         try:
-            return cls(default_directory(), max_bytes, lease=lease, max_age=settings.spool_max_age)
+            return cls(default_directory(), max_bytes, max_age=settings.spool_max_age)
         except OSError as error:
             temp = Path(tempfile.gettempdir())
             return cls(temp, max_bytes, f"no spool: HOME is not writable and no private directory could be "
@@ -414,19 +416,22 @@ class Spool(_Directory):
                     continue
                 if not _same_endpoint(header.target.endpoint, written_for or endpoint):
                     continue
-                claimed = _claim(fd, name, self.lease)
-                if claimed is None:  # another process claimed it first
+                held = _claim(fd, name)
+                if held is None:  # another process claimed it first
                     continue
+                claimed, lock = held
                 read = _read(fd, claimed, self.max_bytes)
-                if read == GONE:
-                    continue
                 if isinstance(read, str):
-                    self._set_aside_unreadable(fd, claimed, read)
+                    if read != GONE:
+                        self._set_aside_unreadable(fd, claimed, read)
+                    os.close(lock)
                     continue
                 header, payload = read
                 target = Target(endpoint, header.target.experiment_id, header.target.experiment_name,
                                 header.target.run_id, header.target.workspace)
-                yield Batch(target, header.spans, header.traces, payload, self.directory / claimed, name)
+                self._held.add(lock)
+                yield Batch(target, header.spans, header.traces, payload, self.directory / claimed, name,
+                            lock)
 
     def send(self, endpoint: str, post: Callable[[Batch], Outcome],
              written_for: str | None = None) -> Generator[tuple[Batch, Outcome, Path | None]]:
@@ -436,7 +441,11 @@ class Spool(_Directory):
         any, set aside), set it aside (refused as invalid: where to, third) or
         give it back (not taken: the last one, since the rest would fare the same now)."""
         for batch in self.claim(endpoint, written_for):
-            outcome = post(batch)
+            try:
+                outcome = post(batch)
+            except BaseException:
+                self.release(batch)
+                raise
             aside = None
             if outcome.delivered:
                 for part in outcome.rejected:  # the traces MLflow rejected alone go aside alone
@@ -514,26 +523,45 @@ class Spool(_Directory):
             self.unreadable_why = self.unreadable_why or f"{entry.batch}: {why}"
 
     def done(self, batch: Batch) -> None:
-        with self._existing() as fd:
+        with self._letting_go(batch), self._existing() as fd:
             if fd is not None:
                 _unlink(fd, batch.path.name)
 
     def release(self, batch: Batch) -> None:
         """Give a claimed batch back: it could not be sent now."""
-        with self._existing() as fd, contextlib.suppress(FileNotFoundError):
+        with self._letting_go(batch), self._existing() as fd, contextlib.suppress(FileNotFoundError):
             if fd is not None:
                 os.replace(batch.path.name, batch.name, src_dir_fd=fd, dst_dir_fd=fd)
 
     def reject(self, batch: Batch, reason: str) -> Path:
         """Move a claimed batch MLflow refused as invalid aside, with the reason beside it;
         written from memory when the claimed file is gone (the directory was tampered with)."""
-        with self._made() as fd, self._made_rejected(fd) as aside:
+        with self._letting_go(batch), self._made() as fd, self._made_rejected(fd) as aside:
             try:
                 os.replace(batch.path.name, batch.name, src_dir_fd=fd, dst_dir_fd=aside)
             except FileNotFoundError:
                 _write_batch(aside, batch.name, batch.target, batch.spans, batch.traces, batch.payload)
             _write(aside, _reason_of(batch.name), _reason_text(reason))
         return self.rejected / batch.name
+
+    @contextlib.contextmanager
+    def _letting_go(self, batch: Batch) -> Iterator[None]:
+        """The claim's lock goes once the file has moved (or failed to): never before, or
+        another process could claim the batch while it is still in its claimed place."""
+        try:
+            yield
+        finally:
+            if batch.lock in self._held:
+                self._held.discard(batch.lock)
+                os.close(batch.lock)
+
+    def let_go_inherited(self) -> None:
+        """In a forked child: close the claims' descriptors it inherited, which would otherwise
+        hold its parent's claims for as long as the child lives (a lock is the open file's)."""
+        for lock in self._held:
+            with contextlib.suppress(OSError):
+                os.close(lock)
+        self._held.clear()
 
 
 def _fates(fd: int, names: Collection[str]) -> tuple[set[str], set[str]]:
@@ -547,17 +575,37 @@ def _fates(fd: int, names: Collection[str]) -> tuple[set[str], set[str]]:
     return waiting, removed
 
 
-def _claim(fd: int, name: str, lease: float) -> str | None:
-    """Claim batch ``name`` for ``lease`` seconds: its claimed name, None when another took it first.
-    The lease is set first, so a claim never shows the batch's own (old) time."""
-    lease_end = time.time() + lease
+def _claim(fd: int, name: str) -> tuple[str, int] | None:
+    """Claim batch ``name``: its claimed name and the descriptor holding the lock, None when
+    another process holds it, or moved it meanwhile. Locked first, renamed second: whoever
+    moves a batch holds its lock, so the name is checked to be still the locked file."""
+    lock = _locked(fd, name)
+    if lock is None:
+        return None
     claimed = _claimed(name)
     try:
-        os.utime(name, (lease_end, lease_end), dir_fd=fd, follow_symlinks=False)
         os.replace(name, claimed, src_dir_fd=fd, dst_dir_fd=fd)
-    except FileNotFoundError:
+    except FileNotFoundError:  # removed by the bound or for its age meanwhile
+        os.close(lock)
         return None
-    return claimed
+    return claimed, lock
+
+
+def _locked(fd: int, name: str) -> int | None:
+    """Regular file ``name``, open and locked by this process, when it is still under that
+    name once locked; None when another process holds the lock, or it is gone or no file."""
+    try:
+        lock = os.open(name, _OPEN_READ, dir_fd=fd)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if os.stat(name, dir_fd=fd, follow_symlinks=False).st_ino == os.fstat(lock).st_ino:
+            return lock
+    except OSError:  # held by another process (BlockingIOError), or gone
+        pass
+    os.close(lock)
+    return None
 
 
 def _waiting(fd: int) -> list[str]:
@@ -595,8 +643,9 @@ def _enforce_bound(fd: int, max_bytes: int) -> int:
 
 
 def _reclaim_stale(fd: int, max_age: float) -> None:
-    """Give back the claims of processes that are gone (dead, or past their
-    lease); remove half-written files of processes that ended, and the marks of
+    """Give back the claims no process holds a lock on (and claimed names that are no
+    regular file: claim sets them aside); remove half-written files of processes
+    that ended, and the marks of
     processes that ended, or that have not looked for them in ``max_age`` (a pid
     that stays alive for ever, such as 1 in a container, must not keep one for ever)."""
     now = time.time()
@@ -613,9 +662,23 @@ def _reclaim_stale(fd: int, max_age: float) -> None:
             _unlink(fd, name)
         if entry.claimer is None:
             continue
-        if _older(fd, name, now) or not _alive(entry.claimer):
-            with contextlib.suppress(FileNotFoundError):
-                os.replace(name, entry.batch, src_dir_fd=fd, dst_dir_fd=fd)
+        _give_back_unheld(fd, name, entry.batch)
+
+
+def _give_back_unheld(fd: int, claimed: str, batch: str) -> None:
+    try:
+        regular = stat.S_ISREG(os.stat(claimed, dir_fd=fd, follow_symlinks=False).st_mode)
+    except FileNotFoundError:
+        return
+    lock = _locked(fd, claimed) if regular else None
+    if regular and lock is None:  # its claimer holds it still
+        return
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(claimed, batch, src_dir_fd=fd, dst_dir_fd=fd)
+    finally:
+        if lock is not None:
+            os.close(lock)
 
 
 def _older(fd: int, name: str, than: float) -> bool:
