@@ -143,7 +143,7 @@ def test_the_bound_removes_the_oldest_and_counts_what_ended_processes_lose(tmp_p
     _, orphans = spool.put(TARGET, 1, 1, b"d" * 1000)
     assert orphans == 0  # this process's own batch: marked, and counted by it at exit
     waiting, removed = spool.fates({str(mine)})
-    assert (waiting, removed) == (set(), {mine})
+    assert (waiting, removed) == (set(), {mine: spool_module.BOUND})
 
 
 def test_a_batch_larger_than_the_bound_is_not_written(tmp_path: Path) -> None:
@@ -411,3 +411,14 @@ def test_a_removal_mark_of_a_writer_that_never_ends_goes_after_max_age(tmp_path:
     os.utime(marks[0], (then, then))
     taken(spool)
     assert [mark.exists() for mark in marks] == [False, True]
+
+
+def test_a_batch_past_max_age_goes_though_its_writer_runs_and_the_writer_is_told(tmp_path: Path) -> None:
+    """A writer whose pid is alive to everyone (1, in a container) kept its batches for ever."""
+    writer = Spool(tmp_path / "spool", 1 << 20, max_age=3600)
+    mine = backdated(writer, str(writer.put(TARGET, 3, 1, b"old")[0]), 7200, os.getpid())
+    other = Spool(tmp_path / "spool", 1 << 20, max_age=3600)
+    assert taken(other) == [] and other.survey(ENDPOINT).batches == 0
+    assert other.expired == 0  # its writer counts it: it still runs
+    assert writer.fates({mine}) == (set(), {mine: spool_module.AGE})
+    assert list(writer.directory.iterdir()) == []  # the mark went once read

@@ -13,7 +13,7 @@ import threading
 
 from traced_run import report
 from traced_run.config.settings import Settings
-from traced_run.delivery.spool import Spool
+from traced_run.delivery.spool import AGE, BOUND, Spool
 from traced_run.report import counted, mask_url
 
 
@@ -159,7 +159,7 @@ class Ledger:
             parts = self._not_delivered(endpoint, waiting, removed) + self._gone(removed)
         return "; ".join(parts) if parts else None
 
-    def _not_delivered(self, endpoint: str, waiting: set[str], removed: set[str]) -> list[str]:
+    def _not_delivered(self, endpoint: str, waiting: set[str], removed: dict[str, str]) -> list[str]:
         own = self._own
         kept = sum(own[name][0] for name in waiting)
         traces = len(frozenset().union(*(own[name][1] for name in waiting)))
@@ -186,14 +186,19 @@ class Ledger:
                          f"set aside in {self._spool.rejected}")
         return parts
 
-    def _gone(self, removed: set[str]) -> list[str]:
+    def _gone(self, removed: dict[str, str]) -> list[str]:
         settings = self._settings
-        over_spool = self._oversized + sum(self._own[name][0] for name in removed)
+        over_spool = self._oversized + sum(self._own[name][0] for name, cause in removed.items()
+                                           if cause == BOUND)
+        aged = sum(self._own[name][0] for name, cause in removed.items() if cause == AGE)
         parts = []
         if self._dropped or over_spool:
             causes = [f"queue_size={settings.queue_size} full"] if self._dropped else []
             causes += [f"spool over spool_max_mb={settings.spool_max_mb}"] if over_spool else []
             parts.append(f"{counted(self._dropped + over_spool, 'span')} dropped ({', '.join(causes)})")
+        if aged:
+            parts.append(f"{counted(aged, 'span')} spooled more than spool_max_age="
+                         f"{report.age(settings.spool_max_age)} ago were removed from the spool")
         if self._spool.expired_spans:
             expired = counted(self._spool.expired_spans, "span")
             parts.append(f"{expired} that ended processes spooled more than spool_max_age="

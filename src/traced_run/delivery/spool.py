@@ -12,12 +12,12 @@ took and whatever its pid (1, in a container, is alive to everyone), and a
 forked child lets go of the claims it inherited (``let_go_inherited``).
 Nothing is given back because the batch is old. The
 directory is the owner's only and bounded in size: past the bound the oldest
-batches are removed, and counted, and so are batches older than
-``spool_max_age`` (an endpoint nobody uses any more never drains them). The
+batches are removed, and counted, and so are batches written longer than
+``spool_max_age`` ago (an endpoint nobody uses any more never drains them). The
 process that wrote a removed batch
-counts it: while it runs, the remover leaves an empty ``.dropped`` file in the
-batch's place for it to find at exit; a batch of a process that has ended is
-counted by the remover. Batches MLflow rejected as invalid are moved aside to
+counts it: while it runs, the remover leaves a ``.dropped`` file naming the cause
+(``BOUND``, ``AGE``) in the batch's place for it to find at exit; a batch of a
+process that has ended is counted by the remover. Batches MLflow rejected as invalid are moved aside to
 ``rejected/`` with the reason beside them, for a person to inspect.
 
 The protocol (put, claim, done, release, reject, reclaim stale claims) and the
@@ -80,6 +80,9 @@ _NAME = re.compile(r"(?P<batch>(?P<time>\d{20})-(?P<writer>\d{1,10})-[0-9a-f]{8}
 """``<time ns>-<writer pid>-<random>.otlp``, claimed: ``...otlp.claimed-<pid>``,
 removed by the bound while its writer runs: ``....dropped``, set aside: ``....reason.txt``."""
 _WRITING = ".writing-"
+BOUND = "bound"
+AGE = "age"
+"""Why a batch was removed, as its ``.dropped`` mark says: the size bound, or its age."""
 _SENT: dict[str, Kind] = {"experiment_id": EXPERIMENT_ID, "experiment_name": EXPERIMENT_NAME,
                           "run_id": RUN_ID, "workspace": WORKSPACE}
 """The header fields that go to MLflow, and the settings' rule for each: one a setting
@@ -322,17 +325,18 @@ class _Directory:
 
     # -- reading ----------------------------------------------------------------------------
 
-    def fates(self, names: Collection[str]) -> tuple[set[str], set[str]]:
+    def fates(self, names: Collection[str]) -> tuple[set[str], dict[str, str]]:
         """Of these batches, written by this process: those still waiting
-        (claimed ones included) and those the bound removed. The rest were sent,
-        by this process or another, or set aside by the one that sent them."""
+        (claimed ones included) and those the bound or their age removed (``BOUND``,
+        ``AGE``). The rest were sent, by this process or another, or set aside by
+        the one that sent them."""
         if not names:  # most processes: no need to read the directory at exit
-            return set(), set()
+            return set(), {}
         try:
             with self._existing() as fd:
-                return _fates(fd, names) if fd is not None else (set(), set())
+                return _fates(fd, names) if fd is not None else (set(), {})
         except OSError:  # the directory went, or was swapped, since: the exit line must still come
-            return set(names), set()
+            return set(names), {}
 
     def survey(self, endpoint: str) -> Survey:
         """Batches and spans waiting, how many for ``endpoint`` and for each other
@@ -370,9 +374,9 @@ class _Directory:
         return Survey(batches, spans, here, unreadable, first, rejected, others, expired)
 
     def _expired(self, entry: Entry) -> bool:
-        """Older than ``max_age`` by when it was written, and its writer gone (while it runs,
-        it still tries the batch, and counts it at exit)."""
-        return time.time() - entry.written > self.max_age and not _alive(entry.writer)
+        """Written longer than ``max_age`` ago, whether its writer still runs or not (a pid
+        that is alive to everyone, 1 in a container, would keep it for ever)."""
+        return time.time() - entry.written > self.max_age
 
 
 class Spool(_Directory):
@@ -461,17 +465,15 @@ class Spool(_Directory):
 
     def _expire(self, fd: int) -> None:
         """Remove the batches older than ``max_age``: they were written for an
-        endpoint that has not taken them in all that time. A batch whose writer
-        still runs stays: that process still tries it, and counts it at exit."""
+        endpoint that has not taken them in all that time. Counted here when their
+        writer has ended; a writer that still runs counts its own at exit. A file
+        that is no readable batch is left to be set aside, with its reason."""
         for name in _waiting(fd):
             entry = parse(name)
-            if entry is None or not self._expired(entry):
-                continue
-            header = _read_header(fd, name, self.max_bytes)
-            with contextlib.suppress(FileNotFoundError):  # claimed meanwhile: not removed
-                os.unlink(name, dir_fd=fd)
+            header = _read_header(fd, name, self.max_bytes) if entry and self._expired(entry) else None
+            if isinstance(header, Header) and _remove(fd, name, AGE):
                 self.expired += 1
-                self.expired_spans += header.spans if isinstance(header, Header) else 0
+                self.expired_spans += header.spans
 
     def drop_others(self, endpoint: str) -> dict[str, Pile]:
         """Remove the batches written for any endpoint but ``endpoint``; what went, by endpoint."""
@@ -564,13 +566,16 @@ class Spool(_Directory):
         self._held.clear()
 
 
-def _fates(fd: int, names: Collection[str]) -> tuple[set[str], set[str]]:
+def _fates(fd: int, names: Collection[str]) -> tuple[set[str], dict[str, str]]:
     entries = [e for e in map(parse, os.listdir(fd)) if e is not None]
     present = {e.batch for e in entries if e.kind == "otlp"}
     dropped = {e.batch for e in entries if e.kind == "dropped"}
     waiting = present.intersection(names)
-    removed = dropped.intersection(names) - waiting
-    for name in removed:
+    removed = {}
+    for name in dropped.intersection(names) - waiting:
+        with _opened(fd, _dropped_of(name), HEADER_LIMIT) as opened:
+            cause = os.read(opened[0], 16) if not isinstance(opened, str) else b""
+        removed[name] = AGE if cause.strip() == AGE.encode() else BOUND
         _unlink(fd, _dropped_of(name))
     return waiting, removed
 
@@ -622,24 +627,33 @@ def _enforce_bound(fd: int, max_bytes: int) -> int:
     for name, size in sizes.items():  # oldest first: names start with the time
         if total <= max_bytes:
             break
-        entry = parse(name)
-        assert entry is not None
         header = _read_header(fd, name, max_bytes)
-        # Marked before it goes, so its writer never finds it neither waiting nor removed.
-        mark = _dropped_of(name) if _alive(entry.writer) else None
-        if mark is not None:
-            os.close(os.open(mark, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                             dir_fd=fd))
-        try:
-            os.unlink(name, dir_fd=fd)
-        except FileNotFoundError:  # claimed for a send meanwhile: not removed
-            if mark is not None:
-                _unlink(fd, mark)
+        here = _remove(fd, name, BOUND)
+        if here is None:
             continue
         total -= size
-        if mark is None and isinstance(header, Header):
+        if here and isinstance(header, Header):
             orphans += header.spans
     return orphans
+
+
+def _remove(fd: int, name: str, cause: str) -> bool | None:
+    """Remove waiting batch ``name`` for ``cause``: whether the remover counts it (its writer
+    has ended) or its writer does (a mark in its place names the cause); None when it was
+    claimed for a send meanwhile, and stays."""
+    entry = parse(name)
+    assert entry is not None
+    # Marked before it goes, so its writer never finds it neither waiting nor removed.
+    mark = _dropped_of(name) if _alive(entry.writer) else None
+    if mark is not None:
+        _write(fd, mark, cause.encode())
+    try:
+        os.unlink(name, dir_fd=fd)
+    except FileNotFoundError:
+        if mark is not None:
+            _unlink(fd, mark)
+        return None
+    return mark is None
 
 
 def _reclaim_stale(fd: int, max_age: float) -> None:
