@@ -324,6 +324,23 @@ def test_a_spooled_batch_keeps_its_workspace(tmp_path: Path, workspace_mlflow: W
     assert workspace_mlflow.experiment_id(name, "default") is None
 
 
+def test_a_spooled_batch_for_a_workspace_mlflow_does_not_know_holds_back_nothing(
+        tmp_path: Path, workspace_mlflow: WorkspaceMlflow) -> None:
+    unknown, live = new_name(), new_name()
+    with fault_proxy(workspace_mlflow.url) as proxy:
+        proxy.mode = "refuse"
+        for name, workspace in ((unknown, "team-nope"), (live, "team-a")):
+            env = env_for(proxy.url, tmp_path, experiment=name, MLFLOW_WORKSPACE=workspace)
+            assert "kept in" in exit_line(run_app(tmp_path, env))
+        proxy.mode = "forward"
+        sent = flush(tmp_path, env_for(proxy.url, tmp_path, MLFLOW_WORKSPACE="team-a"))
+    assert sent.returncode == 0 and "stopped" not in sent.stderr, sent.stdout + sent.stderr
+    why = [line for line in sent.stdout.splitlines() if line.startswith("set aside, the first because")]
+    assert len(why) == 1 and "Workspace 'team-nope' not found" in why[0], sent.stdout
+    experiment_id = poll(lambda: workspace_mlflow.experiment_id(live), timeout=30, what="the experiment")
+    assert len(poll(lambda: workspace_mlflow.traces(experiment_id), timeout=30, what="the trace")) == 1
+
+
 def test_a_workspace_against_mlflow_without_workspaces_is_a_clear_error(
         tmp_path: Path, mlflow_server: MlflowServer) -> None:
     env = env_for(mlflow_server.url, tmp_path, experiment=new_name(), MLFLOW_WORKSPACE="team-a")

@@ -419,6 +419,7 @@ def test_a_batch_past_max_age_goes_though_its_writer_runs_and_the_writer_is_told
     mine = backdated(writer, str(writer.put(TARGET, 3, 1, b"old")[0]), 7200, os.getpid())
     other = Spool(tmp_path / "spool", 1 << 20, max_age=3600)
     assert taken(other) == [] and other.survey(ENDPOINT).batches == 0
-    assert other.expired == 0  # its writer counts it: it still runs
+    assert other.expired == 0  # its writer counts it in its exit line: it still runs ...
+    assert (other.expired_told.batches, other.expired_told.spans) == (1, 3)  # ... and flush says it went
     assert writer.fates({mine}) == (set(), {mine: spool_module.AGE})
     assert list(writer.directory.iterdir()) == []  # the mark went once read

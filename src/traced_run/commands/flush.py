@@ -106,9 +106,11 @@ def _summarise(settings: Settings, spool: Spool, tally: _Tally, dropped: dict[st
     unreadable = (f"; {spool.unreadable} files that were no readable batch set aside too "
                   f"(first: {spool.unreadable_why})") if spool.unreadable else ""
     expired = ""
-    if spool.expired:
-        expired = (f"; removed {counted(spool.expired, 'batch', 'batches')} "
-                   f"({counted(spool.expired_spans, 'span')}) older than "
+    told = spool.expired_told
+    if spool.expired or told.batches:
+        # Those of running writers too: a pid that seems alive may be another process's now.
+        expired = (f"; removed {counted(spool.expired + told.batches, 'batch', 'batches')} "
+                   f"({counted(spool.expired_spans + told.spans, 'span')}) older than "
                    f"spool_max_age={age(settings.spool_max_age)}")
     print(f"sent {counted(tally.sent, 'batch', 'batches')} ({counted(tally.spans, 'span')}) to {shown}; "
           f"{tally.rejected} rejected (set aside in {spool.rejected}){unreadable}{expired}; "

@@ -262,9 +262,11 @@ class _Directory:
         self.max_bytes = max_bytes
         self.max_age = max_age
         self.expired = 0
-        """Batches this process removed for being older than ``max_age``..."""
+        """Batches of ended processes this process removed for being older than ``max_age``..."""
         self.expired_spans = 0
         """... and their spans."""
+        self.expired_told = Pile()
+        """Those of processes that still ran (or seemed to: a pid reused), each told by a mark."""
         self.rejected = directory / "rejected"
         self.unreadable = 0
         """Files this process set aside because they were not batches it could read."""
@@ -471,9 +473,14 @@ class Spool(_Directory):
         for name in _waiting(fd):
             entry = parse(name)
             header = _read_header(fd, name, self.max_bytes) if entry and self._expired(entry) else None
-            if isinstance(header, Header) and _remove(fd, name, AGE):
+            if not isinstance(header, Header):
+                continue
+            here = _remove(fd, name, AGE)
+            if here:
                 self.expired += 1
                 self.expired_spans += header.spans
+            elif here is not None:
+                self.expired_told.add(header.spans, entry.written if entry else 0.0)
 
     def drop_others(self, endpoint: str) -> dict[str, Pile]:
         """Remove the batches written for any endpoint but ``endpoint``; what went, by endpoint."""
