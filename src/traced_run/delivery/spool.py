@@ -17,8 +17,9 @@ batches are removed, and counted, and so are batches written longer than
 process that wrote a removed batch
 counts it: while it runs, the remover leaves a ``.dropped`` file naming the cause
 (``BOUND``, ``AGE``) in the batch's place for it to find at exit; a batch of a
-process that has ended is counted by the remover. Batches MLflow rejected as invalid are moved aside to
-``rejected/`` with the reason beside them, for a person to inspect.
+process that has ended is counted by the remover. Batches MLflow refused for a
+reason of their own are moved aside to ``rejected/`` with the reason beside
+them, for a person to inspect, and put back once the cause is fixed.
 
 The protocol (put, claim, done, release, reject, reclaim stale claims) and the
 file-name format are written here only; delivery, ``flush`` and the doctor
@@ -472,7 +473,9 @@ class Spool(_Directory):
         that is no readable batch is left to be set aside, with its reason."""
         for name in _waiting(fd):
             entry = parse(name)
-            header = _read_header(fd, name, self.max_bytes) if entry and self._expired(entry) else None
+            if entry is None or not self._expired(entry):
+                continue
+            header = _read_header(fd, name, self.max_bytes)
             if not isinstance(header, Header):
                 continue
             here = _remove(fd, name, AGE)
@@ -480,7 +483,7 @@ class Spool(_Directory):
                 self.expired += 1
                 self.expired_spans += header.spans
             elif here is not None:
-                self.expired_told.add(header.spans, entry.written if entry else 0.0)
+                self.expired_told.add(header.spans, entry.written)
 
     def drop_others(self, endpoint: str) -> dict[str, Pile]:
         """Remove the batches written for any endpoint but ``endpoint``; what went, by endpoint."""
@@ -491,8 +494,8 @@ class Spool(_Directory):
             for name in _waiting(fd):
                 header = _read_header(fd, name, self.max_bytes)
                 entry = parse(name)
-                if isinstance(header, str) or entry is None or _same_endpoint(header.target.endpoint,
-                                                                             endpoint):
+                if (isinstance(header, str) or entry is None
+                        or _same_endpoint(header.target.endpoint, endpoint)):
                     continue
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(name, dir_fd=fd)
@@ -505,21 +508,11 @@ class Spool(_Directory):
         has been fixed), as batches written now: ageing restarts, and their writers, which
         counted them as rejected, never count them again. Files that are no readable batch
         stay aside. How many went back."""
-        back = 0
         with self._existing() as fd:
             if fd is None:
                 return 0
             with _closing(_open_dir("rejected", fd, self.rejected)) as aside:
-                for name in sorted(os.listdir(aside)) if aside is not None else ():
-                    entry = parse(name)
-                    if (aside is None or entry is None or entry.kind != "otlp" or entry.claimer is not None
-                            or not isinstance(_read_header(aside, name, self.max_bytes), Header)):
-                        continue
-                    with contextlib.suppress(FileNotFoundError):
-                        os.replace(name, _new_name(), src_dir_fd=aside, dst_dir_fd=fd)
-                        back += 1
-                        _unlink(aside, _reason_of(name))
-        return back
+                return 0 if aside is None else _put_back(aside, fd, self.max_bytes)
 
     def _set_aside_unreadable(self, fd: int, name: str, why: str) -> None:
         """Moved, not read again: whatever it is (a FIFO, a symlink: a rename moves the link itself)."""
@@ -571,6 +564,20 @@ class Spool(_Directory):
             with contextlib.suppress(OSError):
                 os.close(lock)
         self._held.clear()
+
+
+def _put_back(aside: int, fd: int, max_bytes: int) -> int:
+    back = 0
+    for name in sorted(os.listdir(aside)):
+        entry = parse(name)
+        if (entry is None or entry.kind != "otlp" or entry.claimer is not None
+                or not isinstance(_read_header(aside, name, max_bytes), Header)):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(name, _new_name(), src_dir_fd=aside, dst_dir_fd=fd)
+            back += 1
+            _unlink(aside, _reason_of(name))
+    return back
 
 
 def _fates(fd: int, names: Collection[str]) -> tuple[set[str], dict[str, str]]:
@@ -666,9 +673,9 @@ def _remove(fd: int, name: str, cause: str) -> bool | None:
 def _reclaim_stale(fd: int, max_age: float) -> None:
     """Give back the claims no process holds a lock on (and claimed names that are no
     regular file: claim sets them aside); remove half-written files of processes
-    that ended, and the marks of
-    processes that ended, or that have not looked for them in ``max_age`` (a pid
-    that stays alive for ever, such as 1 in a container, must not keep one for ever)."""
+    that ended, and the marks of processes that ended, or that have not looked for
+    them in ``max_age`` (a pid that stays alive for ever, such as 1 in a container,
+    must not keep one for ever)."""
     now = time.time()
     for name in os.listdir(fd):
         if name.startswith(_WRITING):
