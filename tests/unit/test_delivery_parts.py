@@ -121,6 +121,15 @@ def test_a_queue_that_ran_past_half_says_mlflow_fell_behind_not_that_it_was_unre
                                           "past half of queue_size=2048) and sent later")
 
 
+def test_a_running_processs_batch_removed_for_its_age_is_in_its_exit_line(tmp_path: Path) -> None:
+    keep, ledger, spool = keeper(tmp_path, 1 << 20)
+    keep.keep(trace(1, 3))
+    other = Spool(spool.directory, 1 << 20, max_age=0)  # to it, every batch is past its max age
+    assert list(other.claim(ENDPOINT)) == [] and other.expired == 0  # its writer runs: it counts it
+    assert ledger.exit_line(ENDPOINT) == ("3 spans spooled more than spool_max_age=7 d ago were removed from "
+                                          "the spool")
+
+
 def test_a_batch_larger_than_the_bound_is_kept_in_parts_cut_between_traces(tmp_path: Path) -> None:
     spans = [s for n in range(1, 7) for s in trace(n, 4)]
     one_trace = len(encode(trace(1, 4), settings(tmp_path)))

@@ -28,8 +28,9 @@ from traced_run.delivery.spool import Target
 from traced_run.spans.enrich import for_mlflow
 from traced_run.transport import Answer, mlflow_api, post_otlp
 
-INVALID = {400, 404, 413, 415, 422}
-"""Statuses that say the batch itself (or where it is addressed) is wrong: sending it again cannot help."""
+INVALID = frozenset(range(400, 500)) - {401, 403, 407, 408, 425, 429}
+"""Statuses that say the batch itself (or where it is addressed) is wrong: sending it again cannot
+help. Not those that say the same of every batch (credentials) or ask to come back later."""
 REFUSED_ENCODING = {400, 415}
 """Statuses a server that cannot read a compressed body answers it with."""
 
@@ -335,6 +336,8 @@ class Sender:
             experiment_id = self.resolve(target)
         except mlflow_api.MlflowUnreachable as error:
             return Outcome(False, False, error.reason)
+        except mlflow_api.ExperimentRefused as error:
+            return Outcome(False, self._own_refusal(target, error.wrong_workspace), str(error))
         except mlflow_api.MlflowError as error:
             return Outcome(False, False, str(error))
         endpoint = target.endpoint
@@ -347,9 +350,14 @@ class Sender:
             answer = self._plain_once(endpoint, payload, experiment_id, target, deadline, answer)
         if answer.ok:
             return DELIVERED
-        # A workspace that does not exist (yet) is the settings' fault, not the batch's: it waits.
-        invalid = answer.status in INVALID and not answer.wrong_workspace
+        invalid = answer.status in INVALID and self._own_refusal(target, answer.wrong_workspace)
         return Outcome(False, invalid, answer.problem, answer.status)
+
+    def _own_refusal(self, target: Target, wrong_workspace: bool) -> bool:
+        """Whether a refusal is the batch's own. A workspace the settings name that does not
+        exist (yet) is the settings' fault: every batch waits for it. A spooled batch's workspace,
+        written under other settings, is its own: it must not hold back the batches behind it."""
+        return not wrong_workspace or target.workspace != self._settings.workspace
 
     def _plain_once(self, endpoint: str, payload: bytes, experiment_id: str, target: Target,
                     deadline: float, refused: Answer) -> Answer:
@@ -373,7 +381,8 @@ class Sender:
         meanwhile, the batch is not delivered (a trace sent twice is stored once)."""
         deadline = time.monotonic() + timeout
         outcome = self.post(payload, target, timeout)
-        parts = by_trace(payload) if outcome.invalid else []
+        # Only MLflow's answer to the post can blame a trace; a refused experiment is every trace's.
+        parts = by_trace(payload) if outcome.invalid and outcome.status is not None else []
         if len(parts) < 2:
             return outcome
         rejected = []

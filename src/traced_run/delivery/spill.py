@@ -100,7 +100,7 @@ class Keeper:
     def rejected(self, spans: int, aside: Path, outcome: Outcome, leaving: bool) -> None:
         """Said when it happens (a running service must learn of it), or, when
         leaving, by the exit line."""
-        if self._ledger.rejected(spans, outcome.status, leaving):
+        if self._ledger.rejected(spans, outcome.status, outcome.reason, leaving):
             report.say(f"MLflow rejected a batch of {report.counted(spans, 'span')} ({outcome.reason}); "
                        f"set aside in {aside}")
 
