@@ -91,7 +91,7 @@ def for_mlflow(span: ReadableSpan, settings: Settings) -> ReadableSpan:
     text = redactor.redact
     return copy_span(
         copy,
-        {key: _redact_value(value, text) for key, value in attributes.items()},
+        {key: value if key in _TYPES else _redact_value(value, text) for key, value in attributes.items()},
         name=text(copy.name),
         events=[Event(text(event.name), _redact_attributes(event.attributes, text), event.timestamp)
                 for event in copy.events],
@@ -135,6 +135,9 @@ def _openinference(span: ReadableSpan, attributes: dict[str, AttributeValue], *,
 
 _SPAN_KIND = "openinference.span.kind"
 SPAN_TYPE = "mlflow.spanType"
+_TYPES = frozenset({_SPAN_KIND, SPAN_TYPE})
+"""Never redacted: a word of a fixed list (AGENT, LLM, TOOL...) that holds no secret, and without
+which MLflow knows no span's type (a user rule that matches any word would blank them)."""
 
 
 def _span_type(attributes: dict[str, AttributeValue]) -> None:
