@@ -19,7 +19,6 @@ Response) and the agent's name as the trace name; spans of a resource whose
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import threading
@@ -34,6 +33,7 @@ from opentelemetry.trace import Status, StatusCode
 from opentelemetry.util.types import AttributeValue
 
 from traced_run import report
+from traced_run.spans.messages import last_prompt
 
 PYDANTIC_AI_SCOPE = "pydantic-ai"
 """The instrumentation scope name pydantic-ai gives every tracer it asks for."""
@@ -246,7 +246,7 @@ def _ended(span: Span, now: int, why: str, messages: AttributeValue | None) -> R
     cut off (it has no messages of its own yet) gets the prompt of its last model call."""
     attributes = dict(span.attributes or {})
     if messages is not None and "pydantic_ai.all_messages" not in attributes:
-        prompt = _last_prompt(messages)
+        prompt = last_prompt(messages)
         if prompt is not None:
             attributes["input.value"] = prompt
     return copy_span(span, attributes, status=Status(StatusCode.ERROR, why), end_time=now)
@@ -308,7 +308,7 @@ def _summary(root: ReadableSpan, agent: ReadableSpan,
         return {}
     attributes = agent.attributes or {}
     summary: dict[str, AttributeValue] = {}
-    prompt = _last_prompt(attributes.get("pydantic_ai.all_messages", messages))
+    prompt = last_prompt(attributes.get("pydantic_ai.all_messages", messages))
     if prompt is not None:
         summary["input.value"] = prompt
     output = attributes.get("final_result")
@@ -319,21 +319,3 @@ def _summary(root: ReadableSpan, agent: ReadableSpan,
         summary[TRACE_NAME_TAG] = name
     return summary
 
-
-def _last_prompt(messages: AttributeValue | None) -> str | None:
-    """The text of the last user message: the prompt of the run (earlier ones are its history)."""
-    if not isinstance(messages, str):
-        return None
-    try:
-        parsed: Any = json.loads(messages)
-    except ValueError:
-        return None
-    for message in reversed(parsed if isinstance(parsed, list) else []):
-        if not isinstance(message, dict) or message.get("role") != "user":
-            continue
-        texts = [part.get("content") for part in message.get("parts") or ()
-                 if isinstance(part, dict) and part.get("type") == "text"]
-        text = "\n".join(text for text in texts if isinstance(text, str))
-        if text:
-            return text
-    return None
