@@ -25,6 +25,7 @@ from opentelemetry.trace import Status, StatusCode
 from opentelemetry.util.types import AttributeValue
 
 from traced_run.config.settings import Settings
+from traced_run.spans.messages import attachment, base64_size, last_prompt
 from traced_run.spans.redact import DEFAULT_RULES, Redactor, Rule
 from traced_run.spans.selection import copy_span
 
@@ -74,6 +75,7 @@ def for_mlflow(span: ReadableSpan, settings: Settings) -> ReadableSpan:
     inputs, outputs = _json(attributes.get(_INPUT_MESSAGES)), _json(attributes.get(_OUTPUT_MESSAGES))
     chat = isinstance(inputs, list) and isinstance(outputs, list)
     copy = _explained(_openinference(span, attributes, chat=chat))
+    _agent_prompt(attributes)
     _span_type(attributes)
     _metadata(attributes, settings, is_root=span.parent is None)
     if not settings.include_content:
@@ -131,6 +133,14 @@ def _openinference(span: ReadableSpan, attributes: dict[str, AttributeValue], *,
         if not key.startswith(_UNREAD):
             attributes[key] = value
     return copy
+
+
+def _agent_prompt(attributes: dict[str, AttributeValue]) -> None:
+    """An agent run's input (the trace's Request when the run is the root) is its prompt with
+    its attachments named: OpenInference keeps only the prompt's first text."""
+    prompt = last_prompt(attributes.get("pydantic_ai.all_messages"))
+    if prompt is not None:
+        attributes["input.value"] = prompt
 
 
 _SPAN_KIND = "openinference.span.kind"
@@ -238,16 +248,7 @@ def _shown(part: Any) -> Any:
         return part if parsed is None else {**part, "arguments": parsed}
     if kind == "thinking":
         return {"type": "text", "content": f"[thinking] {part.get('content', _WITHHELD)}"}
-    what = next((str(part[key]) for key in ("mime_type", "media_type", "modality") if part.get(key)), kind)
-    content = part.get("content")
-    if kind in ("blob", "binary") and isinstance(content, str):
-        return {"type": "text", "content": f"[{what}, {_base64_size(content)} bytes]"}
-    where = part.get("uri") or part.get("url") or part.get("file_id")
-    return {"type": "text", "content": f"[{what}: {where}]" if isinstance(where, str) else f"[{what}]"}
-
-
-def _base64_size(content: str) -> int:
-    return len(content) * 3 // 4 - content[-2:].count("=")
+    return {"type": "text", "content": attachment(part)}
 
 
 def _json(value: AttributeValue | None) -> Any:
@@ -391,7 +392,7 @@ def _bound_binary(attributes: dict[str, AttributeValue], limit: int) -> None:
         content = part.get("content")
         if part.get("type") not in ("blob", "binary") or not isinstance(content, str):
             return part
-        size = _base64_size(content)
+        size = base64_size(content)
         if size <= limit:
             return part
         return {**part, "content": f"[{size} bytes not exported: over max_binary_bytes={limit}]"}

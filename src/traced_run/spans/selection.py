@@ -11,9 +11,12 @@ another process) ends with no agent seen, what waited is dropped. So the
 decision does not depend on when the app set up its provider, and an HTTP
 request span around an agent run arrives as the trace's root.
 
-When that root is the app's span, it gets the agent's prompt and output as
-its inputs and outputs (MLflow shows the root's as the trace's Request and
-Response) and the agent's name as the trace name; spans of a resource whose
+When that root is the app's span, it gets what came in first and what went
+out last as its inputs and outputs (MLflow shows the root's as the trace's
+Request and Response): the first agent run's prompt and the last one's output,
+of the runs the app started itself (not those a tool or another agent started),
+unless the root has its own. Its name is the agent's when one run is all there
+is, else the root's own (a graph's, a route's). Spans of a resource whose
 ``service.name`` the SDK made up (``unknown_service``) get traced-run's.
 """
 
@@ -36,6 +39,7 @@ from opentelemetry.trace import Status, StatusCode
 from opentelemetry.util.types import AttributeValue
 
 from traced_run import report
+from traced_run.spans.messages import last_prompt
 
 PYDANTIC_AI_SCOPE = "pydantic-ai"
 """The instrumentation scope name pydantic-ai gives every tracer it asks for."""
@@ -71,6 +75,7 @@ class TraceSelection(SpanProcessor):
         self._prompts: dict[int, AttributeValue] = {}
         """Wanted trace id -> the messages its latest model call was sent (the prompt of a run cut off)."""
         self._answers = _Answers()
+        self._runs = _Runs()
         self._started_in_handler: dict[int, BaseException] = {}
         """Span id -> the cancellation or exit being handled when it started (not what cut it off)."""
         self._resources: dict[int, tuple[Resource, Resource]] = {}
@@ -95,6 +100,7 @@ class TraceSelection(SpanProcessor):
         handling = _cancellation()
         with self._lock:
             self._track(span)
+            self._runs.started(span, self._open)
             if handling is not None:
                 self._started_in_handler[span.context.span_id] = handling
             decided = self._decided.get(trace_id, _NO_AGENT)
@@ -141,8 +147,10 @@ class TraceSelection(SpanProcessor):
                 messages = (span.attributes or {}).get("gen_ai.input.messages")
                 if messages is not None:
                     self._prompts[trace_id] = messages
+                self._runs.ended(span)
             messages = self._prompts.pop(trace_id, None) if local_root else None
             answer = self._answers.of(trace_id, span, local_root) if isinstance(agent, ReadableSpan) else None
+            last = self._runs.take(trace_id) if local_root else None
         if isinstance(agent, str):
             return
         cut_off = _cut_off(span, handled)
@@ -151,7 +159,7 @@ class TraceSelection(SpanProcessor):
         output = _text(answer)
         if output is not None:
             span = copy_span(span, {**(span.attributes or {}), "output.value": output})
-        self._inner.on_end(self._shaped(span, agent if local_root else None, messages))
+        self._inner.on_end(self._shaped(span, agent if local_root else None, messages, last))
 
     def _track(self, span: Span) -> None:
         """Remember an open span (lock held); spans never ended (a leak in the app) are
@@ -217,12 +225,12 @@ class TraceSelection(SpanProcessor):
                    f"{self._max_waiting} spans of traces with no agent yet were waiting): it reaches MLflow "
                    f"without them")
 
-    def _shaped(self, span: ReadableSpan, agent: ReadableSpan | None,
-                messages: AttributeValue | None = None) -> ReadableSpan:
-        """``span`` as MLflow should get it: the agent's summary on an app's root span, and a
+    def _shaped(self, span: ReadableSpan, agent: ReadableSpan | None, messages: AttributeValue | None = None,
+                last: tuple[ReadableSpan, int] | None = None) -> ReadableSpan:
+        """``span`` as MLflow should get it: the agents' summary on an app's root span, and a
         real service name. The span itself is the app's too, so changes go on a copy."""
         resource = self._resource(span.resource)
-        summary = _summary(span, agent, messages) if agent is not None and agent is not span else None
+        summary = _summary(span, agent, messages, last) if agent is not None and agent is not span else None
         if resource is span.resource and not summary:
             return span
         attributes = dict(span.attributes or {})
@@ -270,12 +278,48 @@ class _Answers:
         return answer
 
 
+class _Runs:
+    """Per trace, the runs the app started itself (outermost pydantic-ai spans: not those a
+    tool or another agent started): the latest to end, whose output went out last, and how
+    many have ended. Used with the selection's lock held."""
+
+    def __init__(self) -> None:
+        self._open: dict[int, set[int]] = {}
+        """Trace id -> the span ids of its outermost pydantic-ai spans not ended yet."""
+        self._last: dict[int, tuple[ReadableSpan, int]] = {}
+
+    def started(self, span: Span, open_spans: dict[int, Span]) -> None:
+        """Told at the start of a pydantic-ai span, when all above it are still open (an
+        interrupted run's spans leave ``open_spans`` before they end)."""
+        parent = span.parent
+        while parent is not None:
+            above = open_spans.get(parent.span_id)
+            if above is None:
+                break
+            if _pydantic_ai(above):
+                return
+            parent = above.parent
+        self._open.setdefault(span.context.trace_id, set()).add(span.context.span_id)
+
+    def ended(self, span: ReadableSpan) -> None:
+        context = span.context
+        if context is None or context.span_id not in self._open.get(context.trace_id, ()):
+            return
+        self._open[context.trace_id].discard(context.span_id)
+        self._last[context.trace_id] = (span, self._last.get(context.trace_id, (span, 0))[1] + 1)
+
+    def take(self, trace_id: int) -> tuple[ReadableSpan, int] | None:
+        """The trace's last run and the count, all of it forgotten (its local root has ended)."""
+        self._open.pop(trace_id, None)
+        return self._last.pop(trace_id, None)
+
+
 def _ended(span: Span, now: int, why: str, messages: AttributeValue | None) -> ReadableSpan:
     """A copy of the open ``span`` as if it had ended now with an error; an agent run
     cut off (it has no messages of its own yet) gets the prompt of its last model call."""
     attributes = dict(span.attributes or {})
     if messages is not None and "pydantic_ai.all_messages" not in attributes:
-        prompt = _last_prompt(messages)
+        prompt = last_prompt(messages)
         if prompt is not None:
             attributes["input.value"] = prompt
     return copy_span(span, attributes, status=Status(StatusCode.ERROR, why), end_time=now)
@@ -382,40 +426,30 @@ def _autolog_records_it() -> bool:
         return False
 
 
-def _summary(root: ReadableSpan, agent: ReadableSpan,
-             messages: AttributeValue | None) -> dict[str, AttributeValue]:
-    """The agent run's prompt, output and name, for a root span that is the app's own; the
-    prompt of its last model call (``messages``) when the run was cut off."""
-    if root.instrumentation_scope is not None and root.instrumentation_scope.name == PYDANTIC_AI_SCOPE:
+def _pydantic_ai(span: ReadableSpan) -> bool:
+    scope = span.instrumentation_scope
+    return scope is not None and scope.name == PYDANTIC_AI_SCOPE
+
+
+def _summary(root: ReadableSpan, first: ReadableSpan, messages: AttributeValue | None,
+             last: tuple[ReadableSpan, int] | None) -> dict[str, AttributeValue]:
+    """For a root span that is the app's own: the first run's prompt (the prompt of the
+    trace's last model call, ``messages``, when that run was cut off), the output of the
+    ``last`` run to end, and the name: the agent's when that run is the first and only one,
+    else the root's."""
+    if _pydantic_ai(root):
         return {}
-    attributes = agent.attributes or {}
+    attributes = first.attributes or {}
     summary: dict[str, AttributeValue] = {}
-    prompt = _last_prompt(attributes.get("pydantic_ai.all_messages", messages))
+    prompt = last_prompt(attributes.get("pydantic_ai.all_messages", messages))
     if prompt is not None:
         summary["input.value"] = prompt
-    output = attributes.get("final_result")
+    final, runs = last or (first, 1)
+    output = (final.attributes or {}).get("final_result")
     if isinstance(output, str):
         summary["output.value"] = output
-    name = attributes.get("gen_ai.agent.name")
+    # MLflow names a trace only from the tag, never after its root span.
+    name = attributes.get("gen_ai.agent.name") if runs == 1 else root.name
     if isinstance(name, str) and name:
         summary[TRACE_NAME_TAG] = name
     return summary
-
-
-def _last_prompt(messages: AttributeValue | None) -> str | None:
-    """The text of the last user message: the prompt of the run (earlier ones are its history)."""
-    if not isinstance(messages, str):
-        return None
-    try:
-        parsed: Any = json.loads(messages)
-    except ValueError:
-        return None
-    for message in reversed(parsed if isinstance(parsed, list) else []):
-        if not isinstance(message, dict) or message.get("role") != "user":
-            continue
-        texts = [part.get("content") for part in message.get("parts") or ()
-                 if isinstance(part, dict) and part.get("type") == "text"]
-        text = "\n".join(text for text in texts if isinstance(text, str))
-        if text:
-            return text
-    return None
