@@ -193,6 +193,28 @@ def test_the_seed_recipe_left_in_the_app_gives_one_trace_per_run(app: App) -> No
             assert isinstance(span.attributes.get("openinference.span.kind"), str)
 
 
+OWN_NAMED_PROVIDER = """
+    from opentelemetry import trace
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+
+    trace.set_tracer_provider(TracerProvider(resource=Resource.create({"service.name": "own-svc"})))
+"""
+
+
+@pytest.mark.parametrize(("provider", "env", "expected"), [
+    (OWN_NAMED_PROVIDER, {"OTEL_SERVICE_NAME": "env-svc"}, "own-svc"),
+    ("", {"OTEL_RESOURCE_ATTRIBUTES": "service.name=attrs-svc,team=ml"}, "attrs-svc"),
+], ids=["the-apps-provider", "otel-resource-attributes"])
+def test_an_agent_nobody_instruments_carries_the_service_name_someone_chose(
+        app: App, provider: str, env: dict[str, str], expected: str) -> None:
+    app.write(source(MINE, provider, PYDANTIC_AI, agent("one"), runs("one")))
+    done = app.run("python", "app.py", env=traced_env(app, **env))
+    assert done.returncode == 0, done.stderr.decode()
+    (trace,) = app.traces(1)
+    assert trace.info.tags.get("service.name") == expected
+
+
 # --- only agent traces, whole ------------------------------------------------------------
 
 AROUND_AN_AGENT = """

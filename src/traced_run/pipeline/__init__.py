@@ -94,12 +94,13 @@ def _instrument(settings: Settings, ratio: float) -> None:
     processor: SpanProcessor = DeliveryProcessor(delivery)
     if ratio < 1:
         processor = _SampledProcessor(processor, ratio)
-    service = settings.service_name or _service_name()
     attributes = dict(settings.resource_attributes)
+    # OTEL_RESOURCE_ATTRIBUTES' service.name names one too; OTEL_SERVICE_NAME beats it, as in the SDK.
+    service = settings.service_name or attributes.get("service.name") or _service_name()
     attributes["service.name"] = service
     attributes.setdefault("host.name", socket.gethostname())
     private = TracerProvider(resource=Resource.create(attributes), shutdown_on_exit=False)
-    selection = TraceSelection(processor, service_name=service)
+    selection = TraceSelection(processor, service_name=service, own=private.resource)
     delivery.interrupt = selection.interrupt
     router = Router(selection, private, (PYDANTIC_AI_SCOPE, pydantic_ai.__version__))
     router.watch(InstrumentationSettings)

@@ -13,8 +13,10 @@ request span around an agent run arrives as the trace's root.
 
 When that root is the app's span, it gets the agent's prompt and output as
 its inputs and outputs (MLflow shows the root's as the trace's Request and
-Response) and the agent's name as the trace name; spans of a resource whose
-``service.name`` the SDK made up (``unknown_service``) get traced-run's.
+Response) and the agent's name as the trace name. Every span of a trace says one
+``service.name``: its resource's when that names one; else (the SDK's made-up
+``unknown_service``, or traced-run's own provider) the one the app's global
+provider names, else traced-run's default.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import time
 from collections import OrderedDict, deque
 from typing import Any
 
+from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
@@ -52,9 +55,13 @@ _LEFT_TO_MLFLOW = "MLflow's autolog records it"
 class TraceSelection(SpanProcessor):
     """Passes on the spans of agent traces to ``inner``; holds the rest until their trace is decided."""
 
-    def __init__(self, inner: SpanProcessor, *, service_name: str, max_waiting: int = MAX_WAITING) -> None:
+    def __init__(self, inner: SpanProcessor, *, service_name: str, max_waiting: int = MAX_WAITING,
+                 own: Resource | None = None) -> None:
+        """``service_name``: the default, for spans of ``own`` (traced-run's provider's resource)
+        and of unnamed resources while the app's global provider names no service either."""
         self._inner = inner
         self._service_name = service_name
+        self._own = own
         self._max_waiting = max_waiting
         self._lock = threading.Lock()
         os.register_at_fork(after_in_child=self._forked)
@@ -224,13 +231,15 @@ class TraceSelection(SpanProcessor):
         return copy_span(span, attributes, resource=resource)
 
     def _resource(self, resource: Resource) -> Resource:
-        cached = self._resources.get(id(resource))
-        if cached is not None and cached[0] is resource:
-            return cached[1]
         service = resource.attributes.get("service.name")
-        named = resource
-        if not isinstance(service, str) or service.startswith("unknown_service"):
-            named = resource.merge(Resource({"service.name": self._service_name}))
+        if resource is not self._own and _names_one(service):
+            return resource
+        # Asked per span: the app may set its global provider, named, after agents ran.
+        name = _apps_service_name() or self._service_name
+        cached = self._resources.get(id(resource))
+        if cached is not None and cached[0] is resource and cached[1].attributes.get("service.name") == name:
+            return cached[1]
+        named = resource if service == name else resource.merge(Resource({"service.name": name}))
         self._resources[id(resource)] = (resource, named)
         return named
 
@@ -239,6 +248,19 @@ class TraceSelection(SpanProcessor):
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         return self._inner.force_flush(timeout_millis)
+
+
+def _names_one(service: object) -> bool:
+    """``service.name`` says something someone chose, not the SDK's ``unknown_service...``."""
+    return isinstance(service, str) and bool(service) and not service.startswith("unknown_service")
+
+
+def _apps_service_name() -> str | None:
+    """The service the app's global tracer provider names (logfire's wraps an SDK one), if any."""
+    provider = trace.get_tracer_provider()
+    resource = getattr(getattr(provider, "provider", provider), "resource", None)
+    service = resource.attributes.get("service.name") if isinstance(resource, Resource) else None
+    return service if isinstance(service, str) and _names_one(service) else None
 
 
 def _ended(span: Span, now: int, why: str, messages: AttributeValue | None) -> ReadableSpan:
