@@ -193,12 +193,16 @@ def test_the_seed_recipe_left_in_the_app_gives_one_trace_per_run(app: App) -> No
             assert isinstance(span.attributes.get("openinference.span.kind"), str)
 
 
-@pytest.mark.parametrize("by", ["name", "id"])
-def test_the_seed_recipe_into_another_experiment_is_said_and_its_traces_stay_there(app: App, by: str) -> None:
+@pytest.mark.parametrize(("by", "first"), [("name", "provider"), ("id", "pydantic-ai")])
+def test_the_seed_recipe_into_another_experiment_is_said_and_its_traces_stay_there(
+        app: App, by: str, first: str) -> None:
+    """``first``: pydantic-ai imported first, traced-run joins the provider the app sets
+    before the app adds its exporter to it."""
     client = app.server.client()
     theirs = client.create_experiment(app.experiment + "-app")
-    code = source(MINE, GLOBAL_PROVIDER, SEED_RECIPE, PYDANTIC_AI,
-                  "Agent.instrument_all(InstrumentationSettings(version=2))\n", agent("one"),
+    setup = (GLOBAL_PROVIDER, SEED_RECIPE, PYDANTIC_AI) if first == "provider" else (
+        PYDANTIC_AI, GLOBAL_PROVIDER, SEED_RECIPE)
+    code = source(MINE, *setup, "Agent.instrument_all(InstrumentationSettings(version=2))\n", agent("one"),
                   runs("one", "one"), "\nown.force_flush()\n")
     app.write(code)
     if by == "name":

@@ -34,7 +34,7 @@ from traced_run.config.settings import Settings
 from traced_run.config.sources import load
 from traced_run.delivery import Delivery, DeliveryProcessor
 from traced_run.pipeline import mlflow_native
-from traced_run.pipeline.app_export import AppExports
+from traced_run.pipeline.app_export import AppExports, UnlessLeftToApp
 from traced_run.spans.selection import PYDANTIC_AI_SCOPE, TraceSelection
 from traced_run.transport import NO_TRACKING_URI
 
@@ -184,8 +184,8 @@ class Router:
     app sets is joined too, so the spans around an agent run (the HTTP request
     span) are seen from their start. Agents nobody instrumented use traced-run's
     own settings and its private provider, so the app's destinations get exactly
-    what they got without traced-run. A provider the app exports from to the same
-    MLflow, into another experiment, is not joined (``left_to_app``, see app_export).
+    what they got without traced-run. The spans of a provider the app exports from
+    to the same MLflow, into another experiment, are left to it (see app_export).
     """
 
     def __init__(self, processor: SpanProcessor, private: TracerProvider, scope: tuple[str, str],
@@ -196,8 +196,7 @@ class Router:
         self._left_to_app = left_to_app
         self._lock = threading.Lock()
         self._joined: dict[int, object] = {}
-        """What carries our processor, or was left to the app's exporter, by id (the object is
-        kept, so no id is reused)."""
+        """What carries our processor, by id (the object is kept, so no id is reused)."""
         self._told: set[str] = set()
         self._global: tuple[object, trace.TracerProvider] | None = None
         self.join(private)
@@ -245,8 +244,8 @@ class Router:
             return True
         with self._lock:
             if id(carrier) not in self._joined:
-                if not self._left_to_app(carrier):
-                    provider.add_span_processor(self._processor)
+                provider.add_span_processor(self._processor if carrier is self.private
+                                            else UnlessLeftToApp(self._processor, carrier, self._left_to_app))
                 self._joined[id(carrier)] = carrier
         return True
 

@@ -7,15 +7,22 @@ first, so traced-run's copy aimed at another experiment makes each trace land
 in one of the two by chance, and the other sees none. traced-run leaves the
 spans of such a provider to the app's exporter: they land where the app's code
 says, every time, and one line names both experiments. When both are the same
-experiment there is nothing to choose, and traced-run sends as usual.
+experiment there is nothing to choose, and traced-run sends as usual. Decided at
+the provider's first span, not when traced-run joins it: the app may add its
+exporter after ``set_tracer_provider``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import threading
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from urllib.parse import urlsplit
+
+from opentelemetry.context import Context
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
+from opentelemetry.sdk.trace import Span as SdkSpan
 
 from traced_run import report, transport
 from traced_run.config.settings import Settings
@@ -67,6 +74,38 @@ class AppExports:
             else:
                 self._ours = (_existing_experiment(settings, name), repr(name))
         return self._ours
+
+
+class UnlessLeftToApp(SpanProcessor):
+    """``inner`` on ``provider``, unless its first span finds it ``left_to_app``."""
+
+    def __init__(self, inner: SpanProcessor, provider: object, left_to_app: Callable[[object], bool]) -> None:
+        self._inner = inner
+        self._provider = provider
+        self._left_to_app = left_to_app
+        self._left: bool | None = None
+        self._lock = threading.Lock()
+
+    def _passes(self) -> bool:
+        if self._left is None:
+            with self._lock:
+                if self._left is None:
+                    self._left = self._left_to_app(self._provider)
+        return not self._left
+
+    def on_start(self, span: SdkSpan, parent_context: Context | None = None) -> None:
+        if self._passes():
+            self._inner.on_start(span, parent_context)
+
+    def on_end(self, span: ReadableSpan) -> None:
+        if self._passes():
+            self._inner.on_end(span)
+
+    def shutdown(self) -> None:
+        self._inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self._inner.force_flush(timeout_millis)
 
 
 def _existing_experiment(settings: Settings, name: str) -> str | None:

@@ -13,8 +13,8 @@ request span around an agent run arrives as the trace's root.
 
 When that root is the app's span, it gets the agent's prompt and output as
 its inputs and outputs (MLflow shows the root's as the trace's Request and
-Response) and the agent's name as the trace name. Every span of a trace says one
-``service.name``: its resource's when that names one; else (the SDK's made-up
+Response) and the agent's name as the trace name. A span's
+``service.name`` is its resource's when that names one; else (the SDK's made-up
 ``unknown_service``, or traced-run's own provider) the one the app's global
 provider names, else traced-run's default.
 """
@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict, deque
-from typing import Any
+from typing import Any, TypeGuard
 
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -250,7 +250,7 @@ class TraceSelection(SpanProcessor):
         return self._inner.force_flush(timeout_millis)
 
 
-def _names_one(service: object) -> bool:
+def _names_one(service: object) -> TypeGuard[str]:
     """``service.name`` says something someone chose, not the SDK's ``unknown_service...``."""
     return isinstance(service, str) and bool(service) and not service.startswith("unknown_service")
 
@@ -260,7 +260,7 @@ def _apps_service_name() -> str | None:
     provider = trace.get_tracer_provider()
     resource = getattr(getattr(provider, "provider", provider), "resource", None)
     service = resource.attributes.get("service.name") if isinstance(resource, Resource) else None
-    return service if isinstance(service, str) and _names_one(service) else None
+    return service if _names_one(service) else None
 
 
 def _ended(span: Span, now: int, why: str, messages: AttributeValue | None) -> ReadableSpan:
