@@ -16,8 +16,10 @@ out last as its inputs and outputs (MLflow shows the root's as the trace's
 Request and Response): the first agent run's prompt and the last one's output,
 of the runs the app started itself (not those a tool or another agent started),
 unless the root has its own. Its name is the agent's when one run is all there
-is, else the root's own (a graph's, a route's). Spans of a resource whose
-``service.name`` the SDK made up (``unknown_service``) get traced-run's.
+is, else the root's own (a graph's, a route's). A span's ``service.name`` is its
+resource's when that names one; else (the SDK's made-up ``unknown_service``, or
+traced-run's own provider) the one the app's global provider names, else
+traced-run's default.
 """
 
 from __future__ import annotations
@@ -30,8 +32,9 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeGuard
 
+from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
@@ -58,9 +61,13 @@ _LEFT_TO_MLFLOW = "MLflow's autolog records it"
 class TraceSelection(SpanProcessor):
     """Passes on the spans of agent traces to ``inner``; holds the rest until their trace is decided."""
 
-    def __init__(self, inner: SpanProcessor, *, service_name: str, max_waiting: int = MAX_WAITING) -> None:
+    def __init__(self, inner: SpanProcessor, *, service_name: str, max_waiting: int = MAX_WAITING,
+                 own: Resource | None = None) -> None:
+        """``service_name``: the default, for spans of ``own`` (traced-run's provider's resource)
+        and of unnamed resources while the app's global provider names no service either."""
         self._inner = inner
         self._service_name = service_name
+        self._own = own
         self._max_waiting = max_waiting
         self._lock = threading.Lock()
         os.register_at_fork(after_in_child=self._forked)
@@ -239,13 +246,15 @@ class TraceSelection(SpanProcessor):
         return copy_span(span, attributes, resource=resource)
 
     def _resource(self, resource: Resource) -> Resource:
-        cached = self._resources.get(id(resource))
-        if cached is not None and cached[0] is resource:
-            return cached[1]
         service = resource.attributes.get("service.name")
-        named = resource
-        if not isinstance(service, str) or service.startswith("unknown_service"):
-            named = resource.merge(Resource({"service.name": self._service_name}))
+        if resource is not self._own and _names_one(service):
+            return resource
+        # Asked per span: the app may set its global provider, named, after agents ran.
+        name = _apps_service_name() or self._service_name
+        cached = self._resources.get(id(resource))
+        if cached is not None and cached[0] is resource and cached[1].attributes.get("service.name") == name:
+            return cached[1]
+        named = resource if service == name else resource.merge(Resource({"service.name": name}))
         self._resources[id(resource)] = (resource, named)
         return named
 
@@ -312,6 +321,17 @@ class _Runs:
         """The trace's last run and the count, all of it forgotten (its local root has ended)."""
         self._open.pop(trace_id, None)
         return self._last.pop(trace_id, None)
+def _names_one(service: object) -> TypeGuard[str]:
+    """``service.name`` says something someone chose, not the SDK's ``unknown_service...``."""
+    return isinstance(service, str) and bool(service) and not service.startswith("unknown_service")
+
+
+def _apps_service_name() -> str | None:
+    """The service the app's global tracer provider names (logfire's wraps an SDK one), if any."""
+    provider = trace.get_tracer_provider()
+    resource = getattr(getattr(provider, "provider", provider), "resource", None)
+    service = resource.attributes.get("service.name") if isinstance(resource, Resource) else None
+    return service if _names_one(service) else None
 
 
 def _ended(span: Span, now: int, why: str, messages: AttributeValue | None) -> ReadableSpan:
