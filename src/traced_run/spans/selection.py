@@ -66,8 +66,7 @@ class TraceSelection(SpanProcessor):
         """``service_name``: the default, for spans of ``own`` (traced-run's provider's resource)
         and of unnamed resources while the app's global provider names no service either."""
         self._inner = inner
-        self._service_name = service_name
-        self._own = own
+        self._names = _ServiceNames(service_name, own)
         self._max_waiting = max_waiting
         self._lock = threading.Lock()
         os.register_at_fork(after_in_child=self._forked)
@@ -85,7 +84,6 @@ class TraceSelection(SpanProcessor):
         self._runs = _Runs()
         self._started_in_handler: dict[int, BaseException] = {}
         """Span id -> the cancellation or exit being handled when it started (not what cut it off)."""
-        self._resources: dict[int, tuple[Resource, Resource]] = {}
         self._told_incomplete = False
         self._told_autolog = False
 
@@ -236,7 +234,7 @@ class TraceSelection(SpanProcessor):
                 last: tuple[ReadableSpan, int] | None = None) -> ReadableSpan:
         """``span`` as MLflow should get it: the agents' summary on an app's root span, and a
         real service name. The span itself is the app's too, so changes go on a copy."""
-        resource = self._resource(span.resource)
+        resource = self._names.of(span.resource)
         summary = _summary(span, agent, messages, last) if agent is not None and agent is not span else None
         if resource is span.resource and not summary:
             return span
@@ -245,7 +243,23 @@ class TraceSelection(SpanProcessor):
             attributes.setdefault(key, value)
         return copy_span(span, attributes, resource=resource)
 
-    def _resource(self, resource: Resource) -> Resource:
+    def shutdown(self) -> None:
+        self._inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self._inner.force_flush(timeout_millis)
+
+
+class _ServiceNames:
+    """Each resource as MLflow gets it: its own ``service.name`` when it names one, else
+    the app's global provider's, else traced-run's default (``service_name``)."""
+
+    def __init__(self, service_name: str, own: Resource | None) -> None:
+        self._service_name = service_name
+        self._own = own
+        self._resources: dict[int, tuple[Resource, Resource]] = {}
+
+    def of(self, resource: Resource) -> Resource:
         service = resource.attributes.get("service.name")
         if resource is not self._own and _names_one(service):
             return resource
@@ -257,12 +271,6 @@ class TraceSelection(SpanProcessor):
         named = resource if service == name else resource.merge(Resource({"service.name": name}))
         self._resources[id(resource)] = (resource, named)
         return named
-
-    def shutdown(self) -> None:
-        self._inner.shutdown()
-
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return self._inner.force_flush(timeout_millis)
 
 
 class _Answers:
