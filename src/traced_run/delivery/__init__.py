@@ -54,6 +54,10 @@ from traced_run.delivery.sender import OUTAGE_NOTICE, SPOOL_RESERVE, Backoff, De
 from traced_run.delivery.spill import Keeper, Spill
 from traced_run.delivery.spool import Spool
 
+# Its fork hooks must be in place before the app can fork: imported by the delivery thread,
+# a fork under way meanwhile would run none of its before-fork hooks but its after-fork ones.
+from traced_run.transport import connections  # noqa: F401
+
 __all__ = ["BATCH_SIZE", "OUTAGE_NOTICE", "Delivery", "DeliveryProcessor"]
 
 FORK_WAIT = 10.0

@@ -152,9 +152,11 @@ class DeliveryThread:
     def run(self) -> None:
         try:
             from traced_run.delivery.export import Sender
+            from traced_run.spans import enrich
             from traced_run.transport import import_network_modules
 
             import_network_modules()
+            enrich.prepare(self._settings)
         finally:
             self._loaded.set()  # a fork may go ahead now (see Delivery._before_fork)
         # The experiment is looked up (and created) by the first post, not here: a

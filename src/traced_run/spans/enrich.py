@@ -59,6 +59,13 @@ class _Config:
 _config: _Config | None = None
 
 
+def prepare(settings: Settings) -> None:
+    """Compile what ``for_mlflow`` needs now (the redaction rules: RE2 is imported then), on
+    the delivery thread before it lets a fork go ahead: a fork while a thread imports leaves
+    the child a module lock no thread of its own will release, and its exit hung on it."""
+    _config_for(settings)
+
+
 def _config_for(settings: Settings) -> _Config:
     """Compiled once per process (the settings object is the process's own)."""
     global _config

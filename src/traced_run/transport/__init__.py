@@ -228,7 +228,8 @@ def _partial_success(body: bytes, *, as_json: bool) -> tuple[int, str] | None:
         return _json_partial_success(body)
     outer = _fields(body)
     if outer is None:
-        return None
+        # MLflow before 3.7 answers its JSON model under the protobuf content type.
+        return _json_partial_success(body) if body.lstrip().startswith(b"{") else None
     rejected, message = 0, ""
     for number, value in outer:
         inner = _fields(value) if number == 1 and isinstance(value, bytes) else []
