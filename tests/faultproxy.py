@@ -12,6 +12,8 @@ when the assignment returns):
   closed only when the mode changes or the proxy stops).
 - ``503``: answer 503 Service Unavailable.
 - ``429``: answer 429 Too Many Requests with ``Retry-After: 1``.
+- ``slow``: forward the request (MLflow stores it at once), then hold MLflow's
+  answer ``proxy.delay`` seconds before it goes back: a slow MLflow.
 - ``cut``: forward the request (MLflow stores it), then send the client the
   answer's status line, headers and part of its body, and close the
   connection: the client cannot tell whether its batch was taken.
@@ -35,8 +37,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
-Mode = Literal["forward", "refuse", "hang", "503", "429", "cut"]
-MODES: tuple[Mode, ...] = ("forward", "refuse", "hang", "503", "429", "cut")
+Mode = Literal["forward", "refuse", "hang", "503", "429", "cut", "slow"]
+MODES: tuple[Mode, ...] = ("forward", "refuse", "hang", "503", "429", "cut", "slow")
 _STATUS_TEXT = {503: "Service Unavailable", 429: "Too Many Requests"}
 _IO_TIMEOUT = 60.0
 
@@ -66,6 +68,8 @@ class FaultProxy:
         self._threads: list[threading.Thread] = []
         self.seen: list[Seen] = []
         self.reject: bytes | None = None
+        self.delay = 3.0
+        """Seconds ``slow`` holds each answer."""
         self.port = 0
         self._listen()
         self._acceptor = threading.Thread(target=self._accept_loop, name="faultproxy-accept", daemon=True)
@@ -207,6 +211,8 @@ class FaultProxy:
             connection.sendall(cut_head + b"\r\n\r\n" + answer_body[: len(answer_body) // 2])
             connection.shutdown(socket.SHUT_RDWR)
             return None
+        if mode == "slow":
+            self._stopped.wait(self.delay)
         connection.sendall(answer[0] + b"\r\n\r\n" + answer[1])
         return status
 

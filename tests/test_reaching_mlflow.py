@@ -8,6 +8,7 @@ the doctor's lines, traces in MLflow) is what is asserted."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -16,6 +17,7 @@ import subprocess
 import textwrap
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -443,19 +445,75 @@ BURST_APP = AGENT + """
 """
 
 
-@pytest.mark.parametrize(("mode", "reason"), [
-    ("refuse", "(connection refused)"),
-    ("503", "(HTTP 503 Service Unavailable"),
-    ("hang", "(no answer from MLflow within exit_timeout=1s)"),
+@pytest.mark.parametrize(("mode", "said"), [
+    ("refuse", "not delivered to {url} (connection refused)"),
+    ("503", "not delivered to {url} (HTTP 503 Service Unavailable"),
+    ("hang", "sent to {url}: no answer within "),
 ])
-def test_the_exit_line_says_what_mlflow_did(mode: str, reason: str, tmp_path: Path,
+def test_the_exit_line_says_what_mlflow_did(mode: str, said: str, tmp_path: Path,
                                              mlflow_server: MlflowServer) -> None:
     with fault_proxy(mlflow_server.url) as proxy:
         proxy.mode = mode
         done = run_app(tmp_path, env_for(proxy.url, tmp_path, MLFLOW_EXPERIMENT_ID="0",
                                          TRACED_RUN_EXIT_TIMEOUT="1"))
         line = exit_line(done)
-    assert f"4 spans of 1 trace not delivered to {proxy.url}/v1/traces {reason}" in line, line
+    assert "4 spans of 1 trace " + said.format(url=f"{proxy.url}/v1/traces") in line, line
+
+
+def test_a_post_a_slow_mlflow_stored_but_did_not_answer_in_time_is_not_called_undelivered(
+        tmp_path: Path, mlflow_server: MlflowServer) -> None:
+    """MLflow stores the run's spans at once and answers 3 s later; the process may
+    wait 2 s at exit. Its line says what it knows: no answer came, MLflow may have
+    the spans, they are kept and re-sending them is safe; a flush then re-sends
+    them and MLflow still holds the one trace."""
+    experiment_id = str(mlflow_server.client().create_experiment(new_name()))
+    with fault_proxy(mlflow_server.url) as proxy:
+        proxy.mode = "slow"
+        env = env_for(proxy.url, tmp_path, MLFLOW_EXPERIMENT_ID=experiment_id, TRACED_RUN_EXIT_TIMEOUT="2")
+        line = exit_line(run_app(tmp_path, env))
+        assert proxy.count() == 1, proxy.seen
+        assert "not delivered" not in line, line
+        assert re.fullmatch(
+            rf"traced-run: 4 spans of 1 trace sent to {re.escape(proxy.url)}/v1/traces: no answer within "
+            rf"[\d.]+ s; kept in {re.escape(str(tmp_path / 'spool'))}; MLflow may already have stored them, "
+            r"re-sending is safe: the next traced process or `traced-run flush` sends them", line), line
+        (stored,) = poll(lambda: mlflow_server.traces(experiment_id), timeout=30, what="the trace")
+        assert str(stored.info.state).endswith("OK")
+        proxy.mode = "forward"
+        sent = flush(tmp_path, env)
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    assert len(mlflow_server.traces(experiment_id)) == 1
+
+
+@pytest.fixture
+def full_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 64 KiB tmpfs, private to this user, filled up."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", str(disk)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"a small tmpfs cannot be mounted here: {mounted.stderr.strip()}")
+    try:
+        with contextlib.suppress(OSError), (disk / "filler").open("wb") as filler:
+            while True:
+                filler.write(b"x" * 4096)
+                filler.flush()
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_a_full_disk_is_named_as_the_reason_not_mlflow(tmp_path: Path, mlflow_server: MlflowServer,
+                                                      full_disk: Path) -> None:
+    spool = full_disk / "spool"
+    with fault_proxy(mlflow_server.url) as proxy:
+        proxy.mode = "refuse"
+        line = exit_line(run_app(tmp_path, env_for(proxy.url, tmp_path, MLFLOW_EXPERIMENT_ID="0",
+                                                   TRACED_RUN_SPOOL_DIR=str(spool))))
+    assert line.startswith(f"traced-run: 4 spans lost: the disk holding the spool {spool} is full (no space "
+                           "left on device)"), line
+    assert line.endswith("(MLflow did not take them: connection refused)"), line
 
 
 def test_an_exit_bound_reached_while_mlflow_still_answers_is_said_as_such(

@@ -136,8 +136,8 @@ class Delivery:
             hanging = self._deliver_until(deadline - SPOOL_RESERVE)
         reserve_end = time.monotonic() + SPOOL_RESERVE
         left = self._queue.close(SPOOL_RESERVE)
-        left = self._spill.close(max(0.0, reserve_end - time.monotonic())) + left
-        if left:
+        unsent = self._spill.close(max(0.0, reserve_end - time.monotonic())) + left.unsent
+        if left.posted or unsent:
             # The delivery thread did not finish in time, or MLflow hangs: keep the rest
             # from this thread. A batch that was mid-send may reach MLflow twice;
             # MLflow stores a re-sent span once.
@@ -145,7 +145,10 @@ class Delivery:
                 self.ledger.timed_out()
             else:
                 self.ledger.left_hanging(hanging)
-            self._keeper.keep(left)
+            if left.posted:
+                self._keeper.keep(left.posted, unanswered=left.waited)
+            if unsent:
+                self._keeper.keep(unsent)
         self.ledger.say_exit_line(self._endpoint)
 
     def _deliver_until(self, until: float) -> str | None:

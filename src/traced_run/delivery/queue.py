@@ -16,6 +16,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 from opentelemetry.sdk.trace import ReadableSpan
 
@@ -60,6 +61,8 @@ class SpanQueue:
         """Starts the delivery thread when the first span comes (called under the lock)."""
         self._spans: deque[ReadableSpan] = deque()
         self._in_flight: list[ReadableSpan] = []
+        self._posted_at: float | None = None
+        """When the batch in flight was posted: from then on MLflow may store it, answer or not."""
         self._holding = False
         """The delivery thread is deciding the fate of its batch: close() waits, then leaves it."""
         self._flushing = 0
@@ -131,11 +134,17 @@ class SpanQueue:
         finally:
             self.done()
 
+    def posting(self) -> None:
+        """The batch in flight goes to MLflow now."""
+        with self.lock:
+            self._posted_at = time.monotonic()
+
     def done(self) -> None:
         """The delivery thread is through with its batch."""
         with self.lock:
             self._holding = False
             self._in_flight = []
+            self._posted_at = None
             self.lock.notify_all()
 
     def leaving(self) -> bool:
@@ -191,13 +200,27 @@ class SpanQueue:
             self.lock.notify_all()
             return self._deadline
 
-    def close(self, wait: float) -> list[ReadableSpan]:
+    def close(self, wait: float) -> Left:
         """Close, and return what is left for the exit path to keep: the queue,
         and the batch in flight unless the delivery thread holds it (it may
         finish within ``wait``: a batch it is writing to the spool stays its own)."""
         with self.lock:
             self.lock.wait_for(lambda: not self._holding, timeout=wait)
             self._closed = True
-            left = ([] if self._holding else list(self._in_flight)) + list(self._spans)
+            in_flight = [] if self._holding else list(self._in_flight)
+            unsent = list(self._spans)
             self._spans.clear()
-            return left
+            if self._posted_at is None or not in_flight:
+                return Left([], 0.0, in_flight + unsent)
+            return Left(in_flight, time.monotonic() - self._posted_at, unsent)
+
+
+@dataclass(frozen=True)
+class Left:
+    """What the exit path keeps."""
+
+    posted: list[ReadableSpan]
+    """The batch in flight, posted and not answered yet: MLflow may have stored it."""
+    waited: float
+    """How long ``posted`` has waited for its answer."""
+    unsent: list[ReadableSpan]

@@ -206,6 +206,7 @@ class DeliveryThread:
                 if held:
                     self._keeper.keep(batch, payload)
             return
+        self._queue.posting()
         outcome = self._post(payload, target_of(self._settings), timeout)
         with self._queue.hold() as held:
             if not held:  # close() took the batch over while it was posted: the answer is not ours
@@ -220,7 +221,8 @@ class DeliveryThread:
                                        self._queue.leaving())
             else:
                 self._failed(outcome)
-                self._keeper.keep(batch, payload)
+                unanswered = outcome.status is None and outcome.reason.startswith(NO_ANSWER)
+                self._keeper.keep(batch, payload, timeout if unanswered else None)
 
     def _post(self, payload: bytes, target: Target, timeout: float) -> Outcome:
         assert self._sender is not None
