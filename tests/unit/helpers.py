@@ -66,6 +66,8 @@ class FakeSender(Sender):
 
     def post(self, payload: bytes, target: Target, timeout: float) -> Outcome:
         cls = type(self)
+        if self.on_send is not None:
+            self.on_send()
         cls.posts.append(payload)
         cls.posted.release()
         if cls.gated:

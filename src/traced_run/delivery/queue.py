@@ -135,9 +135,15 @@ class SpanQueue:
             self.done()
 
     def posting(self) -> None:
-        """The batch in flight goes to MLflow now."""
+        """The batch in flight goes to MLflow now (a spooled one, sent while none is, is not counted)."""
         with self.lock:
-            self._posted_at = time.monotonic()
+            if self._in_flight and self._posted_at is None:
+                self._posted_at = time.monotonic()
+
+    def posted(self) -> bool:
+        """The batch in flight went to MLflow: it may have stored it, whatever came back."""
+        with self.lock:
+            return self._posted_at is not None
 
     def done(self) -> None:
         """The delivery thread is through with its batch."""

@@ -160,6 +160,7 @@ class DeliveryThread:
         # The experiment is looked up (and created) by the first post, not here: a
         # process that sends nothing must not create one.
         self._sender = Sender(self._settings)
+        self._sender.on_send = self._queue.posting
         more_spooled = True  # a spool left by earlier processes goes first
         while True:
             batch = self._queue.take(0 if more_spooled else self._wait())
@@ -206,7 +207,6 @@ class DeliveryThread:
                 if held:
                     self._keeper.keep(batch, payload)
             return
-        self._queue.posting()
         outcome = self._post(payload, target_of(self._settings), timeout)
         with self._queue.hold() as held:
             if not held:  # close() took the batch over while it was posted: the answer is not ours
@@ -221,7 +221,8 @@ class DeliveryThread:
                                        self._queue.leaving())
             else:
                 self._failed(outcome)
-                unanswered = outcome.status is None and outcome.reason.startswith(NO_ANSWER)
+                unanswered = self._queue.posted() and outcome.status is None \
+                    and outcome.reason.startswith(NO_ANSWER)
                 self._keeper.keep(batch, payload, timeout if unanswered else None)
 
     def _post(self, payload: bytes, target: Target, timeout: float) -> Outcome:
