@@ -37,7 +37,7 @@ from realservers import (
 )
 from test_doctor import checks
 from test_e2e_process import boot_dir, traced_lines
-from tls import ConnectProxy, Pki, SlowProxy, TlsProxy
+from tls import OTHER_HOST, ConnectProxy, Pki, SlowProxy, TlsProxy
 
 __all__ = ["auth_mlflow", "connect_proxy", "https_mlflow", "mtls_mlflow", "pki", "self_signed_mlflow",
            "workspace_mlflow"]
@@ -131,6 +131,27 @@ def test_without_the_ca_the_exit_line_says_certificate_verify_failed_and_flush_s
     sent = flush(tmp_path, {**env, "MLFLOW_TRACKING_SERVER_CERT_PATH": str(pki.ca_cert)})
     assert sent.returncode == 0, sent.stdout + sent.stderr
     one_trace(mlflow_server, name)
+
+
+@pytest.mark.parametrize("host", ["localhost", "127.0.0.1"])
+def test_a_certificate_for_another_host_is_said_with_its_names_and_the_url_s_host(
+        host: str, tmp_path: Path, mlflow_server: MlflowServer, pki: Pki) -> None:
+    """The CA is right, the certificate's names are not the URL's: a CA bundle would not fix it."""
+    proxy = TlsProxy(mlflow_server.url, pki.other_host_cert, pki.other_host_key)
+    try:
+        env = env_for(f"https://{host}:{proxy.port}", tmp_path, MLFLOW_EXPERIMENT_ID="0",
+                      MLFLOW_TRACKING_SERVER_CERT_PATH=str(pki.ca_cert))
+        line = exit_line(run_app(tmp_path, env))
+        status, found, _ = doctor(tmp_path, env, "--no-trace")
+    finally:
+        proxy.close()
+    said = (f"certificate verify failed: the server's certificate holds {OTHER_HOST}, not {host}, the host "
+            f"the URL names; use a URL with a name the certificate holds, or have the certificate issued "
+            f"for {host}")
+    assert f"4 spans of 1 trace not delivered to https://{host}:{proxy.port}/v1/traces ({said})" in line, line
+    assert "CERT_PATH" not in line, line
+    assert status == 1 and found["mlflow reachable"][0] == "FAIL", found
+    assert OTHER_HOST in found["mlflow reachable"][1] and "CERT_PATH" not in found["mlflow reachable"][1]
 
 
 def test_doctor_all_ok_over_https_with_the_ca(

@@ -248,9 +248,9 @@ def request(settings: Settings, url: str, *, method: str = "GET", data: bytes | 
     except TimeoutError:
         return answer(None, problem=f"{NO_ANSWER} {timeout:.1f} s")
     except urllib.error.URLError as error:
-        return answer(None, problem=_network_reason(error.reason, timeout, settings))
+        return answer(None, problem=_network_reason(error.reason, timeout, settings, url))
     except (OSError, ValueError, http.client.HTTPException) as error:
-        return answer(None, problem=_network_reason(error, timeout, settings))
+        return answer(None, problem=_network_reason(error, timeout, settings, url))
 
 
 def _with_fix(found: Answer, problem: str, settings: Settings) -> str:
@@ -279,10 +279,15 @@ def _redirect(status: int, location: str | None) -> str:
             "body and would take the credentials along): set the URL the server redirects to")
 
 
-def _network_reason(reason: object, timeout: float, settings: Settings) -> str:
+def _network_reason(reason: object, timeout: float, settings: Settings, url: str) -> str:
     import ssl
 
+    from traced_run.transport.certnames import name_mismatch
+
     if isinstance(reason, ssl.SSLCertVerificationError):
+        mismatch = name_mismatch(reason, url, settings, timeout)
+        if mismatch is not None:
+            return mismatch
         said = printable(str(reason.verify_message or reason.reason or "")).lower()
         return f"certificate verify failed: {said}; {CA_FIX}"
     if isinstance(reason, ssl.SSLError):
@@ -374,6 +379,11 @@ _openssl_unsafe = False
 request (each would hang), so its batches go to the spool, with the reason."""
 FORKED_IN_OPENSSL = ("this process was forked while its parent was in a TLS handshake, so OpenSSL "
                      "cannot be used in it")
+
+
+def openssl_guard() -> threading.Lock:
+    """What a TLS handshake holds (see ``_IN_OPENSSL``), as it is now: a forked child has its own."""
+    return _IN_OPENSSL
 
 
 def _before_fork() -> None:
