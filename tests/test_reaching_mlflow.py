@@ -506,6 +506,49 @@ def test_a_post_a_slow_mlflow_stored_but_did_not_answer_in_time_is_not_called_un
     assert len(mlflow_server.traces(experiment_id)) == 1
 
 
+SLOW_TOOL_APP = """
+    import sys
+    import time
+
+    from pydantic_ai import Agent
+    from pydantic_ai.models.test import TestModel
+
+    agent = Agent(TestModel(), name="support")
+
+    @agent.tool_plain
+    def lookup(city: str) -> str:
+        \"\"\"Look a city up.\"\"\"
+        time.sleep(2.5)  # the first model call's span ended well over a batch interval ago
+        return f"{city}: sunny"
+
+    agent.run_sync("What is the weather in Paris?")
+    print("done", flush=True)
+    sys.stdin.readline()  # alive until the test has looked
+"""
+
+
+def test_a_live_process_posts_a_run_whole_once_it_has_ended(tmp_path: Path,
+                                                            mlflow_server: MlflowServer) -> None:
+    """The run's first span ends 2.5 s before its root: its spans still go in one
+    request, while the process lives, and MLflow never holds a part of the run."""
+    experiment_id = str(mlflow_server.client().create_experiment(new_name()))
+    (tmp_path / "app.py").write_text(textwrap.dedent(SLOW_TOOL_APP))
+    with fault_proxy(mlflow_server.url) as proxy:
+        env = env_for(proxy.url, tmp_path, MLFLOW_EXPERIMENT_ID=experiment_id)
+        app = subprocess.Popen([TRACED_RUN, "python", "app.py"], cwd=tmp_path, env=env, text=True,
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            assert app.stdout is not None and app.stdout.readline() == "done\n"
+            (trace,) = poll(lambda: mlflow_server.traces(experiment_id), timeout=30, what="the run's trace")
+            posts = proxy.count()
+            _, stderr = app.communicate("leave\n", timeout=60)
+        finally:
+            app.kill()
+    assert posts == 1, proxy.seen
+    assert str(trace.info.state).endswith("OK") and len(trace.data.spans) == 4, trace
+    assert traced_lines(stderr.encode()) == [], stderr
+
+
 @pytest.fixture
 def full_disk(tmp_path: Path) -> Iterator[Path]:
     """A 64 KiB tmpfs, private to this user, filled up."""

@@ -171,7 +171,12 @@ class Delivery:
 
     def install_exit_hooks(self) -> None:
         # Another way out waits for a delivery under way: its bound, and a second for the spool.
-        exits.install(self.close, self._settings.exit_timeout + 1.0)
+        exits.install(self.close, self._settings.exit_timeout + 1.0, self._cut_off)
+
+    def _cut_off(self) -> None:
+        """From a signal handler, so no lock: a server may be killed once its grace time is
+        over, and what ended of its open runs must be on its way by then."""
+        self._queue.cut_off = True
 
 
 class DeliveryProcessor(SpanProcessor):

@@ -26,23 +26,34 @@ BATCH_SIZE = 512
 """Spans per request."""
 
 
-def whole_traces(spans: deque[ReadableSpan], limit: int) -> list[ReadableSpan]:
+OPEN_TRACE_WAIT = 5.0
+"""Seconds the ended spans of a trace whose local root is still open wait for it: a run goes
+whole once its root ends (MLflow shows no part of it IN_PROGRESS from a live process), but
+a long run's spans still go, and a root that never comes holds none for ever."""
+CUT_OFF_POLL = 0.2
+"""How often a delivery thread holding spans looks whether a SIGTERM cut the process off."""
+
+
+def whole_traces(spans: deque[ReadableSpan], limit: int, ready: set[int] | None = None) -> list[ReadableSpan]:
     """Take up to ``limit`` spans from the front of ``spans``, whole traces
-    only (oldest trace first): MLflow stores a request all or nothing, so a
-    span it rejects then costs only its own trace. A trace larger than
-    ``limit`` alone is cut; so is the last one when no whole trace fits."""
-    if len(spans) <= limit:
+    only (oldest trace first), of the traces in ``ready`` only when it is given:
+    MLflow stores a request all or nothing, so a span it rejects then costs only
+    its own trace. A trace larger than ``limit`` alone is cut; so is the last one
+    when no whole trace fits."""
+    if ready is None and len(spans) <= limit:
         taken = list(spans)
         spans.clear()
         return taken
     by_trace: dict[int, list[ReadableSpan]] = {}
     for span in spans:
-        by_trace.setdefault(trace_of(span), []).append(span)
+        trace = trace_of(span)
+        if ready is None or trace in ready:
+            by_trace.setdefault(trace, []).append(span)
     taken = []
-    for trace in by_trace.values():
-        if taken and len(taken) + len(trace) > limit:
+    for trace_spans in by_trace.values():
+        if taken and len(taken) + len(trace_spans) > limit:
             continue
-        taken.extend(trace[:limit - len(taken)])
+        taken.extend(trace_spans[:limit - len(taken)])
         if len(taken) == limit:
             break
     chosen = {id(span) for span in taken}
@@ -72,6 +83,12 @@ class SpanQueue:
         """When the exit bound runs out (once closing)."""
         self._spool_idle = False
         """The delivery thread found no spooled batch MLflow would take now."""
+        self._first_at: dict[int, float] = {}
+        """When the first queued span of each trace came."""
+        self._ended: set[int] = set()
+        """Traces whose local root is queued: whole."""
+        self.cut_off = False
+        """Set, lock-free, by a SIGTERM the app's handler takes: leaving, nothing waits for a root."""
 
     # -- the app's threads -------------------------------------------------------------------
 
@@ -83,6 +100,11 @@ class SpanQueue:
             if len(self._spans) >= self._size and not self._spill_oldest():
                 return False
             self._spans.append(span)
+            trace = trace_of(span)
+            if trace not in self._first_at:
+                self._first_at[trace] = time.monotonic()
+            if span.parent is None or span.parent.is_remote:
+                self._ended.add(trace)
             self._wake_delivery()
             if len(self._spans) >= BATCH_SIZE:
                 self.lock.notify_all()
@@ -95,7 +117,16 @@ class SpanQueue:
         when the spill thread is as far behind as the queue holds."""
         if not self._spill.room(self._size):
             return False
-        return self._spill.offer(whole_traces(self._spans, BATCH_SIZE))
+        taken = whole_traces(self._spans, BATCH_SIZE)
+        self._forget()
+        return self._spill.offer(taken)
+
+    def _forget(self) -> None:
+        """Drop what is known of traces none of whose spans is queued any more (lock held)."""
+        queued = {trace_of(span) for span in self._spans}
+        for trace in [trace for trace in self._first_at if trace not in queued]:
+            del self._first_at[trace]
+            self._ended.discard(trace)
 
     def high(self) -> bool:
         """The queue is past half full: batches go to the spool rather than wait for MLflow."""
@@ -104,20 +135,33 @@ class SpanQueue:
 
     # -- the delivery thread -----------------------------------------------------------------
 
+    def _urgent(self) -> bool:
+        """Everything queued goes now, ended or not (lock held)."""
+        return bool(self._closing or self._flushing or self.cut_off) or len(self._spans) >= BATCH_SIZE
+
     def _batch_due(self) -> bool:
-        urgent = self._closing or self._flushing
         leaving_with_spool = self._closing and not self._spool_idle
-        return len(self._spans) >= BATCH_SIZE or bool(urgent and self._spans) or leaving_with_spool
+        return bool(self._urgent() and self._spans) or leaving_with_spool
 
     def take(self, wait: float) -> list[ReadableSpan] | None:
-        """The next batch (whole traces, possibly empty: then it is the spool's
-        turn) once one is due or ``wait`` is over; None once closed."""
+        """The next batch once one is due or ``wait`` is over: whole traces, of the
+        ended ones only unless everything is due (possibly empty: then it is the
+        spool's turn); None once closed."""
         with self.lock:
-            self.lock.wait_for(self._batch_due, timeout=wait)
+            end = time.monotonic() + wait
+            while not self._batch_due() and (left := end - time.monotonic()) > 0:
+                # cut_off comes with no notify (a signal handler takes no lock): look again soon
+                self.lock.wait(min(left, CUT_OFF_POLL) if self._spans else left)
             if self._closed:  # close() kept what was left and said so: sending on would belie it
                 return None
-            self._in_flight = whole_traces(self._spans, BATCH_SIZE)
+            self._in_flight = whole_traces(self._spans, BATCH_SIZE, None if self._urgent() else self._ready())
+            self._forget()
             return self._in_flight
+
+    def _ready(self) -> set[int]:
+        """Traces that go without waiting more: their root ended, or they waited OPEN_TRACE_WAIT."""
+        stale = time.monotonic() - OPEN_TRACE_WAIT
+        return {trace for trace, first in self._first_at.items() if trace in self._ended or first <= stale}
 
     @contextlib.contextmanager
     def hold(self) -> Iterator[bool]:
