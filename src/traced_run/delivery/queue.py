@@ -84,9 +84,7 @@ class SpanQueue:
         self._spool_idle = False
         """The delivery thread found no spooled batch MLflow would take now."""
         self._first_at: dict[int, float] = {}
-        """When the first queued span of each trace came."""
-        self._ended: set[int] = set()
-        """Traces whose local root is queued: whole."""
+        """When the delivery thread first saw each queued trace (the app's put stays an append)."""
         self.cut_off = False
         """Set, lock-free, by a SIGTERM the app's handler takes: leaving, nothing waits for a root."""
 
@@ -100,11 +98,6 @@ class SpanQueue:
             if len(self._spans) >= self._size and not self._spill_oldest():
                 return False
             self._spans.append(span)
-            trace = trace_of(span)
-            if trace not in self._first_at:
-                self._first_at[trace] = time.monotonic()
-            if span.parent is None or span.parent.is_remote:
-                self._ended.add(trace)
             self._wake_delivery()
             if len(self._spans) >= BATCH_SIZE:
                 self.lock.notify_all()
@@ -126,7 +119,6 @@ class SpanQueue:
         queued = {trace_of(span) for span in self._spans}
         for trace in [trace for trace in self._first_at if trace not in queued]:
             del self._first_at[trace]
-            self._ended.discard(trace)
 
     def high(self) -> bool:
         """The queue is past half full: batches go to the spool rather than wait for MLflow."""
@@ -159,9 +151,15 @@ class SpanQueue:
             return self._in_flight
 
     def _ready(self) -> set[int]:
-        """Traces that go without waiting more: their root ended, or they waited OPEN_TRACE_WAIT."""
-        stale = time.monotonic() - OPEN_TRACE_WAIT
-        return {trace for trace, first in self._first_at.items() if trace in self._ended or first <= stale}
+        """Traces that go without waiting more: their local root ended, or they waited OPEN_TRACE_WAIT."""
+        now = time.monotonic()
+        ready = set()
+        for span in self._spans:
+            trace = trace_of(span)
+            first = self._first_at.setdefault(trace, now)
+            if span.parent is None or span.parent.is_remote or first <= now - OPEN_TRACE_WAIT:
+                ready.add(trace)
+        return ready
 
     @contextlib.contextmanager
     def hold(self) -> Iterator[bool]:
