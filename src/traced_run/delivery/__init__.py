@@ -2,7 +2,8 @@
 and never loses one silently.
 
 A bounded queue feeds one daemon thread that batches (whole traces per
-request), encodes and posts. A batch MLflow does not take (refused, timeout,
+request, each once its local root has ended, or after ``queue.OPEN_TRACE_WAIT``),
+encodes and posts. A batch MLflow does not take (refused, timeout,
 5xx, 429) goes to the on-disk spool at once, and the thread backs off briefly
 before asking MLflow again; while it waits, and when the queue runs high,
 batches go straight to the spool. When MLflow answers again, the spool is
