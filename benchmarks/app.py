@@ -1,6 +1,6 @@
 """The pydantic-ai app every benchmark process runs (one agent with a tool, TestModel).
 
-``python app.py --setup none|floor|manual|instrument-all [--warm W] [--runs N]``
+``python app.py --setup none|floor|manual|instrument-all [--warm W] [--runs N] [--prompt-file F]``
 
 - ``none``: the app has no tracing code (run bare, or under traced-run).
 - ``floor``: pydantic-ai's own instrumentation on an OpenTelemetry SDK
@@ -65,7 +65,12 @@ def main() -> None:
                         help="keep making untimed runs until this long after the first one (so work a "
                              "tracer defers to its first batch is done before the timing starts)")
     parser.add_argument("--runs", type=int, default=1, help="timed agent runs")
+    parser.add_argument("--prompt-file", help="the prompt of every run (default: a question on the weather)")
     args = parser.parse_args()
+    prompt = "What is the weather in Paris?"
+    if args.prompt_file:
+        with open(args.prompt_file) as given:
+            prompt = given.read()
 
     started = time.perf_counter()
     if args.setup == "manual":
@@ -88,18 +93,18 @@ def main() -> None:
         """Look a city up."""
         return f"{city}: sunny"
 
-    agent.run_sync("What is the weather in Paris?")
+    agent.run_sync(prompt)
     first_run = time.perf_counter()
     warm_runs = 0
     while warm_runs < args.warm or time.perf_counter() - first_run < args.warm_seconds:
-        agent.run_sync("What is the weather in Paris?")
+        agent.run_sync(prompt)
         warm_runs += 1
     loop_start = time.monotonic()
     timed_start = time.perf_counter()
     cpu_start = time.process_time()
     thread_start = time.thread_time()
     for _ in range(args.runs):
-        agent.run_sync("What is the weather in Paris?")
+        agent.run_sync(prompt)
     timed = time.perf_counter() - timed_start
     cpu = time.process_time() - cpu_start
     thread_cpu = time.thread_time() - thread_start

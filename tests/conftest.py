@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from faultproxy import FaultProxy, fault_proxy
 
 BIN = Path(sys.executable).parent
 TRACED_RUN = str(BIN / "traced-run")
@@ -193,8 +194,10 @@ class QuietHandler(http.server.BaseHTTPRequestHandler):
     """A test's stand-in HTTP server: whole answers in one call, and no log line
     per request on stderr, where a test's own output is read."""
 
-    def answer(self, status: int, body: bytes) -> None:
+    def answer(self, status: int, body: bytes, content_type: str | None = None) -> None:
         self.send_response(status)
+        if content_type:
+            self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -222,6 +225,13 @@ def traced_env(app: App, *, experiment: bool = True, exit_timeout: str = GENEROU
 @pytest.fixture
 def app(tmp_path: Path, mlflow_server: MlflowServer) -> App:
     return App(tmp_path, mlflow_server, f"test-{uuid.uuid4().hex[:12]}")
+
+
+@pytest.fixture
+def proxy(mlflow_server: MlflowServer) -> Iterator[FaultProxy]:
+    """The fault proxy (tests/faultproxy.py) in front of the session's MLflow."""
+    with fault_proxy(mlflow_server.url) as running:
+        yield running
 
 
 def spans_by_type(trace: Any) -> dict[str, list[Any]]:

@@ -17,12 +17,19 @@ when the assignment returns):
 - ``cut``: forward the request (MLflow stores it), then send the client the
   answer's status line, headers and part of its body, and close the
   connection: the client cannot tell whether its batch was taken.
+- ``html``: answer ``200 OK`` with an HTML page (``Server: faultproxy-html``),
+  as a login page or a placeholder that is not MLflow would.
+- ``trickle``: send a status line, then one byte of a header a second, until the
+  mode changes or the client leaves: a server that answers without ever finishing.
 
 In ``forward`` mode, a request whose body (gunzipped) holds ``proxy.reject``
 is answered 400 instead, as MLflow answers a request it cannot store: MLflow
 stores a request all or nothing.
 
-One request per connection: every request is forwarded with ``Connection: close``.
+One request per connection: every request is forwarded with ``Connection: close``;
+with ``proxy.keep_alive = True``, a client's connection is kept for its next
+request in ``forward`` mode. ``Seen.connection`` numbers the connection a request
+came on (in the order the proxy accepted them).
 """
 
 from __future__ import annotations
@@ -37,8 +44,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
-Mode = Literal["forward", "refuse", "hang", "503", "429", "cut", "slow"]
-MODES: tuple[Mode, ...] = ("forward", "refuse", "hang", "503", "429", "cut", "slow")
+Mode = Literal["forward", "refuse", "hang", "503", "429", "cut", "html", "trickle", "slow"]
+MODES: tuple[Mode, ...] = ("forward", "refuse", "hang", "503", "429", "cut", "html", "trickle", "slow")
 _STATUS_TEXT = {503: "Service Unavailable", 429: "Too Many Requests"}
 _IO_TIMEOUT = 60.0
 
@@ -50,6 +57,7 @@ class Seen:
     mode: Mode
     method: str
     path: str
+    connection: int = 0
     status: int | None = None
     """The status the client was sent in full; None when it got no complete answer (yet)."""
 
@@ -68,6 +76,9 @@ class FaultProxy:
         self._threads: list[threading.Thread] = []
         self.seen: list[Seen] = []
         self.reject: bytes | None = None
+        self.keep_alive = False
+        self.accepted = 0
+        """Connections accepted so far."""
         self.delay = 3.0
         """Seconds ``slow`` holds each answer."""
         self.port = 0
@@ -160,21 +171,23 @@ class FaultProxy:
             connection.settimeout(_IO_TIMEOUT)
             with self._lock:
                 self._connections.add(connection)
-            thread = threading.Thread(target=self._serve, args=(connection,), daemon=True)
+                self.accepted += 1
+                number = self.accepted
+            thread = threading.Thread(target=self._serve, args=(connection, number), daemon=True)
             thread.start()
 
     # --- one connection -------------------------------------------------------------
-    def _serve(self, connection: socket.socket) -> None:
+    def _serve(self, connection: socket.socket, number: int) -> None:
         try:
-            request = _read_message(connection)
-            if request is None:
-                return
-            head, body = request
-            method, path = _request_line(head)
-            with self._lock:
-                seen = Seen(self._mode, method, path)
-                self.seen.append(seen)
-            seen.status = self._answer(connection, seen.mode, head, body)
+            while (request := _read_message(connection)) is not None:
+                head, body = request
+                method, path = _request_line(head)
+                with self._lock:
+                    seen = Seen(self._mode, method, path, number)
+                    self.seen.append(seen)
+                seen.status = self._answer(connection, seen.mode, head, body)
+                if not (self.keep_alive and seen.mode == "forward"):
+                    return
         except OSError:
             pass
         finally:
@@ -198,6 +211,19 @@ class FaultProxy:
             return None
         if mode == "refuse":  # accepted just before the switch: drop it unanswered
             return None
+        if mode == "html":
+            page = b"<html><body>Sign in</body></html>"
+            connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\n"
+                               b"Server: faultproxy-html\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+                               % (len(page), page))
+            return 200
+        if mode == "trickle":
+            connection.sendall(b"HTTP/1.1 200 OK\r\nX-Trickle: ")
+            with self._changed:
+                while not self._changed.wait_for(lambda: self._mode != "trickle" or self._stopped.is_set(),
+                                                 timeout=1.0):
+                    connection.sendall(b"a")
+            return None
         if mode == "forward" and self.reject is not None and self.reject in _plain(head, body):
             text = b"rejected by faultproxy: the request holds a span MLflow cannot store"
             connection.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\n"
@@ -213,7 +239,10 @@ class FaultProxy:
             return None
         if mode == "slow":
             self._stopped.wait(self.delay)
-        connection.sendall(answer[0] + b"\r\n\r\n" + answer[1])
+        answer_head = answer[0]
+        if self.keep_alive and mode == "forward":
+            answer_head = _with_header(answer_head, b"Connection", b"keep-alive")
+        connection.sendall(answer_head + b"\r\n\r\n" + answer[1])
         return status
 
     def _forward(self, head: bytes, body: bytes) -> tuple[bytes, bytes]:

@@ -94,7 +94,7 @@ class _PlainOnly(QuietHandler):
         if encoding or not self.takes_plain:
             self.answer(400, b'{"detail":"Invalid OpenTelemetry protobuf format"}')
         else:
-            self.answer(200, b"{}")
+            self.answer(200, b"{}", "application/json")
 
 
 @pytest.mark.parametrize("takes_plain", [True, False], ids=["plain taken", "nothing taken"])

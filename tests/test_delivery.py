@@ -19,7 +19,7 @@ import subprocess
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
@@ -37,7 +37,7 @@ from conftest import (
     serving,
     traced_env,
 )
-from faultproxy import FaultProxy, Mode, fault_proxy
+from faultproxy import FaultProxy, Mode
 
 from traced_run.delivery import OUTAGE_NOTICE
 
@@ -87,12 +87,6 @@ def loop_app(prefix: str, *, limit: int = 400, pause: float = 0.2) -> str:
 
 
 # --- helpers -----------------------------------------------------------------------
-@pytest.fixture
-def proxy(mlflow_server: MlflowServer) -> Iterator[FaultProxy]:
-    with fault_proxy(mlflow_server.url) as running:
-        yield running
-
-
 def proxied_env(app: App, proxy: FaultProxy, **extra: str) -> dict[str, str]:
     """The app's environment with MLflow behind the proxy and a spool of its own."""
     settings = {"TRACED_RUN_SPOOL_DIR": str(spool_of(app)), "TRACED_RUN_EXIT_TIMEOUT": GENEROUS_EXIT, **extra}

@@ -28,3 +28,21 @@ def test_tool_calling_run_arrives_as_one_nested_trace(app: App) -> None:
     assert trace.info.request_preview == '"What is the weather in Paris?"'
     assert trace.info.token_usage["input_tokens"] > 0
     assert trace.info.tags["service.name"] == "app"
+
+
+def test_mlflows_search_by_span_type_finds_the_run(app: App) -> None:
+    """MLflow's ingest fills a span's searchable type only from ``mlflow.spanType``."""
+    import mlflow
+
+    app.write(AGENT_APP)
+    done = app.run("python", "app.py")
+    assert done.returncode == 0, done.stderr.decode()
+    (trace,) = app.traces(1)
+    mlflow.set_tracking_uri(app.server.url)
+    experiment_id = app.server.experiment_id(app.experiment)
+    for kind in ("AGENT", "LLM", "TOOL"):
+        found = mlflow.search_traces(locations=[experiment_id], filter_string=f"span.type = '{kind}'",
+                                     return_type="list")
+        assert [t.info.trace_id for t in found] == [trace.info.trace_id], kind
+    assert not mlflow.search_traces(locations=[experiment_id], filter_string="span.type = 'RETRIEVER'",
+                                    return_type="list")

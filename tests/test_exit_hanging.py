@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterator
 
 import pytest
-from conftest import App, MlflowServer, poll
-from faultproxy import FaultProxy, fault_proxy
+from conftest import App, poll
+from faultproxy import FaultProxy
 from test_delivery import (
     EXIT_TIMEOUT,
     Lines,
@@ -27,13 +26,6 @@ from test_delivery import (
     traced_lines,
     wait_runs,
 )
-
-
-@pytest.fixture
-def proxy(mlflow_server: MlflowServer) -> Iterator[FaultProxy]:
-    with fault_proxy(mlflow_server.url) as running:
-        yield running
-
 
 AT_ONCE = 1.2
 """Most seconds from the app's last line to its end when the exit does not wait for

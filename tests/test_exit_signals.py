@@ -9,11 +9,9 @@ import json
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 
-import pytest
-from conftest import AGENT, App, MlflowServer, traced_env
-from faultproxy import FaultProxy, fault_proxy
+from conftest import AGENT, App, traced_env
+from faultproxy import FaultProxy
 from test_delivery import Lines, proxied_env, start
 
 CHILD_BOUND = 20.0
@@ -114,12 +112,6 @@ SLEEPY_APP = AGENT + """
     import time
     time.sleep(600)
 """
-
-
-@pytest.fixture
-def proxy(mlflow_server: MlflowServer) -> Iterator[FaultProxy]:
-    with fault_proxy(mlflow_server.url) as running:
-        yield running
 
 
 def test_a_second_sigterm_while_delivering_ends_the_process_at_once(app: App, proxy: FaultProxy) -> None:

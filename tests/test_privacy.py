@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import gzip
 import http.server
+import json
 import threading
+import time
 import urllib.error
 import urllib.request
 import zlib
@@ -18,11 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import App, QuietHandler, free_port
+from conftest import AGENT, App, QuietHandler, free_port, spans_by_type, traced_env
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
-from traced_run.spans.redact import DEFAULT_RULES, Redactor
+from traced_run.spans.redact import DEFAULT_RULES, MAX_SCREENED, SCREEN_SECONDS, Redactor, Rule, until
 
 APP = """
     import base64, sys
@@ -73,10 +75,10 @@ class Recorder:
                                                  method="POST")
                 try:
                     with urllib.request.urlopen(request, timeout=60) as answer:
-                        status, payload = answer.status, answer.read()
+                        status, payload, kind = answer.status, answer.read(), answer.headers["Content-Type"]
                 except urllib.error.HTTPError as error:
-                    status, payload = error.code, error.read()
-                self.answer(status, payload)
+                    status, payload, kind = error.code, error.read(), error.headers["Content-Type"]
+                self.answer(status, payload, kind)
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
@@ -190,6 +192,76 @@ def test_the_spool_holds_only_redacted_spans(app: App, tmp_path: Path) -> None:
     ("ghp_" + "a" * 36, "[REDACTED]"),
     ('{"password": {"type": "string"}}', '{"password": {"type": "string"}}'),  # a schema stays JSON
     ("max_tokens=100, the sky is blue", "max_tokens=100, the sky is blue"),
+    ("Authorization: Bearer\u00a0abc.def-ghi_123", "Authorization: Bearer\u00a0[REDACTED]"),  # Unicode space
+    ("token=abc \udc80 ok", "token=[REDACTED] \ufffd ok"),  # a lone surrogate, as os.listdir may give
 ])
 def test_default_rules(text: str, redacted: str) -> None:
     assert Redactor(DEFAULT_RULES, "[REDACTED]").redact(text) == redacted
+
+
+# -- redaction within its bounds ---------------------------------------------------------
+
+HOSTILE_APP = AGENT + """
+    import sys
+    prompt = "://" + "a-" * int(sys.argv[1]) + " db at https://bob:hunter2-url-pw@db.example/x"
+    print(agent.run_sync(prompt).output)
+"""
+
+
+@pytest.mark.parametrize("pairs", [20_000, 100_000], ids=["40KB", "200KB"])
+def test_a_hostile_prompt_arrives_redacted_and_whole_and_the_app_finishes(app: App, pairs: int) -> None:
+    """``"://" + "a-" * n`` made the default URL rule quadratic under Python's re, which held
+    the GIL throughout: 40 KB cost the app seconds, 200 KB froze it for minutes (redaction ran
+    again at exit, on the main thread) and its exit line blamed MLflow."""
+    app.write(HOSTILE_APP)
+    done = app.run("python", "app.py", str(pairs), env=traced_env(app))
+    assert done.returncode == 0, done.stderr.decode()
+    assert b"traced-run" not in done.stderr, done.stderr.decode()  # no exit line: every span was delivered
+    (trace,) = app.traces(1)
+    assert "hunter2-url-pw" not in trace.to_json()
+    inputs = [json.dumps(span.inputs) for span in spans_by_type(trace)["LLM"]]
+    hostile = "://" + "a-" * pairs + " db at https://bob:[REDACTED]@db.example/x"
+    assert inputs and all(hostile in text for text in inputs)
+
+
+CATASTROPHIC_APP = AGENT + """
+    print(agent.run_sync("word " * 5000 + "!").output)
+"""
+
+
+def test_a_users_catastrophic_rule_runs_in_linear_time(app: App) -> None:
+    """``(\\w+\\s?)+$`` backtracks for ever under Python's re on text that ends otherwise than
+    in a word; RE2 takes one pass."""
+    app.write(CATASTROPHIC_APP)
+    done = app.run("python", "app.py", env=traced_env(app, TRACED_RUN_REDACT=r"(\w+\s?)+$"))
+    assert done.returncode == 0, done.stderr.decode()
+    assert b"traced-run" not in done.stderr, done.stderr.decode()
+    (trace,) = app.traces(1)
+    assert "[REDACTED]" in trace.to_json()  # the rule ran: the model's name ends in a word
+    assert all("word " * 5000 + "!" in json.dumps(span.inputs) for span in spans_by_type(trace)["LLM"])
+
+
+def test_a_rule_that_would_take_too_long_leaves_a_note_in_place_of_the_text() -> None:
+    """``a+b|a`` searches to the text's end for each of its matches: quadratic, about a minute
+    on 200 000 characters. The text is cut off once it has had its CPU time."""
+    redactor = Redactor([Rule("a+b|a")], "[R]")
+    assert redactor.redact("a" * 200_000) == (
+        f"[200000 characters not exported: redaction took longer than its {SCREEN_SECONDS:g} s]")
+    assert redactor.redact("xaax") == "x[R][R]x"
+
+
+def test_a_text_longer_than_redaction_screens_is_left_out_only_when_a_rule_would_scan_it() -> None:
+    redactor = Redactor(DEFAULT_RULES, "[R]")
+    long = "x" * MAX_SCREENED
+    assert redactor.redact(long + "y") == long + "y"  # no default rule's literal: nothing to scan
+    assert redactor.redact(long + "token=abc") == (
+        f"[{MAX_SCREENED + 9} characters not exported: redaction screens at most {MAX_SCREENED}]")
+
+
+def test_past_the_exit_bound_a_text_a_rule_would_scan_is_left_out() -> None:
+    redactor = Redactor(DEFAULT_RULES, "[R]")
+    with until(time.monotonic() - 1):
+        assert redactor.redact("nothing to hide") == "nothing to hide"  # no rule would scan it
+        assert redactor.redact("token=abc") == (
+            "[9 characters not exported: the process was leaving, and exit_timeout ran out before redaction]")
+    assert redactor.redact("token=abc") == "token=[R]"

@@ -250,7 +250,7 @@ def test_a_fifo_in_the_spool_does_not_hold_a_traced_process(tmp_path: Path) -> N
     """Before: the delivery thread blocked opening the FIFO, so every traced process then
     waited out its whole exit bound, and its spans went to the spool."""
     plant(tmp_path / "spool", "fifo")
-    with stand_in(200) as mlflow:
+    with stand_in(200, headers={"Content-Type": "application/x-protobuf"}) as mlflow:
         started = time.monotonic()
         done = traced_app(tmp_path, MLFLOW_TRACKING_URI=mlflow.url, MLFLOW_EXPERIMENT_ID="0",
                           TRACED_RUN_EXIT_TIMEOUT="30")

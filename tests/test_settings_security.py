@@ -289,8 +289,24 @@ def test_the_value_of_a_var_is_never_echoed(tmp_path: Path) -> None:
     assert SECRET not in message and "${T}" in message
     config.write_text("redact: [ok, '${T}']\n")
     message = error_of({"TRACED_RUN_CONFIG": str(config), "T": f"({SECRET}"})
-    assert message.startswith(f"{config}:1: redact: pattern 2 is not a regular expression (missing )")
-    assert SECRET not in message and message.endswith(", got (value hidden)"), "a pattern may be a secret"
+    assert message.startswith(f"{config}:1: redact: pattern 2 is not a regular expression RE2 accepts "
+                              "(missing )")
+    assert SECRET not in message and message.endswith(", got (value hidden)")
+
+
+@pytest.mark.parametrize("pattern", [f"({SECRET})\\1", f"(?<=key=){SECRET}", f"{SECRET}(?!x)",
+                                     f"{SECRET}\\Z"])
+def test_a_pattern_re2_cannot_run_is_refused_at_load_without_its_text(pattern: str, tmp_path: Path) -> None:
+    """A backreference or lookaround has no linear-time search: refused, and neither the
+    pattern nor a part of it (it may be a literal secret) is in the line."""
+    message = error_of({"TRACED_RUN_REDACT": f"ok,{pattern}"})
+    assert message.startswith("env TRACED_RUN_REDACT: redact: pattern 2 is not a regular expression "
+                              "RE2 accepts (")
+    assert SECRET not in message and message.endswith("got (value hidden)"), message
+    config = tmp_path / "c.yaml"
+    config.write_text(f"redact:\n  - '{pattern}'\n")
+    message = error_of({"TRACED_RUN_CONFIG": str(config)})
+    assert message.startswith(f"{config}:1: redact: pattern 1 is not") and SECRET not in message, message
 
 
 # -- 6. parsing without bounds ------------------------------------------------------------

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from traced_run import transport
+from traced_run.transport import connections
 
 from .helpers import settings
 
@@ -32,14 +33,14 @@ def test_a_fork_waits_for_a_handshake_under_way() -> None:
     released = threading.Event()
 
     def handshake() -> None:
-        with transport._IN_OPENSSL:
+        with connections._IN_OPENSSL:
             released.wait(5)
 
     shaking = threading.Thread(target=handshake)
     shaking.start()
     threading.Timer(0.3, released.set).start()
     started = time.monotonic()
-    assert _in_child(lambda: transport._openssl_unsafe) == "False"
+    assert _in_child(lambda: connections._openssl_unsafe) == "False"
     assert time.monotonic() - started >= 0.25
     shaking.join()
 
@@ -49,9 +50,9 @@ def test_a_child_forked_inside_a_handshake_says_why_and_does_not_hang(tmp_path: 
     done = threading.Event()
 
     def handshake() -> None:
-        with transport._IN_OPENSSL:
+        with connections._IN_OPENSSL:
             held.set()
-            done.wait(transport.FORK_WAIT + 5)
+            done.wait(connections.FORK_WAIT + 5)
 
     shaking = threading.Thread(target=handshake)
     shaking.start()
@@ -62,5 +63,5 @@ def test_a_child_forked_inside_a_handshake_says_why_and_does_not_hang(tmp_path: 
     finally:
         done.set()
         shaking.join()
-    assert said == transport.FORKED_IN_OPENSSL
-    assert not transport._openssl_unsafe  # the parent itself is unharmed
+    assert said == connections.FORKED_IN_OPENSSL
+    assert not connections._openssl_unsafe  # the parent itself is unharmed

@@ -6,7 +6,7 @@ Each check prints ``OK|WARN|FAIL <check>: <what> [— what to do]`` on stdout
 Bounded: every network step has a short timeout (``STEP_TIMEOUT``) and the
 checks that talk to MLflow run on a daemon thread the main thread waits for at
 most ``TOTAL_BOUND`` seconds, so a server that hangs, or a host name whose DNS
-lookup hangs (urllib's timeout does not cover it), cannot hold the doctor. When
+lookup hangs (no request timeout covers it), cannot hold the doctor. When
 MLflow cannot be reached, the checks that need it are not run.
 
 Side effects, on purpose few: doctor never creates an experiment (a missing
@@ -45,6 +45,7 @@ from traced_run.transport import (
     NO_TRACKING_URI,
     Answer,
     mlflow_api,
+    otlp_answer,
     otlp_headers,
     printable,
     proxy_for,
@@ -162,8 +163,9 @@ def _bad_host(answer: Answer) -> bool:
 
 
 def _detail(answer: Answer) -> str:
-    """MLflow's error code, or the start of the body, for a FAIL line."""
-    if answer.status is not None and 300 <= answer.status < 400:
+    """MLflow's error code, or the start of the body, for a FAIL line; what a redirect or an
+    answer that is not MLflow's is, as its problem says it."""
+    if answer.status is not None and answer.status < 400 and answer.problem:
         return answer.problem
     text = answer.error_code() or answer.text(120)
     return f"HTTP {answer.status}" + (f" {text}" if text else "")
@@ -375,7 +377,7 @@ class _TraceChecks(_Asking):
         endpoint = self.settings.traces_endpoint or ""
         headers = otlp_headers(self.settings, self.experiment_id or mlflow_api.DEFAULT_EXPERIMENT_ID, None,
                                self.settings.workspace)
-        answer = self.request(endpoint, method="POST", data=b"", headers=headers)
+        answer = otlp_answer(self.request(endpoint, method="POST", data=b"", headers=headers))
         shown = mask_url(endpoint)
         if answer.status is None:
             what, fix = _problem_and_fix(answer.problem)
@@ -391,7 +393,7 @@ class _TraceChecks(_Asking):
         # MLflow answers an empty request 400 "no spans found": the route, headers and
         # experiment passed; a collector answers 200. Either way nothing is stored.
         empty_ok = answer.status == 400 and b"no spans" in answer.body
-        if not (200 <= answer.status < 300 or empty_ok):
+        if not (answer.ok or empty_ok):
             self.found.add(FAIL, "otlp endpoint", f"{shown}: {_detail(answer)}")
             return False
         self.found.add(OK, "otlp endpoint", f"{shown} accepts OTLP/HTTP protobuf ({answer.ms:.0f} ms); "

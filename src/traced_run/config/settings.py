@@ -338,6 +338,33 @@ def _split_list(text: str) -> list[str]:
     return [item.strip() for item in items if item.strip()]
 
 
+_RE2_ERRORS = frozenset((
+    "invalid escape sequence", "invalid character class", "invalid character class range", "missing ]",
+    "missing )", "unexpected )", "trailing \\", "no argument for repetition operator",
+    "invalid repetition size", "bad repetition operator", "invalid perl operator", "invalid UTF-8",
+    "invalid named capture group", "pattern too large - compile failed"))
+"""RE2's own words for what is wrong with a pattern: the part of its error message an error
+line may show. The rest of RE2's message quotes the pattern."""
+
+
+def redaction_pattern(pattern: str) -> Any:
+    """``pattern`` compiled as redaction runs it: by RE2, which searches in time linear in
+    the text for every pattern it compiles (and so has no backreferences or lookaround).
+    Raises ValueError naming no part of the pattern: a pattern may be a literal secret."""
+    import re2
+
+    options = re2.Options()
+    options.log_errors = False  # RE2 would write the pattern to stderr
+    try:
+        return re2.compile(pattern, options)
+    except UnicodeEncodeError:  # from an environment variable holding bytes that are not UTF-8
+        raise ValueError("text that is not UTF-8") from None
+    except re2.error as error:
+        said = error.args[0] if error.args else b""
+        kind = (said.decode(errors="replace") if isinstance(said, bytes) else str(said)).split(": ", 1)[0]
+        raise ValueError(kind if kind in _RE2_ERRORS else "a form RE2 does not take") from None
+
+
 def _patterns(items: list[str]) -> tuple[str, ...]:
     if len(items) > MAX_PATTERNS:
         raise ValueError(f"expected at most {MAX_PATTERNS} patterns, not {len(items)}")
@@ -345,10 +372,11 @@ def _patterns(items: list[str]) -> tuple[str, ...]:
         if len(item) > MAX_PATTERN:
             raise ValueError(f"pattern {number} is longer than {MAX_PATTERN} characters")
         try:
-            re.compile(item)
-        except (re.error, RecursionError, OverflowError) as error:
+            redaction_pattern(item)
+        except ValueError as error:
             # Numbered, not quoted: the pattern may have come from a ${VAR}, never echoed.
-            raise ValueError(f"pattern {number} is not a regular expression ({error})") from None
+            raise ValueError(f"pattern {number} is not a regular expression RE2 accepts ({error}; "
+                             f"RE2 has no backreferences, lookaround or \\Z)") from None
     return tuple(items)
 
 
@@ -420,7 +448,7 @@ PAIRS = Kind("mapping", _pairs, _pairs_yaml,
              f"at most {MAX_PAIRS} entries; names up to {MAX_KEY}, values up to {MAX_VALUE} characters")
 HEADERS = Kind("mapping", lambda text: _headers(_pairs(text)), lambda value: _headers(_pairs_yaml(value)),
                f"at most {MAX_PAIRS} HTTP headers; Latin-1 values without control characters")
-PATTERNS = Kind("list of regexes", _patterns_text, _patterns_yaml,
+PATTERNS = Kind("list of RE2 regexes", _patterns_text, _patterns_yaml,
                 f"at most {MAX_PATTERNS}, each up to {MAX_PATTERN} characters")
 RATIO = _number("0..1", "expected a number from 0 to 1", lambda ratio: 0 <= ratio <= 1,
                 "expected a number from 0 to 1")
@@ -574,7 +602,11 @@ class Settings:
 
     redact: tuple[str, ...] = setting((), Spec(
         PATTERNS, "More regular expressions whose matches are replaced in every exported attribute "
-        "value (a pattern with a group: only the first group). Env: comma-separated.",
+        "value (a pattern with a group: only the first group). Env: comma-separated. RE2 syntax, run in "
+        "linear time: no backreferences or lookaround (refused when the settings load), \\b \\w \\d \\s "
+        "are ASCII only (\\pL and \\p{N} are not), $ is \\z unless (?m). A text redaction "
+        "cannot screen within its bound is replaced by a note of its length: see README, Redaction.",
+        # A pattern may be the secret itself, written out.
         env=("TRACED_RUN_REDACT",), secret=True))
     redact_defaults: bool = setting(True, Spec(
         BOOL, "Also redact common secrets: API keys, bearer tokens, passwords in URLs and key=value.",

@@ -146,10 +146,14 @@ class Delivery:
                 self.ledger.timed_out()
             else:
                 self.ledger.left_hanging(hanging)
-            if left.posted:
-                self._keeper.keep(left.posted, unanswered=left.waited)
-            if unsent:
-                self._keeper.keep(unsent)
+            from traced_run.spans import redact
+
+            # On the thread that is leaving: its redaction ends with the exit bound, as the rest does.
+            with redact.until(max(deadline, reserve_end)):
+                if left.posted:
+                    self._keeper.keep(left.posted, unanswered=left.waited)
+                if unsent:
+                    self._keeper.keep(unsent)
         self.ledger.say_exit_line(self._endpoint)
 
     def _deliver_until(self, until: float) -> str | None:

@@ -78,6 +78,7 @@ class _ExitThread:
         self._hooks = hooks
         self._write = -1
         self._read = -1
+        self._pid = 0
         self._start()
         # A forked child has no thread of its parent's: it gets its own, and its own pipe.
         os.register_at_fork(after_in_child=self._start)
@@ -87,11 +88,16 @@ class _ExitThread:
             if fd >= 0:
                 os.close(fd)
         self._read, self._write = os.pipe()
+        self._pid = os.getpid()
         os.set_blocking(self._write, False)
         threading.Thread(target=self._wait, args=(self._read,), name="traced-run-exit", daemon=True).start()
 
     def wake(self) -> bool:
-        """From the signal handler: one byte down the pipe; False when it cannot be written."""
+        """From the signal handler: one byte down the pipe; False when it cannot be written,
+        or when the pipe is a parent's (a signal that reached a forked child before its
+        fork hooks made its own pipe and thread: the parent would deliver and die)."""
+        if os.getpid() != self._pid:
+            return False
         try:
             return os.write(self._write, b"T") == 1
         except OSError:

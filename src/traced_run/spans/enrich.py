@@ -71,6 +71,7 @@ def for_mlflow(span: ReadableSpan, settings: Settings) -> ReadableSpan:
     attributes: dict[str, AttributeValue] = dict(span.attributes or {})
     inputs, outputs = _json(attributes.get(_INPUT_MESSAGES)), _json(attributes.get(_OUTPUT_MESSAGES))
     copy = _openinference(span, attributes, chat=isinstance(inputs, list) and isinstance(outputs, list))
+    _span_type(attributes)
     _metadata(attributes, settings, is_root=span.parent is None)
     if not settings.include_content:
         _withhold_content(attributes)
@@ -126,6 +127,21 @@ def _openinference(span: ReadableSpan, attributes: dict[str, AttributeValue], *,
         if not key.startswith(_UNREAD):
             attributes[key] = value
     return copy
+
+
+_SPAN_KIND = "openinference.span.kind"
+SPAN_TYPE = "mlflow.spanType"
+
+
+def _span_type(attributes: dict[str, AttributeValue]) -> None:
+    """The type MLflow shows for the span (OpenInference's kind: AGENT, LLM, TOOL, CHAIN...),
+    also where MLflow searches it: its ingest fills a span's ``type`` column only from
+    ``mlflow.spanType``, so without it ``span.type = 'LLM'`` finds nothing. A plain string: the
+    column takes the value as sent (JSON-quoted, as MLflow's client writes attributes, no
+    search matches it), and MLflow reads a value that is not JSON as it is."""
+    kind = attributes.get(_SPAN_KIND)
+    if isinstance(kind, str) and kind:
+        attributes.setdefault(SPAN_TYPE, kind)
 
 
 # -- conversations -------------------------------------------------------------------------

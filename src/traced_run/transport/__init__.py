@@ -6,26 +6,30 @@ the user's extra headers), TLS (the CA bundle, a client certificate,
 ``insecure_tls``), proxies (``HTTPS_PROXY``/``HTTP_PROXY``/``NO_PROXY``, read as
 MLflow's client reads them), the compression, the timeout and what an answer
 means: a certificate problem, a 401/403 or an unknown workspace is said with
-the setting that fixes it.
-Redirects are never followed: a post that urllib follows turns into a ``GET``
-that drops the body and carries the ``Authorization`` header to whatever host
-the server named, so a 3xx is an answer like any failure, with the place it
-pointed to in the reason. Nothing a server says reaches a terminal or a file
-unescaped: its control characters (ANSI escapes, CR/LF) are shown as ``\\x1b``.
+the setting that fixes it. Connections are kept alive, one per endpoint, and a
+request's timeout bounds all of it (``connections``).
+Redirects are never followed: a followed post turns into a ``GET`` that drops
+the body and carries the ``Authorization`` header to whatever host the server
+named, so a 3xx is an answer like any failure, with the place it pointed to in
+the reason. Only an OTLP answer to a post counts as delivered: a 2xx from
+something else (a login page, a proxy's placeholder) is a failure that names
+what answered. Nothing a server says reaches a terminal or a file unescaped:
+its control characters (ANSI escapes, CR/LF) are shown as ``\\x1b``.
 
-urllib is imported on the first request, not with this module: the launcher
+http.client is imported on the first request, not with this module: the launcher
 imports the message below and must stay quick to start.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
-import threading
 import time
 import zlib
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -33,7 +37,6 @@ from traced_run.report import mask_url
 
 if TYPE_CHECKING:
     import ssl
-    import urllib.request
 
     from traced_run.config.settings import Settings
 
@@ -44,10 +47,10 @@ def import_network_modules() -> None:
     would give the child a module lock that no thread of the child ever releases,
     and the child's own first post would wait for it until the exit bound ran out."""
     import gzip  # noqa: F401
-    import http.client  # noqa: F401
-    import ssl  # noqa: F401
-    import urllib.error
-    import urllib.request  # noqa: F401
+
+    import opentelemetry.context  # noqa: F401
+
+    import traced_run.transport.connections  # noqa: F401
 
 
 WORKSPACE_HEADER = "X-MLFLOW-WORKSPACE"
@@ -93,10 +96,13 @@ class Answer:
     problem: str = ""
     """Why the request did not succeed, printable: refused, timed out, redirected, HTTP 404 ..."""
     ms: float = 0.0
+    content_type: str = ""
+    server: str = ""
+    """The ``Server`` header: what answered, when it is not what was meant to."""
 
     @property
     def ok(self) -> bool:
-        return self.status is not None and 200 <= self.status < 300
+        return self.status is not None and 200 <= self.status < 300 and not self.problem
 
     def json(self) -> Any:
         try:
@@ -184,7 +190,113 @@ def post_otlp(settings: Settings, url: str, payload: bytes, experiment_id: str, 
     """One OTLP post, as the delivery thread, ``flush`` and the doctor's proof make it."""
     body, encoding = compressed(payload, settings)
     headers = {**otlp_headers(settings, experiment_id, run_id, workspace), **encoding}
-    return request(settings, url, method="POST", data=body, headers=headers, timeout=timeout)
+    return otlp_answer(request(settings, url, method="POST", data=body, headers=headers, timeout=timeout))
+
+
+OTLP_TYPES = ("application/x-protobuf", "application/json")
+
+
+def otlp_answer(answer: Answer) -> Answer:
+    """``answer`` to an OTLP post, a failure unless it is one: a 2xx counts only with an
+    OTLP content type and a body that reads as an ExportTraceServiceResponse. A partial
+    success (spans the server rejected) is delivered, as OTLP has it (sending it again
+    cannot help), and said."""
+    if not answer.ok:
+        return answer
+    media = answer.content_type.partition(";")[0].strip().lower()
+    partial = _partial_success(answer.body, as_json=media == OTLP_TYPES[1]) if media in OTLP_TYPES else None
+    if partial is None:
+        server = f"server {printable(answer.server)[:80]!r}" if answer.server else "an unnamed server"
+        what = (f"{media} with a body that is no ExportTraceServiceResponse" if media in OTLP_TYPES
+                else f"{printable(media)[:60] or 'no content type'}, not an OTLP answer")
+        return replace(answer, problem=f"HTTP {answer.status} {what}, from {server}: is the endpoint "
+                       "MLflow's /v1/traces?")
+    rejected, message = partial
+    if rejected or message:
+        from traced_run.report import say
+
+        say(f"MLflow took a batch but rejected {rejected} of its spans"
+            + (f": {printable(message)[:200]}" if message else ""))
+    return answer
+
+
+def _partial_success(body: bytes, *, as_json: bool) -> tuple[int, str] | None:
+    """(rejected spans, error message) of an ExportTraceServiceResponse, None when ``body``
+    is not one. Read by hand, as ``export`` writes requests: protobuf's modules cost a
+    process about 4 MB."""
+    if as_json:
+        return _json_partial_success(body)
+    outer = _fields(body)
+    if outer is None:
+        return None
+    rejected, message = 0, ""
+    for number, value in outer:
+        inner = _fields(value) if number == 1 and isinstance(value, bytes) else []
+        if inner is None:
+            return None
+        for field, part in inner:
+            if field == 1 and isinstance(part, int):
+                rejected = part
+            elif field == 2 and isinstance(part, bytes):
+                message = part.decode("utf-8", "replace")
+    return rejected, message
+
+
+def _json_partial_success(body: bytes) -> tuple[int, str] | None:
+    try:
+        found = json.loads(body or b"{}")
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(found, dict):
+        return None
+    partial = found.get("partialSuccess", found.get("partial_success")) or {}
+    if not isinstance(partial, dict):
+        return None
+    rejected = partial.get("rejectedSpans", partial.get("rejected_spans")) or 0
+    message = partial.get("errorMessage", partial.get("error_message")) or ""
+    try:
+        return int(rejected), str(message)
+    except (TypeError, ValueError):
+        return None
+
+
+def _fields(data: bytes) -> list[tuple[int, int | bytes]] | None:
+    """A protobuf message's (field number, value) pairs; None when ``data`` is no message."""
+    found: list[tuple[int, int | bytes]] = []
+    at = 0
+    while at < len(data):
+        key, at = _varint(data, at)
+        if key is None or key >> 3 == 0:
+            return None
+        kind = key & 7
+        value: int | bytes | None
+        if kind == 0:
+            value, at = _varint(data, at)
+        elif kind == 2:
+            size, at = _varint(data, at)
+            value = None if size is None or at + size > len(data) else data[at:at + size]
+            at += size or 0
+        elif kind in (1, 5):
+            at += 8 if kind == 1 else 4
+            value = 0 if at <= len(data) else None
+        else:
+            return None
+        if value is None:
+            return None
+        found.append((key >> 3, value))
+    return found
+
+
+def _varint(data: bytes, at: int) -> tuple[int | None, int]:
+    number = shift = 0
+    while at < len(data) and shift < 64:
+        byte = data[at]
+        at += 1
+        number |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return number, at
+        shift += 7
+    return None, at
 
 
 def call_json(settings: Settings, method: str, path: str, workspace: str | None,
@@ -204,12 +316,14 @@ def call_json(settings: Settings, method: str, path: str, workspace: str | None,
 
 def request(settings: Settings, url: str, *, method: str = "GET", data: bytes | None = None,
             headers: dict[str, str] | None = None, timeout: float) -> Answer:
-    """One request, with the TLS and proxies ``settings`` and the environment give,
-    no redirect followed, never raising: a failure is an Answer whose ``problem``
-    says why, and what fixes it, in words safe to print."""
+    """One request, over the endpoint's kept connection, with the TLS and proxies
+    ``settings`` and the environment give, over in full (connect, send, answer)
+    within ``timeout``, no redirect followed, never raising: a failure is an Answer
+    whose ``problem`` says why, and what fixes it, in words safe to print. No
+    instrumentation of the app's sees it (OpenTelemetry's suppression keys are set)."""
     import http.client
-    import urllib.error
-    import urllib.request
+
+    from traced_run.transport import connections
 
     started = time.monotonic()
 
@@ -217,40 +331,52 @@ def request(settings: Settings, url: str, *, method: str = "GET", data: bytes | 
         return Answer(status, body, problem, (time.monotonic() - started) * 1000)
 
     timeout = max(timeout, 0.05)
-    try:
-        opener = _opener(settings, secure=url.startswith("https:"))
-    except TlsSetupError as error:
-        return answer(None, problem=str(error))
-    if settings.insecure_tls and url.startswith("https:"):
+    secure = url.startswith("https:")
+    if settings.insecure_tls and secure:
         from traced_run.report import say
 
         say(INSECURE_WARNING)  # once per process: say() repeats no line
+    tls_key = (settings.ca_bundle, settings.client_cert, settings.client_key, settings.insecure_tls)
     try:
-        prepared = urllib.request.Request(without_userinfo(url), data=data, method=method,
-                                          headers=headers or {})
-        with opener.open(prepared, timeout=timeout) as response:
-            body = response.read(BODY_LIMIT)
-            if response.length and len(body) < BODY_LIMIT:  # the connection closed before the end
-                return answer(None, problem=f"the answer was cut short after {len(body)} bytes")
-            return answer(response.status, body)
-    except urllib.error.HTTPError as error:
-        try:
-            body = error.read(ERROR_BODY_LIMIT)
-        except (OSError, http.client.HTTPException):
-            body = b""
-        if 300 <= error.code < 400:
-            return answer(error.code, body, _redirect(error.code, error.headers.get("Location")))
-        reason = printable(" ".join(str(error.reason).split()))[:100]
-        found = answer(error.code, body)
-        detail = found.text()
-        problem = f"HTTP {error.code} {reason}" + (f": {detail}" if detail else "")
-        return Answer(error.code, body, _with_fix(found, problem, settings), found.ms)
-    except TimeoutError:
-        return answer(None, problem=f"{NO_ANSWER} {timeout:.1f} s")
-    except urllib.error.URLError as error:
-        return answer(None, problem=_network_reason(error.reason, timeout, settings, url))
-    except (OSError, ValueError, http.client.HTTPException) as error:
+        with uninstrumented():
+            reply = connections.exchange(
+                without_userinfo(url), method, data, headers or {}, started + timeout,
+                lambda: connections.tls(tls_key, lambda: tls_context(settings)), tls_key, BODY_LIMIT)
+    except TlsSetupError as error:
+        return answer(None, problem=str(error))
+    except (OSError, ValueError, http.client.HTTPException) as error:  # TimeoutError is an OSError
         return answer(None, problem=_network_reason(error, timeout, settings, url))
+    if reply.cut_short:
+        return answer(None, problem=f"the answer was cut short after {len(reply.body)} bytes")
+    found = Answer(reply.status, reply.body if reply.status < 300 else reply.body[:ERROR_BODY_LIMIT],
+                   ms=(time.monotonic() - started) * 1000, content_type=reply.headers.get("Content-Type", ""),
+                   server=reply.headers.get("Server", ""))
+    if found.status is not None and found.status < 300:
+        return found
+    if reply.status < 400:
+        return replace(found, problem=_redirect(reply.status, reply.headers.get("Location")))
+    reason = printable(" ".join(reply.reason.split()))[:100]
+    detail = found.text()
+    problem = f"HTTP {reply.status} {reason}" + (f": {detail}" if detail else "")
+    return replace(found, problem=_with_fix(found, problem, settings))
+
+
+@contextlib.contextmanager
+def uninstrumented() -> Iterator[None]:
+    """OpenTelemetry's suppress-instrumentation context, as the SDK's own exporters set it
+    around an export: the app's urllib, urllib3, requests (and any) instrumentation makes no
+    span of traced-run's own requests. The keys are opentelemetry-api's; the helpers that set
+    them live in opentelemetry-instrumentation, which an app need not have (and which costs
+    its import), so they are set here; the plain key is the one older instrumentations read."""
+    from opentelemetry import context
+
+    values = context.set_value(context._SUPPRESS_INSTRUMENTATION_KEY, True)
+    values = context.set_value(context._SUPPRESS_HTTP_INSTRUMENTATION_KEY, True, values)
+    token = context.attach(context.set_value("suppress_instrumentation", True, values))
+    try:
+        yield
+    finally:
+        context.detach(token)
 
 
 def _with_fix(found: Answer, problem: str, settings: Settings) -> str:
@@ -299,8 +425,9 @@ def _network_reason(reason: object, timeout: float, settings: Settings, url: str
         if isinstance(reason, ssl.SSLEOFError) and not settings.client_cert:
             # A TLS 1.3 server that requires a client certificate checks it after the handshake
             # and may just close the connection: the client sees only the end of it.
-            return f"the server closed the TLS connection ({said}), as a server that requires a " \
-                   f"client certificate does; {CLIENT_CERT_FIX}"
+            # Worded as the alert's line is: which of the two a client sees is a race.
+            return f"the server closed the TLS connection ({said}): it may want a client certificate; " \
+                   f"{CLIENT_CERT_FIX}"
         if code == "WRONG_VERSION_NUMBER":
             return f"TLS failed ({said}): is the server plain http://? then write http:// in the URL"
         return f"TLS failed ({said})"
@@ -363,91 +490,6 @@ def _ssl_words(error: BaseException) -> str:
 
 INSECURE_WARNING = ("MLFLOW_TRACKING_INSECURE_TLS is true: the MLflow server's certificate is not verified, "
                     "so anyone on the way can read and change traces; use it for a development server only")
-
-_OPENERS: dict[tuple[str | None, str | None, str | None, bool, bool], urllib.request.OpenerDirector] = {}
-_IN_OPENSSL = threading.Lock()
-"""Held while this process builds a TLS context or shakes hands, and across a
-fork. OpenSSL takes its own locks then (loading certificates, fetching its
-algorithms, seeding its random generator); a child forked meanwhile inherits
-them held and hangs for good at its next TLS handshake, or at the app's next
-``hashlib`` call. So a fork waits for a handshake under way, at most
-``FORK_WAIT`` s (a server that hangs mid-handshake holds it for its timeout)."""
-FORK_WAIT = 2.0
-_held_for_fork = False
-_openssl_unsafe = False
-"""True in a child forked while its parent was inside OpenSSL: it posts no https
-request (each would hang), so its batches go to the spool, with the reason."""
-FORKED_IN_OPENSSL = ("this process was forked while its parent was in a TLS handshake, so OpenSSL "
-                     "cannot be used in it")
-
-
-def openssl_guard() -> threading.Lock:
-    """What a TLS handshake holds (see ``_IN_OPENSSL``), as it is now: a forked child has its own."""
-    return _IN_OPENSSL
-
-
-def _before_fork() -> None:
-    global _held_for_fork
-    _held_for_fork = _IN_OPENSSL.acquire(timeout=FORK_WAIT)
-
-
-def _after_fork_in_parent() -> None:
-    global _held_for_fork
-    if _held_for_fork:
-        _held_for_fork = False
-        _IN_OPENSSL.release()
-
-
-def _after_fork_in_child() -> None:
-    global _IN_OPENSSL, _held_for_fork, _openssl_unsafe
-    _openssl_unsafe = _openssl_unsafe or not _held_for_fork
-    _held_for_fork = False
-    _IN_OPENSSL = threading.Lock()  # the thread that held it is not in this process
-
-
-os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
-                    after_in_child=_after_fork_in_child)
-
-
-def _opener(settings: Settings, *, secure: bool) -> urllib.request.OpenerDirector:
-    """urllib's usual opener (proxies from the environment as MLflow's client reads
-    them, https with ``tls_context``), minus redirects; one per TLS set-up. An
-    http:// MLflow never touches OpenSSL: a process forked while another of its
-    parent's threads was inside OpenSSL hung for good creating a TLS context."""
-    key = (settings.ca_bundle, settings.client_cert, settings.client_key, settings.insecure_tls, secure)
-    with _IN_OPENSSL:
-        found = _OPENERS.get(key)
-        if found is None:
-            found = _OPENERS[key] = _build_opener(settings, secure=secure)
-    return found
-
-
-def _build_opener(settings: Settings, *, secure: bool) -> urllib.request.OpenerDirector:
-    import http.client
-    import urllib.request
-
-    class NoRedirect(urllib.request.HTTPRedirectHandler):
-        def redirect_request(self, *args: Any, **kwargs: Any) -> None:
-            return None  # urllib then raises the 3xx as an HTTPError
-
-    class GuardedHTTPSConnection(http.client.HTTPSConnection):
-        def connect(self) -> None:
-            if _openssl_unsafe:
-                raise OSError(FORKED_IN_OPENSSL)  # urllib makes it a URLError, as any failed connect
-            with _IN_OPENSSL:
-                super().connect()
-
-    class GuardedHTTPSHandler(urllib.request.HTTPSHandler):
-        def do_open(self, http_class: Any, req: Any, **kwargs: Any) -> Any:
-            return super().do_open(GuardedHTTPSConnection, req, **kwargs)
-
-    handlers: list[Any] = [NoRedirect]
-    if secure:
-        if _openssl_unsafe:
-            raise TlsSetupError(FORKED_IN_OPENSSL)
-        handlers.append(GuardedHTTPSHandler(context=tls_context(settings)))
-    return urllib.request.build_opener(*handlers)
-
 
 def proxy_for(url: str) -> str | None:
     """The proxy a request to ``url`` goes through (HTTPS_PROXY/HTTP_PROXY, unless

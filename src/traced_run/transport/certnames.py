@@ -51,23 +51,24 @@ def _names(host: str, port: int, settings: Settings, timeout: float) -> list[str
     import http.client
 
     from traced_run import transport
+    from traced_run.transport import connections
 
     try:
-        context = transport.tls_context(settings)
+        with connections._IN_OPENSSL:  # see there: a fork meanwhile would inherit OpenSSL's locks held
+            context = transport.tls_context(settings)
     except transport.TlsSetupError:
         return []
     context.check_hostname = False
     proxy = transport.proxy_for(f"https://{host}:{port}")
     proxied = urlsplit(proxy) if proxy else None
-    connection = http.client.HTTPSConnection(proxied.hostname if proxied and proxied.hostname else host,
-                                             (proxied.port or 80) if proxied else port,
-                                             timeout=max(timeout, 0.05), context=context)
+    connection = connections._GuardedHTTPSConnection(
+        proxied.hostname if proxied and proxied.hostname else host, (proxied.port or 80) if proxied else port,
+        timeout=max(timeout, 0.05), context=context)
     if proxied:
         connection.set_tunnel(host, port)
     with contextlib.closing(connection):
         try:
-            with transport.openssl_guard():
-                connection.connect()
+            connection.connect()
             assert connection.sock is not None
             certificate: dict[str, Any] = dict(connection.sock.getpeercert() or {})
         except (OSError, ValueError, http.client.HTTPException):
