@@ -306,6 +306,15 @@ def wait_up(server: subprocess.Popen[bytes], port: int, log: Path, booted: Calla
     poll(up, timeout=90, what=f"{what} on port {port}", interval=0.3)
 
 
+def json_depth(value: Any) -> int:
+    """How deep arrays and objects nest in a parsed JSON value."""
+    if isinstance(value, dict):
+        return 1 + max(map(json_depth, value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max(map(json_depth, value), default=0)
+    return 0
+
+
 def request(url: str, method: str = "GET", data: bytes | None = None) -> str:
     with urllib.request.urlopen(urllib.request.Request(url, data=data, method=method), timeout=60) as answer:
         return str(answer.read().decode())

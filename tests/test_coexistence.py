@@ -193,6 +193,57 @@ def test_the_seed_recipe_left_in_the_app_gives_one_trace_per_run(app: App) -> No
             assert isinstance(span.attributes.get("openinference.span.kind"), str)
 
 
+@pytest.mark.parametrize(("by", "first"), [("name", "provider"), ("id", "pydantic-ai")])
+def test_the_seed_recipe_into_another_experiment_is_said_and_its_traces_stay_there(
+        app: App, by: str, first: str) -> None:
+    """``first``: pydantic-ai imported first, traced-run joins the provider the app sets
+    before the app adds its exporter to it."""
+    client = app.server.client()
+    theirs = client.create_experiment(app.experiment + "-app")
+    setup = (GLOBAL_PROVIDER, SEED_RECIPE, PYDANTIC_AI) if first == "provider" else (
+        PYDANTIC_AI, GLOBAL_PROVIDER, SEED_RECIPE)
+    code = source(MINE, *setup, "Agent.instrument_all(InstrumentationSettings(version=2))\n", agent("one"),
+                  runs("one", "one"), "\nown.force_flush()\n")
+    app.write(code)
+    if by == "name":
+        env, ours = traced_env(app), repr(app.experiment)
+    else:
+        ours = client.create_experiment(app.experiment)
+        env = traced_env(app, experiment=False, MLFLOW_EXPERIMENT_ID=ours)
+    done = app.run("python", "app.py", env={**env, "APP_MLFLOW": app.server.url, "APP_EXPERIMENT_ID": theirs})
+    assert done.returncode == 0, done.stderr.decode()
+    said = [line for line in done.stderr.decode().splitlines() if line.startswith("traced-run:")]
+    assert len(said) == 1, said
+    assert f"experiment {theirs} of the same MLflow" in said[0] and f"its own experiment {ours}" in said[0]
+    for trace in app.server.wait_traces(theirs, 2, by_name=False):
+        _assert_agent_trace(trace)
+    # The process has exited: whatever traced-run sent has arrived.
+    assert by == "id" or app.server.experiment_id(app.experiment) is None, "nothing sent, nothing created"
+    assert by == "name" or app.server.traces(str(ours)) == []
+
+
+OWN_NAMED_PROVIDER = """
+    from opentelemetry import trace
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+
+    trace.set_tracer_provider(TracerProvider(resource=Resource.create({"service.name": "own-svc"})))
+"""
+
+
+@pytest.mark.parametrize(("provider", "env", "expected"), [
+    (OWN_NAMED_PROVIDER, {"OTEL_SERVICE_NAME": "env-svc"}, "own-svc"),
+    ("", {"OTEL_RESOURCE_ATTRIBUTES": "service.name=attrs-svc,team=ml"}, "attrs-svc"),
+], ids=["the-apps-provider", "otel-resource-attributes"])
+def test_an_agent_nobody_instruments_carries_the_service_name_someone_chose(
+        app: App, provider: str, env: dict[str, str], expected: str) -> None:
+    app.write(source(MINE, provider, PYDANTIC_AI, agent("one"), runs("one")))
+    done = app.run("python", "app.py", env=traced_env(app, **env))
+    assert done.returncode == 0, done.stderr.decode()
+    (trace,) = app.traces(1)
+    assert trace.info.tags.get("service.name") == expected
+
+
 # --- only agent traces, whole ------------------------------------------------------------
 
 AROUND_AN_AGENT = """

@@ -12,6 +12,7 @@ from typing import Any
 
 import conversations
 import pytest
+from conftest import json_depth
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan, TracerProvider
@@ -23,8 +24,15 @@ from pydantic_ai import Agent
 from pydantic_ai.models.instrumented import InstrumentationSettings
 
 from traced_run.config.settings import Settings
-from traced_run.delivery.export import request_bytes
-from traced_run.spans.enrich import SPAN_INPUTS, SPAN_OUTPUTS, for_mlflow
+from traced_run.delivery.export import encode, request_bytes
+from traced_run.spans.enrich import (
+    MAX_NESTING,
+    NESTING_CUT,
+    SPAN_INPUTS,
+    SPAN_OUTPUTS,
+    for_mlflow,
+    nesting_bounded,
+)
 
 WITHHELD = "[content not exported]"
 
@@ -274,7 +282,7 @@ def test_every_field_and_value_type_is_encoded_as_the_sdk_encodes_it() -> None:
         "text": "héllo ✓", "empty": "", "yes": True, "no": False, "zero": 0, "big": 2**62, "negative": -5,
         "pi": 3.25, "raw": b"\x00\xff", "texts": ("a", ""), "numbers": [1, -2], "flags": (True, False),
         "floats": (0.5,), "nothing": None, "mapping": {"a": 1, "b": ["c"]}, "object": object(),
-        "surrogate": "\ud800", "nested": [("a", 1)],
+        "nested": [("a", 1)],
     }
     scopes = [InstrumentationScope("pydantic-ai", "2.0", "https://schema/1", {"s": 1}),
               InstrumentationScope("app"), None]
@@ -303,3 +311,71 @@ def test_keys_that_keep_changing_do_not_grow_the_key_cache_without_bound() -> No
                             start_time=1, end_time=2)
         assert request_bytes([span]) == encode_spans([span]).SerializeToString()
     assert len(export._KEYS) <= export._KEYS_BOUND
+
+
+# -- what no encoder could take (issue 23) --------------------------------------------------
+
+def test_a_lone_surrogate_anywhere_is_sent_as_its_escape_and_the_span_kept() -> None:
+    """A file name as os.listdir decodes it has no UTF-8: the SDK leaves such an attribute out
+    and raised on it elsewhere (the status of a tool that failed on it); MLflow gets the text,
+    the surrogate written as its escape."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    name = "r\udcffsum\udce9.txt"
+    span = ReadableSpan(
+        f"open {name}", context=SpanContext(0xA1, 0xB2, is_remote=False), start_time=1, end_time=2,
+        resource=Resource({"host.dir": name}), instrumentation_scope=InstrumentationScope(name),
+        attributes={"file": name, f"key {name}": "value", "files": (name, "plain")},
+        events=[Event("exception", {"exception.message": f"cannot open {name}"}, 1)],
+        status=Status(StatusCode.ERROR, f"OSError: cannot open {name}"))
+    request = ExportTraceServiceRequest.FromString(encode([span], Settings()))
+    resource = request.resource_spans[0]
+    sent = resource.scope_spans[0].spans[0]
+    shown = "r\\udcffsum\\udce9.txt"
+    assert sent.name == f"open {shown}"
+    assert sent.status.message == f"OSError: cannot open {shown}"
+    attributes = {item.key: item.value for item in sent.attributes}
+    assert attributes["file"].string_value == shown
+    assert attributes[f"key {shown}"].string_value == "value"
+    assert [value.string_value for value in attributes["files"].array_value.values] == [shown, "plain"]
+    assert sent.events[0].attributes[0].value.string_value == f"cannot open {shown}"
+    assert resource.resource.attributes[0].value.string_value == shown
+    assert resource.scope_spans[0].scope.name == shown
+
+
+def _nested(depth: int) -> str:
+    return '{"data": ' + "[" * depth + "1" + "]" * depth + "}"
+
+
+@pytest.mark.parametrize("depth", [40, 900, 3000])
+def test_tool_arguments_nested_past_the_bound_are_cut_with_a_marker(depth: int) -> None:
+    """A model's tool call as pydantic-ai records it, its arguments as the model sent them
+    (text, in the model call's outputs) and as the tool got them: every JSON value MLflow gets
+    parses, within MAX_NESTING, the part past it replaced by the marker."""
+    arguments = _nested(depth)
+    call = [{"role": "assistant", "parts": [{"type": "tool_call", "id": "c1", "name": "store",
+                                              "arguments": arguments}]}]
+    model_call = ReadableSpan("chat model", attributes={
+        "gen_ai.operation.name": "chat", "gen_ai.input.messages": json.dumps([text("user", "store it")]),
+        "gen_ai.output.messages": json.dumps(call)})
+    tool = ReadableSpan("execute_tool store", attributes={
+        "gen_ai.tool.name": "store", "gen_ai.tool.call.arguments": arguments})
+    for span in (model_call, tool):
+        attributes = for_mlflow(span, Settings()).attributes or {}
+        values = [json.loads(value) for value in attributes.values()
+                  if isinstance(value, str) and value[:1] in ("[", "{")]
+        assert values and all(json_depth(value) <= MAX_NESTING for value in values)
+        assert any(NESTING_CUT in json.dumps(value) for value in values), attributes
+
+
+def test_the_nesting_bound_reads_json_as_json() -> None:
+    shallow = json.dumps([{"text": "[[[[" * 40, "quote\"[": [[1]]}] * 40)
+    assert nesting_bounded(shallow) is shallow  # brackets in strings, escapes: not nesting
+    deep = "[" * (MAX_NESTING + 1) + "]" * (MAX_NESTING + 1)
+    assert json.loads(nesting_bounded(deep)) == json.loads("[" * MAX_NESTING + json.dumps(NESTING_CUT)
+                                                         + "]" * MAX_NESTING)
+    siblings = json.loads(nesting_bounded(json.dumps({"a": json.loads(deep), "b": "kept", "c": [2]})))
+    assert siblings["b"] == "kept" and siblings["c"] == [2] and json_depth(siblings) == MAX_NESTING
+    unclosed = "[" * 5000  # not JSON: cut all the same, never a RecursionError
+    assert nesting_bounded(unclosed) == "[" * MAX_NESTING + json.dumps(NESTING_CUT)
+    assert nesting_bounded("not JSON [[[" + "[" * 100) == "not JSON [[[" + "[" * 100

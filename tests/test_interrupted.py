@@ -357,8 +357,10 @@ def test_gunicorn_quick_shutdown_mid_request_leaves_a_complete_error_trace(
     assert "traced-run:" not in server.output(), server.output()
     # SIGQUIT's handler raises SystemExit in the worker's main thread, in the loop run_sync runs the
     # agent on, which cancels the run on its way out: pydantic-ai ends the tool's span with an error
-    # and the agent's with none, which traced-run marks, as the cancellation passes through it.
-    assert_cut_off(wait_complete(app), agent="interrupted: CancelledError", tool="")
+    # (its status says so from the exception it records) and the agent's with none, which traced-run
+    # marks, as the cancellation passes through it.
+    cancelled = "interrupted: CancelledError"
+    assert_cut_off(wait_complete(app), agent=cancelled, tool=cancelled)
 
 
 def test_gunicorn_graceful_timeout_kills_the_worker_the_spans_that_ended_still_arrive(

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import socket
 import subprocess
@@ -348,6 +347,23 @@ def test_a_spooled_batch_keeps_its_workspace(tmp_path: Path, workspace_mlflow: W
     assert workspace_mlflow.experiment_id(name, "default") is None
 
 
+def test_a_spooled_batch_for_a_workspace_mlflow_does_not_know_holds_back_nothing(
+        tmp_path: Path, workspace_mlflow: WorkspaceMlflow) -> None:
+    unknown, live = new_name(), new_name()
+    with fault_proxy(workspace_mlflow.url) as proxy:
+        proxy.mode = "refuse"
+        for name, workspace in ((unknown, "team-nope"), (live, "team-a")):
+            env = env_for(proxy.url, tmp_path, experiment=name, MLFLOW_WORKSPACE=workspace)
+            assert "kept in" in exit_line(run_app(tmp_path, env))
+        proxy.mode = "forward"
+        sent = flush(tmp_path, env_for(proxy.url, tmp_path, MLFLOW_WORKSPACE="team-a"))
+    assert sent.returncode == 0 and "stopped" not in sent.stderr, sent.stdout + sent.stderr
+    why = [line for line in sent.stdout.splitlines() if line.startswith("set aside, the first because")]
+    assert len(why) == 1 and "Workspace 'team-nope' not found" in why[0], sent.stdout
+    experiment_id = poll(lambda: workspace_mlflow.experiment_id(live), timeout=30, what="the experiment")
+    assert len(poll(lambda: workspace_mlflow.traces(experiment_id), timeout=30, what="the trace")) == 1
+
+
 def test_a_workspace_against_mlflow_without_workspaces_is_a_clear_error(
         tmp_path: Path, mlflow_server: MlflowServer) -> None:
     env = env_for(mlflow_server.url, tmp_path, experiment=new_name(), MLFLOW_WORKSPACE="team-a")
@@ -382,12 +398,12 @@ def spooled_for_a_wrong_uri(directory: Path, name: str, **extra: str) -> tuple[s
 
 
 def spooled_long_ago(directory: Path, seconds: float) -> str:
-    """A run in the spool of an app that ended ``seconds`` ago (its files' times set back);
+    """A run in the spool of an app that ended ``seconds`` ago (the times in its batches' names set back);
     how many batches it is."""
     _, batches = spooled_for_a_wrong_uri(directory, new_name())
     then = time.time() - seconds
     for path in spool_files(directory):
-        os.utime(path, (then, then))
+        path.rename(path.with_name(f"{int(then * 1e9):020d}{path.name[20:]}"))  # the name holds its time
     return batches
 
 
@@ -425,6 +441,55 @@ def test_drop_other_endpoints(tmp_path: Path, mlflow_server: MlflowServer) -> No
     dropped = flush(tmp_path, env_for(mlflow_server.url, tmp_path), "--drop-other-endpoints")
     assert dropped.returncode == 0, dropped.stderr
     assert dropped.stdout.splitlines()[1].startswith(f"dropped {batches} (4 spans) for {wrong}/v1/traces")
+    assert spool_files(tmp_path) == []
+
+
+def test_a_batch_for_a_deleted_experiment_holds_back_nothing_and_goes_again_once_restored(
+        tmp_path: Path, mlflow_server: MlflowServer) -> None:
+    deleted, live = new_name(), new_name()
+    client = mlflow_server.client()
+    deleted_id = client.create_experiment(deleted)
+    with fault_proxy(mlflow_server.url) as proxy:
+        proxy.mode = "refuse"  # MLflow down while both runs end: their batches wait in the spool
+        assert "kept in" in exit_line(run_app(tmp_path, env_for(proxy.url, tmp_path, experiment=deleted)))
+        client.delete_experiment(deleted_id)
+        assert "kept in" in exit_line(run_app(tmp_path, env_for(proxy.url, tmp_path, experiment=live)))
+        proxy.mode = "forward"
+        env = env_for(proxy.url, tmp_path)
+        first = flush(tmp_path, env)
+        assert first.returncode == 0 and "stopped" not in first.stderr, first.stdout + first.stderr
+        one_trace(mlflow_server, live)
+        why = (f"set aside, the first because experiment '{deleted}' is deleted in MLflow: restore it or use "
+               "another: the batches behind it went on; once the cause is fixed, `traced-run flush "
+               "--set-aside` sends them again")
+        assert why in first.stdout.splitlines(), first.stdout
+        second = flush(tmp_path, env)
+        assert second.returncode == 0 and "stopped" not in second.stderr, second.stdout + second.stderr
+        assert second.stdout.startswith("sent 0 batches (0 spans)"), second.stdout
+        client.restore_experiment(deleted_id)
+        again = flush(tmp_path, env, "--set-aside")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert re.match(r"put [12] set-aside batch(es)? back in .* to send again\n"
+                    r"sent [12] batch(es)? \(4 spans\)", again.stdout), again.stdout
+    one_trace(mlflow_server, deleted)
+    assert spool_files(tmp_path) == [] and list((tmp_path / "spool" / "rejected").iterdir()) == []
+
+
+def test_a_running_app_sets_a_spooled_batch_for_a_deleted_experiment_aside_and_delivers_its_own(
+        tmp_path: Path, mlflow_server: MlflowServer) -> None:
+    deleted, live = new_name(), new_name()
+    client = mlflow_server.client()
+    deleted_id = client.create_experiment(deleted)
+    with fault_proxy(mlflow_server.url) as proxy:
+        proxy.mode = "refuse"
+        assert "kept in" in exit_line(run_app(tmp_path, env_for(proxy.url, tmp_path, experiment=deleted)))
+        client.delete_experiment(deleted_id)
+        proxy.mode = "forward"
+        done = run_app(tmp_path, env_for(proxy.url, tmp_path, experiment=live))
+    one_trace(mlflow_server, live)
+    said = traced_lines(done.stderr.encode())
+    assert said and all(f"(experiment '{deleted}' is deleted in MLflow: restore it or use another)" in line
+                        and "set aside in" in line for line in said), said
     assert spool_files(tmp_path) == []
 
 

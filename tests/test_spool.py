@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -142,7 +143,7 @@ def test_the_bound_removes_the_oldest_and_counts_what_ended_processes_lose(tmp_p
     _, orphans = spool.put(TARGET, 1, 1, b"d" * 1000)
     assert orphans == 0  # this process's own batch: marked, and counted by it at exit
     waiting, removed = spool.fates({str(mine)})
-    assert (waiting, removed) == (set(), {mine})
+    assert (waiting, removed) == (set(), {mine: spool_module.BOUND})
 
 
 def test_a_batch_larger_than_the_bound_is_not_written(tmp_path: Path) -> None:
@@ -335,3 +336,90 @@ def test_the_fallback_in_the_temp_dir_is_private_and_not_a_name_others_can_take(
     assert directory.parent == temp and directory.name.startswith(f"traced-run-{uid}-")
     assert status.st_uid == uid and stat.S_IMODE(status.st_mode) == 0o700 and list(directory.iterdir()) == []
     assert spool_module.default_directory() == directory  # the next process finds the same one
+
+
+# --- nothing blocks the spool (issue 24) ---------------------------------------------------
+
+
+def backdated(spool: Spool, name: str, seconds: float, writer: int) -> str:
+    """Batch ``name`` as if process ``writer`` wrote it ``seconds`` ago: the name holds both,
+    and the file's time says so too."""
+    entry = spool_module.parse(name)
+    assert entry is not None
+    old = f"{int((entry.written - seconds) * 1e9):020d}-{writer}-{name.rsplit('-', 1)[1]}"
+    os.rename(spool.directory / name, spool.directory / old)
+    os.utime(spool.directory / old, (entry.written - seconds, entry.written - seconds))
+    return old
+
+
+def ended_pid() -> int:
+    return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True).stdout)
+
+
+def test_a_claim_given_back_does_not_make_a_batch_younger(tmp_path: Path) -> None:
+    """A flush that stopped at the oldest batch moved its time past its lease: later, the
+    batches behind it expired while it stayed, for ever."""
+    writer = ended_pid()
+    flushed = Spool(tmp_path / "spool", 1 << 20, max_age=3600)
+    names = [backdated(flushed, str(flushed.put(TARGET, 2, 1, bytes([i]))[0]), 3000, writer)
+             for i in range(2)]
+    held = next(flushed.claim(ENDPOINT))
+    assert held.name == names[0]
+    flushed.release(held)  # MLflow did not take it
+    later = Spool(tmp_path / "spool", 1 << 20, max_age=1800)  # as if 20 minutes later, with 3600
+    assert taken(later) == [] and (later.expired, later.expired_spans) == (2, 4)
+    assert list(later.directory.glob("*.otlp*")) == []
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("experiment_id", "\u0661\u0662"),  # Arabic-Indic digits: no number to MLflow
+    ("experiment_id", " 12"),
+    ("run_id", "run\u20ac1"),  # not Latin-1: http.client cannot put it in a header
+    ("workspace", "Team A"),
+])
+def test_a_batch_whose_header_cannot_be_sent_is_set_aside_and_the_next_goes(
+        spool: Spool, field: str, value: str) -> None:
+    header = {"endpoint": ENDPOINT, "experiment_id": "0", "spans": 1, "traces": 1, "bytes": 1, field: value}
+    planted = plant(spool, json.dumps(header).encode() + b"\nx")
+    later, _ = spool.put(TARGET, 1, 1, b"later")
+    assert [batch.name for batch in taken(spool)] == [later]
+    reason = (spool.rejected / planted.name.replace(".otlp", ".reason.txt")).read_text()
+    assert f"header field {field!r} cannot be sent: expected" in reason, reason
+
+
+def test_put_back_set_aside_sends_them_again_and_leaves_what_is_no_batch(spool: Spool) -> None:
+    name, _ = spool.put(TARGET, 3, 1, b"refused once")
+    (batch,) = spool.claim(ENDPOINT)
+    spool.reject(batch, "experiment 'x' is deleted in MLflow")
+    spool.rejected.joinpath("00000000000000000001-1-0000000b.otlp").write_bytes(b"not a batch")
+    assert spool.put_back_set_aside() == 1
+    (again,) = taken(spool)
+    assert (again.payload, again.spans) == (b"refused once", 3) and again.name != name
+    assert sorted(p.name for p in spool.rejected.iterdir()) == ["00000000000000000001-1-0000000b.otlp"]
+    assert spool.put_back_set_aside() == 0
+
+
+def test_a_removal_mark_of_a_writer_that_never_ends_goes_after_max_age(tmp_path: Path) -> None:
+    """Pid 1 (the app in a container) is alive to every later process: its marks stayed for ever."""
+    spool = Spool(tmp_path / "spool", 1 << 20, max_age=3600)
+    spool.put(TARGET, 1, 1, b"p")
+    marks = [spool.directory / f"0000000000000000000{n}-1-0000000a.dropped" for n in (1, 2)]
+    for mark in marks:
+        mark.touch()
+    then = time.time() - 7200
+    os.utime(marks[0], (then, then))
+    taken(spool)
+    assert [mark.exists() for mark in marks] == [False, True]
+
+
+def test_a_batch_past_max_age_goes_though_its_writer_runs_and_the_writer_is_told(tmp_path: Path) -> None:
+    """A writer whose pid is alive to everyone (1, in a container) kept its batches for ever."""
+    writer = Spool(tmp_path / "spool", 1 << 20, max_age=3600)
+    mine = backdated(writer, str(writer.put(TARGET, 3, 1, b"old")[0]), 7200, os.getpid())
+    other = Spool(tmp_path / "spool", 1 << 20, max_age=3600)
+    assert taken(other) == [] and other.survey(ENDPOINT).batches == 0
+    assert other.expired == 0  # its writer counts it in its exit line: it still runs ...
+    assert (other.expired_told.batches, other.expired_told.spans) == (1, 3)  # ... and flush says it went
+    assert writer.fates({mine}) == (set(), {mine: spool_module.AGE})
+    assert list(writer.directory.iterdir()) == []  # the mark went once read

@@ -10,6 +10,9 @@ from collections import deque
 from pathlib import Path
 
 import pytest
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.trace import SpanContext
 
 from traced_run.delivery import Delivery
 from traced_run.delivery import queue as span_queue
@@ -163,6 +166,15 @@ def test_a_queue_that_ran_past_half_says_mlflow_fell_behind_not_that_it_was_unre
                                           "past half of queue_size=2048) and sent later")
 
 
+def test_a_running_processs_batch_removed_for_its_age_is_in_its_exit_line(tmp_path: Path) -> None:
+    keep, ledger, spool = keeper(tmp_path, 1 << 20)
+    keep.keep(trace(1, 3))
+    other = Spool(spool.directory, 1 << 20, max_age=0)  # to it, every batch is past its max age
+    assert list(other.claim(ENDPOINT)) == [] and other.expired == 0  # its writer runs: it counts it
+    assert ledger.exit_line(ENDPOINT) == ("3 spans spooled more than spool_max_age=7 d ago were removed from "
+                                          "the spool")
+
+
 def test_a_batch_larger_than_the_bound_is_kept_in_parts_cut_between_traces(tmp_path: Path) -> None:
     spans = [s for n in range(1, 7) for s in trace(n, 4)]
     one_trace = len(encode(trace(1, 4), settings(tmp_path)))
@@ -242,3 +254,47 @@ def test_a_full_queue_spills_to_disk_rather_than_drop(tmp_path: Path, sender: ty
     assert "dropped" not in said, said
     assert "1200 spans of 300 traces not delivered" in said, said
     assert f"1 span of 1 trace sent to {ENDPOINT}: no answer within " in said, said
+
+
+# --- a span that cannot be encoded ----------------------------------------------------------
+def unencodable(trace_id: int) -> ReadableSpan:
+    """A span no encoder takes: a value nested past Python's recursion limit (what a library
+    may still hand over after enrich bounded what it knows of)."""
+    nested: list[object] = []
+    for _ in range(5000):
+        nested = [nested]
+    return ReadableSpan("bad step", context=SpanContext(trace_id, 7, False), resource=Resource.create({}),
+                        attributes={"nested": nested}, start_time=1, end_time=2)  # type: ignore[dict-item]
+
+
+def test_a_span_that_cannot_be_encoded_costs_only_itself(tmp_path: Path, sender: type[FakeSender],
+                                                        capfd: pytest.CaptureFixture[str]) -> None:
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    delivery = Delivery(settings(tmp_path))
+    delivery.start()
+    submit_together(delivery, [*trace(1, 2), unencodable(2), *trace(2, 1), *trace(3, 2)])
+    assert delivery.flush(5)
+    delivery.submit(unencodable(4))  # a batch of it alone: nothing to post, nothing to keep
+    assert delivery.flush(5)
+    delivery.close()
+    assert len(sender.posts) == 1
+    assert Spool.of(settings(tmp_path)).survey(ENDPOINT).spans == 0
+    sent = [(span.trace_id[-1], span.name) for payload in sender.posts
+            for resource in ExportTraceServiceRequest.FromString(payload).resource_spans
+            for scope in resource.scope_spans for span in scope.spans]
+    assert sorted(sent) == [(1, "step"), (1, "step"), (2, "step"), (3, "step"), (3, "step")]
+    said = capfd.readouterr().err.splitlines()
+    assert len(said) == 3, said
+    for line, trace_id in zip(said[:2], (2, 4), strict=True):
+        assert line.startswith(f"traced-run: dropped span 'bad step' of trace {trace_id:032x}: it could not "
+                               "be encoded (RecursionError: maximum recursion depth exceeded"), said
+    assert said[2] == "traced-run: 2 spans dropped (could not be encoded)", said
+
+
+def test_a_kept_batch_counts_a_span_that_cannot_be_encoded_once(tmp_path: Path) -> None:
+    keep, ledger, _ = keeper(tmp_path, 1 << 20)
+    bad = unencodable(9)
+    keep.keep([*trace(1, 2), bad])
+    keep.keep([bad])  # the exit path takes over a batch the delivery thread had encoded
+    assert str(ledger.exit_line(ENDPOINT)).endswith("; 1 span dropped (could not be encoded)")

@@ -1,14 +1,17 @@
-"""Claims are exclusive: a claim is given back only when its claimer is gone
-(dead, or past its lease), never because the batch is old; and a spool
-operation on a file another process moved does not fail."""
+"""Claims are exclusive: a claim is a lock the kernel lets go of when its
+claimer dies, given back only then, never because the batch or the claim is
+old, nor kept by a forked child; and a spool operation on a file another
+process moved does not fail."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
-from traced_run.delivery.spool import Spool, Target
+from traced_run.delivery.spool import Batch, Spool, Target
 
 ENDPOINT = "http://127.0.0.1:9/v1/traces"
 TARGET = Target(ENDPOINT, "0", None, None)
@@ -16,11 +19,12 @@ HOUR = 3600.0
 
 
 def old_batch(spool: Spool) -> str:
+    """A batch written an hour ago, while MLflow was down: its name holds when it was written."""
     name, _ = spool.put(TARGET, 1, 1, b"payload")
     assert name is not None
-    then = time.time() - HOUR  # written an hour ago, while MLflow was down
-    os.utime(spool.directory / name, (then, then))
-    return name
+    old = f"{int((time.time() - HOUR) * 1e9):020d}{name[20:]}"
+    os.rename(spool.directory / name, spool.directory / old)
+    return old
 
 
 def test_an_old_batch_claimed_by_a_live_process_is_not_claimed_again(tmp_path: Path) -> None:
@@ -33,12 +37,75 @@ def test_an_old_batch_claimed_by_a_live_process_is_not_claimed_again(tmp_path: P
     assert (first.rejected / name).read_bytes().endswith(b"payload")
 
 
-def test_a_claim_whose_lease_ran_out_is_given_back(tmp_path: Path) -> None:
-    first, second = Spool(tmp_path / "spool", 1 << 20, lease=HOUR), Spool(tmp_path / "spool", 1 << 20)
+CLAIMER = """
+import sys
+from pathlib import Path
+from traced_run.delivery.spool import Spool
+
+(held,) = Spool(Path(sys.argv[1]), 1 << 20).claim(sys.argv[2])
+print(held.name, flush=True)
+sys.stdin.read()  # posting, for as long as the test wants
+"""
+
+
+def test_a_claim_is_held_while_its_claimer_lives_however_long_and_given_back_when_it_dies(
+        tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", 1 << 20)
+    name = old_batch(spool)
+    claimer = subprocess.Popen([sys.executable, "-c", CLAIMER, str(spool.directory), ENDPOINT],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert claimer.stdout is not None and claimer.stdout.readline().strip() == name
+        (claimed,) = spool.directory.glob("*.claimed-*")
+        os.utime(claimed, (0, 0))  # no lease: however long its post takes, it is its claimer's
+        assert list(spool.claim(ENDPOINT)) == []
+    finally:
+        claimer.kill()
+        claimer.wait()
+    assert [batch.name for batch in taken(spool)] == [name]
+
+
+def test_a_claim_named_for_a_pid_that_is_always_alive_but_held_by_nobody_is_given_back(
+        tmp_path: Path) -> None:
+    """Pid 1 (the app in a container) is alive to every process: its claims were never given back."""
+    spool = Spool(tmp_path / "spool", 1 << 20)
+    name = old_batch(spool)
+    os.rename(spool.directory / name, spool.directory / f"{name}.claimed-1")
+    lease_end = time.time() + HOUR  # as a lease, which pid 1 never outlived, would have it
+    os.utime(spool.directory / f"{name}.claimed-1", (lease_end, lease_end))
+    assert [batch.name for batch in taken(spool)] == [name]
+
+
+def test_a_forked_child_does_not_keep_its_parents_claim(tmp_path: Path) -> None:
+    first, second = Spool(tmp_path / "spool", 1 << 20), Spool(tmp_path / "spool", 1 << 20)
     name = old_batch(first)
     (held,) = first.claim(ENDPOINT)
-    os.utime(held.path, (time.time() - 1, time.time() - 1))  # an hour later: the claimer hangs
-    assert [b.name for b in second.claim(ENDPOINT)] == [name]
+    started, start = os.pipe()
+    ended, end = os.pipe()
+    child = os.fork()
+    if child == 0:  # a child that lives on (a worker of a pre-forking server) until its parent ends
+        first.let_go_inherited()
+        os.close(start)  # the parent's read sees the end of the pipe: the child is past its start
+        os.close(end)
+        os.read(ended, 1)
+        os._exit(0)
+    os.close(start)
+    os.close(ended)
+    try:
+        assert os.read(started, 1) == b""
+        first.release(held)
+        assert [batch.name for batch in taken(second)] == [name]
+    finally:
+        os.close(end)
+        os.close(started)
+        os.waitpid(child, 0)
+
+
+def taken(spool: Spool) -> list[Batch]:
+    batches = list(spool.claim(ENDPOINT))
+    for batch in batches:
+        spool.done(batch)
+    return batches
 
 
 def test_every_operation_on_a_batch_another_process_moved_goes_through(tmp_path: Path) -> None:

@@ -204,6 +204,9 @@ def _flush(argv: list[str], env: dict[str, str]) -> int:
                         "wrong MLflow address) to the configured MLflow, with its credentials")
     parser.add_argument("--drop-other-endpoints", action="store_true",
                         help="remove the batches written for any other endpoint than the configured one")
+    parser.add_argument("--set-aside", action="store_true",
+                        help="send again the batches MLflow refused, set aside in the spool's rejected/ "
+                        "(once their cause is fixed)")
     args = parser.parse_args(argv)
     loaded = _load(env)
     if loaded is None:
@@ -216,7 +219,7 @@ def _flush(argv: list[str], env: dict[str, str]) -> int:
         return report.EXIT_CONFIG
     from traced_run.commands.flush import flush
 
-    return flush(loaded.settings, args.endpoint, args.drop_other_endpoints)
+    return flush(loaded.settings, args.endpoint, args.drop_other_endpoints, args.set_aside)
 
 
 def _doctor(argv: list[str], env: dict[str, str]) -> int:

@@ -578,7 +578,8 @@ def check_spool(settings: Settings, found: Findings) -> dict[str, Any]:
     if seen.rejected:
         found.add(WARN, "spool rejected",
                   f"{seen.rejected} batches MLflow refused are set aside in {spool.rejected}",
-                  "read their .reason.txt; delete them when done")
+                  "read their .reason.txt; once the cause is fixed, `traced-run flush --set-aside` sends "
+                  "them again, or delete them")
     return state
 
 

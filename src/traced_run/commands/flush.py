@@ -2,7 +2,11 @@
 
 Sends every spooled batch addressed to the configured endpoint, oldest first,
 with the current credentials; stops at the first batch MLflow does not take
-(it is then unreachable: the rest would fail the same way). Files in the spool
+(it is then unreachable: the rest would fail the same way). A batch MLflow
+refuses for a reason of its own (its experiment deleted, its workspace unknown,
+a permanent 4xx) is set aside in ``rejected/`` with the reason, and the rest
+go on; ``--set-aside`` puts those back to be sent again once the cause is
+fixed. Files in the spool
 that are not readable batches are set aside, once, and counted; batches older
 than ``spool_max_age`` are removed, and counted.
 
@@ -35,7 +39,8 @@ def piles(found: dict[str, Pile]) -> list[str]:
             for endpoint, pile in sorted(found.items())]
 
 
-def flush(settings: Settings, written_for: str | None = None, drop_others: bool = False) -> int:
+def flush(settings: Settings, written_for: str | None = None, drop_others: bool = False,
+          set_aside: bool = False) -> int:
     """Returns 0 when nothing is left for this endpoint (and for ``written_for``), 1 otherwise."""
     spool = Spool.of(settings)
     endpoint = settings.traces_endpoint or ""
@@ -43,6 +48,9 @@ def flush(settings: Settings, written_for: str | None = None, drop_others: bool 
     sender = Sender(settings)
     tally = _Tally()
     try:
+        if set_aside:
+            print(f"put {counted(spool.put_back_set_aside(), 'set-aside batch', 'set-aside batches')} "
+                  f"back in {spool.directory} to send again")
         source = _written_for(spool, endpoint, written_for) if written_for else None
         for batches_of in (None, source) if source else (None,):
             with contextlib.closing(spool.send(endpoint, lambda batch: sender.post_by_trace(
@@ -73,6 +81,8 @@ class _Tally:
     sent: int = 0
     spans: int = 0
     rejected: int = 0
+    first_reason: str = ""
+    """Why MLflow refused the first batch set aside."""
     problem: str = ""
 
     def add(self, batch: Batch, outcome: Outcome, aside: Path | None) -> None:
@@ -80,8 +90,11 @@ class _Tally:
             self.sent += 1
             self.spans += batch.spans - sum(part.spans for part in outcome.rejected)
             self.rejected += len(outcome.rejected)
+            if outcome.rejected:
+                self.first_reason = self.first_reason or outcome.rejected[0].outcome.reason
         elif aside is not None:
             self.rejected += 1
+            self.first_reason = self.first_reason or outcome.reason
         else:
             self.problem = outcome.reason
 
@@ -93,13 +106,18 @@ def _summarise(settings: Settings, spool: Spool, tally: _Tally, dropped: dict[st
     unreadable = (f"; {spool.unreadable} files that were no readable batch set aside too "
                   f"(first: {spool.unreadable_why})") if spool.unreadable else ""
     expired = ""
-    if spool.expired:
-        expired = (f"; removed {counted(spool.expired, 'batch', 'batches')} "
-                   f"({counted(spool.expired_spans, 'span')}) older than "
+    told = spool.expired_told
+    if spool.expired or told.batches:
+        # Those of running writers too: a pid that seems alive may be another process's now.
+        expired = (f"; removed {counted(spool.expired + told.batches, 'batch', 'batches')} "
+                   f"({counted(spool.expired_spans + told.spans, 'span')}) older than "
                    f"spool_max_age={age(settings.spool_max_age)}")
     print(f"sent {counted(tally.sent, 'batch', 'batches')} ({counted(tally.spans, 'span')}) to {shown}; "
           f"{tally.rejected} rejected (set aside in {spool.rejected}){unreadable}{expired}; "
           f"{seen.for_endpoint} left in {spool.directory}")
+    if tally.first_reason:
+        print(f"set aside, the first because {tally.first_reason}: the batches behind it went on; once the "
+              f"cause is fixed, `traced-run flush --set-aside` sends them again")
     for line in piles(dropped):
         print(f"dropped {line}")
     for line in piles(seen.others):

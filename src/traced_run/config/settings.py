@@ -567,7 +567,8 @@ class Settings:
         COMPRESSION, "Request body compression.",
         env=("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "OTEL_EXPORTER_OTLP_COMPRESSION")))
     service_name: str | None = setting(None, Spec(
-        TEXT, "service.name of the traces; default the script or module name.",
+        TEXT, "service.name of the traces when the app's tracer provider names none; default the script "
+        "or module name.",
         env=("OTEL_SERVICE_NAME",), option="--service-name", unnamed_file=True))
     resource_attributes: dict[str, str] = setting({}, Spec(
         PAIRS, "More resource attributes; MLflow shows each as a trace tag.",

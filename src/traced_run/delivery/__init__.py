@@ -72,7 +72,7 @@ class Delivery:
         self.interrupt: Callable[[str], object] | None = None
         """Set by the pipeline: ends the open spans of agent runs when the process leaves."""
         self._build()
-        os.register_at_fork(before=self._before_fork, after_in_child=self._build)
+        os.register_at_fork(before=self._before_fork, after_in_child=self._after_fork_in_child)
 
     def _build(self) -> None:
         """Fresh parts: at start, and in a forked child, which starts empty (it
@@ -86,6 +86,10 @@ class Delivery:
         self._backoff = Backoff()
         self._loaded = threading.Event()
         self._thread: threading.Thread | None = None
+
+    def _after_fork_in_child(self) -> None:
+        self.spool.let_go_inherited()
+        self._build()
 
     def _before_fork(self) -> None:
         """A fork while the delivery thread imports (the exporter, OpenInference)

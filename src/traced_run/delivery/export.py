@@ -10,6 +10,7 @@ process.
 
 from __future__ import annotations
 
+import itertools
 import struct
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -21,13 +22,15 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext
 
+from traced_run import report
 from traced_run.config.settings import Settings
 from traced_run.delivery.spool import Target
 from traced_run.spans.enrich import for_mlflow
 from traced_run.transport import Answer, mlflow_api, post_otlp
 
-INVALID = {400, 404, 413, 415, 422}
-"""Statuses that say the batch itself (or where it is addressed) is wrong: sending it again cannot help."""
+INVALID = frozenset(range(400, 500)) - {401, 403, 407, 408, 425, 429}
+"""Statuses that say the batch itself (or where it is addressed) is wrong: sending it again cannot
+help. Not those that say the same of every batch (credentials) or ask to come back later."""
 REFUSED_ENCODING = {400, 415}
 """Statuses a server that cannot read a compressed body answers it with."""
 
@@ -89,27 +92,65 @@ def by_trace(payload: bytes) -> list[tuple[bytes, int]]:
     return parts
 
 
-def encode(spans: Sequence[ReadableSpan], settings: Settings) -> bytes:
-    """The OTLP request body for ``spans``, as ``settings`` shape it for MLflow."""
-    return request_bytes([for_mlflow(span, settings) for span in spans])
+def encode(spans: Sequence[ReadableSpan], settings: Settings,
+           dropped: list[ReadableSpan] | None = None) -> bytes:
+    """The OTLP request body for ``spans``, as ``settings`` shape it for MLflow. A span that
+    cannot be shaped or encoded (whatever a library or this code raises on it) is left out
+    alone, so it costs no other span: said, with its trace and name, and added to ``dropped``."""
+    encoded: list[tuple[ReadableSpan, bytes]] = []
+    for span in spans:
+        try:
+            copy = for_mlflow(span, settings)
+            encoded.append((copy, _span(copy)))
+        except Exception as error:
+            _say_dropped(span, error)
+            if dropped is not None:
+                dropped.append(span)
+    return _request(encoded)
+
+
+SAID_DROPS = 10
+"""Spans dropped as unencodable that a process names one by one: past them (a library that
+fails on every span) they are only counted, in the exit line, not a line each on the app's stderr."""
+_drops = itertools.count()
+
+
+def _say_dropped(span: ReadableSpan, error: Exception) -> None:
+    said = next(_drops)
+    if said > SAID_DROPS:
+        return
+    if said == SAID_DROPS:
+        report.say("more spans could not be encoded; they are counted in the exit line")
+        return
+    context = span.get_span_context()
+    trace = f"{context.trace_id:032x}" if context is not None else "?"
+    # Bounded: a library's message may quote the whole value it failed on.
+    why = f"{type(error).__name__}: {error}"[:300]
+    report.say(f"dropped span {span.name[:200]!r} of trace {trace}: it could not be encoded ({why})")
 
 
 # -- the OTLP request, written as protobuf's wire format ------------------------------------
 #
 # The same bytes the SDK's encode_spans(...).SerializeToString() gives (tests/test_enrich.py
-# compares them), written directly: the SDK builds a protobuf object per attribute, span and
-# level and copies each into its parent, which cost the delivery thread more than all the
-# rest of the encoding together. Fields go in field-number order, as protobuf writes them;
+# compares them), but for a text with a lone surrogate, which the SDK leaves out, written
+# directly: the SDK builds a protobuf object per attribute, span and level and copies each
+# into its parent, which cost the delivery thread more than all the rest of the encoding
+# together. Fields go in field-number order, as protobuf writes them;
 # the field numbers are opentelemetry-proto's (trace/v1/trace.proto, common/v1/common.proto).
 
 def request_bytes(spans: Sequence[ReadableSpan]) -> bytes:
     """An ``ExportTraceServiceRequest`` of ``spans``, grouped by resource, then scope.
     Resources are told apart by identity (hashing one hashes all its attributes, for every
     span): equal resources that are distinct objects each get a group, where the SDK makes one."""
+    return _request([(span, _span(span)) for span in spans])
+
+
+def _request(spans: Sequence[tuple[ReadableSpan, bytes]]) -> bytes:
+    """``request_bytes`` of spans already encoded, each beside its encoding."""
     grouped: dict[int, tuple[Resource, dict[InstrumentationScope | None, list[bytes]]]] = {}
-    for span in spans:
+    for span, encoded_span in spans:
         _, scopes = grouped.setdefault(id(span.resource), (span.resource, {}))
-        scopes.setdefault(span.instrumentation_scope or None, []).append(_span(span))
+        scopes.setdefault(span.instrumentation_scope or None, []).append(encoded_span)
     out = []
     for resource, scopes in grouped.values():
         body = [_message(b"\x0a", _attributes(b"\x0a", resource.attributes))]
@@ -181,8 +222,9 @@ _KEYS_BOUND = 4096
 
 
 def _attributes(tag: bytes, attributes: Mapping[str, Any] | None) -> bytes:
-    """Each (key, value) as a ``KeyValue`` field ``tag``; a value the SDK would not encode (a
-    type OTLP has none for, text that is not UTF-8) is left out, as the SDK leaves it out."""
+    """Each (key, value) as a ``KeyValue`` field ``tag``; a value of a type OTLP has none for
+    is left out, as the SDK leaves it out (text that is not UTF-8 the SDK leaves out too; here
+    it is kept, see ``_text``)."""
     if not attributes:
         return b""
     out = []
@@ -232,7 +274,12 @@ def _value(value: Any) -> bytes:
 
 
 def _text(tag: bytes, text: str) -> bytes:
-    return _message(tag, text.encode())
+    try:
+        return _message(tag, text.encode())
+    except UnicodeEncodeError:
+        # A lone surrogate (a file name as os.listdir decodes it, in an exception's message)
+        # has no UTF-8: it is written as its escape, \udcff, and the rest of the text kept.
+        return _message(tag, text.encode("utf-8", "backslashreplace"))
 
 
 def _message(tag: bytes, body: bytes) -> bytes:
@@ -291,6 +338,8 @@ class Sender:
             experiment_id = self.resolve(target)
         except mlflow_api.MlflowUnreachable as error:
             return Outcome(False, False, error.reason)
+        except mlflow_api.ExperimentRefused as error:
+            return Outcome(False, self._own_refusal(target, error.wrong_workspace), str(error))
         except mlflow_api.MlflowError as error:
             return Outcome(False, False, str(error))
         endpoint = target.endpoint
@@ -305,9 +354,14 @@ class Sender:
             answer = self._plain_once(endpoint, payload, experiment_id, target, deadline, answer)
         if answer.ok:
             return DELIVERED
-        # A workspace that does not exist (yet) is the settings' fault, not the batch's: it waits.
-        invalid = answer.status in INVALID and not answer.wrong_workspace
+        invalid = answer.status in INVALID and self._own_refusal(target, answer.wrong_workspace)
         return Outcome(False, invalid, answer.problem, answer.status)
+
+    def _own_refusal(self, target: Target, wrong_workspace: bool) -> bool:
+        """Whether a refusal is the batch's own. A workspace the settings name that does not
+        exist (yet) is the settings' fault: every batch waits for it. A spooled batch's workspace,
+        written under other settings, is its own: it must not hold back the batches behind it."""
+        return not wrong_workspace or target.workspace != self._settings.workspace
 
     def _plain_once(self, endpoint: str, payload: bytes, experiment_id: str, target: Target,
                     deadline: float, refused: Answer) -> Answer:
@@ -331,7 +385,8 @@ class Sender:
         meanwhile, the batch is not delivered (a trace sent twice is stored once)."""
         deadline = time.monotonic() + timeout
         outcome = self.post(payload, target, timeout)
-        parts = by_trace(payload) if outcome.invalid else []
+        # Only MLflow's answer to the post can blame a trace; a refused experiment is every trace's.
+        parts = by_trace(payload) if outcome.invalid and outcome.status is not None else []
         if len(parts) < 2:
             return outcome
         rejected = []

@@ -10,11 +10,14 @@ methods below. No other lock is taken while it is held.
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from pathlib import Path
+
+from opentelemetry.sdk.trace import ReadableSpan
 
 from traced_run import report
 from traced_run.config.settings import Settings
-from traced_run.delivery.spool import Spool
+from traced_run.delivery.spool import AGE, BOUND, Spool
 from traced_run.report import counted, mask_url
 
 STILL_TAKING = "reached while MLflow was still taking batches (it took the one before)"
@@ -38,6 +41,8 @@ class Ledger:
         self._rejected = 0
         self._rejected_told = 0
         self._statuses: set[int] = set()
+        self._refusal = ""
+        """Why MLflow refused the first batch it refused without an HTTP status (its experiment deleted)."""
         self._dropped = 0
         self._oversized = 0
         """Spans dropped as each alone larger than the spool's bound."""
@@ -47,6 +52,7 @@ class Ledger:
         self._lost = 0
         self._lost_why: str | None = None
         """Why spans were lost: a cause of ours (a full disk), not MLflow's."""
+        self._unencodable: set[tuple[int, int]] = set()  # a set: a batch may be encoded twice
         self._outage_told = False
 
     # -- what happened ------------------------------------------------------------------------
@@ -103,6 +109,10 @@ class Ledger:
         with self._lock:
             self._dropped += 1
 
+    def unencodable(self, spans: Sequence[ReadableSpan]) -> None:  # each said when dropped (export.encode)
+        with self._lock:
+            self._unencodable.update((s.context.trace_id, s.context.span_id) for s in spans if s.context)
+
     def writing(self, spans: int) -> None:
         """Spans a thread starts writing to the spool: said at exit when it never finished."""
         with self._lock:
@@ -138,13 +148,15 @@ class Ledger:
             if self._own.pop(name, None) is not None and delivered:
                 self._sent_later += spans
 
-    def rejected(self, spans: int, status: int | None, leaving: bool) -> bool:
+    def rejected(self, spans: int, status: int | None, reason: str, leaving: bool) -> bool:
         """Counted; True when it is to be said now (a running service must learn of it),
         False when the exit line will say it."""
         with self._lock:
             self._rejected += spans
             if status is not None:
                 self._statuses.add(status)
+            else:
+                self._refusal = self._refusal or reason
             if not leaving:
                 self._rejected_told += spans
             return not leaving
@@ -162,10 +174,10 @@ class Ledger:
         listing, taken at exit, that no other thread waits for long."""
         with self._lock:
             waiting, removed = self._spool.fates(self._own)
-            parts = self._not_delivered(endpoint, waiting, removed) + self._gone(removed)
+            parts = self._not_delivered(endpoint, waiting, removed) + _gone(self, removed)
         return "; ".join(parts) if parts else None
 
-    def _not_delivered(self, endpoint: str, waiting: set[str], removed: set[str]) -> list[str]:
+    def _not_delivered(self, endpoint: str, waiting: set[str], removed: dict[str, str]) -> list[str]:
         own = self._own
         posted = {name: self._unanswered[name] for name in waiting if name in self._unanswered}
         unsent = waiting - posted.keys()
@@ -187,36 +199,14 @@ class Ledger:
                          f"and sent later")
         if self._rejected > self._rejected_told:
             statuses = ", ".join(str(status) for status in sorted(self._statuses))
+            why = "; ".join(filter(None, (statuses and f"HTTP {statuses}", self._refusal)))
             untold = self._rejected - self._rejected_told
-            parts.append(f"{counted(untold, 'span')} rejected by MLflow (HTTP {statuses}), "
+            parts.append(f"{counted(untold, 'span')} rejected by MLflow ({why}), "
                          f"set aside in {self._spool.rejected}")
         return parts
 
-    def _gone(self, removed: set[str]) -> list[str]:
-        settings = self._settings
-        over_spool = self._oversized + sum(self._own[name][0] for name in removed)
-        parts = []
-        if self._dropped or over_spool:
-            causes = [f"queue_size={settings.queue_size} full"] if self._dropped else []
-            causes += [f"spool over spool_max_mb={settings.spool_max_mb}"] if over_spool else []
-            parts.append(f"{counted(self._dropped + over_spool, 'span')} dropped ({', '.join(causes)})")
-        if self._spool.expired_spans:
-            expired = counted(self._spool.expired_spans, "span")
-            parts.append(f"{expired} that ended processes spooled more than spool_max_age="
-                         f"{report.age(settings.spool_max_age)} ago were removed from the spool")
-        if self._orphans_dropped:
-            parts.append(f"{counted(self._orphans_dropped, 'span')} that ended processes had spooled were "
-                         f"dropped (spool over spool_max_mb={settings.spool_max_mb})")
-        if self._lost:
-            parts.append(_lost_part(self._lost, self._lost_why, self._problem))
-        if self._unwritten:
-            parts.append(f"{counted(self._unwritten, 'span')} may be lost (exit_timeout="
-                         f"{settings.exit_timeout:g}s ran out while they were written to the spool)")
-        return parts
-
     def say_exit_line(self, endpoint: str) -> None:
-        line = self.exit_line(endpoint)
-        if line is not None:
+        if (line := self.exit_line(endpoint)) is not None:
             report.say(line)
 
 
@@ -243,3 +233,34 @@ def _lost_part(lost: int, why: str | None, problem: str | None) -> str:
         return f"{counted(lost, 'span')} lost ({problem})"
     mlflow = f" (MLflow did not take them: {problem})" if problem else ""
     return f"{counted(lost, 'span')} lost: {why}{mlflow}"
+
+
+def _gone(ledger: Ledger, removed: dict[str, str]) -> list[str]:
+    """The exit line's parts on spans dropped or removed (ledger's lock held)."""
+    settings = ledger._settings
+    over_spool = ledger._oversized + sum(ledger._own[name][0] for name, cause in removed.items()
+                                         if cause == BOUND)
+    aged = sum(ledger._own[name][0] for name, cause in removed.items() if cause == AGE)
+    parts = []
+    dropped = {f"queue_size={settings.queue_size} full": ledger._dropped,
+               f"spool over spool_max_mb={settings.spool_max_mb}": over_spool,
+               "could not be encoded": len(ledger._unencodable)}
+    if any(dropped.values()):
+        causes = ", ".join(cause for cause, spans in dropped.items() if spans)
+        parts.append(f"{counted(sum(dropped.values()), 'span')} dropped ({causes})")
+    if aged:
+        parts.append(f"{counted(aged, 'span')} spooled more than spool_max_age="
+                     f"{report.age(settings.spool_max_age)} ago were removed from the spool")
+    if ledger._spool.expired_spans:
+        expired = counted(ledger._spool.expired_spans, "span")
+        parts.append(f"{expired} that ended processes spooled more than spool_max_age="
+                     f"{report.age(settings.spool_max_age)} ago were removed from the spool")
+    if ledger._orphans_dropped:
+        parts.append(f"{counted(ledger._orphans_dropped, 'span')} that ended processes had spooled were "
+                     f"dropped (spool over spool_max_mb={settings.spool_max_mb})")
+    if ledger._lost:
+        parts.append(_lost_part(ledger._lost, ledger._lost_why, ledger._problem))
+    if ledger._unwritten:
+        parts.append(f"{counted(ledger._unwritten, 'span')} may be lost (exit_timeout="
+                     f"{settings.exit_timeout:g}s ran out while they were written to the spool)")
+    return parts

@@ -196,9 +196,11 @@ class DeliveryThread:
         return self._queue.attempt_timeout(self._settings.timeout, SPOOL_RESERVE)
 
     def _deliver(self, batch: list[ReadableSpan]) -> None:
-        from traced_run.delivery.export import encode, target_of
+        from traced_run.delivery.export import target_of
 
-        payload = encode(batch, self._settings)
+        payload = self._encode(batch)
+        if not batch:  # each of its spans was dropped as unencodable (said and counted)
+            return
         timeout = self._attempt_timeout()
         if self._backoff.down() or self._queue.high() or timeout <= 0:
             if timeout <= 0:
@@ -224,6 +226,22 @@ class DeliveryThread:
                 unanswered = self._queue.posted() and outcome.status is None \
                     and outcome.reason.startswith(NO_ANSWER)
                 self._keeper.keep(batch, payload, timeout if unanswered else None)
+
+    def _encode(self, batch: list[ReadableSpan]) -> bytes:
+        """``encode``; a span it drops is counted and leaves the batch, so that what follows
+        (counts, the spool) is of the spans sent. The batch is the queue's in flight, which
+        close() may take over: it changes under the queue's lock."""
+        from traced_run.delivery.export import encode
+
+        dropped: list[ReadableSpan] = []
+        payload = encode(batch, self._settings, dropped)
+        if dropped:
+            self._ledger.unencodable(dropped)
+            gone = {id(span) for span in dropped}
+            kept = [span for span in batch if id(span) not in gone]
+            with self._queue.lock:
+                batch[:] = kept
+        return payload
 
     def _post(self, payload: bytes, target: Target, timeout: float) -> Outcome:
         assert self._sender is not None

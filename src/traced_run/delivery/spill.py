@@ -70,8 +70,11 @@ class Keeper:
         self._ledger.writing(len(batch))
         left = len(batch)
         try:
-            for spans, piece in self._pieces(batch, encode(batch, self._settings) if payload is None
-                                             else payload):
+            if payload is None:
+                dropped: list[ReadableSpan] = []
+                payload = encode(batch, self._settings, dropped)
+                self._ledger.unencodable(dropped)
+            for spans, piece in self._pieces(batch, payload):
                 self._put(target, spans, piece, unanswered)
                 left -= len(spans)
         except Exception as error:  # encoding a part: counted, never silent
@@ -112,7 +115,7 @@ class Keeper:
     def rejected(self, spans: int, aside: Path, outcome: Outcome, leaving: bool) -> None:
         """Said when it happens (a running service must learn of it), or, when
         leaving, by the exit line."""
-        if self._ledger.rejected(spans, outcome.status, leaving):
+        if self._ledger.rejected(spans, outcome.status, outcome.reason, leaving):
             report.say(f"MLflow rejected a batch of {report.counted(spans, 'span')} ({outcome.reason}); "
                        f"set aside in {aside}")
 

@@ -3,20 +3,23 @@
 One file per batch: a JSON header line (where it goes, how many spans,
 traces and payload bytes) then the OTLP protobuf request body. Files are
 written whole under a temporary name and renamed, so a reader never sees half
-a batch; a process claims a file by renaming it before sending it, so two
-processes draining the same spool never send the same batch at once. A
-claim is given back only when its claimer is gone: its pid is not alive on
-this host, or its lease ran out (the claimer sets the file's time to the end
-of its lease as it claims: the longest one post may take, and some), never
-because the batch is old. The
+a batch; a process claims a file by locking it (``flock``, without waiting)
+and renaming it before sending it, and holds the lock until the batch is sent,
+given back or set aside, so two processes draining the same spool never send
+the same batch at once. A claim is given back by whoever finds its file
+unlocked: the kernel lets a lock go when its holder dies, however long its post
+took and whatever its pid (1, in a container, is alive to everyone), and a
+forked child lets go of the claims it inherited (``let_go_inherited``).
+Nothing is given back because the batch is old. The
 directory is the owner's only and bounded in size: past the bound the oldest
-batches are removed, and counted, and so are batches older than
-``spool_max_age`` (an endpoint nobody uses any more never drains them). The
+batches are removed, and counted, and so are batches written longer than
+``spool_max_age`` ago (an endpoint nobody uses any more never drains them). The
 process that wrote a removed batch
-counts it: while it runs, the remover leaves an empty ``.dropped`` file in the
-batch's place for it to find at exit; a batch of a process that has ended is
-counted by the remover. Batches MLflow rejected as invalid are moved aside to
-``rejected/`` with the reason beside them, for a person to inspect.
+counts it: while it runs, the remover leaves a ``.dropped`` file naming the cause
+(``BOUND``, ``AGE``) in the batch's place for it to find at exit; a batch of a
+process that has ended is counted by the remover. Batches MLflow refused for a
+reason of their own are moved aside to ``rejected/`` with the reason beside
+them, for a person to inspect, and put back once the cause is fixed.
 
 The protocol (put, claim, done, release, reject, reclaim stale claims) and the
 file-name format are written here only; delivery, ``flush`` and the doctor
@@ -39,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import os
 import re
@@ -50,7 +54,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from traced_run.config.settings import Settings, default_of
+from traced_run.config.settings import (
+    EXPERIMENT_ID,
+    EXPERIMENT_NAME,
+    RUN_ID,
+    WORKSPACE,
+    Kind,
+    Settings,
+    default_of,
+)
 from traced_run.transport import printable, without_userinfo
 
 if TYPE_CHECKING:
@@ -59,8 +71,6 @@ if TYPE_CHECKING:
 SUFFIX = ".otlp"
 STALE_WRITE_SECONDS = 300.0
 """A half-written file older than this was left by a process that died while writing."""
-CLAIM_MARGIN = 60.0
-"""A claim's lease is the post's timeout and this much more (reading, set-up)."""
 HEADER_ROOM = 4096
 """More than a batch's header line takes (endpoint, experiment, run id, counts)."""
 HEADER_LIMIT = 65536
@@ -71,6 +81,14 @@ _NAME = re.compile(r"(?P<batch>(?P<time>\d{20})-(?P<writer>\d{1,10})-[0-9a-f]{8}
 """``<time ns>-<writer pid>-<random>.otlp``, claimed: ``...otlp.claimed-<pid>``,
 removed by the bound while its writer runs: ``....dropped``, set aside: ``....reason.txt``."""
 _WRITING = ".writing-"
+BOUND = "bound"
+AGE = "age"
+"""Why a batch was removed, as its ``.dropped`` mark says: the size bound, or its age."""
+_SENT: dict[str, Kind] = {"experiment_id": EXPERIMENT_ID, "experiment_name": EXPERIMENT_NAME,
+                          "run_id": RUN_ID, "workspace": WORKSPACE}
+"""The header fields that go to MLflow, and the settings' rule for each: one a setting
+would refuse (written by another version, or by hand) would be refused by MLflow, or
+could not be sent at all, for ever."""
 GONE = "gone"
 """What reading a file another process moved meanwhile gives: not a fault of the file."""
 _OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -84,6 +102,8 @@ class Entry:
 
     batch: str
     """The batch's name, unclaimed: what ``put`` returned for it."""
+    written: float
+    """When the batch was written (seconds since the epoch): its age, which no claim moves."""
     writer: int
     claimer: int | None
     kind: str
@@ -97,7 +117,8 @@ def parse(name: str) -> Entry | None:
         return None
     claimer = found["claimer"]
     kind = "otlp" if found["otlp"] else "dropped" if found["dropped"] else "reason"
-    return Entry(found["batch"] + SUFFIX, int(found["writer"]), int(claimer) if claimer else None, kind)
+    return Entry(found["batch"] + SUFFIX, int(found["time"]) / 1e9, int(found["writer"]),
+                 int(claimer) if claimer else None, kind)
 
 
 def _claimed(batch: str) -> str:
@@ -135,6 +156,8 @@ class Batch:
     """Where it is now (claimed)."""
     name: str
     """Its name in the spool, unclaimed: what ``put`` returned for it."""
+    lock: int
+    """The descriptor whose lock is the claim: closed once the batch is done, released or rejected."""
 
 
 @dataclass(frozen=True)
@@ -153,12 +176,12 @@ class Pile:
     batches: int = 0
     spans: int = 0
     oldest: float = 0.0
-    """Modification time of the oldest (seconds since the epoch)."""
+    """When the oldest was written (seconds since the epoch)."""
 
-    def add(self, spans: int, mtime: float) -> None:
+    def add(self, spans: int, written: float) -> None:
         self.batches += 1
         self.spans += spans
-        self.oldest = min(self.oldest or mtime, mtime)
+        self.oldest = min(self.oldest or written, written)
 
 
 @dataclass(frozen=True)
@@ -233,22 +256,24 @@ class _Directory:
     opened safely, written whole, kept within its bound, surveyed. Sending is ``Spool``'s."""
 
     def __init__(self, directory: Path, max_bytes: int, unusable: str = "",
-                 lease: float = 10.0 + CLAIM_MARGIN, max_age: float = default_of("spool_max_age")) -> None:
+                 max_age: float = default_of("spool_max_age")) -> None:
         self.directory = directory
-        self.lease = lease
-        """Seconds this process holds a claim for at most: one post."""
         self.unusable = unusable
         """Why there is no directory to use at all (said instead of using one)."""
         self.max_bytes = max_bytes
         self.max_age = max_age
         self.expired = 0
-        """Batches this process removed for being older than ``max_age``..."""
+        """Batches of ended processes this process removed for being older than ``max_age``..."""
         self.expired_spans = 0
         """... and their spans."""
+        self.expired_told = Pile()
+        """Those of processes that still ran (or seemed to: a pid reused), each told by a mark."""
         self.rejected = directory / "rejected"
         self.unreadable = 0
         """Files this process set aside because they were not batches it could read."""
         self.unreadable_why = ""
+        self._held: set[int] = set()
+        """The descriptors of this process's claims (see ``Spool.let_go_inherited``)."""
 
     # -- directories ------------------------------------------------------------------------
 
@@ -303,17 +328,18 @@ class _Directory:
 
     # -- reading ----------------------------------------------------------------------------
 
-    def fates(self, names: Collection[str]) -> tuple[set[str], set[str]]:
+    def fates(self, names: Collection[str]) -> tuple[set[str], dict[str, str]]:
         """Of these batches, written by this process: those still waiting
-        (claimed ones included) and those the bound removed. The rest were sent,
-        by this process or another, or set aside by the one that sent them."""
+        (claimed ones included) and those the bound or their age removed (``BOUND``,
+        ``AGE``). The rest were sent, by this process or another, or set aside by
+        the one that sent them."""
         if not names:  # most processes: no need to read the directory at exit
-            return set(), set()
+            return set(), {}
         try:
             with self._existing() as fd:
-                return _fates(fd, names) if fd is not None else (set(), set())
+                return _fates(fd, names) if fd is not None else (set(), {})
         except OSError:  # the directory went, or was swapped, since: the exit line must still come
-            return set(names), set()
+            return set(names), {}
 
     def survey(self, endpoint: str) -> Survey:
         """Batches and spans waiting, how many for ``endpoint`` and for each other
@@ -335,21 +361,25 @@ class _Directory:
                     continue
                 batches += 1
                 spans += header.spans
-                mtime = _mtime(fd, name)
                 entry = parse(name)
-                old = time.time() - mtime > self.max_age
-                expired += old and entry is not None and not _alive(entry.writer)
+                assert entry is not None
+                expired += self._expired(entry)
                 if _same_endpoint(header.target.endpoint, endpoint):
                     here += 1
                 else:
                     pile = others.setdefault(without_userinfo(header.target.endpoint), Pile())
-                    pile.add(header.spans, mtime)
+                    pile.add(header.spans, entry.written)
             rejected = 0
             with _closing(_open_dir("rejected", fd, self.rejected)) as aside:
                 if aside is not None:
                     entries = [parse(name) for name in os.listdir(aside)]
                     rejected = sum(1 for e in entries if e is not None and e.kind == "otlp")
         return Survey(batches, spans, here, unreadable, first, rejected, others, expired)
+
+    def _expired(self, entry: Entry) -> bool:
+        """Written longer than ``max_age`` ago, whether its writer still runs or not (a pid
+        that is alive to everyone, 1 in a container, would keep it for ever)."""
+        return time.time() - entry.written > self.max_age
 
 
 class Spool(_Directory):
@@ -361,11 +391,10 @@ class Spool(_Directory):
     def of(cls, settings: Settings) -> Spool:
         """``spool_dir`` (or the per-user default), bounded by ``spool_max_mb``."""
         max_bytes = settings.spool_max_mb * 1024 * 1024
-        lease = settings.timeout + CLAIM_MARGIN
         if settings.spool_dir:
-            return cls(Path(settings.spool_dir), max_bytes, lease=lease, max_age=settings.spool_max_age)
+            return cls(Path(settings.spool_dir), max_bytes, max_age=settings.spool_max_age)
         try:
-            return cls(default_directory(), max_bytes, lease=lease, max_age=settings.spool_max_age)
+            return cls(default_directory(), max_bytes, max_age=settings.spool_max_age)
         except OSError as error:
             temp = Path(tempfile.gettempdir())
             return cls(temp, max_bytes, f"no spool: HOME is not writable and no private directory could be "
@@ -383,7 +412,7 @@ class Spool(_Directory):
         with self._existing() as fd:
             if fd is None:
                 return
-            _reclaim_stale(fd)
+            _reclaim_stale(fd, self.max_age)
             self._expire(fd)
             for name in _waiting(fd):
                 header = _read_header(fd, name, self.max_bytes)
@@ -394,19 +423,22 @@ class Spool(_Directory):
                     continue
                 if not _same_endpoint(header.target.endpoint, written_for or endpoint):
                     continue
-                claimed = _claim(fd, name, self.lease)
-                if claimed is None:  # another process claimed it first
+                held = _claim(fd, name)
+                if held is None:  # another process claimed it first
                     continue
+                claimed, lock = held
                 read = _read(fd, claimed, self.max_bytes)
-                if read == GONE:
-                    continue
                 if isinstance(read, str):
-                    self._set_aside_unreadable(fd, claimed, read)
+                    if read != GONE:
+                        self._set_aside_unreadable(fd, claimed, read)
+                    os.close(lock)
                     continue
                 header, payload = read
                 target = Target(endpoint, header.target.experiment_id, header.target.experiment_name,
                                 header.target.run_id, header.target.workspace)
-                yield Batch(target, header.spans, header.traces, payload, self.directory / claimed, name)
+                self._held.add(lock)
+                yield Batch(target, header.spans, header.traces, payload, self.directory / claimed, name,
+                            lock)
 
     def send(self, endpoint: str, post: Callable[[Batch], Outcome],
              written_for: str | None = None) -> Generator[tuple[Batch, Outcome, Path | None]]:
@@ -416,7 +448,11 @@ class Spool(_Directory):
         any, set aside), set it aside (refused as invalid: where to, third) or
         give it back (not taken: the last one, since the rest would fare the same now)."""
         for batch in self.claim(endpoint, written_for):
-            outcome = post(batch)
+            try:
+                outcome = post(batch)
+            except BaseException:
+                self.release(batch)
+                raise
             aside = None
             if outcome.delivered:
                 for part in outcome.rejected:  # the traces MLflow rejected alone go aside alone
@@ -432,18 +468,22 @@ class Spool(_Directory):
 
     def _expire(self, fd: int) -> None:
         """Remove the batches older than ``max_age``: they were written for an
-        endpoint that has not taken them in all that time. A batch whose writer
-        still runs stays: that process still tries it, and counts it at exit."""
-        now = time.time()
+        endpoint that has not taken them in all that time. Counted here when their
+        writer has ended; a writer that still runs counts its own at exit. A file
+        that is no readable batch is left to be set aside, with its reason."""
         for name in _waiting(fd):
             entry = parse(name)
-            if now - _mtime(fd, name) <= self.max_age or entry is None or _alive(entry.writer):
+            if entry is None or not self._expired(entry):
                 continue
             header = _read_header(fd, name, self.max_bytes)
-            with contextlib.suppress(FileNotFoundError):  # claimed meanwhile: not removed
-                os.unlink(name, dir_fd=fd)
+            if not isinstance(header, Header):
+                continue
+            here = _remove(fd, name, AGE)
+            if here:
                 self.expired += 1
-                self.expired_spans += header.spans if isinstance(header, Header) else 0
+                self.expired_spans += header.spans
+            elif here is not None:
+                self.expired_told.add(header.spans, entry.written)
 
     def drop_others(self, endpoint: str) -> dict[str, Pile]:
         """Remove the batches written for any endpoint but ``endpoint``; what went, by endpoint."""
@@ -453,14 +493,26 @@ class Spool(_Directory):
                 return dropped
             for name in _waiting(fd):
                 header = _read_header(fd, name, self.max_bytes)
-                if isinstance(header, str) or _same_endpoint(header.target.endpoint, endpoint):
+                entry = parse(name)
+                if (isinstance(header, str) or entry is None
+                        or _same_endpoint(header.target.endpoint, endpoint)):
                     continue
-                mtime = _mtime(fd, name)
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(name, dir_fd=fd)
                     pile = dropped.setdefault(without_userinfo(header.target.endpoint), Pile())
-                    pile.add(header.spans, mtime)
+                    pile.add(header.spans, entry.written)
         return dropped
+
+    def put_back_set_aside(self) -> int:
+        """Move the batches set aside back into the spool, with their reasons gone (the cause
+        has been fixed), as batches written now: ageing restarts, and their writers, which
+        counted them as rejected, never count them again. Files that are no readable batch
+        stay aside. How many went back."""
+        with self._existing() as fd:
+            if fd is None:
+                return 0
+            with _closing(_open_dir("rejected", fd, self.rejected)) as aside:
+                return 0 if aside is None else _put_back(aside, fd, self.max_bytes)
 
     def _set_aside_unreadable(self, fd: int, name: str, why: str) -> None:
         """Moved, not read again: whatever it is (a FIFO, a symlink: a rename moves the link itself)."""
@@ -473,20 +525,20 @@ class Spool(_Directory):
             self.unreadable_why = self.unreadable_why or f"{entry.batch}: {why}"
 
     def done(self, batch: Batch) -> None:
-        with self._existing() as fd:
+        with self._letting_go(batch), self._existing() as fd:
             if fd is not None:
                 _unlink(fd, batch.path.name)
 
     def release(self, batch: Batch) -> None:
         """Give a claimed batch back: it could not be sent now."""
-        with self._existing() as fd, contextlib.suppress(FileNotFoundError):
+        with self._letting_go(batch), self._existing() as fd, contextlib.suppress(FileNotFoundError):
             if fd is not None:
                 os.replace(batch.path.name, batch.name, src_dir_fd=fd, dst_dir_fd=fd)
 
     def reject(self, batch: Batch, reason: str) -> Path:
         """Move a claimed batch MLflow refused as invalid aside, with the reason beside it;
         written from memory when the claimed file is gone (the directory was tampered with)."""
-        with self._made() as fd, self._made_rejected(fd) as aside:
+        with self._letting_go(batch), self._made() as fd, self._made_rejected(fd) as aside:
             try:
                 os.replace(batch.path.name, batch.name, src_dir_fd=fd, dst_dir_fd=aside)
             except FileNotFoundError:
@@ -494,29 +546,85 @@ class Spool(_Directory):
             _write(aside, _reason_of(batch.name), _reason_text(reason))
         return self.rejected / batch.name
 
+    @contextlib.contextmanager
+    def _letting_go(self, batch: Batch) -> Iterator[None]:
+        """The claim's lock goes once the file has moved (or failed to): never before, or
+        another process could claim the batch while it is still in its claimed place."""
+        try:
+            yield
+        finally:
+            if batch.lock in self._held:
+                self._held.discard(batch.lock)
+                os.close(batch.lock)
 
-def _fates(fd: int, names: Collection[str]) -> tuple[set[str], set[str]]:
+    def let_go_inherited(self) -> None:
+        """In a forked child: close the claims' descriptors it inherited, which would otherwise
+        hold its parent's claims for as long as the child lives (a lock is the open file's)."""
+        for lock in self._held:
+            with contextlib.suppress(OSError):
+                os.close(lock)
+        self._held.clear()
+
+
+def _put_back(aside: int, fd: int, max_bytes: int) -> int:
+    back = 0
+    for name in sorted(os.listdir(aside)):
+        entry = parse(name)
+        if (entry is None or entry.kind != "otlp" or entry.claimer is not None
+                or not isinstance(_read_header(aside, name, max_bytes), Header)):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(name, _new_name(), src_dir_fd=aside, dst_dir_fd=fd)
+            back += 1
+            _unlink(aside, _reason_of(name))
+    return back
+
+
+def _fates(fd: int, names: Collection[str]) -> tuple[set[str], dict[str, str]]:
     entries = [e for e in map(parse, os.listdir(fd)) if e is not None]
     present = {e.batch for e in entries if e.kind == "otlp"}
     dropped = {e.batch for e in entries if e.kind == "dropped"}
     waiting = present.intersection(names)
-    removed = dropped.intersection(names) - waiting
-    for name in removed:
+    removed = {}
+    for name in dropped.intersection(names) - waiting:
+        with _opened(fd, _dropped_of(name), HEADER_LIMIT) as opened:
+            cause = os.read(opened[0], 16) if not isinstance(opened, str) else b""
+        removed[name] = AGE if cause.strip() == AGE.encode() else BOUND
         _unlink(fd, _dropped_of(name))
     return waiting, removed
 
 
-def _claim(fd: int, name: str, lease: float) -> str | None:
-    """Claim batch ``name`` for ``lease`` seconds: its claimed name, None when another took it first.
-    The lease is set first, so a claim never shows the batch's own (old) time."""
-    lease_end = time.time() + lease
+def _claim(fd: int, name: str) -> tuple[str, int] | None:
+    """Claim batch ``name``: its claimed name and the descriptor holding the lock, None when
+    another process holds it, or moved it meanwhile. Locked first, renamed second: whoever
+    moves a batch holds its lock, so the name is checked to be still the locked file."""
+    lock = _locked(fd, name)
+    if lock is None:
+        return None
     claimed = _claimed(name)
     try:
-        os.utime(name, (lease_end, lease_end), dir_fd=fd, follow_symlinks=False)
         os.replace(name, claimed, src_dir_fd=fd, dst_dir_fd=fd)
-    except FileNotFoundError:
+    except FileNotFoundError:  # removed by the bound or for its age meanwhile
+        os.close(lock)
         return None
-    return claimed
+    return claimed, lock
+
+
+def _locked(fd: int, name: str) -> int | None:
+    """Regular file ``name``, open and locked by this process, when it is still under that
+    name once locked; None when another process holds the lock, or it is gone or no file."""
+    try:
+        lock = os.open(name, _OPEN_READ, dir_fd=fd)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if os.stat(name, dir_fd=fd, follow_symlinks=False).st_ino == os.fstat(lock).st_ino:
+            return lock
+    except OSError:  # held by another process (BlockingIOError), or gone
+        pass
+    os.close(lock)
+    return None
 
 
 def _waiting(fd: int) -> list[str]:
@@ -533,29 +641,41 @@ def _enforce_bound(fd: int, max_bytes: int) -> int:
     for name, size in sizes.items():  # oldest first: names start with the time
         if total <= max_bytes:
             break
-        entry = parse(name)
-        assert entry is not None
         header = _read_header(fd, name, max_bytes)
-        # Marked before it goes, so its writer never finds it neither waiting nor removed.
-        mark = _dropped_of(name) if _alive(entry.writer) else None
-        if mark is not None:
-            os.close(os.open(mark, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                             dir_fd=fd))
-        try:
-            os.unlink(name, dir_fd=fd)
-        except FileNotFoundError:  # claimed for a send meanwhile: not removed
-            if mark is not None:
-                _unlink(fd, mark)
+        here = _remove(fd, name, BOUND)
+        if here is None:
             continue
         total -= size
-        if mark is None and isinstance(header, Header):
+        if here and isinstance(header, Header):
             orphans += header.spans
     return orphans
 
 
-def _reclaim_stale(fd: int) -> None:
-    """Give back the claims of processes that are gone (dead, or past their
-    lease); remove the marks and half-written files of processes that ended."""
+def _remove(fd: int, name: str, cause: str) -> bool | None:
+    """Remove waiting batch ``name`` for ``cause``: whether the remover counts it (its writer
+    has ended) or its writer does (a mark in its place names the cause); None when it was
+    claimed for a send meanwhile, and stays."""
+    entry = parse(name)
+    assert entry is not None
+    # Marked before it goes, so its writer never finds it neither waiting nor removed.
+    mark = _dropped_of(name) if _alive(entry.writer) else None
+    if mark is not None:
+        _write(fd, mark, cause.encode())
+    try:
+        os.unlink(name, dir_fd=fd)
+    except FileNotFoundError:
+        if mark is not None:
+            _unlink(fd, mark)
+        return None
+    return mark is None
+
+
+def _reclaim_stale(fd: int, max_age: float) -> None:
+    """Give back the claims no process holds a lock on (and claimed names that are no
+    regular file: claim sets them aside); remove half-written files of processes
+    that ended, and the marks of processes that ended, or that have not looked for
+    them in ``max_age`` (a pid that stays alive for ever, such as 1 in a container,
+    must not keep one for ever)."""
     now = time.time()
     for name in os.listdir(fd):
         if name.startswith(_WRITING):
@@ -566,17 +686,35 @@ def _reclaim_stale(fd: int) -> None:
         entry = parse(name)
         if entry is None:
             continue
-        if entry.kind == "dropped" and not _alive(entry.writer):  # its writer ended without looking
+        if entry.kind == "dropped" and (not _alive(entry.writer) or _older(fd, name, now - max_age)):
             _unlink(fd, name)
         if entry.claimer is None:
             continue
-        try:
-            lease_over = os.stat(name, dir_fd=fd, follow_symlinks=False).st_mtime < now
-        except FileNotFoundError:
-            continue
-        if lease_over or not _alive(entry.claimer):
-            with contextlib.suppress(FileNotFoundError):
-                os.replace(name, entry.batch, src_dir_fd=fd, dst_dir_fd=fd)
+        _give_back_unheld(fd, name, entry.batch)
+
+
+def _give_back_unheld(fd: int, claimed: str, batch: str) -> None:
+    try:
+        regular = stat.S_ISREG(os.stat(claimed, dir_fd=fd, follow_symlinks=False).st_mode)
+    except FileNotFoundError:
+        return
+    lock = _locked(fd, claimed) if regular else None
+    if regular and lock is None:  # its claimer holds it still
+        return
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(claimed, batch, src_dir_fd=fd, dst_dir_fd=fd)
+    finally:
+        if lock is not None:
+            os.close(lock)
+
+
+def _older(fd: int, name: str, than: float) -> bool:
+    """Whether file ``name`` was last changed before time ``than``; False when it is gone."""
+    try:
+        return os.stat(name, dir_fd=fd, follow_symlinks=False).st_mtime < than
+    except FileNotFoundError:
+        return False
 
 
 @contextlib.contextmanager
@@ -664,18 +802,12 @@ def _header_line(target: Target, spans: int, traces: int, payload: bytes) -> byt
 
 
 def _reason_text(reason: str) -> bytes:
-    return (printable(reason) + "\n").encode()
+    # A reason may quote a lone surrogate (an OS error's file name): escaped, the file is still written.
+    return (printable(reason) + "\n").encode(errors="backslashreplace")
 
 
 def _same_endpoint(stored: str, endpoint: str) -> bool:
     return without_userinfo(stored) == without_userinfo(endpoint)
-
-
-def _mtime(fd: int, name: str) -> float:
-    try:
-        return os.stat(name, dir_fd=fd, follow_symlinks=False).st_mtime
-    except FileNotFoundError:
-        return time.time()
 
 
 def _regular_size(fd: int, name: str) -> int:
@@ -772,6 +904,13 @@ def _parse_header(line: bytes) -> Header | str:
         texts[key] = value
     if not texts["endpoint"]:
         return "its header names no endpoint"
+    for key, kind in _SENT.items():
+        sent = texts[key]
+        try:
+            if sent is not None and kind.parse_text(sent) != sent:
+                raise ValueError("expected no surrounding spaces")
+        except ValueError as error:  # MLflow would refuse it, or it cannot go into a header at all
+            return f"header field {key!r} cannot be sent: {error}"
     numbers = {}
     for key in ("spans", "traces", "bytes"):
         value = found.get(key, 0 if key != "bytes" else None)

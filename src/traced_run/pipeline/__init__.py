@@ -16,7 +16,7 @@ import os
 import socket
 import sys
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from opentelemetry import trace
@@ -34,6 +34,7 @@ from traced_run.config.settings import Settings
 from traced_run.config.sources import load
 from traced_run.delivery import Delivery, DeliveryProcessor
 from traced_run.pipeline import mlflow_native
+from traced_run.pipeline.app_export import AppExports, UnlessLeftToApp
 from traced_run.spans.selection import PYDANTIC_AI_SCOPE, TraceSelection
 from traced_run.transport import NO_TRACKING_URI
 
@@ -94,14 +95,16 @@ def _instrument(settings: Settings, ratio: float) -> None:
     processor: SpanProcessor = DeliveryProcessor(delivery)
     if ratio < 1:
         processor = _SampledProcessor(processor, ratio)
-    service = settings.service_name or _service_name()
     attributes = dict(settings.resource_attributes)
+    # OTEL_RESOURCE_ATTRIBUTES' service.name names one too; OTEL_SERVICE_NAME beats it, as in the SDK.
+    service = settings.service_name or attributes.get("service.name") or _service_name()
     attributes["service.name"] = service
     attributes.setdefault("host.name", socket.gethostname())
     private = TracerProvider(resource=Resource.create(attributes), shutdown_on_exit=False)
-    selection = TraceSelection(processor, service_name=service)
+    selection = TraceSelection(processor, service_name=service, own=private.resource)
     delivery.interrupt = selection.interrupt
-    router = Router(selection, private, (PYDANTIC_AI_SCOPE, pydantic_ai.__version__))
+    router = Router(selection, private, (PYDANTIC_AI_SCOPE, pydantic_ai.__version__),
+                    left_to_app=AppExports(settings).left_to_app)
     router.watch(InstrumentationSettings)
     Agent.instrument_all(InstrumentationSettings(tracer_provider=private, **options))
     delivery.install_exit_hooks()
@@ -181,13 +184,16 @@ class Router:
     app sets is joined too, so the spans around an agent run (the HTTP request
     span) are seen from their start. Agents nobody instrumented use traced-run's
     own settings and its private provider, so the app's destinations get exactly
-    what they got without traced-run.
+    what they got without traced-run. The spans of a provider the app exports from
+    to the same MLflow, into another experiment, are left to it (see app_export).
     """
 
-    def __init__(self, processor: SpanProcessor, private: TracerProvider, scope: tuple[str, str]) -> None:
+    def __init__(self, processor: SpanProcessor, private: TracerProvider, scope: tuple[str, str],
+                 left_to_app: Callable[[object], bool] = lambda provider: False) -> None:
         self._processor = processor
         self.private = private
         self.scope = scope
+        self._left_to_app = left_to_app
         self._lock = threading.Lock()
         self._joined: dict[int, object] = {}
         """What carries our processor, by id (the object is kept, so no id is reused)."""
@@ -238,7 +244,8 @@ class Router:
             return True
         with self._lock:
             if id(carrier) not in self._joined:
-                provider.add_span_processor(self._processor)
+                provider.add_span_processor(self._processor if carrier is self.private
+                                            else UnlessLeftToApp(self._processor, carrier, self._left_to_app))
                 self._joined[id(carrier)] = carrier
         return True
 

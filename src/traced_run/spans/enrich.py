@@ -13,16 +13,19 @@ the spool or the network.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterator, Mapping
+from itertools import accumulate
 from typing import Any
 
 from openinference.instrumentation.pydantic_ai import OpenInferenceSpanProcessor
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan
-from opentelemetry.trace import Status
+from opentelemetry.trace import Status, StatusCode
 from opentelemetry.util.types import AttributeValue
 
 from traced_run.config.settings import Settings
+from traced_run.spans.messages import attachment, base64_size, last_prompt
 from traced_run.spans.redact import DEFAULT_RULES, Redactor, Rule
 from traced_run.spans.selection import copy_span
 
@@ -70,7 +73,9 @@ def for_mlflow(span: ReadableSpan, settings: Settings) -> ReadableSpan:
     config = _config_for(settings)
     attributes: dict[str, AttributeValue] = dict(span.attributes or {})
     inputs, outputs = _json(attributes.get(_INPUT_MESSAGES)), _json(attributes.get(_OUTPUT_MESSAGES))
-    copy = _openinference(span, attributes, chat=isinstance(inputs, list) and isinstance(outputs, list))
+    chat = isinstance(inputs, list) and isinstance(outputs, list)
+    copy = _explained(_openinference(span, attributes, chat=chat))
+    _agent_prompt(attributes)
     _span_type(attributes)
     _metadata(attributes, settings, is_root=span.parent is None)
     if not settings.include_content:
@@ -79,6 +84,7 @@ def for_mlflow(span: ReadableSpan, settings: Settings) -> ReadableSpan:
     _conversation(attributes, inputs, outputs)
     _token_total(attributes)
     _bound_binary(attributes, settings.max_binary_bytes)
+    _bound_nesting(attributes)
     redactor = config.redactor
     if not redactor:
         return copy_span(copy, attributes)
@@ -87,7 +93,7 @@ def for_mlflow(span: ReadableSpan, settings: Settings) -> ReadableSpan:
     text = redactor.redact
     return copy_span(
         copy,
-        {key: _redact_value(value, text) for key, value in attributes.items()},
+        {key: value if key in _TYPES else _redact_value(value, text) for key, value in attributes.items()},
         name=text(copy.name),
         events=[Event(text(event.name), _redact_attributes(event.attributes, text), event.timestamp)
                 for event in copy.events],
@@ -129,8 +135,19 @@ def _openinference(span: ReadableSpan, attributes: dict[str, AttributeValue], *,
     return copy
 
 
+def _agent_prompt(attributes: dict[str, AttributeValue]) -> None:
+    """An agent run's input (the trace's Request when the run is the root) is its prompt with
+    its attachments named: OpenInference keeps only the prompt's first text."""
+    prompt = last_prompt(attributes.get("pydantic_ai.all_messages"))
+    if prompt is not None:
+        attributes["input.value"] = prompt
+
+
 _SPAN_KIND = "openinference.span.kind"
 SPAN_TYPE = "mlflow.spanType"
+_TYPES = frozenset({_SPAN_KIND, SPAN_TYPE})
+"""Never redacted: a word of a fixed list (AGENT, LLM, TOOL...) that holds no secret, and without
+which MLflow knows no span's type (a user rule that matches any word would blank them)."""
 
 
 def _span_type(attributes: dict[str, AttributeValue]) -> None:
@@ -142,6 +159,26 @@ def _span_type(attributes: dict[str, AttributeValue]) -> None:
     kind = attributes.get(_SPAN_KIND)
     if isinstance(kind, str) and kind:
         attributes.setdefault(SPAN_TYPE, kind)
+
+
+_INTERRUPTIONS = ("CancelledError", "KeyboardInterrupt", "SystemExit")
+
+
+def _explained(span: ReadableSpan) -> ReadableSpan:
+    """An ERROR span says why in its status, where MLflow shows it: pydantic-ai leaves a
+    failed tool's status (ModelRetry, a cancelled tool, UserError) without a message and
+    records the exception only as an event. ``ToolRetryError: <the retry's text>``, as
+    MLflow's autolog says it; ``interrupted: CancelledError`` for a tool cut off."""
+    if span.status.status_code is not StatusCode.ERROR or span.status.description:
+        return span
+    event = next((event for event in reversed(span.events) if event.name == "exception"), None)
+    attributes = (event.attributes or {}) if event is not None else {}
+    kind = str(attributes.get("exception.type", "")).rpartition(".")[2]
+    if not kind:
+        return span
+    message = attributes.get("exception.message")
+    why = f"interrupted: {kind}" if kind in _INTERRUPTIONS else f"{kind}: {message}" if message else kind
+    return copy_span(span, dict(span.attributes or {}), status=Status(StatusCode.ERROR, why))
 
 
 # -- conversations -------------------------------------------------------------------------
@@ -211,25 +248,87 @@ def _shown(part: Any) -> Any:
         return part if parsed is None else {**part, "arguments": parsed}
     if kind == "thinking":
         return {"type": "text", "content": f"[thinking] {part.get('content', _WITHHELD)}"}
-    what = next((str(part[key]) for key in ("mime_type", "media_type", "modality") if part.get(key)), kind)
-    content = part.get("content")
-    if kind in ("blob", "binary") and isinstance(content, str):
-        return {"type": "text", "content": f"[{what}, {_base64_size(content)} bytes]"}
-    where = part.get("uri") or part.get("url") or part.get("file_id")
-    return {"type": "text", "content": f"[{what}: {where}]" if isinstance(where, str) else f"[{what}]"}
-
-
-def _base64_size(content: str) -> int:
-    return len(content) * 3 // 4 - content[-2:].count("=")
+    return {"type": "text", "content": attachment(part)}
 
 
 def _json(value: AttributeValue | None) -> Any:
     if not isinstance(value, str):
         return None
     try:
-        return json.loads(value)
+        return json.loads(nesting_bounded(value))
     except ValueError:
         return None
+
+
+# -- nesting -------------------------------------------------------------------------------
+
+MAX_NESTING = 24
+"""Deepest JSON nesting (arrays and objects) MLflow's copy holds. A model can send tool
+arguments thousands of levels deep: Python's json raises RecursionError at about a thousand,
+and well before that MLflow (3.17) stores a trace it cannot read back: a span's inputs or
+outputs 32 objects deep pass protobuf's bound of 100 levels (an object is three) when MLflow
+converts the trace, and every search of the experiment that would list it fails. 24 leaves
+room for what wraps a value on its way (a message list, MLflow's translation)."""
+NESTING_CUT = f"[nested deeper than {MAX_NESTING} levels: not exported]"
+"""What stands, as a JSON string, for a value cut at ``MAX_NESTING``."""
+_CUT_JSON = json.dumps(NESTING_CUT)
+
+_JSON_SPACE = " \t\n\r"
+_MAY_OPEN = "[{" + _JSON_SPACE
+"""A JSON array or object starts with one of these (or is empty)."""
+_ESCAPE = re.compile(r"\\.", re.DOTALL)
+_STRING = re.compile(r'"[^"]*"')
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
+_TOKEN = re.compile(r'\\.|"|[\[\]{}]', re.DOTALL)
+
+
+def nesting_bounded(text: str) -> str:
+    """``text``, or when it is JSON nested deeper than ``MAX_NESTING``, the same text with
+    each array or object below that depth replaced by ``NESTING_CUT`` (valid JSON stays
+    valid). It never parses, so never recurses: a text of any depth costs a few scans at
+    C speed, most texts one count (fewer brackets than the bound)."""
+    if text.lstrip(_JSON_SPACE)[:1] not in ("[", "{") or text.count("[") + text.count("{") <= MAX_NESTING:
+        return text
+    # Escapes first (a quote or bracket after a backslash is text), then strings: brackets remain.
+    brackets = _NOT_BRACKET.sub("", _STRING.sub("", _ESCAPE.sub("", text)))
+    if max(accumulate(map(_STEP.__getitem__, brackets)), default=0) <= MAX_NESTING:
+        return text
+    return _cut(text)
+
+
+def _cut(text: str) -> str:
+    parts: list[str] = []
+    depth, start, kept_from, in_string = 0, 0, 0, False
+    for token in _TOKEN.finditer(text):
+        mark = token[0]
+        if mark == '"':
+            in_string = not in_string
+        if in_string or mark[0] in '"\\':
+            continue
+        if mark in "[{":
+            depth += 1
+            if depth == MAX_NESTING + 1:
+                start = token.start()
+        elif depth > 0:
+            depth -= 1
+            if depth == MAX_NESTING:
+                parts += (text[kept_from:start], _CUT_JSON)
+                kept_from = token.end()
+    if depth > MAX_NESTING:  # never closed: cut to the end
+        parts += (text[kept_from:start], _CUT_JSON)
+        kept_from = len(text)
+    return "".join(parts) + text[kept_from:]
+
+
+def _bound_nesting(attributes: dict[str, AttributeValue]) -> None:
+    """Every JSON text MLflow gets within ``MAX_NESTING``: what pydantic-ai and OpenInference
+    wrote (tool arguments, results, messages), and what was parsed and written here."""
+    for key, value in attributes.items():
+        # Inline, the cheapest test first: this runs on every value of every span.
+        if (isinstance(value, str) and value[:1] in _MAY_OPEN
+                and value.count("[") + value.count("{") > MAX_NESTING):
+            attributes[key] = nesting_bounded(value)
 
 
 _PROMPT_TOKENS = "llm.token_count.prompt"
@@ -293,7 +392,7 @@ def _bound_binary(attributes: dict[str, AttributeValue], limit: int) -> None:
         content = part.get("content")
         if part.get("type") not in ("blob", "binary") or not isinstance(content, str):
             return part
-        size = _base64_size(content)
+        size = base64_size(content)
         if size <= limit:
             return part
         return {**part, "content": f"[{size} bytes not exported: over max_binary_bytes={limit}]"}

@@ -11,22 +11,30 @@ another process) ends with no agent seen, what waited is dropped. So the
 decision does not depend on when the app set up its provider, and an HTTP
 request span around an agent run arrives as the trace's root.
 
-When that root is the app's span, it gets the agent's prompt and output as
-its inputs and outputs (MLflow shows the root's as the trace's Request and
-Response) and the agent's name as the trace name; spans of a resource whose
-``service.name`` the SDK made up (``unknown_service``) get traced-run's.
+When that root is the app's span, it gets what came in first and what went
+out last as its inputs and outputs (MLflow shows the root's as the trace's
+Request and Response): the first agent run's prompt and the last one's output,
+of the runs the app started itself (not those a tool or another agent started),
+unless the root has its own. Its name is the agent's when one run is all there
+is, else the root's own (a graph's, a route's). A span's ``service.name`` is its
+resource's when that names one; else (the SDK's made-up ``unknown_service``, or
+traced-run's own provider) the one the app's global provider names, else
+traced-run's default.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import sys
 import threading
 import time
 from collections import OrderedDict, deque
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeGuard
 
+from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
@@ -34,6 +42,7 @@ from opentelemetry.trace import Status, StatusCode
 from opentelemetry.util.types import AttributeValue
 
 from traced_run import report
+from traced_run.spans.messages import last_prompt
 
 PYDANTIC_AI_SCOPE = "pydantic-ai"
 """The instrumentation scope name pydantic-ai gives every tracer it asks for."""
@@ -52,9 +61,12 @@ _LEFT_TO_MLFLOW = "MLflow's autolog records it"
 class TraceSelection(SpanProcessor):
     """Passes on the spans of agent traces to ``inner``; holds the rest until their trace is decided."""
 
-    def __init__(self, inner: SpanProcessor, *, service_name: str, max_waiting: int = MAX_WAITING) -> None:
+    def __init__(self, inner: SpanProcessor, *, service_name: str, max_waiting: int = MAX_WAITING,
+                 own: Resource | None = None) -> None:
+        """``service_name``: the default, for spans of ``own`` (traced-run's provider's resource)
+        and of unnamed resources while the app's global provider names no service either."""
         self._inner = inner
-        self._service_name = service_name
+        self._names = _ServiceNames(service_name, own)
         self._max_waiting = max_waiting
         self._lock = threading.Lock()
         os.register_at_fork(after_in_child=self._forked)
@@ -68,9 +80,10 @@ class TraceSelection(SpanProcessor):
         """Spans started and not yet ended, by span id: what an interrupted run leaves open."""
         self._prompts: dict[int, AttributeValue] = {}
         """Wanted trace id -> the messages its latest model call was sent (the prompt of a run cut off)."""
+        self._answers = _Answers()
+        self._runs = _Runs()
         self._started_in_handler: dict[int, BaseException] = {}
         """Span id -> the cancellation or exit being handled when it started (not what cut it off)."""
-        self._resources: dict[int, tuple[Resource, Resource]] = {}
         self._told_incomplete = False
         self._told_autolog = False
 
@@ -92,6 +105,7 @@ class TraceSelection(SpanProcessor):
         handling = _cancellation()
         with self._lock:
             self._track(span)
+            self._runs.started(span, self._open)
             if handling is not None:
                 self._started_in_handler[span.context.span_id] = handling
             decided = self._decided.get(trace_id, _NO_AGENT)
@@ -138,13 +152,19 @@ class TraceSelection(SpanProcessor):
                 messages = (span.attributes or {}).get("gen_ai.input.messages")
                 if messages is not None:
                     self._prompts[trace_id] = messages
+                self._runs.ended(span)
             messages = self._prompts.pop(trace_id, None) if local_root else None
+            answer = self._answers.of(trace_id, span, local_root) if isinstance(agent, ReadableSpan) else None
+            last = self._runs.take(trace_id) if local_root else None
         if isinstance(agent, str):
             return
         cut_off = _cut_off(span, handled)
         if cut_off is not None:
             span = copy_span(span, dict(span.attributes or {}), status=Status(StatusCode.ERROR, cut_off))
-        self._inner.on_end(self._shaped(span, agent if local_root else None, messages))
+        output = _text(answer)
+        if output is not None:
+            span = copy_span(span, {**(span.attributes or {}), "output.value": output})
+        self._inner.on_end(self._shaped(span, agent if local_root else None, messages, last))
 
     def _track(self, span: Span) -> None:
         """Remember an open span (lock held); spans never ended (a leak in the app) are
@@ -210,29 +230,18 @@ class TraceSelection(SpanProcessor):
                    f"{self._max_waiting} spans of traces with no agent yet were waiting): it reaches MLflow "
                    f"without them")
 
-    def _shaped(self, span: ReadableSpan, agent: ReadableSpan | None,
-                messages: AttributeValue | None = None) -> ReadableSpan:
-        """``span`` as MLflow should get it: the agent's summary on an app's root span, and a
+    def _shaped(self, span: ReadableSpan, agent: ReadableSpan | None, messages: AttributeValue | None = None,
+                last: tuple[ReadableSpan, int] | None = None) -> ReadableSpan:
+        """``span`` as MLflow should get it: the agents' summary on an app's root span, and a
         real service name. The span itself is the app's too, so changes go on a copy."""
-        resource = self._resource(span.resource)
-        summary = _summary(span, agent, messages) if agent is not None and agent is not span else None
+        resource = self._names.of(span.resource)
+        summary = _summary(span, agent, messages, last) if agent is not None and agent is not span else None
         if resource is span.resource and not summary:
             return span
         attributes = dict(span.attributes or {})
         for key, value in (summary or {}).items():
             attributes.setdefault(key, value)
         return copy_span(span, attributes, resource=resource)
-
-    def _resource(self, resource: Resource) -> Resource:
-        cached = self._resources.get(id(resource))
-        if cached is not None and cached[0] is resource:
-            return cached[1]
-        service = resource.attributes.get("service.name")
-        named = resource
-        if not isinstance(service, str) or service.startswith("unknown_service"):
-            named = resource.merge(Resource({"service.name": self._service_name}))
-        self._resources[id(resource)] = (resource, named)
-        return named
 
     def shutdown(self) -> None:
         self._inner.shutdown()
@@ -241,12 +250,104 @@ class TraceSelection(SpanProcessor):
         return self._inner.force_flush(timeout_millis)
 
 
+class _ServiceNames:
+    """Each resource as MLflow gets it: its own ``service.name`` when it names one, else
+    the app's global provider's, else traced-run's default (``service_name``)."""
+
+    def __init__(self, service_name: str, own: Resource | None) -> None:
+        self._service_name = service_name
+        self._own = own
+        self._resources: dict[int, tuple[Resource, Resource]] = {}
+
+    def of(self, resource: Resource) -> Resource:
+        service = resource.attributes.get("service.name")
+        if resource is not self._own and _names_one(service):
+            return resource
+        # Asked per span: the app may set its global provider, named, after agents ran.
+        name = _apps_service_name() or self._service_name
+        cached = self._resources.get(id(resource))
+        if cached is not None and cached[0] is resource and cached[1].attributes.get("service.name") == name:
+            return cached[1]
+        named = resource if service == name else resource.merge(Resource({"service.name": name}))
+        self._resources[id(resource)] = (resource, named)
+        return named
+
+
+class _Answers:
+    """Each wanted trace's latest model answer (under the selection's lock), kept unparsed:
+    this is the app's thread."""
+
+    def __init__(self) -> None:
+        self._latest: dict[int, AttributeValue] = {}
+
+    def of(self, trace_id: int, span: ReadableSpan, local_root: bool) -> AttributeValue | None:
+        """The answer of the trace's latest model call, if ``span`` is an agent run that ended
+        with no result (a ``break`` out of its stream or ``iter`` loop): the output it had,
+        which MLflow then shows as its outputs."""
+        attributes = span.attributes or {}
+        answer = attributes.get("gen_ai.output.messages")
+        if answer is not None:
+            self._latest[trace_id] = answer
+        run_without_result = "pydantic_ai.all_messages" in attributes and "final_result" not in attributes
+        answer = self._latest.get(trace_id) if run_without_result else None
+        if local_root:
+            self._latest.pop(trace_id, None)
+        return answer
+
+
+class _Runs:
+    """Per trace, the runs the app started itself (outermost pydantic-ai spans: not those a
+    tool or another agent started): the latest to end, whose output went out last, and how
+    many have ended. Used with the selection's lock held."""
+
+    def __init__(self) -> None:
+        self._open: dict[int, set[int]] = {}
+        """Trace id -> the span ids of its outermost pydantic-ai spans not ended yet."""
+        self._last: dict[int, tuple[ReadableSpan, int]] = {}
+
+    def started(self, span: Span, open_spans: dict[int, Span]) -> None:
+        """Told at the start of a pydantic-ai span, when all above it are still open (an
+        interrupted run's spans leave ``open_spans`` before they end)."""
+        parent = span.parent
+        while parent is not None:
+            above = open_spans.get(parent.span_id)
+            if above is None:
+                break
+            if _pydantic_ai(above):
+                return
+            parent = above.parent
+        self._open.setdefault(span.context.trace_id, set()).add(span.context.span_id)
+
+    def ended(self, span: ReadableSpan) -> None:
+        context = span.context
+        if context is None or context.span_id not in self._open.get(context.trace_id, ()):
+            return
+        self._open[context.trace_id].discard(context.span_id)
+        self._last[context.trace_id] = (span, self._last.get(context.trace_id, (span, 0))[1] + 1)
+
+    def take(self, trace_id: int) -> tuple[ReadableSpan, int] | None:
+        """The trace's last run and the count, all of it forgotten (its local root has ended)."""
+        self._open.pop(trace_id, None)
+        return self._last.pop(trace_id, None)
+def _names_one(service: object) -> TypeGuard[str]:
+    """``service.name`` says something someone chose, not the SDK's ``unknown_service...``."""
+    return isinstance(service, str) and bool(service) and not service.startswith("unknown_service")
+
+
+def _apps_service_name() -> str | None:
+    """The service the app's global tracer provider names (logfire's wraps an SDK one), if any."""
+    provider = trace.get_tracer_provider()
+    resource = getattr(getattr(provider, "provider", provider), "resource", None)
+    service = resource.attributes.get("service.name") if isinstance(resource, Resource) else None
+    return service if _names_one(service) else None
+
+
 def _ended(span: Span, now: int, why: str, messages: AttributeValue | None) -> ReadableSpan:
     """A copy of the open ``span`` as if it had ended now with an error; an agent run
     cut off (it has no messages of its own yet) gets the prompt of its last model call."""
     attributes = dict(span.attributes or {})
     if messages is not None and "pydantic_ai.all_messages" not in attributes:
-        prompt = _last_prompt(messages)
+        prompt = last_prompt(messages)
         if prompt is not None:
             attributes["input.value"] = prompt
     return copy_span(span, attributes, status=Status(StatusCode.ERROR, why), end_time=now)
@@ -269,9 +370,62 @@ def _cut_off(span: ReadableSpan, handled: BaseException | None) -> str | None:
     if span.status.status_code is not StatusCode.UNSET or scope is None or scope.name != PYDANTIC_AI_SCOPE:
         return None
     passing = _cancellation()
-    if passing is None or passing is handled:
+    if passing is None or passing is handled or _left_by_the_app(passing):
         return None
     return f"interrupted: {type(passing).__name__}"
+
+
+def _left_by_the_app(passing: BaseException) -> bool:
+    """``passing`` is pydantic-ai ending a run the app left normally (a ``break`` out of a
+    stream or an ``iter`` loop, an early ``return``), not a cancellation from outside.
+
+    pydantic-ai (2.x) runs a run's span in a task of its own, awaiting the run's
+    ``wrap_run`` capability chain; when the app leaves the run's context with no result, pydantic-ai
+    cancels that task, so a ``CancelledError`` passes through the span though nothing
+    failed. A cancellation from outside (``task.cancel()``, a timeout, a server cancelling
+    its request) reaches that task as the error pydantic-ai re-raises there, which leaves it
+    not cancelling, or while the app's task is cancelling too. Checked on pydantic-ai 2.68
+    and 2.78; 1.x ran the span in the app's task and raised nothing on a normal leave.
+    Python 3.10 has no ``Task.cancelling()``: there such a run stays as interrupted."""
+    if not isinstance(passing, asyncio.CancelledError):
+        return False
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # no event loop on this thread
+        return False
+    if task is None or not _cancelling(task):
+        return False
+    if not _runs_wrap_run(task.get_coro()):
+        return False
+    return not any(other is not task and _cancelling(other) for other in asyncio.all_tasks(task.get_loop()))
+
+
+def _runs_wrap_run(coroutine: object) -> bool:
+    """The task made for a run's ``wrap_run`` chain: its coroutine (pydantic-ai's task
+    wrapper) awaits a ``wrap_run`` directly."""
+    for _ in range(2):
+        code = getattr(coroutine, "cr_code", None)
+        if code is not None and code.co_name == "wrap_run":
+            return True
+        coroutine = getattr(coroutine, "cr_await", None)
+    return False
+
+
+def _cancelling(task: asyncio.Task[Any]) -> int:
+    count: Callable[[], int] | None = getattr(task, "cancelling", None)  # Python >= 3.11
+    return count() if count is not None else 0
+
+
+def _text(answer: AttributeValue | None) -> str | None:
+    """The text parts of a model call's answer (``gen_ai.output.messages``), if it has any."""
+    try:
+        parsed: Any = json.loads(answer) if isinstance(answer, str) else None
+    except ValueError:
+        return None
+    parts = [part for message in (parsed if isinstance(parsed, list) else []) if isinstance(message, dict)
+             for part in message.get("parts") or () if isinstance(part, dict) and part.get("type") == "text"]
+    text = "".join(part["content"] for part in parts if isinstance(part.get("content"), str))
+    return text or None
 
 
 def copy_span(span: ReadableSpan, attributes: dict[str, AttributeValue], **changed: Any) -> ReadableSpan:
@@ -300,40 +454,30 @@ def _autolog_records_it() -> bool:
         return False
 
 
-def _summary(root: ReadableSpan, agent: ReadableSpan,
-             messages: AttributeValue | None) -> dict[str, AttributeValue]:
-    """The agent run's prompt, output and name, for a root span that is the app's own; the
-    prompt of its last model call (``messages``) when the run was cut off."""
-    if root.instrumentation_scope is not None and root.instrumentation_scope.name == PYDANTIC_AI_SCOPE:
+def _pydantic_ai(span: ReadableSpan) -> bool:
+    scope = span.instrumentation_scope
+    return scope is not None and scope.name == PYDANTIC_AI_SCOPE
+
+
+def _summary(root: ReadableSpan, first: ReadableSpan, messages: AttributeValue | None,
+             last: tuple[ReadableSpan, int] | None) -> dict[str, AttributeValue]:
+    """For a root span that is the app's own: the first run's prompt (the prompt of the
+    trace's last model call, ``messages``, when that run was cut off), the output of the
+    ``last`` run to end, and the name: the agent's when that run is the first and only one,
+    else the root's."""
+    if _pydantic_ai(root):
         return {}
-    attributes = agent.attributes or {}
+    attributes = first.attributes or {}
     summary: dict[str, AttributeValue] = {}
-    prompt = _last_prompt(attributes.get("pydantic_ai.all_messages", messages))
+    prompt = last_prompt(attributes.get("pydantic_ai.all_messages", messages))
     if prompt is not None:
         summary["input.value"] = prompt
-    output = attributes.get("final_result")
+    final, runs = last or (first, 1)
+    output = (final.attributes or {}).get("final_result")
     if isinstance(output, str):
         summary["output.value"] = output
-    name = attributes.get("gen_ai.agent.name")
+    # MLflow names a trace only from the tag, never after its root span.
+    name = attributes.get("gen_ai.agent.name") if runs == 1 else root.name
     if isinstance(name, str) and name:
         summary[TRACE_NAME_TAG] = name
     return summary
-
-
-def _last_prompt(messages: AttributeValue | None) -> str | None:
-    """The text of the last user message: the prompt of the run (earlier ones are its history)."""
-    if not isinstance(messages, str):
-        return None
-    try:
-        parsed: Any = json.loads(messages)
-    except ValueError:
-        return None
-    for message in reversed(parsed if isinstance(parsed, list) else []):
-        if not isinstance(message, dict) or message.get("role") != "user":
-            continue
-        texts = [part.get("content") for part in message.get("parts") or ()
-                 if isinstance(part, dict) and part.get("type") == "text"]
-        text = "\n".join(text for text in texts if isinstance(text, str))
-        if text:
-            return text
-    return None

@@ -17,6 +17,15 @@ class MlflowError(Exception):
     """MLflow could not be asked, or said no; ``str()`` is safe to print."""
 
 
+class ExperimentRefused(MlflowError):
+    """MLflow refuses the experiment a batch names (deleted, or in a workspace it does not
+    know): sending the batch again cannot help until someone changes that."""
+
+    def __init__(self, message: str, wrong_workspace: bool = False) -> None:
+        self.wrong_workspace = wrong_workspace
+        super().__init__(message)
+
+
 class MlflowUnreachable(MlflowError):
     def __init__(self, url: str, reason: str) -> None:
         self.reason = reason
@@ -47,7 +56,7 @@ def _call(settings: Settings, method: str, path: str, workspace: str | None,
     if answer.wrong_workspace:
         # Every route answers so, the experiment lookup with RESOURCE_DOES_NOT_EXIST: never a
         # reason to create the experiment, nor to fall back to the default workspace.
-        raise MlflowError(answer.problem)
+        raise ExperimentRefused(answer.problem, wrong_workspace=True)
     if not answer.ok:
         raise MlflowHttpError(answer, url)
     found = answer.json()
@@ -73,7 +82,8 @@ def experiment_id(settings: Settings, name: str, workspace: str | None) -> str:
             if not isinstance(experiment, dict) or "experiment_id" not in experiment:
                 raise MlflowError(f"MLflow's answer for experiment {name!r} names no experiment id")
             if experiment.get("lifecycle_stage") == "deleted":
-                raise MlflowError(f"experiment {name!r} is deleted in MLflow: restore it or use another")
+                raise ExperimentRefused(f"experiment {name!r} is deleted in MLflow: restore it or use "
+                                        "another")
             return transport.printable(str(experiment["experiment_id"]))
         try:
             created = _call(settings, "POST", "/api/2.0/mlflow/experiments/create", workspace,
