@@ -12,6 +12,8 @@ when the assignment returns):
   closed only when the mode changes or the proxy stops).
 - ``503``: answer 503 Service Unavailable.
 - ``429``: answer 429 Too Many Requests with ``Retry-After: 1``.
+- ``slow``: forward the request (MLflow stores it at once), then hold MLflow's
+  answer ``proxy.delay`` seconds before it goes back: a slow MLflow.
 - ``cut``: forward the request (MLflow stores it), then send the client the
   answer's status line, headers and part of its body, and close the
   connection: the client cannot tell whether its batch was taken.
@@ -42,8 +44,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
-Mode = Literal["forward", "refuse", "hang", "503", "429", "cut", "html", "trickle"]
-MODES: tuple[Mode, ...] = ("forward", "refuse", "hang", "503", "429", "cut", "html", "trickle")
+Mode = Literal["forward", "refuse", "hang", "503", "429", "cut", "html", "trickle", "slow"]
+MODES: tuple[Mode, ...] = ("forward", "refuse", "hang", "503", "429", "cut", "html", "trickle", "slow")
 _STATUS_TEXT = {503: "Service Unavailable", 429: "Too Many Requests"}
 _IO_TIMEOUT = 60.0
 
@@ -77,6 +79,8 @@ class FaultProxy:
         self.keep_alive = False
         self.accepted = 0
         """Connections accepted so far."""
+        self.delay = 3.0
+        """Seconds ``slow`` holds each answer."""
         self.port = 0
         self._listen()
         self._acceptor = threading.Thread(target=self._accept_loop, name="faultproxy-accept", daemon=True)
@@ -233,6 +237,8 @@ class FaultProxy:
             connection.sendall(cut_head + b"\r\n\r\n" + answer_body[: len(answer_body) // 2])
             connection.shutdown(socket.SHUT_RDWR)
             return None
+        if mode == "slow":
+            self._stopped.wait(self.delay)
         answer_head = answer[0]
         if self.keep_alive and mode == "forward":
             answer_head = _with_header(answer_head, b"Connection", b"keep-alive")

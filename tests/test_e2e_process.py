@@ -417,9 +417,11 @@ def test_mlflow_unreachable_costs_at_most_the_exit_bound(app: App, down_baseline
     lines = done.stderr.decode().splitlines()
     assert len(lines) == 1 and lines == traced_lines(done.stderr), lines
     # The reason is the network's, short, whether the post or the experiment lookup met it.
-    reason = r"connection refused" if mlflow == "closed-port" else r"no answer (from MLflow )?within [^)]+"
-    assert re.match(rf"traced-run: 2 spans of 1 trace not delivered to {re.escape(url)}/v1/traces "
-                    rf"\({reason}\)", lines[0]), lines[0]
+    # A post that went out unanswered may have been stored: it is said as sent, not as undelivered.
+    reason = r" \(connection refused\)" if mlflow == "closed-port" else \
+        r"( \(no answer (from MLflow )?within [^)]+\)|: no answer within [\d.]+ s; .* re-sending is safe)"
+    assert re.match(rf"traced-run: 2 spans of 1 trace (not delivered|sent) to {re.escape(url)}/v1/traces"
+                    rf"{reason}", lines[0]), lines[0]
     assert lines[0].count(url) == 1, lines[0]
 
 
@@ -441,4 +443,5 @@ def test_sigterm_with_mlflow_hanging_still_ends_within_the_bound(app: App) -> No
     assert done.stdout == b"ready\n"
     assert elapsed < EXIT_TIMEOUT + EXIT_MARGIN, elapsed
     lines = done.stderr.decode().splitlines()
-    assert len(lines) == 1 and "2 spans of 1 trace not delivered" in lines[0], lines
+    assert len(lines) == 1, lines
+    assert re.match(r"traced-run: 2 spans of 1 trace (not delivered|sent) to", lines[0]), lines

@@ -8,6 +8,7 @@ the doctor's lines, traces in MLflow) is what is asserted."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import socket
@@ -15,6 +16,7 @@ import subprocess
 import textwrap
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +36,7 @@ from realservers import (
 )
 from test_doctor import checks
 from test_e2e_process import boot_dir, traced_lines
-from tls import ConnectProxy, Pki, SlowProxy, TlsProxy
+from tls import OTHER_HOST, ConnectProxy, Pki, SlowProxy, TlsProxy
 
 __all__ = ["auth_mlflow", "connect_proxy", "https_mlflow", "mtls_mlflow", "pki", "self_signed_mlflow",
            "workspace_mlflow"]
@@ -128,6 +130,27 @@ def test_without_the_ca_the_exit_line_says_certificate_verify_failed_and_flush_s
     sent = flush(tmp_path, {**env, "MLFLOW_TRACKING_SERVER_CERT_PATH": str(pki.ca_cert)})
     assert sent.returncode == 0, sent.stdout + sent.stderr
     one_trace(mlflow_server, name)
+
+
+@pytest.mark.parametrize("host", ["localhost", "127.0.0.1"])
+def test_a_certificate_for_another_host_is_said_with_its_names_and_the_url_s_host(
+        host: str, tmp_path: Path, mlflow_server: MlflowServer, pki: Pki) -> None:
+    """The CA is right, the certificate's names are not the URL's: a CA bundle would not fix it."""
+    proxy = TlsProxy(mlflow_server.url, pki.other_host_cert, pki.other_host_key)
+    try:
+        env = env_for(f"https://{host}:{proxy.port}", tmp_path, MLFLOW_EXPERIMENT_ID="0",
+                      MLFLOW_TRACKING_SERVER_CERT_PATH=str(pki.ca_cert))
+        line = exit_line(run_app(tmp_path, env))
+        status, found, _ = doctor(tmp_path, env, "--no-trace")
+    finally:
+        proxy.close()
+    said = (f"certificate verify failed: the server's certificate holds {OTHER_HOST}, not {host}, the host "
+            f"the URL names; use a URL with a name the certificate holds, or have the certificate issued "
+            f"for {host}")
+    assert f"4 spans of 1 trace not delivered to https://{host}:{proxy.port}/v1/traces ({said})" in line, line
+    assert "CERT_PATH" not in line, line
+    assert status == 1 and found["mlflow reachable"][0] == "FAIL", found
+    assert OTHER_HOST in found["mlflow reachable"][1] and "CERT_PATH" not in found["mlflow reachable"][1]
 
 
 def test_doctor_all_ok_over_https_with_the_ca(
@@ -508,19 +531,118 @@ BURST_APP = AGENT + """
 """
 
 
-@pytest.mark.parametrize(("mode", "reason"), [
-    ("refuse", "(connection refused)"),
-    ("503", "(HTTP 503 Service Unavailable"),
-    ("hang", "(no answer from MLflow within exit_timeout=1s)"),
+@pytest.mark.parametrize(("mode", "said"), [
+    ("refuse", "not delivered to {url} (connection refused)"),
+    ("503", "not delivered to {url} (HTTP 503 Service Unavailable"),
+    ("hang", "sent to {url}: no answer within "),
 ])
-def test_the_exit_line_says_what_mlflow_did(mode: str, reason: str, tmp_path: Path,
+def test_the_exit_line_says_what_mlflow_did(mode: str, said: str, tmp_path: Path,
                                              mlflow_server: MlflowServer) -> None:
     with fault_proxy(mlflow_server.url) as proxy:
         proxy.mode = mode
         done = run_app(tmp_path, env_for(proxy.url, tmp_path, MLFLOW_EXPERIMENT_ID="0",
                                          TRACED_RUN_EXIT_TIMEOUT="1"))
         line = exit_line(done)
-    assert f"4 spans of 1 trace not delivered to {proxy.url}/v1/traces {reason}" in line, line
+    assert "4 spans of 1 trace " + said.format(url=f"{proxy.url}/v1/traces") in line, line
+
+
+def test_a_post_a_slow_mlflow_stored_but_did_not_answer_in_time_is_not_called_undelivered(
+        tmp_path: Path, mlflow_server: MlflowServer) -> None:
+    """MLflow stores the run's spans at once and answers 3 s later; the process may
+    wait 2 s at exit. Its line says what it knows: no answer came, MLflow may have
+    the spans, they are kept and re-sending them is safe; a flush then re-sends
+    them and MLflow still holds the one trace."""
+    experiment_id = str(mlflow_server.client().create_experiment(new_name()))
+    with fault_proxy(mlflow_server.url) as proxy:
+        proxy.mode = "slow"
+        env = env_for(proxy.url, tmp_path, MLFLOW_EXPERIMENT_ID=experiment_id, TRACED_RUN_EXIT_TIMEOUT="2")
+        line = exit_line(run_app(tmp_path, env))
+        assert proxy.count() == 1, proxy.seen
+        assert "not delivered" not in line, line
+        assert re.fullmatch(
+            rf"traced-run: 4 spans of 1 trace sent to {re.escape(proxy.url)}/v1/traces: no answer within "
+            rf"[\d.]+ s; kept in {re.escape(str(tmp_path / 'spool'))}; MLflow may already have stored them, "
+            r"re-sending is safe: the next traced process or `traced-run flush` sends them", line), line
+        (stored,) = poll(lambda: mlflow_server.traces(experiment_id), timeout=30, what="the trace")
+        assert str(stored.info.state).endswith("OK")
+        proxy.mode = "forward"
+        sent = flush(tmp_path, env)
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    assert len(mlflow_server.traces(experiment_id)) == 1
+
+
+SLOW_TOOL_APP = """
+    import sys
+    import time
+
+    from pydantic_ai import Agent
+    from pydantic_ai.models.test import TestModel
+
+    agent = Agent(TestModel(), name="support")
+
+    @agent.tool_plain
+    def lookup(city: str) -> str:
+        \"\"\"Look a city up.\"\"\"
+        time.sleep(2.5)  # the first model call's span ended well over a batch interval ago
+        return f"{city}: sunny"
+
+    agent.run_sync("What is the weather in Paris?")
+    print("done", flush=True)
+    sys.stdin.readline()  # alive until the test has looked
+"""
+
+
+def test_a_live_process_posts_a_run_whole_once_it_has_ended(tmp_path: Path,
+                                                            mlflow_server: MlflowServer) -> None:
+    """The run's first span ends 2.5 s before its root: its spans still go in one
+    request, while the process lives, and MLflow never holds a part of the run."""
+    experiment_id = str(mlflow_server.client().create_experiment(new_name()))
+    (tmp_path / "app.py").write_text(textwrap.dedent(SLOW_TOOL_APP))
+    with fault_proxy(mlflow_server.url) as proxy:
+        env = env_for(proxy.url, tmp_path, MLFLOW_EXPERIMENT_ID=experiment_id)
+        app = subprocess.Popen([TRACED_RUN, "python", "app.py"], cwd=tmp_path, env=env, text=True,
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            assert app.stdout is not None and app.stdout.readline() == "done\n"
+            (trace,) = poll(lambda: mlflow_server.traces(experiment_id), timeout=30, what="the run's trace")
+            posts = proxy.count()
+            _, stderr = app.communicate("leave\n", timeout=60)
+        finally:
+            app.kill()
+    assert posts == 1, proxy.seen
+    assert str(trace.info.state).endswith("OK") and len(trace.data.spans) == 4, trace
+    assert traced_lines(stderr.encode()) == [], stderr
+
+
+@pytest.fixture
+def full_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 64 KiB tmpfs, private to this user, filled up."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", str(disk)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"a small tmpfs cannot be mounted here: {mounted.stderr.strip()}")
+    try:
+        with contextlib.suppress(OSError), (disk / "filler").open("wb") as filler:
+            while True:
+                filler.write(b"x" * 4096)
+                filler.flush()
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_a_full_disk_is_named_as_the_reason_not_mlflow(tmp_path: Path, mlflow_server: MlflowServer,
+                                                      full_disk: Path) -> None:
+    spool = full_disk / "spool"
+    with fault_proxy(mlflow_server.url) as proxy:
+        proxy.mode = "refuse"
+        line = exit_line(run_app(tmp_path, env_for(proxy.url, tmp_path, MLFLOW_EXPERIMENT_ID="0",
+                                                   TRACED_RUN_SPOOL_DIR=str(spool))))
+    assert line.startswith(f"traced-run: 4 spans lost: the disk holding the spool {spool} is full (no space "
+                           "left on device)"), line
+    assert line.endswith("(MLflow did not take them: connection refused)"), line
 
 
 def test_an_exit_bound_reached_while_mlflow_still_answers_is_said_as_such(

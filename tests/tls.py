@@ -2,8 +2,8 @@
 TLS-terminating loopback proxy that puts HTTPS in front of the real MLflow.
 
 ``Pki(directory)`` writes a CA, a server certificate it signed (for
-``localhost`` and ``127.0.0.1``), a client certificate it signed and a
-self-signed server certificate, each as a PEM file. ``TlsProxy`` accepts TLS
+``localhost`` and ``127.0.0.1``), one it signed for another host only, a client
+certificate it signed and a self-signed server certificate, each as a PEM file. ``TlsProxy`` accepts TLS
 on loopback with one of the server certificates (optionally requiring a client
 certificate from the CA) and relays the decrypted bytes to MLflow's plain HTTP
 port, so everything MLflow answers is MLflow's own.
@@ -27,6 +27,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+LOCAL_NAMES = (x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
+OTHER_HOST = "mlflow.example.internal"
+
 
 def _name(common_name: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "traced-run tests"),
@@ -47,7 +50,8 @@ def _write_cert(cert: x509.Certificate, path: Path) -> Path:
 
 def _certificate(subject: str, key: ec.EllipticCurvePrivateKey, issuer: x509.Name,
                  issuer_key: ec.EllipticCurvePrivateKey, *, ca: bool,
-                 usage: ExtendedKeyUsageOID | None = None) -> x509.Certificate:
+                 usage: ExtendedKeyUsageOID | None = None,
+                 names: tuple[x509.GeneralName, ...] = LOCAL_NAMES) -> x509.Certificate:
     now = datetime.datetime.now(datetime.timezone.utc)
     builder = (x509.CertificateBuilder().subject_name(_name(subject)).issuer_name(issuer)
                .public_key(key.public_key()).serial_number(x509.random_serial_number())
@@ -64,8 +68,7 @@ def _certificate(subject: str, key: ec.EllipticCurvePrivateKey, issuer: x509.Nam
         builder = builder.add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
             issuer_key.public_key()), critical=False)
     if usage == ExtendedKeyUsageOID.SERVER_AUTH:
-        builder = builder.add_extension(x509.SubjectAlternativeName(
-            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        builder = builder.add_extension(x509.SubjectAlternativeName(list(names)), critical=False)
     if usage is not None:
         builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
     return builder.sign(issuer_key, hashes.SHA256())
@@ -85,6 +88,9 @@ class Pki:
     """Client certificate and key in one file, as MLFLOW_TRACKING_CLIENT_CERT_PATH takes them."""
     self_signed_cert: Path = field(init=False)
     self_signed_key: Path = field(init=False)
+    other_host_cert: Path = field(init=False)
+    """Signed by the CA for ``OTHER_HOST`` only: valid, but not for loopback."""
+    other_host_key: Path = field(init=False)
 
     def __post_init__(self) -> None:
         d = self.directory
@@ -109,6 +115,11 @@ class Pki:
             "localhost", own_key, _name("localhost"), own_key, ca=False,
             usage=ExtendedKeyUsageOID.SERVER_AUTH), d / "self-signed.pem")
         self.self_signed_key = _write_key(own_key, d / "self-signed.key")
+        other_key = ec.generate_private_key(ec.SECP256R1())
+        self.other_host_cert = _write_cert(_certificate(
+            OTHER_HOST, other_key, ca.subject, ca_key, ca=False, usage=ExtendedKeyUsageOID.SERVER_AUTH,
+            names=(x509.DNSName(OTHER_HOST),)), d / "other-host.pem")
+        self.other_host_key = _write_key(other_key, d / "other-host.key")
 
 
 _IO_TIMEOUT = 60.0

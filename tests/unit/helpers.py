@@ -35,6 +35,14 @@ def span(trace: int, number: int, name: str = "step") -> ReadableSpan:
                         resource=Resource.create({}), attributes={"n": number}, start_time=1, end_time=2)
 
 
+def run(number: int, children: int) -> list[ReadableSpan]:
+    """An agent run's spans in the order they end: its children, then its root (span 0)."""
+    root = SpanContext(number, number * 1000, False)
+    return [ReadableSpan("step", context=SpanContext(number, number * 1000 + n, False), parent=root,
+                         resource=Resource.create({}), start_time=1, end_time=2)
+            for n in range(1, children + 1)] + [span(number, 0, "run")]
+
+
 def trace(number: int, spans: int) -> list[ReadableSpan]:
     return [span(number, n) for n in range(spans)]
 
@@ -66,6 +74,8 @@ class FakeSender(Sender):
 
     def post(self, payload: bytes, target: Target, timeout: float) -> Outcome:
         cls = type(self)
+        if self.on_send is not None:
+            self.on_send()
         cls.posts.append(payload)
         cls.posted.release()
         if cls.gated:

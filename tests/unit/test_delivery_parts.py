@@ -4,6 +4,7 @@ spill to disk and the delivery thread against a fake sender (fake clock,
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 from pathlib import Path
@@ -14,13 +15,14 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanContext
 
 from traced_run.delivery import Delivery
+from traced_run.delivery import queue as span_queue
 from traced_run.delivery.export import DELIVERED, encode
 from traced_run.delivery.ledger import Ledger
-from traced_run.delivery.queue import whole_traces
+from traced_run.delivery.queue import SpanQueue, whole_traces
 from traced_run.delivery.sender import BACKOFF, Backoff
-from traced_run.delivery.spill import Keeper
+from traced_run.delivery.spill import Keeper, Spill
 from traced_run.delivery.spool import Spool
-from unit.helpers import REFUSED, Clock, FakeSender, settings, span, submit_together, trace
+from unit.helpers import REFUSED, Clock, FakeSender, run, settings, span, submit_together, trace
 
 ENDPOINT = "http://127.0.0.1:9/v1/traces"
 
@@ -54,6 +56,49 @@ def test_a_trace_larger_than_a_batch_is_cut() -> None:
     queue = deque(trace(1, 7) + trace(2, 1))
     assert trace_ids(whole_traces(queue, 5)) == [1] * 5
     assert trace_ids(list(queue)) == [1, 1, 2]
+
+
+def open_queue(tmp_path: Path) -> SpanQueue:
+    keep, _, _ = keeper(tmp_path, 1 << 20)
+    return SpanQueue(2048, Spill(keep, 512), lambda: None)
+
+
+def test_a_run_goes_in_one_batch_once_its_root_has_ended(tmp_path: Path) -> None:
+    queue = open_queue(tmp_path)
+    first, second = run(1, 3), run(2, 1)
+    for one in [*first[:2], *second]:  # run 2 ended while run 1 is still going
+        queue.put(one)
+    assert trace_ids(queue.take(0) or []) == [2, 2]
+    queue.done()
+    assert queue.take(0) == [], "the open run's ended spans went before its root"
+    queue.done()
+    for one in first[2:]:
+        queue.put(one)
+    assert trace_ids(queue.take(0) or []) == [1] * 4
+
+
+def test_an_open_run_s_spans_go_after_a_bounded_wait(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    queue = open_queue(tmp_path)
+    for one in run(1, 3)[:2]:
+        queue.put(one)
+    monkeypatch.setattr(span_queue, "OPEN_TRACE_WAIT", 0.0)
+    assert trace_ids(queue.take(0) or []) == [1, 1]
+
+
+@pytest.mark.parametrize("why", ["flush", "exit", "sigterm", "full batch"])
+def test_everything_goes_when_asked_leaving_or_a_batch_is_full(tmp_path: Path, why: str) -> None:
+    queue = open_queue(tmp_path)
+    spans = [s for n in range(1, 200) for s in run(n, 3)[:3]] if why == "full batch" else run(1, 3)[:3]
+    for one in spans:
+        queue.put(one)
+    if why == "exit":
+        queue.begin_closing(5)
+    elif why == "sigterm":
+        queue.cut_off = True
+    elif why == "flush":
+        threading.Thread(target=queue.flush, args=(5,), daemon=True).start()
+    taken = queue.take(5) or []
+    assert len(taken) == (510 if why == "full batch" else 3), why  # 170 whole runs fill a batch
 
 
 # --- the back-off ---------------------------------------------------------------------------
@@ -207,7 +252,8 @@ def test_a_full_queue_spills_to_disk_rather_than_drop(tmp_path: Path, sender: ty
     delivery.close()
     said = capfd.readouterr().err
     assert "dropped" not in said, said
-    assert "1201 spans of 301 traces not delivered" in said, said
+    assert "1200 spans of 300 traces not delivered" in said, said
+    assert f"1 span of 1 trace sent to {ENDPOINT}: no answer within " in said, said
 
 
 # --- a span that cannot be encoded ----------------------------------------------------------

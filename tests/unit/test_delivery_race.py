@@ -37,4 +37,4 @@ def test_a_late_answer_to_a_batch_close_kept_is_not_handled_again(
     assert not any(thread.is_alive() for thread in threads), "the delivery thread went on after close()"
     said = capfd.readouterr().err
     assert "rejected" not in said, said
-    assert "3 spans of 1 trace not delivered" in said, said
+    assert "3 spans of 1 trace sent to http://127.0.0.1:9/v1/traces: no answer within " in said, said

@@ -2,7 +2,8 @@
 and never loses one silently.
 
 A bounded queue feeds one daemon thread that batches (whole traces per
-request), encodes and posts. A batch MLflow does not take (refused, timeout,
+request, each once its local root has ended, or after ``queue.OPEN_TRACE_WAIT``),
+encodes and posts. A batch MLflow does not take (refused, timeout,
 5xx, 429) goes to the on-disk spool at once, and the thread backs off briefly
 before asking MLflow again; while it waits, and when the queue runs high,
 batches go straight to the spool. When MLflow answers again, the spool is
@@ -144,8 +145,8 @@ class Delivery:
             hanging = self._deliver_until(deadline - SPOOL_RESERVE)
         reserve_end = time.monotonic() + SPOOL_RESERVE
         left = self._queue.close(SPOOL_RESERVE)
-        left = self._spill.close(max(0.0, reserve_end - time.monotonic())) + left
-        if left:
+        unsent = self._spill.close(max(0.0, reserve_end - time.monotonic())) + left.unsent
+        if left.posted or unsent:
             # The delivery thread did not finish in time, or MLflow hangs: keep the rest
             # from this thread. A batch that was mid-send may reach MLflow twice;
             # MLflow stores a re-sent span once.
@@ -157,7 +158,10 @@ class Delivery:
 
             # On the thread that is leaving: its redaction ends with the exit bound, as the rest does.
             with redact.until(max(deadline, reserve_end)):
-                self._keeper.keep(left)
+                if left.posted:
+                    self._keeper.keep(left.posted, unanswered=left.waited)
+                if unsent:
+                    self._keeper.keep(unsent)
         self.ledger.say_exit_line(self._endpoint)
 
     def _deliver_until(self, until: float) -> str | None:
@@ -180,7 +184,12 @@ class Delivery:
 
     def install_exit_hooks(self) -> None:
         # Another way out waits for a delivery under way: its bound, and a second for the spool.
-        exits.install(self.close, self._settings.exit_timeout + 1.0)
+        exits.install(self.close, self._settings.exit_timeout + 1.0, self._cut_off)
+
+    def _cut_off(self) -> None:
+        """From a signal handler, so no lock: a server may be killed once its grace time is
+        over, and what ended of its open runs must be on its way by then."""
+        self._queue.cut_off = True
 
 
 class DeliveryProcessor(SpanProcessor):

@@ -127,9 +127,10 @@ def _inside_traced_run(frame: FrameType | None) -> bool:
     return False
 
 
-def install(close: Callable[[str], None], patience: float) -> None:
+def install(close: Callable[[str], None], patience: float, cut_off: Callable[[], None]) -> None:
     """Hook ``close`` into every way out. ``patience`` bounds how long one way out waits
-    for a delivery another has begun."""
+    for a delivery another has begun. ``cut_off`` (called from the signal handler: it
+    must take no lock) tells delivery that a SIGTERM the app handles came."""
     hooks = _Hooks(close, patience)
     atexit.register(hooks.close, "process exit")
     patches.exit_after(lambda: hooks.close("os._exit"))
@@ -156,6 +157,7 @@ def install(close: Callable[[str], None], patience: float) -> None:
 
         def chained(signum: int, frame: FrameType | None) -> Any:
             hooks.signalled = _SIGTERM
+            cut_off()
             return handler(signum, frame)
 
         return chained

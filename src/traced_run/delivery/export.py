@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import struct
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -319,6 +319,8 @@ class Sender:
         self._uncompressed: set[str] = set()
         """Endpoints that refused a compressed body and took it plain: sent plain from then on."""
         self._tried_plain: set[str] = set()
+        self.on_send: Callable[[], None] | None = None
+        """Called as a batch goes out (the experiment known): from then on MLflow may store it."""
 
     def resolve(self, target: Target) -> str:
         """The experiment id for ``target`` (in its workspace); raises MlflowError when
@@ -343,6 +345,8 @@ class Sender:
         endpoint = target.endpoint
         settings = self._plain if endpoint in self._uncompressed else self._settings
         deadline = time.monotonic() + timeout
+        if self.on_send is not None:
+            self.on_send()
         answer = post_otlp(settings, endpoint, payload, experiment_id, target.run_id, target.workspace,
                            timeout)
         if (answer.status in REFUSED_ENCODING and settings.compression != "none"

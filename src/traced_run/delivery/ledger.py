@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 
 from opentelemetry.sdk.trace import ReadableSpan
 
@@ -18,6 +19,8 @@ from traced_run import report
 from traced_run.config.settings import Settings
 from traced_run.delivery.spool import AGE, BOUND, Spool
 from traced_run.report import counted, mask_url
+
+STILL_TAKING = "reached while MLflow was still taking batches (it took the one before)"
 
 
 class Ledger:
@@ -32,6 +35,8 @@ class Ledger:
         self._delivered = 0
         self._own: dict[str, tuple[int, frozenset[int]]] = {}
         """This process's batches in the spool, by name: spans, trace ids."""
+        self._unanswered: dict[str, float] = {}
+        """Of those, the ones posted and left unanswered (MLflow may have them), by name: seconds waited."""
         self._sent_later = 0
         self._rejected = 0
         self._rejected_told = 0
@@ -45,6 +50,8 @@ class Ledger:
         self._unwritten = 0
         """Spans a thread is writing to the spool."""
         self._lost = 0
+        self._lost_why: str | None = None
+        """Why spans were lost: a cause of ours (a full disk), not MLflow's."""
         self._unencodable: set[tuple[int, int]] = set()  # a set: a batch may be encoded twice
         self._outage_told = False
 
@@ -66,7 +73,7 @@ class Ledger:
         """Spans gone for a reason of ours (an encoding error, a spool that cannot be written)."""
         with self._lock:
             self._lost += spans
-            self._problem = f"{self._problem or 'not delivered'}; {why}"
+            self._lost_why = why
 
     def broke(self, spans: int, why: str) -> None:
         """A bug of ours or a library's stopped the delivery thread's turn: ``why`` is the problem."""
@@ -90,8 +97,7 @@ class Ledger:
         """What to say of the exit bound running out (lock held): true to what MLflow did."""
         bound = f"exit_timeout={self._settings.exit_timeout:g}s"
         if self._answered:
-            return (f"{bound} reached while MLflow was still taking batches (it took the one before); "
-                    "set TRACED_RUN_EXIT_TIMEOUT higher to wait longer at exit")
+            return f"{bound} {STILL_TAKING}; set TRACED_RUN_EXIT_TIMEOUT higher to wait longer at exit"
         return f"no answer from MLflow within {bound}"
 
     def delivered(self, spans: int) -> None:
@@ -112,23 +118,27 @@ class Ledger:
         with self._lock:
             self._unwritten += spans
 
-    def written(self, spans: int, name: str | None, traces: frozenset[int], orphans: int) -> None:
+    def written(self, spans: int, name: str | None, traces: frozenset[int], orphans: int,
+                unanswered: float | None = None) -> None:
         """One part written (``name``), or dropped as larger than the bound (None); one step with
-        the unwritten count, so the exit line never counts a part twice."""
+        the unwritten count, so the exit line never counts a part twice. ``unanswered``: the
+        seconds its post waited for an answer that did not come."""
         with self._lock:
             self._unwritten -= spans
             self._orphans_dropped += orphans
             if name is None:
                 self._oversized += spans
-            else:
-                self._own[name] = (spans, traces)
+                return
+            self._own[name] = (spans, traces)
+            if unanswered is not None:
+                self._unanswered[name] = unanswered
 
     def unwritten(self, spans: int, why: str) -> None:
         """Spans that were being written and never will be."""
         with self._lock:
             self._unwritten -= spans
             self._lost += spans
-            self._problem = f"{self._problem or 'not delivered'}; {why}"
+            self._lost_why = why
 
     def finished_spooled(self, name: str, spans: int, delivered: bool) -> None:
         """A spooled batch was sent, or set aside, by this process; one of ours counts as sent later."""
@@ -169,8 +179,8 @@ class Ledger:
 
     def _not_delivered(self, endpoint: str, waiting: set[str], removed: dict[str, str]) -> list[str]:
         own = self._own
-        kept = sum(own[name][0] for name in waiting)
-        traces = len(frozenset().union(*(own[name][1] for name in waiting)))
+        posted = {name: self._unanswered[name] for name in waiting if name in self._unanswered}
+        unsent = waiting - posted.keys()
         # Gone from the spool but neither removed by the bound nor sent by us: another traced
         # process or `traced-run flush` sent it (one that set it aside said so itself).
         sent_later = self._sent_later + sum(spans for name, (spans, _) in own.items()
@@ -178,11 +188,12 @@ class Ledger:
         where = mask_url(endpoint)
         why = self._problem or f"the queue ran past half of queue_size={self._settings.queue_size}"
         parts = []
-        if kept:
-            parts.append(f"{counted(kept, 'span')} of {counted(traces, 'trace')} not delivered to {where} "
-                         f"({why}): kept in {self._spool.directory}; the next traced process or "
-                         f"`traced-run flush` sends them")
-        elif sent_later and not self._outage_told:
+        if unsent:
+            parts.append(f"{_spans_of(own, unsent)} not delivered to {where} ({why}): kept in "
+                         f"{self._spool.directory}; the next traced process or `traced-run flush` sends them")
+        if posted:
+            parts.append(_posted_part(own, posted, where, why, self._spool.directory))
+        elif sent_later and not unsent and not self._outage_told:
             state = "was unreachable" if self._problem else "fell behind"
             parts.append(f"{counted(sent_later, 'span')} were spooled while {where} {state} ({why}) "
                          f"and sent later")
@@ -197,6 +208,31 @@ class Ledger:
     def say_exit_line(self, endpoint: str) -> None:
         if (line := self.exit_line(endpoint)) is not None:
             report.say(line)
+
+
+def _spans_of(own: dict[str, tuple[int, frozenset[int]]], names: set[str]) -> str:
+    """'N spans of M traces' of the batches ``names``."""
+    traces = len(frozenset().union(*(own[name][1] for name in names)))
+    return f"{counted(sum(own[name][0] for name in names), 'span')} of {counted(traces, 'trace')}"
+
+
+def _posted_part(own: dict[str, tuple[int, frozenset[int]]], posted: dict[str, float], where: str,
+                 why: str, directory: Path) -> str:
+    """Only the answer went missing: MLflow may have stored these batches, and a re-sent span is
+    stored once, so they are no loss to warn of as one."""
+    bound = f" ({why})" if STILL_TAKING in why else ""  # its advice holds for these too
+    return (f"{_spans_of(own, set(posted))} sent to {where}: no answer within {max(posted.values()):.1f} s"
+            f"{bound}; kept in {directory}; MLflow may already have stored them, re-sending is safe: "
+            "the next traced process or `traced-run flush` sends them")
+
+
+def _lost_part(lost: int, why: str | None, problem: str | None) -> str:
+    """Lost spans, by their own cause first (a full disk): MLflow's problem is only why they were
+    being kept, and leading with it would name the wrong thing to fix."""
+    if why is None:
+        return f"{counted(lost, 'span')} lost ({problem})"
+    mlflow = f" (MLflow did not take them: {problem})" if problem else ""
+    return f"{counted(lost, 'span')} lost: {why}{mlflow}"
 
 
 def _gone(ledger: Ledger, removed: dict[str, str]) -> list[str]:
@@ -223,7 +259,7 @@ def _gone(ledger: Ledger, removed: dict[str, str]) -> list[str]:
         parts.append(f"{counted(ledger._orphans_dropped, 'span')} that ended processes had spooled were "
                      f"dropped (spool over spool_max_mb={settings.spool_max_mb})")
     if ledger._lost:
-        parts.append(f"{counted(ledger._lost, 'span')} lost ({ledger._problem})")
+        parts.append(_lost_part(ledger._lost, ledger._lost_why, ledger._problem))
     if ledger._unwritten:
         parts.append(f"{counted(ledger._unwritten, 'span')} may be lost (exit_timeout="
                      f"{settings.exit_timeout:g}s ran out while they were written to the spool)")

@@ -16,6 +16,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 from opentelemetry.sdk.trace import ReadableSpan
 
@@ -25,23 +26,34 @@ BATCH_SIZE = 512
 """Spans per request."""
 
 
-def whole_traces(spans: deque[ReadableSpan], limit: int) -> list[ReadableSpan]:
+OPEN_TRACE_WAIT = 5.0
+"""Seconds the ended spans of a trace whose local root is still open wait for it: a run goes
+whole once its root ends (MLflow shows no part of it IN_PROGRESS from a live process), but
+a long run's spans still go, and a root that never comes holds none for ever."""
+CUT_OFF_POLL = 0.2
+"""How often a delivery thread holding spans looks whether a SIGTERM cut the process off."""
+
+
+def whole_traces(spans: deque[ReadableSpan], limit: int, ready: set[int] | None = None) -> list[ReadableSpan]:
     """Take up to ``limit`` spans from the front of ``spans``, whole traces
-    only (oldest trace first): MLflow stores a request all or nothing, so a
-    span it rejects then costs only its own trace. A trace larger than
-    ``limit`` alone is cut; so is the last one when no whole trace fits."""
-    if len(spans) <= limit:
+    only (oldest trace first), of the traces in ``ready`` only when it is given:
+    MLflow stores a request all or nothing, so a span it rejects then costs only
+    its own trace. A trace larger than ``limit`` alone is cut; so is the last one
+    when no whole trace fits."""
+    if ready is None and len(spans) <= limit:
         taken = list(spans)
         spans.clear()
         return taken
     by_trace: dict[int, list[ReadableSpan]] = {}
     for span in spans:
-        by_trace.setdefault(trace_of(span), []).append(span)
+        trace = trace_of(span)
+        if ready is None or trace in ready:
+            by_trace.setdefault(trace, []).append(span)
     taken = []
-    for trace in by_trace.values():
-        if taken and len(taken) + len(trace) > limit:
+    for trace_spans in by_trace.values():
+        if taken and len(taken) + len(trace_spans) > limit:
             continue
-        taken.extend(trace[:limit - len(taken)])
+        taken.extend(trace_spans[:limit - len(taken)])
         if len(taken) == limit:
             break
     chosen = {id(span) for span in taken}
@@ -60,6 +72,8 @@ class SpanQueue:
         """Starts the delivery thread when the first span comes (called under the lock)."""
         self._spans: deque[ReadableSpan] = deque()
         self._in_flight: list[ReadableSpan] = []
+        self._posted_at: float | None = None
+        """When the batch in flight was posted: from then on MLflow may store it, answer or not."""
         self._holding = False
         """The delivery thread is deciding the fate of its batch: close() waits, then leaves it."""
         self._flushing = 0
@@ -69,6 +83,10 @@ class SpanQueue:
         """When the exit bound runs out (once closing)."""
         self._spool_idle = False
         """The delivery thread found no spooled batch MLflow would take now."""
+        self._first_at: dict[int, float] = {}
+        """When the delivery thread first saw each queued trace (the app's put stays an append)."""
+        self.cut_off = False
+        """Set, lock-free, by a SIGTERM the app's handler takes: leaving, nothing waits for a root."""
 
     # -- the app's threads -------------------------------------------------------------------
 
@@ -92,7 +110,15 @@ class SpanQueue:
         when the spill thread is as far behind as the queue holds."""
         if not self._spill.room(self._size):
             return False
-        return self._spill.offer(whole_traces(self._spans, BATCH_SIZE))
+        taken = whole_traces(self._spans, BATCH_SIZE)
+        self._forget()
+        return self._spill.offer(taken)
+
+    def _forget(self) -> None:
+        """Drop what is known of traces none of whose spans is queued any more (lock held)."""
+        queued = {trace_of(span) for span in self._spans}
+        for trace in [trace for trace in self._first_at if trace not in queued]:
+            del self._first_at[trace]
 
     def high(self) -> bool:
         """The queue is past half full: batches go to the spool rather than wait for MLflow."""
@@ -101,20 +127,39 @@ class SpanQueue:
 
     # -- the delivery thread -----------------------------------------------------------------
 
+    def _urgent(self) -> bool:
+        """Everything queued goes now, ended or not (lock held)."""
+        return bool(self._closing or self._flushing or self.cut_off) or len(self._spans) >= BATCH_SIZE
+
     def _batch_due(self) -> bool:
-        urgent = self._closing or self._flushing
         leaving_with_spool = self._closing and not self._spool_idle
-        return len(self._spans) >= BATCH_SIZE or bool(urgent and self._spans) or leaving_with_spool
+        return bool(self._urgent() and self._spans) or leaving_with_spool
 
     def take(self, wait: float) -> list[ReadableSpan] | None:
-        """The next batch (whole traces, possibly empty: then it is the spool's
-        turn) once one is due or ``wait`` is over; None once closed."""
+        """The next batch once one is due or ``wait`` is over: whole traces, of the
+        ended ones only unless everything is due (possibly empty: then it is the
+        spool's turn); None once closed."""
         with self.lock:
-            self.lock.wait_for(self._batch_due, timeout=wait)
+            end = time.monotonic() + wait
+            while not self._batch_due() and (left := end - time.monotonic()) > 0:
+                # cut_off comes with no notify (a signal handler takes no lock): look again soon
+                self.lock.wait(min(left, CUT_OFF_POLL) if self._spans else left)
             if self._closed:  # close() kept what was left and said so: sending on would belie it
                 return None
-            self._in_flight = whole_traces(self._spans, BATCH_SIZE)
+            self._in_flight = whole_traces(self._spans, BATCH_SIZE, None if self._urgent() else self._ready())
+            self._forget()
             return self._in_flight
+
+    def _ready(self) -> set[int]:
+        """Traces that go without waiting more: their local root ended, or they waited OPEN_TRACE_WAIT."""
+        now = time.monotonic()
+        ready = set()
+        for span in self._spans:
+            trace = trace_of(span)
+            first = self._first_at.setdefault(trace, now)
+            if span.parent is None or span.parent.is_remote or first <= now - OPEN_TRACE_WAIT:
+                ready.add(trace)
+        return ready
 
     @contextlib.contextmanager
     def hold(self) -> Iterator[bool]:
@@ -131,11 +176,23 @@ class SpanQueue:
         finally:
             self.done()
 
+    def posting(self) -> None:
+        """The batch in flight goes to MLflow now (a spooled one, sent while none is, is not counted)."""
+        with self.lock:
+            if self._in_flight and self._posted_at is None:
+                self._posted_at = time.monotonic()
+
+    def posted(self) -> bool:
+        """The batch in flight went to MLflow: it may have stored it, whatever came back."""
+        with self.lock:
+            return self._posted_at is not None
+
     def done(self) -> None:
         """The delivery thread is through with its batch."""
         with self.lock:
             self._holding = False
             self._in_flight = []
+            self._posted_at = None
             self.lock.notify_all()
 
     def leaving(self) -> bool:
@@ -191,13 +248,27 @@ class SpanQueue:
             self.lock.notify_all()
             return self._deadline
 
-    def close(self, wait: float) -> list[ReadableSpan]:
+    def close(self, wait: float) -> Left:
         """Close, and return what is left for the exit path to keep: the queue,
         and the batch in flight unless the delivery thread holds it (it may
         finish within ``wait``: a batch it is writing to the spool stays its own)."""
         with self.lock:
             self.lock.wait_for(lambda: not self._holding, timeout=wait)
             self._closed = True
-            left = ([] if self._holding else list(self._in_flight)) + list(self._spans)
+            in_flight = [] if self._holding else list(self._in_flight)
+            unsent = list(self._spans)
             self._spans.clear()
-            return left
+            if self._posted_at is None or not in_flight:
+                return Left([], 0.0, in_flight + unsent)
+            return Left(in_flight, time.monotonic() - self._posted_at, unsent)
+
+
+@dataclass(frozen=True)
+class Left:
+    """What the exit path keeps."""
+
+    posted: list[ReadableSpan]
+    """The batch in flight, posted and not answered yet: MLflow may have stored it."""
+    waited: float
+    """How long ``posted`` has waited for its answer."""
+    unsent: list[ReadableSpan]

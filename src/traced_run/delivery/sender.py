@@ -162,6 +162,7 @@ class DeliveryThread:
         # The experiment is looked up (and created) by the first post, not here: a
         # process that sends nothing must not create one.
         self._sender = Sender(self._settings)
+        self._sender.on_send = self._queue.posting
         more_spooled = True  # a spool left by earlier processes goes first
         while True:
             batch = self._queue.take(0 if more_spooled else self._wait())
@@ -224,7 +225,9 @@ class DeliveryThread:
                                        self._queue.leaving())
             else:
                 self._failed(outcome)
-                self._keeper.keep(batch, payload)
+                unanswered = self._queue.posted() and outcome.status is None \
+                    and outcome.reason.startswith(NO_ANSWER)
+                self._keeper.keep(batch, payload, timeout if unanswered else None)
 
     def _encode(self, batch: list[ReadableSpan]) -> bytes:
         """``encode``; a span it drops is counted and leaves the batch, so that what follows

@@ -10,6 +10,7 @@ by the spill thread, and emptied by the exit path.
 
 from __future__ import annotations
 
+import errno
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -22,6 +23,7 @@ from traced_run import report
 from traced_run.config.settings import Settings
 from traced_run.delivery.ledger import Ledger
 from traced_run.delivery.spool import Spool, Target
+from traced_run.transport import printable
 
 if TYPE_CHECKING:
     from traced_run.delivery.export import Outcome
@@ -35,6 +37,16 @@ def traces_of(spans: Sequence[ReadableSpan]) -> frozenset[int]:
     return frozenset(span.context.trace_id for span in spans if span.context)
 
 
+def spool_write_problem(error: OSError, directory: Path) -> str:
+    """Why the spool could not be written, named as what to fix: a full disk or a used-up
+    quota is no network problem, and says which directory's disk it is."""
+    if error.errno == errno.ENOSPC:
+        return f"the disk holding the spool {directory} is full (no space left on device)"
+    if error.errno == errno.EDQUOT:
+        return f"this user's disk quota for the spool {directory} is used up (disk quota exceeded)"
+    return f"cannot write the spool {directory}: {printable(str(error.strerror or error)).lower()}"
+
+
 class Keeper:
     """Writes batches to the spool, and sets aside the ones MLflow rejects."""
 
@@ -45,11 +57,13 @@ class Keeper:
         self._spooled = spooled
         """Called once a batch is in the spool: the delivery thread has some to send again."""
 
-    def keep(self, batch: Sequence[ReadableSpan], payload: bytes | None = None) -> None:
+    def keep(self, batch: Sequence[ReadableSpan], payload: bytes | None = None,
+             unanswered: float | None = None) -> None:
         """Write the batch to the spool, in parts if it is larger than the
         bound. Until each part is written its spans count as unwritten: when
         the exit bound runs out meanwhile, the exit line says so, since the
-        writing thread then ends with the process."""
+        writing thread then ends with the process. ``unanswered``: the batch
+        was posted and its answer did not come within that many seconds."""
         from traced_run.delivery.export import encode, target_of
 
         target = target_of(self._settings)
@@ -61,19 +75,20 @@ class Keeper:
                 payload = encode(batch, self._settings, dropped)
                 self._ledger.unencodable(dropped)
             for spans, piece in self._pieces(batch, payload):
-                self._put(target, spans, piece)
+                self._put(target, spans, piece, unanswered)
                 left -= len(spans)
         except Exception as error:  # encoding a part: counted, never silent
             self._ledger.unwritten(left, f"{type(error).__name__}: {error}")
 
-    def _put(self, target: Target, spans: Sequence[ReadableSpan], piece: bytes) -> None:
+    def _put(self, target: Target, spans: Sequence[ReadableSpan], piece: bytes,
+             unanswered: float | None) -> None:
         traces = traces_of(spans)
         try:
             name, orphans = self.spool.put(target, len(spans), len(traces), piece)
         except OSError as error:
-            self._ledger.unwritten(len(spans), f"cannot write the spool: {error.strerror}")
+            self._ledger.unwritten(len(spans), spool_write_problem(error, self.spool.directory))
             return
-        self._ledger.written(len(spans), name, traces, orphans)
+        self._ledger.written(len(spans), name, traces, orphans, unanswered)
         if name is not None:
             self._spooled()
 

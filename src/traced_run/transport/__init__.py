@@ -346,7 +346,7 @@ def request(settings: Settings, url: str, *, method: str = "GET", data: bytes | 
     except TlsSetupError as error:
         return answer(None, problem=str(error))
     except (OSError, ValueError, http.client.HTTPException) as error:  # TimeoutError is an OSError
-        return answer(None, problem=_network_reason(error, timeout, settings))
+        return answer(None, problem=_network_reason(error, timeout, settings, url))
     if reply.cut_short:
         return answer(None, problem=f"the answer was cut short after {len(reply.body)} bytes")
     found = Answer(reply.status, reply.body if reply.status < 300 else reply.body[:ERROR_BODY_LIMIT],
@@ -406,10 +406,15 @@ def _redirect(status: int, location: str | None) -> str:
             "body and would take the credentials along): set the URL the server redirects to")
 
 
-def _network_reason(reason: object, timeout: float, settings: Settings) -> str:
+def _network_reason(reason: object, timeout: float, settings: Settings, url: str) -> str:
     import ssl
 
+    from traced_run.transport.certnames import name_mismatch
+
     if isinstance(reason, ssl.SSLCertVerificationError):
+        mismatch = name_mismatch(reason, url, settings, timeout)
+        if mismatch is not None:
+            return mismatch
         said = printable(str(reason.verify_message or reason.reason or "")).lower()
         return f"certificate verify failed: {said}; {CA_FIX}"
     if isinstance(reason, ssl.SSLError):
