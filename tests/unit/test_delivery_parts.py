@@ -139,6 +139,31 @@ def test_leaving_retries_at_once() -> None:
     assert not backoff.down()
 
 
+def test_mlflow_is_not_asked_again_before_the_time_its_retry_after_named() -> None:
+    clock = Clock()
+    slept: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        clock.now += seconds
+
+    backoff = Backoff(clock, sleep)
+    backoff.failed(retry_after=30.0)
+    assert backoff.remaining() == 30.0  # not the 0.25 s back-off
+    backoff.retry_now()  # leaving does not cut a wait MLflow asked for
+    assert backoff.remaining() == 30.0
+    assert not backoff.wait_asked(within=5.0)  # beyond the exit bound: no wait, the batch is kept
+    assert slept == []
+    clock.now += 27.0
+    assert backoff.wait_asked(within=5.0)  # ends within it: waited out, then MLflow is asked
+    assert slept == [3.0] and not backoff.down()
+    backoff.failed(retry_after=0.1)  # shorter than the back-off: the back-off holds
+    assert backoff.remaining() == BACKOFF[1]
+    backoff.up()
+    backoff.retry_now()
+    assert not backoff.down()
+
+
 # --- the spill to disk ----------------------------------------------------------------------
 def keeper(tmp_path: Path, max_bytes: int) -> tuple[Keeper, Ledger, Spool]:
     config = settings(tmp_path)

@@ -47,8 +47,10 @@ class Backoff:
     """When MLflow may be asked again, since when it has not taken a batch, and
     whether it hangs: what the exit path needs to know to leave at once."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
         self._clock = clock
+        self._sleep = sleep
         self._lock = threading.Lock()
         self._down_until = 0.0
         self._failures = 0
@@ -60,6 +62,8 @@ class Backoff:
         """The last attempt that ended got an answer (of any status): MLflow is slow at worst."""
         self._asked_at: float | None = None
         """When the post in flight was sent."""
+        self._asked_until = 0.0
+        """Until when MLflow asked not to be asked again (its last ``Retry-After``)."""
 
     def down(self) -> bool:
         with self._lock:
@@ -73,23 +77,38 @@ class Backoff:
     def up(self) -> None:
         with self._lock:
             self._failures = 0
-            self._down_until = 0.0
+            self._down_until = self._asked_until = 0.0
             self.outage_since = None
 
-    def failed(self) -> None:
+    def failed(self, retry_after: float | None = None) -> None:
+        """An attempt failed; MLflow is asked again after the back-off, or after the wait
+        its answer asked for (``Retry-After``) when that is longer."""
         with self._lock:
             now = self._clock()
-            self._down_until = now + BACKOFF[min(self._failures, len(BACKOFF) - 1)]
+            wait = max(BACKOFF[min(self._failures, len(BACKOFF) - 1)], retry_after or 0.0)
+            self._down_until = now + wait
+            self._asked_until = now + retry_after if retry_after is not None else 0.0
             self._failures += 1
             if self.outage_since is None:
                 self.outage_since = now
                 self.outage_wall = time.time()
 
     def retry_now(self) -> None:
-        """Leaving is a process's last chance to send: MLflow gets one more
-        attempt even mid-backoff (it may have recovered since)."""
+        """Leaving is a process's last chance to send: MLflow gets one more attempt even
+        mid-backoff (it may have recovered since), but not before the time it asked for."""
         with self._lock:
-            self._down_until = 0.0
+            self._down_until = self._asked_until
+
+    def wait_asked(self, within: float) -> bool:
+        """On the delivery thread while leaving: wait out what is left of the wait MLflow
+        asked for, when it ends within ``within`` seconds. True when MLflow may be asked now."""
+        left = self.remaining()
+        if left <= 0:
+            return True
+        if left >= within:
+            return False
+        self._sleep(left)  # the exit bound covers it; no lock is held
+        return True
 
     def outage(self, at_least: float) -> float | None:
         """The wall-clock start of an outage that has lasted ``at_least`` seconds."""
@@ -204,6 +223,8 @@ class DeliveryThread:
         if not batch:  # each of its spans was dropped as unencodable (said and counted)
             return
         timeout = self._attempt_timeout()
+        if self._queue.leaving() and self._backoff.wait_asked(timeout):
+            timeout = self._attempt_timeout()
         if self._backoff.down() or self._queue.high() or timeout <= 0:
             if timeout <= 0:
                 self._ledger.timed_out()
@@ -257,7 +278,7 @@ class DeliveryThread:
         cut = self._queue.leaving() and outcome.status is None and outcome.reason.startswith(NO_ANSWER) \
             and self._attempt_timeout() <= CUT_MARGIN
         self._ledger.failed(outcome.reason, cut_by_exit_bound=cut)
-        self._backoff.failed()
+        self._backoff.failed(outcome.retry_after)
 
     def _tell_long_outage(self) -> None:
         """One line per outage (a timeout, then a reset, then a 503 are one
