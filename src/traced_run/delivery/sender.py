@@ -18,10 +18,10 @@ from opentelemetry.sdk.trace import ReadableSpan
 
 from traced_run import report
 from traced_run.config.settings import Settings
-from traced_run.delivery.ledger import Ledger
 from traced_run.delivery.queue import SpanQueue
-from traced_run.delivery.spill import Keeper, traces_of
+from traced_run.delivery.spill import SpoolWriter, traces_of
 from traced_run.delivery.spool import SpoolRefused, Target
+from traced_run.delivery.stats import DeliveryStats
 from traced_run.report import mask_url
 from traced_run.transport import NO_ANSWER
 
@@ -155,14 +155,14 @@ class Backoff:
 
 
 class DeliveryThread:
-    def __init__(self, settings: Settings, queue: SpanQueue, keeper: Keeper, ledger: Ledger,
+    def __init__(self, settings: Settings, queue: SpanQueue, spool_writer: SpoolWriter, stats: DeliveryStats,
                  backoff: Backoff, loaded: threading.Event) -> None:
         self._settings = settings
         self._endpoint = settings.traces_endpoint or ""
         self._queue = queue
-        self._keeper = keeper
-        self._spool = keeper.spool
-        self._ledger = ledger
+        self._spool_writer = spool_writer
+        self._spool = spool_writer.spool
+        self._stats = stats
         self._backoff = backoff
         self._loaded = loaded
         self._sender: Sender | None = None
@@ -198,7 +198,7 @@ class DeliveryThread:
                     more_spooled = self._send_spooled_one()
                     self._queue.set_spool_idle(not more_spooled)
             except Exception as error:  # a bug of ours or a library's must not stop delivery
-                self._ledger.broke(len(batch), f"{type(error).__name__}: {error}")
+                self._stats.broke(len(batch), f"{type(error).__name__}: {error}")
             self._queue.done()
             self._tell_long_outage()
 
@@ -227,28 +227,29 @@ class DeliveryThread:
             timeout = self._attempt_timeout()
         if self._backoff.down() or self._queue.high() or timeout <= 0:
             if timeout <= 0:
-                self._ledger.timed_out()
+                self._stats.timed_out()
             with self._queue.hold() as held:
                 if held:
-                    self._keeper.keep(batch, payload)
+                    self._spool_writer.keep(batch, payload)
             return
         outcome = self._post(payload, target_of(self._settings), timeout)
         with self._queue.hold() as held:
             if not held:  # close() took the batch over while it was posted: the answer is not ours
                 return
             if outcome.delivered:
-                self._ledger.delivered(len(batch) - sum(part.spans for part in outcome.rejected))
+                self._stats.delivered(len(batch) - sum(part.spans for part in outcome.rejected))
                 for part in outcome.rejected:
-                    self._keeper.set_aside(part.payload, part.spans, 1, part.outcome, self._queue.leaving())
+                    self._spool_writer.set_aside(part.payload, part.spans, 1, part.outcome,
+                                                 self._queue.leaving())
                 self._backoff.up()
             elif outcome.invalid:
-                self._keeper.set_aside(payload, len(batch), len(traces_of(batch)), outcome,
+                self._spool_writer.set_aside(payload, len(batch), len(traces_of(batch)), outcome,
                                        self._queue.leaving())
             else:
                 self._failed(outcome)
                 unanswered = self._queue.posted() and outcome.status is None \
                     and outcome.reason.startswith(NO_ANSWER)
-                self._keeper.keep(batch, payload, timeout if unanswered else None)
+                self._spool_writer.keep(batch, payload, timeout if unanswered else None)
 
     def _encode(self, batch: list[ReadableSpan]) -> bytes:
         """``encode``; a span it drops is counted and leaves the batch, so that what follows
@@ -259,7 +260,7 @@ class DeliveryThread:
         dropped: list[ReadableSpan] = []
         payload = encode(batch, self._settings, dropped)
         if dropped:
-            self._ledger.unencodable(dropped)
+            self._stats.unencodable(dropped)
             gone = {id(span) for span in dropped}
             kept = [span for span in batch if id(span) not in gone]
             with self._queue.lock:
@@ -277,7 +278,7 @@ class DeliveryThread:
         # An attempt the exit bound cut short says nothing about MLflow: the reason must say so.
         cut = self._queue.leaving() and outcome.status is None and outcome.reason.startswith(NO_ANSWER) \
             and self._attempt_timeout() <= CUT_MARGIN
-        self._ledger.failed(outcome.reason, cut_by_exit_bound=cut)
+        self._stats.failed(outcome.reason, cut_by_exit_bound=cut)
         self._backoff.failed(outcome.retry_after)
 
     def _tell_long_outage(self) -> None:
@@ -289,9 +290,9 @@ class DeliveryThread:
             return
         shown = time.strftime("%H:%M:%S", time.localtime(started))
         report.say(f"cannot deliver traces to {mask_url(self._endpoint)} since {shown} "
-                   f"({self._ledger.problem}); keeping them in {self._spool.directory} and retrying in "
+                   f"({self._stats.problem}); keeping them in {self._spool.directory} and retrying in "
                    f"the background")
-        self._ledger.outage_told()
+        self._stats.outage_told()
 
     def _send_spooled_one(self) -> bool:
         """Send one spooled batch, if MLflow is taking batches; the queue keeps
@@ -306,15 +307,15 @@ class DeliveryThread:
                 for batch, outcome, aside in sending:
                     # a batch given back to the spool is still this process's
                     if outcome.delivered or aside is not None:
-                        self._ledger.finished_spooled(batch.name, batch.spans, outcome.delivered)
+                        self._stats.finished_spooled(batch.name, batch.spans, outcome.delivered)
                     if outcome.delivered:
                         self._backoff.up()
                         if aside is not None:  # some of its traces, rejected alone, went aside
-                            self._keeper.rejected(sum(part.spans for part in outcome.rejected), aside,
+                            self._spool_writer.rejected(sum(part.spans for part in outcome.rejected), aside,
                                                   outcome.rejected[0].outcome, self._queue.leaving())
                         return True
                     if aside is not None:
-                        self._keeper.rejected(batch.spans, aside, outcome, self._queue.leaving())
+                        self._spool_writer.rejected(batch.spans, aside, outcome, self._queue.leaving())
                         return True
                     self._failed(outcome)
             return False
