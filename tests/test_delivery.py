@@ -10,6 +10,7 @@ for with a sleep. Each test has its own spool directory.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -19,7 +20,7 @@ import subprocess
 import textwrap
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
@@ -240,6 +241,22 @@ def flush(app: App, env: dict[str, str]) -> str:
     return done.stdout.decode()
 
 
+@contextlib.contextmanager
+def delivering_app(app: App, proxy: FaultProxy, prefix: str, *, pause: float = 0.2,
+                   **env: str) -> Iterator[tuple[subprocess.Popen[bytes], Lines]]:
+    """A looping app that has made its first runs and delivered a first batch (so its
+    experiment is known before MLflow fails); stopped on the way out."""
+    app.write(loop_app(prefix, pause=pause))
+    process = start(app, "python", "app.py", env=proxied_env(app, proxy, **env))
+    try:
+        out = Lines(process)
+        out.wait_for("done 2")
+        poll(lambda: 200 in proxy.statuses(), timeout=30, what="a first batch delivered")
+        yield process, out
+    finally:
+        stop(process)
+
+
 # --- MLflow down, failing, recovering ---------------------------------------------------
 def test_down_for_the_first_process_up_for_the_second(app: App, proxy: FaultProxy) -> None:
     app.write(tool_agent("first", "agent.run_sync('updown 0')\nagent.run_sync('updown 1')\n"), "first.py")
@@ -288,23 +305,13 @@ def all_runs_arrive_then_stop(app: App, process: subprocess.Popen[bytes], out: L
 @pytest.mark.parametrize("failure", FAILURES)
 def test_failing_mid_run_then_recovering_loses_nothing_and_doubles_nothing(
         app: App, proxy: FaultProxy, failure: Mode) -> None:
-    app.write(loop_app("run"))
     # A one-second attempt timeout keeps a hanging MLflow from holding the delivery thread long.
-    env = proxied_env(app, proxy, OTEL_EXPORTER_OTLP_TIMEOUT="1")
-    process = start(app, "python", "app.py", env=env)
-    try:
-        out = Lines(process)
-        out.wait_for("done 2")
-        # The experiment is looked up with the first post: it must be known before MLflow fails,
-        # or every attempt fails at the look-up and no post is ever answered `failure`.
-        poll(lambda: 200 in proxy.statuses(), timeout=30, what="a first batch delivered")
+    with delivering_app(app, proxy, "run", OTEL_EXPORTER_OTLP_TIMEOUT="1") as (process, out):
         proxy.mode = failure
         poll(lambda: proxy.count(mode=failure) >= 2, timeout=30, what=f"two posts answered {failure}")
         proxy.mode = "forward"
         # While the app still runs, this process sends what it spooled during the failure.
         resent_after, err = all_runs_arrive_then_stop(app, process, out, "run", time.monotonic())
-    finally:
-        stop(process)
     runs = out.done()
     print(f"{failure}: {proxy.count(mode=failure)} posts failed, {runs} runs, spool re-sent "
           f"{resent_after:.1f}s after recovery; stderr: {err.decode()}")
@@ -327,12 +334,7 @@ def test_a_running_process_finds_mlflow_again_within_two_seconds_and_asks_little
         app: App, proxy: FaultProxy) -> None:
     """A long-running service: while MLflow answers 503 it is asked at most about once a
     second; once it answers again, the process sends within ~2 s, spool included."""
-    app.write(loop_app("back", pause=0.1))
-    process = start(app, "python", "app.py", env=proxied_env(app, proxy))
-    try:
-        out = Lines(process)
-        out.wait_for("done 2")
-        poll(lambda: 200 in proxy.statuses(), timeout=30, what="a first batch delivered")
+    with delivering_app(app, proxy, "back", pause=0.1) as (process, out):
         proxy.mode = "503"
         time.sleep(OUTAGE)  # the outage itself: what is measured is the process's behaviour in it
         asked = proxy.count(path="/", mode="503")
@@ -343,8 +345,6 @@ def test_a_running_process_finds_mlflow_again_within_two_seconds_and_asks_little
              timeout=30, what="a batch delivered after MLflow came back")
         found_after = time.monotonic() - back
         drained_after, err = all_runs_arrive_then_stop(app, process, out, "back", back)
-    finally:
-        stop(process)
     print(f"recovery: {asked} requests in a {OUTAGE:g}s outage; first batch {found_after:.2f}s after "
           f"MLflow was back, the outage's runs all there after {drained_after:.2f}s; stderr: {err.decode()}")
     assert asked <= OUTAGE / 1.0 + 3, f"{asked} requests while MLflow was down"
@@ -359,12 +359,7 @@ ASKED_WAIT = 4
 def test_retry_after_is_honoured_while_running(app: App, proxy: FaultProxy) -> None:
     """A 503 with ``Retry-After``: the process asks again no sooner than it was told, not at its
     own quarter-second back-off, and loses nothing meanwhile."""
-    app.write(loop_app("asked", pause=0.1))
-    process = start(app, "python", "app.py", env=proxied_env(app, proxy))
-    try:
-        out = Lines(process)
-        out.wait_for("done 2")
-        poll(lambda: 200 in proxy.statuses(), timeout=30, what="a first batch delivered")
+    with delivering_app(app, proxy, "asked", pause=0.1) as (process, out):
         proxy.retry_after = str(ASKED_WAIT)
         proxy.mode = "503"
         first = poll(lambda: next((s for s in proxy.seen if s.mode == "503"), None), timeout=30,
@@ -373,8 +368,6 @@ def test_retry_after_is_honoured_while_running(app: App, proxy: FaultProxy) -> N
         after = poll(lambda: next((s for s in proxy.seen if s.path.startswith("/v1/traces")
                                    and s.at > first.at), None), timeout=30, what="the next post")
         _, err = all_runs_arrive_then_stop(app, process, out, "asked", time.monotonic())
-    finally:
-        stop(process)
     waited = after.at - first.at
     print(f"asked to wait {ASKED_WAIT} s, asked again after {waited:.2f} s; stderr: {err.decode()}")
     # A lower bound only: a loaded machine makes the wait longer, never shorter.
