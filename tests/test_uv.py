@@ -11,7 +11,6 @@ import re
 import subprocess
 import sys
 import textwrap
-import time
 import zipfile
 from importlib import metadata
 from pathlib import Path
@@ -112,9 +111,7 @@ def uv_project(directory: Path) -> None:
 def test_traced_run_uv_run_traces_a_project_that_does_not_list_traced_run(
         app: App, uv_offline: dict[str, str]) -> None:
     uv_project(app.directory)
-    started = time.monotonic()
     done = app.run("uv", "run", "app.py", env=traced_env(app, **uv_offline), timeout=300)
-    took = time.monotonic() - started
     stderr = done.stderr.decode()
     assert done.returncode == 0, stderr
     assert done.stdout.decode().strip(), "the app's own output"
@@ -123,7 +120,6 @@ def test_traced_run_uv_run_traces_a_project_that_does_not_list_traced_run(
     assert {"AGENT", "LLM", "TOOL"} <= set(spans_by_type(trace))
     lock = (app.directory / "uv.lock").read_text()
     assert 'name = "traced-run"' not in lock, "the project is left as it was"
-    print(f"traced-run uv run app.py, offline, a fresh uv project and cache: {took:.1f} s")
 
 
 @pytest.mark.parametrize("strict", [False, True], ids=["untraced", "strict"])
@@ -143,3 +139,13 @@ def test_uv_run_traced_run_in_a_project_without_it_names_the_python_and_the_fix(
         assert done.returncode == 70 and not (app.directory / "ran").exists()
     else:
         assert (done.returncode, done.stdout) == (0, "app ran\n")
+
+
+def test_traced_run_uvx_traces_a_tool_environment(app: App, uv_offline: dict[str, str]) -> None:
+    app.write(AGENT_APP)
+    done = app.run("uvx", "--from", "pydantic-ai-slim", "python", "app.py",
+                   env=traced_env(app, **uv_offline), timeout=300)
+    assert done.returncode == 0, done.stderr.decode()
+    assert "traced-run:" not in done.stderr.decode()
+    (trace,) = app.traces(1)
+    assert {"AGENT", "LLM", "TOOL"} <= set(spans_by_type(trace))

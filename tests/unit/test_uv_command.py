@@ -46,11 +46,15 @@ def test_uv_is_handed_this_very_install(direct_url: dict[str, object] | None, ex
     (["uv", "--directory", "run", "-q", "run", "app.py"],
      ["uv", "--directory", "run", "-q", "run", *WITH, "app.py"]),
     (["uv", "--color=never", "run", "app.py"], ["uv", "--color=never", "run", *WITH, "app.py"]),
+    (["uvx", "--from", "pydantic-ai-slim[cli]", "clai"],
+     ["uvx", *WITH, "--from", "pydantic-ai-slim[cli]", "clai"]),
+    (["uv", "tool", "run", "clai"], ["uv", "tool", "run", *WITH, "clai"]),
     (["uv", "pip", "list"], None),
     (["uv", "--project", "run"], None),
     (["uv"], None),
     (["python", "run"], None),
-], ids=["uv run", "a path to uv", "global options with values", "a global option=value", "uv pip",
+], ids=["uv run", "a path to uv", "global options with values", "a global option=value", "uvx",
+        "uv tool run", "uv pip",
         "no subcommand", "uv alone", "not uv"])
 def test_the_option_goes_right_after_run(command: list[str], expected: list[str] | None,
                                          tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

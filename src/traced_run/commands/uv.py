@@ -1,7 +1,8 @@
 """``traced-run uv run ...``: uv runs the app with the project's own environment, which
 need not list traced-run; there the bootstrap on PYTHONPATH cannot import traced_run and
 the app would run untraced. Handed ``--with`` this very install of traced-run, uv adds it
-to the environment of that run (the project itself is left as it is).
+to the environment of that run (the project itself is left as it is). The same for a
+tool's environment under ``uvx`` / ``uv tool run``.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ them is not the subcommand."""
 
 
 def with_traced_run(command: list[str]) -> list[str] | None:
-    """``command`` with uv's option that adds this traced-run right after ``run``; None
-    when it is not ``uv run``."""
+    """``command`` with uv's option that adds this traced-run right after ``run`` (``uv run``,
+    ``uv tool run``) or ``uvx``; None for any other command."""
     index = _run_index(command)
     if index is None:
         return None
@@ -25,11 +26,16 @@ def with_traced_run(command: list[str]) -> list[str] | None:
 
 
 def _run_index(command: list[str]) -> int | None:
-    if not command or os.path.basename(command[0]) != "uv":
+    program = os.path.basename(command[0]) if command else ""
+    if program == "uvx":
+        return 0
+    if program != "uv":
         return None
     index = 1
     while index < len(command) and command[index].startswith("-"):
         index += 2 if command[index] in _VALUED else 1
+    if command[index:index + 2] == ["tool", "run"]:
+        return index + 1
     return index if command[index:index + 1] == ["run"] else None
 
 
