@@ -73,7 +73,8 @@ def _repack(distribution: metadata.Distribution, into: Path) -> None:
 @pytest.fixture(scope="module")
 def uv_offline(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """uv's environment variables for a run that reaches no index: its settings in a file of
-    their own (no index, the wheelhouse, offline, this Python), a cache of its own."""
+    their own (no index, the wheelhouse, offline, this machine's Pythons alone), this Python,
+    a cache of its own."""
     root = tmp_path_factory.mktemp("uv")
     house = root / "wheelhouse"
     house.mkdir()
@@ -108,10 +109,16 @@ def uv_project(directory: Path) -> None:
     (directory / "app.py").write_text(textwrap.dedent(AGENT_APP))
 
 
+@pytest.mark.parametrize("strict", [False, True], ids=["default", "strict"])
 def test_traced_run_uv_run_traces_a_project_that_does_not_list_traced_run(
-        app: App, uv_offline: dict[str, str]) -> None:
+        app: App, uv_offline: dict[str, str], strict: bool) -> None:
+    """Under --strict too: the build backend's Python, which uv starts and which cannot
+    import traced_run, does not stop the build (a cache of its own: uv builds anew)."""
     uv_project(app.directory)
-    done = app.run("uv", "run", "app.py", env=traced_env(app, **uv_offline), timeout=300)
+    env = traced_env(app, **uv_offline)
+    if strict:
+        env["UV_CACHE_DIR"] = str(app.directory / "uv-cache")
+    done = app.run(*(["--strict"] if strict else []), "uv", "run", "app.py", env=env, timeout=300)
     stderr = done.stderr.decode()
     assert done.returncode == 0, stderr
     assert done.stdout.decode().strip(), "the app's own output"

@@ -61,3 +61,10 @@ def test_the_option_goes_right_after_run(command: list[str], expected: list[str]
     installed(tmp_path, "9.1.2", {"url": "file:///src/traced-run", "dir_info": {"editable": True}})
     monkeypatch.syspath_prepend(str(tmp_path))
     assert uv.with_traced_run(command) == expected
+
+
+def test_without_an_installed_traced_run_uv_is_left_as_it_is(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run from a source tree on PYTHONPATH: nothing to hand uv, the command runs as the user
+    gave it (and the app's Python says it cannot import traced_run)."""
+    monkeypatch.setattr(uv, "DISTRIBUTION", "traced-run-never-installed")
+    assert uv.with_traced_run(["uv", "run", "app.py"]) is None

@@ -20,9 +20,10 @@ def with_traced_run(command: list[str]) -> list[str] | None:
     """``command`` with uv's option that adds this traced-run right after ``run`` (``uv run``,
     ``uv tool run``) or ``uvx``; None for any other command."""
     index = _run_index(command)
-    if index is None:
+    given = None if index is None else requirement()
+    if index is None or given is None:
         return None
-    return [*command[:index + 1], *requirement(), *command[index + 1:]]
+    return [*command[:index + 1], *given, *command[index + 1:]]
 
 
 def _run_index(command: list[str]) -> int | None:
@@ -39,16 +40,20 @@ def _run_index(command: list[str]) -> int | None:
     return index if command[index:index + 1] == ["run"] else None
 
 
-def requirement() -> list[str]:
+def requirement() -> list[str] | None:
     """What uv needs to install the traced-run this launcher runs, as it is installed here
     (PEP 610's direct_url.json): a source tree installed editable stays editable, so the app
-    runs the same code; a wheel, archive or checkout by its URL; a release by its version."""
+    runs the same code; a wheel, archive or checkout by its URL; a release by its version.
+    None when it is not installed at all (run from a source tree on PYTHONPATH)."""
     # Imported here: the launcher's other commands have no use for them.
     import json
     from importlib import metadata
     from urllib.parse import unquote, urlsplit
 
-    distribution = metadata.distribution(DISTRIBUTION)
+    try:
+        distribution = metadata.distribution(DISTRIBUTION)
+    except metadata.PackageNotFoundError:
+        return None
     try:
         direct = json.loads(distribution.read_text("direct_url.json") or "null")
     except ValueError:
