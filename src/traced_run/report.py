@@ -87,8 +87,13 @@ def untraced_interpreter(strict: bool) -> None:
     environment's Python, a #! interpreter, ``uv run`` in a project without traced-run):
     loaded by path, as nothing else of the package can be. Strict mode stops it here."""
     what = "not starting the app (strict mode)" if strict else "the app runs untraced"
+    if os.environ.get("UV"):  # uv run sets it for what it runs: the environment is a uv project's
+        fix = ("Run it as `traced-run uv run ...` (uv adds traced-run for that run), or add traced-run "
+               "to the project: uv add traced-run")
+    else:
+        fix = "Install traced-run there, or run the app with the Python traced-run is installed in"
     say(f"{sys.executable} cannot import traced_run: it is not installed in that Python's environment; "
-        f"{what}. Install traced-run there, or run the app with the Python traced-run is installed in")
+        f"{what}. {fix}")
     if strict:
         os._exit(EXIT_SETUP)
 

@@ -23,6 +23,7 @@ from typing import Any, NoReturn
 
 from traced_run import __version__, report
 from traced_run.bootstrap import BOOT_DIR
+from traced_run.commands import uv
 from traced_run.config.settings import SPECS
 from traced_run.config.sources import Loaded, load, shown
 from traced_run.flags import LAUNCHED_ENV, OPTIONS_ENV
@@ -124,8 +125,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         report.say(f"{skipped}; {what}")
         if loaded.settings.strict:
             return report.EXIT_SETUP
+    uv_run = uv.with_traced_run(command)
+    if uv_run is not None:
+        # No LAUNCHED_ENV: the Pythons uv starts for itself (a build backend's, without
+        # traced-run) would say they run untraced, and under --strict stop the build.
+        return _exec(uv_run, env)
     # Checked here: no process checks again, but a Python of the command that cannot import
-    # traced_run (uv run's, a #! interpreter's) says so (_boot/sitecustomize.py).
+    # traced_run (another environment's, a #! interpreter's) says so (_boot/sitecustomize.py).
     env[LAUNCHED_ENV] = "0"
     return _exec(command, env)
 
