@@ -108,9 +108,6 @@ class WorkflowSpans:
     def durable(self, span_id: int) -> bool:
         return span_id in self._started
 
-    def forget(self) -> None:
-        self._started = OrderedDict()
-
 
 class EndedTraces:
     """Traces whose local root ended with no agent seen, kept (a bounded number of spans) for an
@@ -143,9 +140,6 @@ class EndedTraces:
             while len(self._held) > self._max_spans:  # runs that never end (a leak in the app)
                 del self._held[next(iter(self._held))]
         return [span for span in kept if not (span.parent is None or span.parent.is_remote)]
-
-    def holds(self, trace_id: int) -> bool:
-        return trace_id in self._held
 
     def release(self, trace_id: int) -> list[ReadableSpan]:
         """The held roots of ``trace_id``, whose agent runs have all ended, outermost first."""
