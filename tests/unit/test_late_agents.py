@@ -88,6 +88,17 @@ def test_a_workflow_span_whose_client_is_another_process_becomes_the_root(
     assert _by_name(passed)["invoke_agent support"].parent is not None
 
 
+def test_an_apps_span_whose_caller_is_another_process_keeps_its_parent(
+        provider: tuple[TracerProvider, InMemorySpanExporter]) -> None:
+    made, passed = provider
+    caller = SpanContext(0x1234, 0x99, is_remote=True, trace_flags=TraceFlags(TraceFlags.SAMPLED))
+    with made.get_tracer("app").start_as_current_span(
+            "POST /first", context=trace.set_span_in_context(NonRecordingSpan(caller))) as first:
+        pass
+    _agent_run(made, _as_remote(first))
+    assert _by_name(passed)["POST /first"].parent == caller, "the caller's own spans may reach MLflow"
+
+
 def test_a_span_made_after_the_run_under_a_remote_parent_gets_no_summary(
         provider: tuple[TracerProvider, InMemorySpanExporter]) -> None:
     made, passed = provider

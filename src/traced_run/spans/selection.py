@@ -369,11 +369,13 @@ def _incomplete(dropped: int, max_waiting: int) -> str:
 
 
 def _rooted(roots: list[ReadableSpan]) -> list[ReadableSpan]:
-    """Roots held for a trace's late agent, outermost first; when none is the trace's root (a
-    Temporal workflow's client is another process), the outermost becomes it: MLflow gives a
-    trace its state only from a span with no parent."""
+    """Roots held for a trace's late agent, outermost first. When that is a span of Temporal's
+    whose parent is in another process (the workflow's client), it becomes the trace's root:
+    MLflow gives a trace its state only from a span with no parent, and the client process,
+    which runs no agent, sends nothing. Another caller's spans may reach MLflow: left as they are."""
     roots = sorted(roots, key=lambda root: (root.parent is not None, root.start_time or 0))
-    if roots and roots[0].parent is not None:
+    scope = roots[0].instrumentation_scope if roots else None
+    if roots and roots[0].parent is not None and scope is not None and scope.name.startswith("temporalio"):
         roots[0] = copy_span(roots[0], dict(roots[0].attributes or {}), parent=None)
     return roots
 
