@@ -119,3 +119,22 @@ def test_the_kept_spans_of_traces_without_an_agent_are_bounded() -> None:
         assert isinstance(span, ReadableSpan)
         ended.keep(span.get_span_context().trace_id, [span])
     assert ended._spans == 10 and len(ended._ended) == 10
+
+
+def test_an_activitys_span_ending_mid_run_does_not_end_the_trace(
+        provider: tuple[TracerProvider, InMemorySpanExporter]) -> None:
+    made, passed = provider
+    client = _client_span(made)
+    with made.get_tracer(PYDANTIC_AI_SCOPE).start_as_current_span("invoke_agent support",
+                                                                  context=_as_remote(client)) as run:
+        with made.get_tracer("temporalio").start_as_current_span("StartActivity:model_request") as start:
+            pass
+        with made.get_tracer("temporalio").start_as_current_span("RunActivity:model_request",
+                                                                 context=_as_remote(start)):
+            pass
+        assert "StartWorkflow:Support" not in _by_name(passed), "held until the run ends"
+        run.set_attribute("pydantic_ai.all_messages", MESSAGES)
+        run.set_attribute("final_result", "Sunny.")
+    root = _by_name(passed)["StartWorkflow:Support"]
+    assert root.attributes is not None and root.attributes["output.value"] == "Sunny."
+    assert "output.value" not in (_by_name(passed)["RunActivity:model_request"].attributes or {})

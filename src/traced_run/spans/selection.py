@@ -158,8 +158,8 @@ class TraceSelection(SpanProcessor):
                 if messages is not None:
                     self._prompts[trace_id] = messages
                 agent = self._runs.ended(span, agent, self._decided)
-            # A local root that ends while runs go on (a Temporal activity's) does not end the trace.
-            trace_end = local_root and not self._runs.running(trace_id)
+            # A Temporal activity's span, made while the workflow's run goes on, does not end the trace.
+            trace_end = local_root and not (_temporals(span) and self._runs.running(trace_id))
             late = self._ended.release(trace_id) if trace_end else []
             messages = self._prompts.pop(trace_id, None) if trace_end else None
             answer = self._answers.of(trace_id, span, trace_end) if isinstance(agent, ReadableSpan) else None
@@ -374,10 +374,16 @@ def _rooted(roots: list[ReadableSpan]) -> list[ReadableSpan]:
     MLflow gives a trace its state only from a span with no parent, and the client process,
     which runs no agent, sends nothing. Another caller's spans may reach MLflow: left as they are."""
     roots = sorted(roots, key=lambda root: (root.parent is not None, root.start_time or 0))
-    scope = roots[0].instrumentation_scope if roots else None
-    if roots and roots[0].parent is not None and scope is not None and scope.name.startswith("temporalio"):
+    if roots and roots[0].parent is not None and _temporals(roots[0]):
         roots[0] = copy_span(roots[0], dict(roots[0].attributes or {}), parent=None)
     return roots
+
+
+def _temporals(span: ReadableSpan) -> bool:
+    """A span of Temporal's tracing interceptor (``temporalio.contrib.opentelemetry``, or the
+    tracer pydantic-ai's ``LogfirePlugin`` gives it)."""
+    scope = span.instrumentation_scope
+    return scope is not None and scope.name.startswith("temporalio")
 
 
 def _within(root: ReadableSpan, run: ReadableSpan) -> bool:
