@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import BIN, App, clean_env, free_port, traced_env, wait_up
+from conftest import BIN, TRACED_RUN, App, clean_env, free_port, traced_env, wait_up
 
 pytest.importorskip("temporalio")
 
@@ -25,7 +26,8 @@ WORKFLOW_APP = """
     import warnings
 
     from temporalio import workflow
-    from temporalio.client import Client
+    from temporalio.client import Client, WorkflowHandle
+    from temporalio.service import RPCError
     from temporalio.worker import Worker
     from pydantic_ai import Agent
     from pydantic_ai.models.test import TestModel
@@ -47,6 +49,14 @@ WORKFLOW_APP = """
         async def run(self, prompt: str) -> str:
             return (await temporal_agent.run(prompt)).output
 
+    async def finished(handle: WorkflowHandle) -> None:
+        while True:
+            try:
+                await handle.result()
+                return
+            except RPCError:  # its client has not started it yet
+                await asyncio.sleep(0.2)
+
     async def main() -> None:
         plugins = [PydanticAIPlugin()]
         if os.environ.get("WITH_LOGFIRE"):
@@ -55,10 +65,17 @@ WORKFLOW_APP = """
             logfire.configure(send_to_logfire=False, console=False)
             plugins.append(LogfirePlugin())
         client = await Client.connect(os.environ["TEMPORAL_ADDRESS"], plugins=plugins)
-        queue = uuid.uuid4().hex
+        queue, role = os.environ.get("QUEUE") or uuid.uuid4().hex, os.environ.get("ROLE")
+        if role == "client":
+            workflow_id = os.environ["WORKFLOW_ID"]
+            print(await client.execute_workflow(Support.run, PROMPTS[0], id=workflow_id, task_queue=queue))
+            return
         # No workflow cache: each workflow task replays the agent run from its start.
         async with Worker(client, task_queue=queue, workflows=[Support],
                           plugins=[AgentPlugin(temporal_agent)], max_cached_workflows=0):
+            if role == "worker":
+                await finished(client.get_workflow_handle(os.environ["WORKFLOW_ID"]))
+                return
             for prompt in PROMPTS:
                 run_id = uuid.uuid4().hex
                 print(await client.execute_workflow(Support.run, prompt, id=run_id, task_queue=queue))
@@ -98,9 +115,9 @@ def _run_workflows(app: App, temporal: str, **extra: str) -> list[Any]:
     return app.traces(len(PROMPTS))
 
 
-def _assert_one_ok_trace_per_run(traces: list[Any]) -> None:
+def _assert_one_ok_trace_per_run(traces: list[Any], prompts: tuple[str, ...] = PROMPTS) -> None:
     requests = sorted(str(trace.info.request_preview) for trace in traces)
-    assert requests == sorted(f'"{prompt}"' for prompt in PROMPTS), "each trace has its run's prompt"
+    assert requests == sorted(f'"{prompt}"' for prompt in prompts), "each trace has its run's prompt"
     for trace in traces:
         assert str(trace.info.state).endswith("OK"), (trace.info.trace_id, trace.info.state)
         spans = trace.data.spans
@@ -135,3 +152,26 @@ def test_with_logfires_temporal_plugin_the_workflows_spans_complete_the_trace(ap
         assert root.name == "StartWorkflow:Support", "the client's span, sent once the agent started under it"
         assert trace.info.tags.get("mlflow.traceName") == "support"
         assert str(trace.info.response_preview) != ""
+
+
+def test_a_workflow_whose_client_is_another_process_is_one_ok_trace(app: App, temporal: str) -> None:
+    app.write(WORKFLOW_APP)
+    env = traced_env(app, TEMPORAL_ADDRESS=temporal, WITH_LOGFIRE="1", WORKFLOW_ID=uuid.uuid4().hex,
+                     QUEUE=uuid.uuid4().hex)
+    client = subprocess.Popen([TRACED_RUN, "python", "app.py"], cwd=app.directory,
+                              env={**env, "ROLE": "client"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        worker = app.run("python", "app.py", env={**env, "ROLE": "worker"}, timeout=180)
+        out, err = client.communicate(timeout=120)
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait()
+    assert worker.returncode == 0, worker.stderr.decode()[-3000:]
+    assert client.returncode == 0 and b"sunny" in out, err.decode()[-3000:]
+    (trace,) = app.traces(1)
+    _assert_one_ok_trace_per_run([trace], PROMPTS[:1])
+    (root,) = [span for span in trace.data.spans if span.parent_id is None]
+    # The client's span never reaches MLflow; the replayed run hangs from it (Temporal makes the
+    # workflow's span in a workflow's first task alone), so the run is the root.
+    assert root.name == "invoke_agent support"

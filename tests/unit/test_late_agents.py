@@ -88,6 +88,18 @@ def test_a_workflow_span_whose_client_is_another_process_becomes_the_root(
     assert _by_name(passed)["invoke_agent support"].parent is not None
 
 
+def test_a_replayed_run_under_its_remote_client_becomes_the_root(
+        provider: tuple[TracerProvider, InMemorySpanExporter]) -> None:
+    made, passed = provider
+    client = SpanContext(0x1234, 0x99, is_remote=True, trace_flags=TraceFlags(TraceFlags.SAMPLED))
+    remote = trace.set_span_in_context(NonRecordingSpan(client))
+    with made.get_tracer("temporalio").start_as_current_span("RunWorkflow:Support", context=remote):
+        pass
+    _agent_run(made, remote)  # Temporal makes no workflow span in a replay: the run hangs from the client's
+    assert _by_name(passed)["invoke_agent support"].parent is None
+    assert _by_name(passed)["RunWorkflow:Support"].parent == client
+
+
 def test_an_apps_span_whose_caller_is_another_process_keeps_its_parent(
         provider: tuple[TracerProvider, InMemorySpanExporter]) -> None:
     made, passed = provider

@@ -172,15 +172,16 @@ class TraceSelection(SpanProcessor):
         output = _text(answer)
         if output is not None:
             span = copy_span(span, {**(span.attributes or {}), "output.value": output})
+        late, span = _rooted(late, span)
         self._inner.on_end(self._shaped(span, agent if trace_end and _within(span, agent) else None,
                                         messages, last))
-        for index, root in enumerate(_rooted(late)):
-            self._inner.on_end(self._shaped(root, None if index else agent, messages, last))
+        for index, root in enumerate(late):
+            self._inner.on_end(self._shaped(root, agent if index == 0 and root.parent is None else None,
+                                            messages, last))
 
     def _undecided(self, trace_id: int, agent: ReadableSpan | str | None, span: ReadableSpan,
                    local_root: bool) -> bool:
-        """Holds ``span`` of a trace with no agent yet (lock held): waiting for a decision, or
-        kept a while once the trace's local root has ended; False for an agent trace's span."""
+        """Holds ``span`` of a trace with no agent yet, to wait or be kept (lock held); else False."""
         if agent is not None and agent is not _NO_AGENT:
             return False
         if agent is None and not local_root:
@@ -368,15 +369,22 @@ def _incomplete(dropped: int, max_waiting: int) -> str:
             f"{max_waiting} spans of traces with no agent yet were waiting): it reaches MLflow without them")
 
 
-def _rooted(roots: list[ReadableSpan]) -> list[ReadableSpan]:
-    """Roots held for a trace's late agent, outermost first. When that is a span of Temporal's
-    whose parent is in another process (the workflow's client), it becomes the trace's root:
-    MLflow gives a trace its state only from a span with no parent, and the client process,
-    which runs no agent, sends nothing. Another caller's spans may reach MLflow: left as they are."""
+def _rooted(roots: list[ReadableSpan], run: ReadableSpan) -> tuple[list[ReadableSpan], ReadableSpan]:
+    """Roots held for a trace's late agent, outermost first, and the ``run`` whose end released
+    them. When the outermost is a span of Temporal's whose parent is in another process (the
+    workflow's client, which runs no agent and so sends nothing), the trace gets a root here:
+    MLflow gives a trace its state only from a span with no parent. The outermost held span is
+    it when the run hangs from a held span; else the run is (a replayed run hangs from the
+    client's span: Temporal makes its workflow span only the first time). Another caller's
+    spans may reach MLflow: an app's span keeps its remote parent."""
     roots = sorted(roots, key=lambda root: (root.parent is not None, root.start_time or 0))
-    if roots and roots[0].parent is not None and _temporals(roots[0]):
+    if not roots or roots[0].parent is None or not _temporals(roots[0]):
+        return roots, run
+    if run.parent is not None and run.parent.span_id in {root.context.span_id for root in roots}:
         roots[0] = copy_span(roots[0], dict(roots[0].attributes or {}), parent=None)
-    return roots
+    else:
+        run = copy_span(run, dict(run.attributes or {}), parent=None)
+    return roots, run
 
 
 def _temporals(span: ReadableSpan) -> bool:
