@@ -7,9 +7,11 @@ checks, database calls, HTTP requests with no agent in them. A span that ends
 before anything in its trace has been seen of pydantic-ai waits here; the
 trace is wanted as soon as a pydantic-ai span starts in it, and its waiting
 spans go on then; when the trace's local root (no parent, or a parent in
-another process) ends with no agent seen, what waited is dropped. So the
-decision does not depend on when the app set up its provider, and an HTTP
-request span around an agent run arrives as the trace's root.
+another process) ends with no agent seen, what waited is kept a while (a
+bounded number, see ``durable.EndedTraces``) for an agent that starts in the
+trace later, as a Temporal workflow's does, else dropped. So the decision does
+not depend on when the app set up its provider, and an HTTP request span
+around an agent run arrives as the trace's root.
 
 When that root is the app's span, it gets what came in first and what went
 out last as its inputs and outputs (MLflow shows the root's as the trace's
