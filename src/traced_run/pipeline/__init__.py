@@ -35,6 +35,7 @@ from traced_run.config.sources import load
 from traced_run.delivery import Delivery, DeliveryProcessor
 from traced_run.pipeline import mlflow_native
 from traced_run.pipeline.app_export import AppExports, UnlessLeftToApp
+from traced_run.spans.durable import WorkflowIds
 from traced_run.spans.selection import PYDANTIC_AI_SCOPE, TraceSelection
 from traced_run.transport import NO_TRACKING_URI
 
@@ -100,7 +101,8 @@ def _instrument(settings: Settings, ratio: float) -> None:
     service = settings.service_name or attributes.get("service.name") or _service_name()
     attributes["service.name"] = service
     attributes.setdefault("host.name", socket.gethostname())
-    private = TracerProvider(resource=Resource.create(attributes), shutdown_on_exit=False)
+    private = TracerProvider(resource=Resource.create(attributes), shutdown_on_exit=False,
+                             id_generator=WorkflowIds())
     selection = TraceSelection(processor, service_name=service, own=private.resource)
     delivery.interrupt = selection.interrupt
     router = Router(selection, private, (PYDANTIC_AI_SCOPE, pydantic_ai.__version__),

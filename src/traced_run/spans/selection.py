@@ -7,9 +7,11 @@ checks, database calls, HTTP requests with no agent in them. A span that ends
 before anything in its trace has been seen of pydantic-ai waits here; the
 trace is wanted as soon as a pydantic-ai span starts in it, and its waiting
 spans go on then; when the trace's local root (no parent, or a parent in
-another process) ends with no agent seen, what waited is dropped. So the
-decision does not depend on when the app set up its provider, and an HTTP
-request span around an agent run arrives as the trace's root.
+another process) ends with no agent seen, what waited is kept a while (a
+bounded number, see ``durable.EndedTraces``) for an agent that starts in the
+trace later, as a Temporal workflow's does, else dropped. So the decision does
+not depend on when the app set up its provider, and an HTTP request span
+around an agent run arrives as the trace's root.
 
 When that root is the app's span, it gets what came in first and what went
 out last as its inputs and outputs (MLflow shows the root's as the trace's
@@ -42,6 +44,7 @@ from opentelemetry.trace import Status, StatusCode
 from opentelemetry.util.types import AttributeValue
 
 from traced_run import report
+from traced_run.spans.durable import EndedTraces, WorkflowSpans
 from traced_run.spans.messages import last_prompt
 
 PYDANTIC_AI_SCOPE = "pydantic-ai"
@@ -56,6 +59,9 @@ MAX_DECIDED = 8192
 
 _NO_AGENT = "no agent"
 _LEFT_TO_MLFLOW = "MLflow's autolog records it"
+_LEFT_TO_AUTOLOG = ("mlflow.pydantic_ai.autolog() is on in this app and records its agent runs in MLflow "
+                    "itself: traced-run leaves those runs to it, so each is one trace (traced-run's spool, "
+                    "redaction and content settings do not apply to them)")
 
 
 class TraceSelection(SpanProcessor):
@@ -82,6 +88,8 @@ class TraceSelection(SpanProcessor):
         """Wanted trace id -> the messages its latest model call was sent (the prompt of a run cut off)."""
         self._answers = _Answers()
         self._runs = _Runs()
+        self._workflows = WorkflowSpans()
+        self._ended = EndedTraces()
         self._started_in_handler: dict[int, BaseException] = {}
         """Span id -> the cancellation or exit being handled when it started (not what cut it off)."""
         self._told_incomplete = False
@@ -112,51 +120,53 @@ class TraceSelection(SpanProcessor):
             if decided is not _NO_AGENT:  # wanted already, or left to MLflow's autolog
                 return
             if _autolog_records_it():
-                self._remember(trace_id, _LEFT_TO_MLFLOW)
+                _remember(self._decided, trace_id, _LEFT_TO_MLFLOW)
                 self._drop_waiting(trace_id)
                 tell_autolog, self._told_autolog = not self._told_autolog, True
                 waiting, evicted = deque[ReadableSpan](), 0
             else:
                 tell_autolog = False
-                self._remember(trace_id, span)
+                _remember(self._decided, trace_id, span)
                 waiting = self._drop_waiting(trace_id)
+                waiting.extend(self._ended.revive(trace_id))
                 evicted = self._evicted.pop(trace_id, 0)
         for earlier in waiting:
             self._inner.on_end(self._shaped(earlier, None))
-        if evicted:
-            self._tell_incomplete(evicted)
+        if evicted and not self._told_incomplete:
+            self._told_incomplete = True
+            report.say(_incomplete(evicted, self._max_waiting))
         if tell_autolog:
-            report.say("mlflow.pydantic_ai.autolog() is on in this app and records its agent runs in MLflow "
-                       "itself: traced-run leaves those runs to it, so each is one trace (traced-run's "
-                       "spool, redaction and content settings do not apply to them)")
+            report.say(_LEFT_TO_AUTOLOG)
 
     def on_end(self, span: ReadableSpan) -> None:
         context = span.context
         if context is None:
             return
         trace_id = context.trace_id
-        local_root = span.parent is None or span.parent.is_remote
         with self._lock:
             self._open.pop(context.span_id, None)
             handled = self._started_in_handler.pop(context.span_id, None)
+            replayed, started = self._workflows.ended(context.span_id)
+            # Temporal's interceptor marks a span's parent remote even in the process that made it.
+            parent = span.parent
+            local_root = parent is None or (parent.is_remote and parent.span_id not in self._open)
             agent = self._decided.get(trace_id)
-            if agent is None:
-                if not local_root:
-                    self._wait(trace_id, span)
-                    return
-                self._drop_waiting(trace_id)
-                self._evicted.pop(trace_id, None)
-                self._remember(trace_id, _NO_AGENT)
+            if replayed or self._undecided(trace_id, agent, span, local_root):
                 return
+            if started is not None:  # started in a replay: the workflow's time, as in the first attempt
+                span = copy_span(span, dict(span.attributes or {}), start_time=started)
             if isinstance(agent, ReadableSpan):
                 messages = (span.attributes or {}).get("gen_ai.input.messages")
                 if messages is not None:
                     self._prompts[trace_id] = messages
-                self._runs.ended(span)
-            messages = self._prompts.pop(trace_id, None) if local_root else None
-            answer = self._answers.of(trace_id, span, local_root) if isinstance(agent, ReadableSpan) else None
-            last = self._runs.take(trace_id) if local_root else None
-        if isinstance(agent, str):
+                agent = self._runs.ended(span, agent, self._decided)
+            # A Temporal activity's span, made while the workflow's run goes on, does not end the trace.
+            trace_end = local_root and not (_temporals(span) and self._runs.running(trace_id))
+            late = self._ended.release(trace_id) if trace_end else []
+            messages = self._prompts.pop(trace_id, None) if trace_end else None
+            answer = self._answers.of(trace_id, span, trace_end) if isinstance(agent, ReadableSpan) else None
+            last = self._runs.take(trace_id) if trace_end else None
+        if isinstance(agent, str) or agent is None:
             return
         cut_off = _cut_off(span, handled)
         if cut_off is not None:
@@ -164,12 +174,31 @@ class TraceSelection(SpanProcessor):
         output = _text(answer)
         if output is not None:
             span = copy_span(span, {**(span.attributes or {}), "output.value": output})
-        self._inner.on_end(self._shaped(span, agent if local_root else None, messages, last))
+        late, span = _rooted(late, span)
+        self._inner.on_end(self._shaped(span, agent if trace_end and _within(span, agent) else None,
+                                        messages, last))
+        for index, root in enumerate(late):
+            self._inner.on_end(self._shaped(root, agent if index == 0 and root.parent is None else None,
+                                            messages, last))
+
+    def _undecided(self, trace_id: int, agent: ReadableSpan | str | None, span: ReadableSpan,
+                   local_root: bool) -> bool:
+        """Holds ``span`` of a trace with no agent yet, to wait or be kept (lock held); else False."""
+        if agent is not None and agent is not _NO_AGENT:
+            return False
+        if agent is None and not local_root:
+            self._wait(trace_id, span)
+            return True
+        self._ended.keep(trace_id, [*self._drop_waiting(trace_id), span])
+        self._evicted.pop(trace_id, None)
+        _remember(self._decided, trace_id, _NO_AGENT)
+        return True
 
     def _track(self, span: Span) -> None:
         """Remember an open span (lock held); spans never ended (a leak in the app) are
         forgotten oldest first past the bound."""
         self._open[span.context.span_id] = span
+        self._workflows.started(span.context.span_id)
         if len(self._open) > MAX_OPEN:
             oldest = next(iter(self._open))
             del self._open[oldest]
@@ -182,7 +211,8 @@ class TraceSelection(SpanProcessor):
         now = time.time_ns()
         with self._lock:
             cut = [span for span in self._open.values()
-                   if isinstance(self._decided.get(span.context.trace_id), ReadableSpan)]
+                   if isinstance(self._decided.get(span.context.trace_id), ReadableSpan)
+                   and not self._workflows.durable(span.context.span_id)]
             # The outermost pydantic-ai span (the agent run) has no messages before it ends.
             prompts = {span.context.span_id: self._prompts.get(span.context.trace_id) for span in cut
                        if self._decided.get(span.context.trace_id) is span}
@@ -197,12 +227,6 @@ class TraceSelection(SpanProcessor):
         waiting = self._waiting.pop(trace_id, deque())
         self._waiting_spans -= len(waiting)
         return waiting
-
-    def _remember(self, trace_id: int, agent: ReadableSpan | str) -> None:
-        self._decided[trace_id] = agent
-        self._decided.move_to_end(trace_id)
-        while len(self._decided) > MAX_DECIDED:
-            self._decided.popitem(last=False)
 
     def _wait(self, trace_id: int, span: ReadableSpan) -> None:
         """Hold ``span`` (lock held); past the bound, the oldest waiting span is dropped:
@@ -221,14 +245,6 @@ class TraceSelection(SpanProcessor):
         self._evicted.move_to_end(oldest)
         while len(self._evicted) > MAX_DECIDED:
             self._evicted.popitem(last=False)
-
-    def _tell_incomplete(self, dropped: int) -> None:
-        if self._told_incomplete:
-            return
-        self._told_incomplete = True
-        report.say(f"an agent ran in a trace after {dropped} of its earlier spans were dropped (more than "
-                   f"{self._max_waiting} spans of traces with no agent yet were waiting): it reaches MLflow "
-                   f"without them")
 
     def _shaped(self, span: ReadableSpan, agent: ReadableSpan | None, messages: AttributeValue | None = None,
                 last: tuple[ReadableSpan, int] | None = None) -> ReadableSpan:
@@ -318,17 +334,73 @@ class _Runs:
             parent = above.parent
         self._open.setdefault(span.context.trace_id, set()).add(span.context.span_id)
 
-    def ended(self, span: ReadableSpan) -> None:
+    def ended(self, span: ReadableSpan, first: ReadableSpan,
+              decided: dict[int, ReadableSpan | str]) -> ReadableSpan:
+        """Told at the end of a pydantic-ai span of a wanted trace whose ``first`` run is known;
+        returns the first run as it is now: ``span`` when that is it, ended (a Temporal workflow
+        replays a run in a new span object of the same id, which alone ends)."""
         context = span.context
         if context is None or context.span_id not in self._open.get(context.trace_id, ()):
-            return
+            return first
         self._open[context.trace_id].discard(context.span_id)
         self._last[context.trace_id] = (span, self._last.get(context.trace_id, (span, 0))[1] + 1)
+        if first.context is None or first.context.span_id != context.span_id:
+            return first
+        decided[context.trace_id] = span
+        return span
+
+    def running(self, trace_id: int) -> bool:
+        return bool(self._open.get(trace_id))
 
     def take(self, trace_id: int) -> tuple[ReadableSpan, int] | None:
         """The trace's last run and the count, all of it forgotten (its local root has ended)."""
         self._open.pop(trace_id, None)
         return self._last.pop(trace_id, None)
+
+
+def _remember(decided: OrderedDict[int, ReadableSpan | str], trace_id: int,
+              agent: ReadableSpan | str) -> None:
+    decided[trace_id] = agent
+    decided.move_to_end(trace_id)
+    while len(decided) > MAX_DECIDED:
+        decided.popitem(last=False)
+
+
+def _incomplete(dropped: int, max_waiting: int) -> str:
+    return (f"an agent ran in a trace after {dropped} of its earlier spans were dropped (more than "
+            f"{max_waiting} spans of traces with no agent yet were waiting): it reaches MLflow without them")
+
+
+def _rooted(roots: list[ReadableSpan], run: ReadableSpan) -> tuple[list[ReadableSpan], ReadableSpan]:
+    """Roots held for a trace's late agent, outermost first, and the ``run`` whose end released
+    them. When the outermost is a span of Temporal's whose parent is in another process (the
+    workflow's client, which runs no agent and so sends nothing), the trace gets a root here:
+    MLflow gives a trace its state only from a span with no parent. The outermost held span is
+    it when the run hangs from a held span; else the run is (a replayed run hangs from the
+    client's span: Temporal makes its workflow span only the first time). Another caller's
+    spans may reach MLflow: an app's span keeps its remote parent."""
+    roots = sorted(roots, key=lambda root: (root.parent is not None, root.start_time or 0))
+    if not roots or roots[0].parent is None or not _temporals(roots[0]):
+        return roots, run
+    if run.parent is not None and run.parent.span_id in {root.context.span_id for root in roots}:
+        roots[0] = copy_span(roots[0], dict(roots[0].attributes or {}), parent=None)
+    else:
+        run = copy_span(run, dict(run.attributes or {}), parent=None)
+    return roots, run
+
+
+def _temporals(span: ReadableSpan) -> bool:
+    """A span of Temporal's tracing interceptor (``temporalio.contrib.opentelemetry``, or the
+    tracer pydantic-ai's ``LogfirePlugin`` gives it)."""
+    scope = span.instrumentation_scope
+    return scope is not None and scope.name.startswith("temporalio")
+
+
+def _within(root: ReadableSpan, run: ReadableSpan) -> bool:
+    """``run`` started inside ``root``'s time (not so a Temporal span made after the run)."""
+    return (root.start_time or 0) <= (run.start_time or 0)
+
+
 def _names_one(service: object) -> TypeGuard[str]:
     """``service.name`` says something someone chose, not the SDK's ``unknown_service...``."""
     return isinstance(service, str) and bool(service) and not service.startswith("unknown_service")
