@@ -1,5 +1,5 @@
 """MLflow's own trace view, in a real browser: Playwright drives Debian's
-headless Chromium through MLflow's UI over the traces of tests/conversations.py
+headless Chromium through MLflow's UI over the traces of tests/support/conversations.py
 (one app under traced-run), and reads what the page shows: each model call as
 the conversation it was, for every kind of message pydantic-ai sends, the
 token counts, and the experiment's trace list.
@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import conversations
 import pytest
 from conftest import App, MlflowServer, poll, spans_by_type, traced_env
+from support import conversations
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

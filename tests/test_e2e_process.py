@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 from conftest import TRACED_RUN, App, MlflowServer, clean_env, free_port, spans_by_type, traced_env
+from support.launched import boot_dir, traced_lines
 
 EXIT_TIMEOUT = 2.0
 """traced-run's default exit bound, set explicitly where a test measures it."""
@@ -44,18 +45,6 @@ ONE_RUN_APP = """
 
 def one_run_app(name: str, prompt: str, answer: str = "done") -> str:
     return ONE_RUN_APP.format(name=name, prompt=prompt, answer=answer)
-
-
-def boot_dir() -> str:
-    done = subprocess.run([TRACED_RUN, "--print-pythonpath"], capture_output=True, check=True,
-                          env=clean_env(), timeout=60)
-    path = done.stdout.decode().strip()
-    assert os.path.isfile(os.path.join(path, "sitecustomize.py"))
-    return path
-
-
-def traced_lines(stderr: bytes) -> list[str]:
-    return [line for line in stderr.decode().splitlines() if line.startswith("traced-run:")]
 
 
 def only_trace(app: App) -> Any:

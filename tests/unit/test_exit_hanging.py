@@ -12,12 +12,12 @@ import time
 from pathlib import Path
 
 import pytest
+from support.fakes import REFUSED, Clock, FakeSender, settings, submit_together, trace
 
 from traced_run.delivery import Delivery
 from traced_run.delivery.export import DELIVERED, Outcome
 from traced_run.delivery.sender import Backoff
 from traced_run.delivery.spool import Spool
-from unit.helpers import REFUSED, Clock, FakeSender, settings, submit_together, trace
 
 ENDPOINT = "http://127.0.0.1:9/v1/traces"
 TIMED_OUT = Outcome(False, False, "no answer within 10.0 s")
