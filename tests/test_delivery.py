@@ -168,6 +168,57 @@ def test_a_running_process_finds_mlflow_again_within_two_seconds_and_asks_little
     assert spooled(spool_of(app)) == []
 
 
+ASKED_WAIT = 4
+"""Seconds the proxy's 503 asks the client to wait (``Retry-After``)."""
+
+
+def test_retry_after_is_honoured_while_running(app: App, proxy: FaultProxy) -> None:
+    """A 503 with ``Retry-After``: the process asks again no sooner than it was told, not at its
+    own quarter-second back-off, and loses nothing meanwhile."""
+    app.write(loop_app("asked", pause=0.1))
+    process = start(app, "python", "app.py", env=proxied_env(app, proxy))
+    try:
+        out = Lines(process)
+        out.wait_for("done 2")
+        poll(lambda: 200 in proxy.statuses(), timeout=30, what="a first batch delivered")
+        proxy.retry_after = str(ASKED_WAIT)
+        proxy.mode = "503"
+        first = poll(lambda: next((s for s in proxy.seen if s.mode == "503"), None), timeout=30,
+                     what="a post answered 503")
+        proxy.mode = "forward"
+        after = poll(lambda: next((s for s in proxy.seen if s.path.startswith("/v1/traces")
+                                   and s.at > first.at), None), timeout=30, what="the next post")
+        _, err = all_runs_arrive_then_stop(app, process, out, "asked", time.monotonic())
+    finally:
+        stop(process)
+    waited = after.at - first.at
+    print(f"asked to wait {ASKED_WAIT} s, asked again after {waited:.2f} s; stderr: {err.decode()}")
+    # A lower bound only: a loaded machine makes the wait longer, never shorter.
+    assert waited >= ASKED_WAIT - 0.2, f"asked again {waited:.2f} s after a {ASKED_WAIT} s Retry-After"
+    assert spooled(spool_of(app)) == []
+
+
+def test_a_retry_after_beyond_the_exit_bound_is_not_waited_for_and_is_said(
+        app: App, proxy: FaultProxy) -> None:
+    app.write(tool_agent("asked", "agent.run_sync('asked 0')\n"))
+    proxy.retry_after = "60"
+    proxy.mode = "503"
+    env = proxied_env(app, proxy, TRACED_RUN_EXIT_TIMEOUT=str(EXIT_TIMEOUT))
+    started = time.monotonic()
+    done = app.run("python", "app.py", env=env)
+    took = time.monotonic() - started
+    assert done.returncode == 0, done.stderr.decode()
+    assert took < EXIT_TIMEOUT + MARGIN + 10, f"the exit took {took:.1f} s"
+    (line,) = traced_lines(done.stderr)
+    assert f"{RUN_SPANS} spans of 1 trace not delivered to {proxy.url}/v1/traces" in line, line
+    assert "it asks to be retried in 60 s" in line, line
+    assert proxy.count(path="/", mode="503") == 1, "asked again after being told to wait 60 s"
+    assert spooled(spool_of(app))
+    proxy.mode = "forward"
+    flush(app, env)
+    wait_runs(app.server, app.experiment, "asked", 1)
+
+
 @pytest.mark.parametrize("recovers", [True, False], ids=["recovers", "still-down-at-exit"])
 def test_long_outage_is_said_while_running_and_at_exit_only_if_something_is_left(
         app: App, proxy: FaultProxy, recovers: bool) -> None:

@@ -11,7 +11,8 @@ when the assignment returns):
 - ``hang``: accept and read the request, never answer (the connection is
   closed only when the mode changes or the proxy stops).
 - ``503``: answer 503 Service Unavailable.
-- ``429``: answer 429 Too Many Requests with ``Retry-After: 1``.
+- ``429``: answer 429 Too Many Requests with ``Retry-After: 1`` (or ``proxy.retry_after``).
+  A 503 carries ``Retry-After`` only when ``proxy.retry_after`` is set.
 - ``slow``: forward the request (MLflow stores it at once), then hold MLflow's
   answer ``proxy.delay`` seconds before it goes back: a slow MLflow.
 - ``cut``: forward the request (MLflow stores it), then send the client the
@@ -60,6 +61,8 @@ class Seen:
     connection: int = 0
     status: int | None = None
     """The status the client was sent in full; None when it got no complete answer (yet)."""
+    at: float = 0.0
+    """``time.monotonic()`` when the proxy had read the request."""
 
 
 class FaultProxy:
@@ -79,6 +82,8 @@ class FaultProxy:
         self.keep_alive = False
         self.accepted = 0
         """Connections accepted so far."""
+        self.retry_after: str | None = None
+        """The ``Retry-After`` a 503 or 429 answer carries (a 429's is ``1`` when None)."""
         self.delay = 3.0
         """Seconds ``slow`` holds each answer."""
         self.port = 0
@@ -183,7 +188,7 @@ class FaultProxy:
                 head, body = request
                 method, path = _request_line(head)
                 with self._lock:
-                    seen = Seen(self._mode, method, path, number)
+                    seen = Seen(self._mode, method, path, number, at=time.monotonic())
                     self.seen.append(seen)
                 seen.status = self._answer(connection, seen.mode, head, body)
                 if not (self.keep_alive and seen.mode == "forward"):
@@ -199,7 +204,8 @@ class FaultProxy:
     def _answer(self, connection: socket.socket, mode: Mode, head: bytes, body: bytes) -> int | None:
         if mode in ("503", "429"):
             code = int(mode)
-            extra = b"Retry-After: 1\r\n" if code == 429 else b""
+            after = self.retry_after or ("1" if code == 429 else None)
+            extra = b"Retry-After: %s\r\n" % after.encode() if after else b""
             text = f"{code} {_STATUS_TEXT[code]} (faultproxy)".encode()
             connection.sendall(b"HTTP/1.1 %d %s\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
                                b"Connection: close\r\n%s\r\n%s"

@@ -18,11 +18,11 @@ from support.fakes import REFUSED, Clock, FakeSender, run, settings, span, submi
 from traced_run.delivery import Delivery
 from traced_run.delivery import queue as span_queue
 from traced_run.delivery.export import DELIVERED, encode
-from traced_run.delivery.ledger import Ledger
 from traced_run.delivery.queue import SpanQueue, whole_traces
 from traced_run.delivery.sender import BACKOFF, Backoff
-from traced_run.delivery.spill import Keeper, Spill
+from traced_run.delivery.spill import OverflowSpooler, SpoolWriter
 from traced_run.delivery.spool import Spool
+from traced_run.delivery.stats import DeliveryStats
 
 ENDPOINT = "http://127.0.0.1:9/v1/traces"
 
@@ -59,8 +59,8 @@ def test_a_trace_larger_than_a_batch_is_cut() -> None:
 
 
 def open_queue(tmp_path: Path) -> SpanQueue:
-    keep, _, _ = keeper(tmp_path, 1 << 20)
-    return SpanQueue(2048, Spill(keep, 512), lambda: None)
+    keep, _, _ = spool_writer(tmp_path, 1 << 20)
+    return SpanQueue(2048, OverflowSpooler(keep, 512), lambda: None)
 
 
 def test_a_run_goes_in_one_batch_once_its_root_has_ended(tmp_path: Path) -> None:
@@ -139,46 +139,71 @@ def test_leaving_retries_at_once() -> None:
     assert not backoff.down()
 
 
+def test_mlflow_is_not_asked_again_before_the_time_its_retry_after_named() -> None:
+    clock = Clock()
+    slept: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        clock.now += seconds
+
+    backoff = Backoff(clock, sleep)
+    backoff.failed(retry_after=30.0)
+    assert backoff.remaining() == 30.0  # not the 0.25 s back-off
+    backoff.retry_now()  # leaving does not cut a wait MLflow asked for
+    assert backoff.remaining() == 30.0
+    assert not backoff.wait_asked(within=5.0)  # beyond the exit bound: no wait, the batch is kept
+    assert slept == []
+    clock.now += 27.0
+    assert backoff.wait_asked(within=5.0)  # ends within it: waited out, then MLflow is asked
+    assert slept == [3.0] and not backoff.down()
+    backoff.failed(retry_after=0.1)  # shorter than the back-off: the back-off holds
+    assert backoff.remaining() == BACKOFF[1]
+    backoff.up()
+    backoff.retry_now()
+    assert not backoff.down()
+
+
 # --- the spill to disk ----------------------------------------------------------------------
-def keeper(tmp_path: Path, max_bytes: int) -> tuple[Keeper, Ledger, Spool]:
+def spool_writer(tmp_path: Path, max_bytes: int) -> tuple[SpoolWriter, DeliveryStats, Spool]:
     config = settings(tmp_path)
     spool = Spool(tmp_path / "spool", max_bytes)
-    ledger = Ledger(config, spool)
-    return Keeper(config, spool, ledger, lambda: None), ledger, spool
+    stats = DeliveryStats(config, spool)
+    return SpoolWriter(config, spool, stats, lambda: None), stats, spool
 
 
 def test_kept_batches_are_counted_as_this_processs_own(tmp_path: Path) -> None:
-    keep, ledger, spool = keeper(tmp_path, 1 << 20)
+    keep, stats, spool = spool_writer(tmp_path, 1 << 20)
     keep.keep(trace(1, 2) + trace(2, 3))
     assert spool.survey(ENDPOINT).spans == 5
-    assert ledger.exit_line(ENDPOINT) == (
+    assert stats.exit_line(ENDPOINT) == (
         f"5 spans of 2 traces not delivered to {ENDPOINT} (the queue ran past half of queue_size=2048): "
         f"kept in {spool.directory}; the next traced process or `traced-run flush` sends them")
 
 
 def test_a_queue_that_ran_past_half_says_mlflow_fell_behind_not_that_it_was_unreachable(
         tmp_path: Path) -> None:
-    keep, ledger, spool = keeper(tmp_path, 1 << 20)
+    keep, stats, spool = spool_writer(tmp_path, 1 << 20)
     keep.keep(trace(1, 2))
     for batch in spool.claim(ENDPOINT):  # another process sent it
         spool.done(batch)
-    assert ledger.exit_line(ENDPOINT) == (f"2 spans were spooled while {ENDPOINT} fell behind (the queue ran "
+    assert stats.exit_line(ENDPOINT) == (f"2 spans were spooled while {ENDPOINT} fell behind (the queue ran "
                                           "past half of queue_size=2048) and sent later")
 
 
 def test_a_running_processs_batch_removed_for_its_age_is_in_its_exit_line(tmp_path: Path) -> None:
-    keep, ledger, spool = keeper(tmp_path, 1 << 20)
+    keep, stats, spool = spool_writer(tmp_path, 1 << 20)
     keep.keep(trace(1, 3))
     other = Spool(spool.directory, 1 << 20, max_age=0)  # to it, every batch is past its max age
     assert list(other.claim(ENDPOINT)) == [] and other.expired == 0  # its writer runs: it counts it
-    assert ledger.exit_line(ENDPOINT) == ("3 spans spooled more than spool_max_age=7 d ago were removed from "
+    assert stats.exit_line(ENDPOINT) == ("3 spans spooled more than spool_max_age=7 d ago were removed from "
                                           "the spool")
 
 
 def test_a_batch_larger_than_the_bound_is_kept_in_parts_cut_between_traces(tmp_path: Path) -> None:
     spans = [s for n in range(1, 7) for s in trace(n, 4)]
     one_trace = len(encode(trace(1, 4), settings(tmp_path)))
-    keep, _, spool = keeper(tmp_path, 4096 + 3 * one_trace)
+    keep, _, spool = spool_writer(tmp_path, 4096 + 3 * one_trace)
     keep.keep(spans)
     batches = list(spool.claim(ENDPOINT))
     assert len(batches) > 1
@@ -293,8 +318,8 @@ def test_a_span_that_cannot_be_encoded_costs_only_itself(tmp_path: Path, sender:
 
 
 def test_a_kept_batch_counts_a_span_that_cannot_be_encoded_once(tmp_path: Path) -> None:
-    keep, ledger, _ = keeper(tmp_path, 1 << 20)
+    keep, stats, _ = spool_writer(tmp_path, 1 << 20)
     bad = unencodable(9)
     keep.keep([*trace(1, 2), bad])
     keep.keep([bad])  # the exit path takes over a batch the delivery thread had encoded
-    assert str(ledger.exit_line(ENDPOINT)).endswith("; 1 span dropped (could not be encoded)")
+    assert str(stats.exit_line(ENDPOINT)).endswith("; 1 span dropped (could not be encoded)")

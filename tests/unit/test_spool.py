@@ -142,7 +142,7 @@ def test_the_bound_removes_the_oldest_and_counts_what_ended_processes_lose(tmp_p
     assert orphans == 7  # the ended writer's batch went first, and was counted here
     _, orphans = spool.put(TARGET, 1, 1, b"d" * 1000)
     assert orphans == 0  # this process's own batch: marked, and counted by it at exit
-    waiting, removed = spool.fates({str(mine)})
+    waiting, removed = spool.statuses({str(mine)})
     assert (waiting, removed) == (set(), {mine: spool_module.BOUND})
 
 
@@ -410,5 +410,5 @@ def test_a_batch_past_max_age_goes_though_its_writer_runs_and_the_writer_is_told
     assert taken(other) == [] and other.survey(ENDPOINT).batches == 0
     assert other.expired == 0  # its writer counts it in its exit line: it still runs ...
     assert (other.expired_told.batches, other.expired_told.spans) == (1, 3)  # ... and flush says it went
-    assert writer.fates({mine}) == (set(), {mine: spool_module.AGE})
+    assert writer.statuses({mine}) == (set(), {mine: spool_module.AGE})
     assert list(writer.directory.iterdir()) == []  # the mark went once read

@@ -26,12 +26,12 @@ from pathlib import Path
 
 from traced_run.config.settings import Settings
 from traced_run.delivery.export import Outcome, Sender
-from traced_run.delivery.spool import Batch, Pile, Spool, SpoolRefused, Survey
+from traced_run.delivery.spool import Backlog, Batch, Spool, SpoolContents, SpoolRefused
 from traced_run.report import age, counted, mask_url, say
 from traced_run.transport import without_userinfo
 
 
-def piles(found: dict[str, Pile]) -> list[str]:
+def piles(found: dict[str, Backlog]) -> list[str]:
     """Each endpoint's batches on one line: count, spans, age of the oldest."""
     now = time.time()
     return [f"{counted(pile.batches, 'batch', 'batches')} ({counted(pile.spans, 'span')}) "
@@ -99,8 +99,8 @@ class _Tally:
             self.problem = outcome.reason
 
 
-def _summarise(settings: Settings, spool: Spool, tally: _Tally, dropped: dict[str, Pile],
-               seen: Survey) -> None:
+def _summarise(settings: Settings, spool: Spool, tally: _Tally, dropped: dict[str, Backlog],
+               seen: SpoolContents) -> None:
     """What was sent, set aside, removed and left, on stdout."""
     shown = mask_url(settings.traces_endpoint or "")
     unreadable = (f"; {spool.unreadable} files that were no readable batch set aside too "

@@ -22,19 +22,25 @@ it); at exit, one line says what of this process's own spans is still in the
 spool, was dropped or set aside, and, unless the outage was already told,
 what was spooled and sent later. Nothing when all was delivered.
 
-The parts, and the threads that touch them (each part's module says how its
-state is guarded):
+The parts, in OpenTelemetry's words where it has them, and the threads that
+touch them (each part's module says how its state is guarded):
 
-- ``queue.SpanQueue``: the queue, batching, the batch in flight and the
-  closing state; app threads, the delivery thread, the exit path.
-- ``sender.DeliveryThread`` and ``sender.Backoff``: the delivery thread's loop,
-  its posts, back-off and what they showed of MLflow hanging; only the delivery
-  thread (close also reads whether MLflow hangs, and resets the back-off).
-- ``spill.Keeper`` and ``spill.Spill``: writing to the spool; the spill
-  thread, fed by app threads, and any thread that keeps a batch.
+- ``DeliveryProcessor``: the span processor; ``queue.SpanQueue``: the batch
+  processor's queue (batching, the batch in flight, the closing state); app
+  threads, the delivery thread, the exit path.
+- ``sender.DeliveryThread`` and ``sender.Backoff``: the batch processor's
+  export thread, its retry back-off and what the posts showed of MLflow
+  hanging; only the delivery thread (close also reads whether MLflow hangs,
+  and resets the back-off).
+- ``export.Sender``: the OTLP/HTTP exporter (encoding in ``export``, the
+  connection in ``transport``).
+- ``spool.Spool``: the persistent retry queue on disk; ``spill.SpoolWriter``
+  writes to it, ``spill.OverflowSpooler`` is the thread that spools what
+  overflows the queue while a post holds the export thread.
 - ``exits``: the hooks that run ``close`` (atexit, SIGTERM through the exit
   thread, ``os._exit``).
-- ``ledger.Ledger``: every count and ``problem``, and the exit line; all threads.
+- ``stats.DeliveryStats``: the exporter's counts (sent, spooled, set aside,
+  dropped), ``problem``, and the exit line; all threads.
 """
 
 from __future__ import annotations
@@ -49,11 +55,11 @@ from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 
 from traced_run.config.settings import Settings
 from traced_run.delivery import exits
-from traced_run.delivery.ledger import Ledger
 from traced_run.delivery.queue import BATCH_SIZE, SpanQueue
 from traced_run.delivery.sender import OUTAGE_NOTICE, SPOOL_RESERVE, Backoff, DeliveryThread
-from traced_run.delivery.spill import Keeper, Spill
+from traced_run.delivery.spill import OverflowSpooler, SpoolWriter
 from traced_run.delivery.spool import Spool
+from traced_run.delivery.stats import DeliveryStats
 
 # Its fork hooks must be in place before the app can fork: imported by the delivery thread,
 # a fork under way meanwhile would run none of its before-fork hooks but its after-fork ones.
@@ -82,11 +88,11 @@ class Delivery:
         """Fresh parts: at start, and in a forked child, which starts empty (it
         never re-sends its parent's queue), starts its own thread when it has
         spans, and is flushed by the ``os._exit`` wrapper it inherits."""
-        self.ledger = Ledger(self._settings, self.spool)
-        self._keeper = Keeper(self._settings, self.spool, self.ledger,
+        self.stats = DeliveryStats(self._settings, self.spool)
+        self._spool_writer = SpoolWriter(self._settings, self.spool, self.stats,
                               lambda: self._queue.set_spool_idle(False))
-        self._spill = Spill(self._keeper, BATCH_SIZE)
-        self._queue = SpanQueue(self._settings.queue_size, self._spill, self._start_locked)
+        self._overflow = OverflowSpooler(self._spool_writer, BATCH_SIZE)
+        self._queue = SpanQueue(self._settings.queue_size, self._overflow, self._start_locked)
         self._backoff = Backoff()
         self._loaded = threading.Event()
         self._thread: threading.Thread | None = None
@@ -106,7 +112,7 @@ class Delivery:
 
     def submit(self, span: ReadableSpan) -> None:
         if not self._queue.put(span):
-            self.ledger.dropped()
+            self.stats.dropped()
 
     def start(self) -> None:
         """Start the delivery thread now: importing the exporter is then done
@@ -116,7 +122,7 @@ class Delivery:
 
     def _start_locked(self) -> None:
         if self._thread is None:
-            loop = DeliveryThread(self._settings, self._queue, self._keeper, self.ledger, self._backoff,
+            loop = DeliveryThread(self._settings, self._queue, self._spool_writer, self.stats, self._backoff,
                                   self._loaded)
             self._thread = threading.Thread(target=loop.run, name="traced-run-delivery", daemon=True)
             self._thread.start()
@@ -145,24 +151,24 @@ class Delivery:
             hanging = self._deliver_until(deadline - SPOOL_RESERVE)
         reserve_end = time.monotonic() + SPOOL_RESERVE
         left = self._queue.close(SPOOL_RESERVE)
-        unsent = self._spill.close(max(0.0, reserve_end - time.monotonic())) + left.unsent
+        unsent = self._overflow.close(max(0.0, reserve_end - time.monotonic())) + left.unsent
         if left.posted or unsent:
             # The delivery thread did not finish in time, or MLflow hangs: keep the rest
             # from this thread. A batch that was mid-send may reach MLflow twice;
             # MLflow stores a re-sent span once.
             if hanging is None:
-                self.ledger.timed_out()
+                self.stats.timed_out()
             else:
-                self.ledger.left_hanging(hanging)
+                self.stats.left_hanging(hanging)
             from traced_run.spans import redact
 
             # On the thread that is leaving: its redaction ends with the exit bound, as the rest does.
             with redact.until(max(deadline, reserve_end)):
                 if left.posted:
-                    self._keeper.keep(left.posted, unanswered=left.waited)
+                    self._spool_writer.keep(left.posted, unanswered=left.waited)
                 if unsent:
-                    self._keeper.keep(unsent)
-        self.ledger.say_exit_line(self._endpoint)
+                    self._spool_writer.keep(unsent)
+        self.stats.say_exit_line(self._endpoint)
 
     def _deliver_until(self, until: float) -> str | None:
         """Wait until ``until`` for what is queued to be handled; but an MLflow that has

@@ -43,6 +43,8 @@ class Outcome:
     reason: str
     status: int | None = None
     """The HTTP status MLflow answered with, if it answered."""
+    retry_after: float | None = None
+    """Seconds MLflow (or a proxy) asked to wait before the next attempt (429, 503)."""
     rejected: tuple[Rejected, ...] = ()
     """Of a batch that was delivered once its traces were posted one by one: the traces MLflow
     rejected, to be set aside on their own."""
@@ -341,7 +343,7 @@ class Sender:
         except mlflow_api.ExperimentRefused as error:
             return Outcome(False, self._own_refusal(target, error.wrong_workspace), str(error))
         except mlflow_api.MlflowError as error:
-            return Outcome(False, False, str(error))
+            return Outcome(False, False, str(error), retry_after=error.retry_after)
         endpoint = target.endpoint
         settings = self._plain if endpoint in self._uncompressed else self._settings
         deadline = time.monotonic() + timeout
@@ -355,7 +357,7 @@ class Sender:
         if answer.ok:
             return DELIVERED
         invalid = answer.status in INVALID and self._own_refusal(target, answer.wrong_workspace)
-        return Outcome(False, invalid, answer.problem, answer.status)
+        return Outcome(False, invalid, answer.problem, answer.status, answer.retry_after)
 
     def _own_refusal(self, target: Target, wrong_workspace: bool) -> bool:
         """Whether a refusal is the batch's own. A workspace the settings name that does not
@@ -401,4 +403,4 @@ class Sender:
                 return alone
         if len(rejected) == len(parts):
             return outcome
-        return Outcome(True, False, outcome.reason, outcome.status, tuple(rejected))
+        return Outcome(True, False, outcome.reason, outcome.status, rejected=tuple(rejected))

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from opentelemetry.sdk.trace import ReadableSpan
 
-from traced_run.delivery.spill import Spill, trace_of
+from traced_run.delivery.spill import OverflowSpooler, trace_of
 
 BATCH_SIZE = 512
 """Spans per request."""
@@ -64,10 +64,10 @@ def whole_traces(spans: deque[ReadableSpan], limit: int, ready: set[int] | None 
 
 
 class SpanQueue:
-    def __init__(self, queue_size: int, spill: Spill, wake_delivery: Callable[[], None]) -> None:
+    def __init__(self, queue_size: int, spill: OverflowSpooler, wake_delivery: Callable[[], None]) -> None:
         self.lock = threading.Condition()
         self._size = queue_size
-        self._spill = spill
+        self._overflow = spill
         self._wake_delivery = wake_delivery
         """Starts the delivery thread when the first span comes (called under the lock)."""
         self._spans: deque[ReadableSpan] = deque()
@@ -108,11 +108,11 @@ class SpanQueue:
         hanging MLflow): hand its oldest batch to the spill thread, which writes
         it to the spool, so the app's thread neither waits nor loses it. False
         when the spill thread is as far behind as the queue holds."""
-        if not self._spill.room(self._size):
+        if not self._overflow.room(self._size):
             return False
         taken = whole_traces(self._spans, BATCH_SIZE)
         self._forget()
-        return self._spill.offer(taken)
+        return self._overflow.offer(taken)
 
     def _forget(self) -> None:
         """Drop what is known of traces none of whose spans is queued any more (lock held)."""

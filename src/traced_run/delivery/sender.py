@@ -18,10 +18,10 @@ from opentelemetry.sdk.trace import ReadableSpan
 
 from traced_run import report
 from traced_run.config.settings import Settings
-from traced_run.delivery.ledger import Ledger
 from traced_run.delivery.queue import SpanQueue
-from traced_run.delivery.spill import Keeper, traces_of
+from traced_run.delivery.spill import SpoolWriter, traces_of
 from traced_run.delivery.spool import SpoolRefused, Target
+from traced_run.delivery.stats import DeliveryStats
 from traced_run.report import mask_url
 from traced_run.transport import NO_ANSWER
 
@@ -47,8 +47,10 @@ class Backoff:
     """When MLflow may be asked again, since when it has not taken a batch, and
     whether it hangs: what the exit path needs to know to leave at once."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
         self._clock = clock
+        self._sleep = sleep
         self._lock = threading.Lock()
         self._down_until = 0.0
         self._failures = 0
@@ -60,6 +62,8 @@ class Backoff:
         """The last attempt that ended got an answer (of any status): MLflow is slow at worst."""
         self._asked_at: float | None = None
         """When the post in flight was sent."""
+        self._asked_until = 0.0
+        """Until when MLflow asked not to be asked again (its last ``Retry-After``)."""
 
     def down(self) -> bool:
         with self._lock:
@@ -73,23 +77,38 @@ class Backoff:
     def up(self) -> None:
         with self._lock:
             self._failures = 0
-            self._down_until = 0.0
+            self._down_until = self._asked_until = 0.0
             self.outage_since = None
 
-    def failed(self) -> None:
+    def failed(self, retry_after: float | None = None) -> None:
+        """An attempt failed; MLflow is asked again after the back-off, or after the wait
+        its answer asked for (``Retry-After``) when that is longer."""
         with self._lock:
             now = self._clock()
-            self._down_until = now + BACKOFF[min(self._failures, len(BACKOFF) - 1)]
+            wait = max(BACKOFF[min(self._failures, len(BACKOFF) - 1)], retry_after or 0.0)
+            self._down_until = now + wait
+            self._asked_until = now + retry_after if retry_after is not None else 0.0
             self._failures += 1
             if self.outage_since is None:
                 self.outage_since = now
                 self.outage_wall = time.time()
 
     def retry_now(self) -> None:
-        """Leaving is a process's last chance to send: MLflow gets one more
-        attempt even mid-backoff (it may have recovered since)."""
+        """Leaving is a process's last chance to send: MLflow gets one more attempt even
+        mid-backoff (it may have recovered since), but not before the time it asked for."""
         with self._lock:
-            self._down_until = 0.0
+            self._down_until = self._asked_until
+
+    def wait_asked(self, within: float) -> bool:
+        """On the delivery thread while leaving: wait out what is left of the wait MLflow
+        asked for, when it ends within ``within`` seconds. True when MLflow may be asked now."""
+        left = self.remaining()
+        if left <= 0:
+            return True
+        if left >= within:
+            return False
+        self._sleep(left)  # the exit bound covers it; no lock is held
+        return True
 
     def outage(self, at_least: float) -> float | None:
         """The wall-clock start of an outage that has lasted ``at_least`` seconds."""
@@ -136,14 +155,14 @@ class Backoff:
 
 
 class DeliveryThread:
-    def __init__(self, settings: Settings, queue: SpanQueue, keeper: Keeper, ledger: Ledger,
+    def __init__(self, settings: Settings, queue: SpanQueue, spool_writer: SpoolWriter, stats: DeliveryStats,
                  backoff: Backoff, loaded: threading.Event) -> None:
         self._settings = settings
         self._endpoint = settings.traces_endpoint or ""
         self._queue = queue
-        self._keeper = keeper
-        self._spool = keeper.spool
-        self._ledger = ledger
+        self._spool_writer = spool_writer
+        self._spool = spool_writer.spool
+        self._stats = stats
         self._backoff = backoff
         self._loaded = loaded
         self._sender: Sender | None = None
@@ -179,7 +198,7 @@ class DeliveryThread:
                     more_spooled = self._send_spooled_one()
                     self._queue.set_spool_idle(not more_spooled)
             except Exception as error:  # a bug of ours or a library's must not stop delivery
-                self._ledger.broke(len(batch), f"{type(error).__name__}: {error}")
+                self._stats.broke(len(batch), f"{type(error).__name__}: {error}")
             self._queue.done()
             self._tell_long_outage()
 
@@ -204,30 +223,33 @@ class DeliveryThread:
         if not batch:  # each of its spans was dropped as unencodable (said and counted)
             return
         timeout = self._attempt_timeout()
+        if self._queue.leaving() and self._backoff.wait_asked(timeout):
+            timeout = self._attempt_timeout()
         if self._backoff.down() or self._queue.high() or timeout <= 0:
             if timeout <= 0:
-                self._ledger.timed_out()
+                self._stats.timed_out()
             with self._queue.hold() as held:
                 if held:
-                    self._keeper.keep(batch, payload)
+                    self._spool_writer.keep(batch, payload)
             return
         outcome = self._post(payload, target_of(self._settings), timeout)
         with self._queue.hold() as held:
             if not held:  # close() took the batch over while it was posted: the answer is not ours
                 return
             if outcome.delivered:
-                self._ledger.delivered(len(batch) - sum(part.spans for part in outcome.rejected))
+                self._stats.delivered(len(batch) - sum(part.spans for part in outcome.rejected))
                 for part in outcome.rejected:
-                    self._keeper.set_aside(part.payload, part.spans, 1, part.outcome, self._queue.leaving())
+                    self._spool_writer.set_aside(part.payload, part.spans, 1, part.outcome,
+                                                 self._queue.leaving())
                 self._backoff.up()
             elif outcome.invalid:
-                self._keeper.set_aside(payload, len(batch), len(traces_of(batch)), outcome,
+                self._spool_writer.set_aside(payload, len(batch), len(traces_of(batch)), outcome,
                                        self._queue.leaving())
             else:
                 self._failed(outcome)
                 unanswered = self._queue.posted() and outcome.status is None \
                     and outcome.reason.startswith(NO_ANSWER)
-                self._keeper.keep(batch, payload, timeout if unanswered else None)
+                self._spool_writer.keep(batch, payload, timeout if unanswered else None)
 
     def _encode(self, batch: list[ReadableSpan]) -> bytes:
         """``encode``; a span it drops is counted and leaves the batch, so that what follows
@@ -238,7 +260,7 @@ class DeliveryThread:
         dropped: list[ReadableSpan] = []
         payload = encode(batch, self._settings, dropped)
         if dropped:
-            self._ledger.unencodable(dropped)
+            self._stats.unencodable(dropped)
             gone = {id(span) for span in dropped}
             kept = [span for span in batch if id(span) not in gone]
             with self._queue.lock:
@@ -256,8 +278,8 @@ class DeliveryThread:
         # An attempt the exit bound cut short says nothing about MLflow: the reason must say so.
         cut = self._queue.leaving() and outcome.status is None and outcome.reason.startswith(NO_ANSWER) \
             and self._attempt_timeout() <= CUT_MARGIN
-        self._ledger.failed(outcome.reason, cut_by_exit_bound=cut)
-        self._backoff.failed()
+        self._stats.failed(outcome.reason, cut_by_exit_bound=cut)
+        self._backoff.failed(outcome.retry_after)
 
     def _tell_long_outage(self) -> None:
         """One line per outage (a timeout, then a reset, then a 503 are one
@@ -268,9 +290,9 @@ class DeliveryThread:
             return
         shown = time.strftime("%H:%M:%S", time.localtime(started))
         report.say(f"cannot deliver traces to {mask_url(self._endpoint)} since {shown} "
-                   f"({self._ledger.problem}); keeping them in {self._spool.directory} and retrying in "
+                   f"({self._stats.problem}); keeping them in {self._spool.directory} and retrying in "
                    f"the background")
-        self._ledger.outage_told()
+        self._stats.outage_told()
 
     def _send_spooled_one(self) -> bool:
         """Send one spooled batch, if MLflow is taking batches; the queue keeps
@@ -285,15 +307,15 @@ class DeliveryThread:
                 for batch, outcome, aside in sending:
                     # a batch given back to the spool is still this process's
                     if outcome.delivered or aside is not None:
-                        self._ledger.finished_spooled(batch.name, batch.spans, outcome.delivered)
+                        self._stats.finished_spooled(batch.name, batch.spans, outcome.delivered)
                     if outcome.delivered:
                         self._backoff.up()
                         if aside is not None:  # some of its traces, rejected alone, went aside
-                            self._keeper.rejected(sum(part.spans for part in outcome.rejected), aside,
+                            self._spool_writer.rejected(sum(part.spans for part in outcome.rejected), aside,
                                                   outcome.rejected[0].outcome, self._queue.leaving())
                         return True
                     if aside is not None:
-                        self._keeper.rejected(batch.spans, aside, outcome, self._queue.leaving())
+                        self._spool_writer.rejected(batch.spans, aside, outcome, self._queue.leaving())
                         return True
                     self._failed(outcome)
             return False

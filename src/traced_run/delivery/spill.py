@@ -2,8 +2,8 @@
 the spill thread and the exit path alike), and the spill thread that takes
 the queue's oldest batches while the delivery thread is held by a post.
 
-``Keeper`` keeps no state of its own (what it wrote is counted in the
-ledger). ``Spill``'s backlog and its busy flag are guarded by ``Spill._lock``;
+``SpoolWriter`` keeps no state of its own (what it wrote is counted in the
+stats). ``OverflowSpooler``'s backlog and its busy flag are guarded by ``OverflowSpooler._lock``;
 it is fed by the app's threads (under the queue's lock, taken first), drained
 by the spill thread, and emptied by the exit path.
 """
@@ -21,8 +21,8 @@ from opentelemetry.sdk.trace import ReadableSpan
 
 from traced_run import report
 from traced_run.config.settings import Settings
-from traced_run.delivery.ledger import Ledger
 from traced_run.delivery.spool import Spool, Target
+from traced_run.delivery.stats import DeliveryStats
 from traced_run.transport import printable
 
 if TYPE_CHECKING:
@@ -47,13 +47,14 @@ def spool_write_problem(error: OSError, directory: Path) -> str:
     return f"cannot write the spool {directory}: {printable(str(error.strerror or error)).lower()}"
 
 
-class Keeper:
+class SpoolWriter:
     """Writes batches to the spool, and sets aside the ones MLflow rejects."""
 
-    def __init__(self, settings: Settings, spool: Spool, ledger: Ledger, spooled: Callable[[], None]) -> None:
+    def __init__(self, settings: Settings, spool: Spool, stats: DeliveryStats,
+                 spooled: Callable[[], None]) -> None:
         self._settings = settings
         self.spool = spool
-        self._ledger = ledger
+        self._stats = stats
         self._spooled = spooled
         """Called once a batch is in the spool: the delivery thread has some to send again."""
 
@@ -67,18 +68,18 @@ class Keeper:
         from traced_run.delivery.export import encode, target_of
 
         target = target_of(self._settings)
-        self._ledger.writing(len(batch))
+        self._stats.writing(len(batch))
         left = len(batch)
         try:
             if payload is None:
                 dropped: list[ReadableSpan] = []
                 payload = encode(batch, self._settings, dropped)
-                self._ledger.unencodable(dropped)
+                self._stats.unencodable(dropped)
             for spans, piece in self._pieces(batch, payload):
                 self._put(target, spans, piece, unanswered)
                 left -= len(spans)
         except Exception as error:  # encoding a part: counted, never silent
-            self._ledger.unwritten(left, f"{type(error).__name__}: {error}")
+            self._stats.unwritten(left, f"{type(error).__name__}: {error}")
 
     def _put(self, target: Target, spans: Sequence[ReadableSpan], piece: bytes,
              unanswered: float | None) -> None:
@@ -86,9 +87,9 @@ class Keeper:
         try:
             name, orphans = self.spool.put(target, len(spans), len(traces), piece)
         except OSError as error:
-            self._ledger.unwritten(len(spans), spool_write_problem(error, self.spool.directory))
+            self._stats.unwritten(len(spans), spool_write_problem(error, self.spool.directory))
             return
-        self._ledger.written(len(spans), name, traces, orphans, unanswered)
+        self._stats.written(len(spans), name, traces, orphans, unanswered)
         if name is not None:
             self._spooled()
 
@@ -115,7 +116,7 @@ class Keeper:
     def rejected(self, spans: int, aside: Path, outcome: Outcome, leaving: bool) -> None:
         """Said when it happens (a running service must learn of it), or, when
         leaving, by the exit line."""
-        if self._ledger.rejected(spans, outcome.status, outcome.reason, leaving):
+        if self._stats.rejected(spans, outcome.status, outcome.reason, leaving):
             report.say(f"MLflow rejected a batch of {report.counted(spans, 'span')} ({outcome.reason}); "
                        f"set aside in {aside}")
 
@@ -135,9 +136,9 @@ def _halves(batch: Sequence[ReadableSpan]) -> tuple[Sequence[ReadableSpan], Sequ
     return first, [span for trace in traces for span in trace]
 
 
-class Spill:
-    def __init__(self, keeper: Keeper, batch_size: int) -> None:
-        self._keeper = keeper
+class OverflowSpooler:
+    def __init__(self, spool_writer: SpoolWriter, batch_size: int) -> None:
+        self._spool_writer = spool_writer
         self._batch_size = batch_size
         self._lock = threading.Condition()
         self._batches: deque[list[ReadableSpan]] = deque()
@@ -171,7 +172,7 @@ class Spill:
                 batch = self._batches.popleft()
                 self._busy = True
             try:
-                self._keeper.keep(batch)
+                self._spool_writer.keep(batch)
             finally:
                 with self._lock:
                     self._busy = False

@@ -170,7 +170,7 @@ class Header:
 
 
 @dataclass
-class Pile:
+class Backlog:
     """The batches waiting for one endpoint."""
 
     batches: int = 0
@@ -185,7 +185,7 @@ class Pile:
 
 
 @dataclass(frozen=True)
-class Survey:
+class SpoolContents:
     """What the spool holds, read without changing it (the doctor's view)."""
 
     batches: int = 0
@@ -195,7 +195,7 @@ class Survey:
     """Files named like batches that are not (a FIFO, a symlink, a broken header ...)."""
     first_unreadable: str = ""
     rejected: int = 0
-    others: dict[str, Pile] = field(default_factory=dict)
+    others: dict[str, Backlog] = field(default_factory=dict)
     """Batches written for other endpoints, by endpoint (without credentials)."""
     expired: int = 0
     """Batches older than the spool's max age: the next send removes them."""
@@ -266,7 +266,7 @@ class _Directory:
         """Batches of ended processes this process removed for being older than ``max_age``..."""
         self.expired_spans = 0
         """... and their spans."""
-        self.expired_told = Pile()
+        self.expired_told = Backlog()
         """Those of processes that still ran (or seemed to: a pid reused), each told by a mark."""
         self.rejected = directory / "rejected"
         self.unreadable = 0
@@ -328,7 +328,7 @@ class _Directory:
 
     # -- reading ----------------------------------------------------------------------------
 
-    def fates(self, names: Collection[str]) -> tuple[set[str], dict[str, str]]:
+    def statuses(self, names: Collection[str]) -> tuple[set[str], dict[str, str]]:
         """Of these batches, written by this process: those still waiting
         (claimed ones included) and those the bound or their age removed (``BOUND``,
         ``AGE``). The rest were sent, by this process or another, or set aside by
@@ -337,20 +337,20 @@ class _Directory:
             return set(), {}
         try:
             with self._existing() as fd:
-                return _fates(fd, names) if fd is not None else (set(), {})
+                return _statuses(fd, names) if fd is not None else (set(), {})
         except OSError:  # the directory went, or was swapped, since: the exit line must still come
             return set(names), {}
 
-    def survey(self, endpoint: str) -> Survey:
+    def survey(self, endpoint: str) -> SpoolContents:
         """Batches and spans waiting, how many for ``endpoint`` and for each other
         endpoint, how many are past the max age, unreadable files, set-aside
         batches; changes nothing."""
         with self._existing() as fd:
             if fd is None:
-                return Survey()
+                return SpoolContents()
             batches = spans = here = unreadable = expired = 0
             first = ""
-            others: dict[str, Pile] = {}
+            others: dict[str, Backlog] = {}
             for name in _waiting(fd):
                 header = _read_header(fd, name, self.max_bytes)
                 if header == GONE:
@@ -367,14 +367,14 @@ class _Directory:
                 if _same_endpoint(header.target.endpoint, endpoint):
                     here += 1
                 else:
-                    pile = others.setdefault(without_userinfo(header.target.endpoint), Pile())
+                    pile = others.setdefault(without_userinfo(header.target.endpoint), Backlog())
                     pile.add(header.spans, entry.written)
             rejected = 0
             with _closing(_open_dir("rejected", fd, self.rejected)) as aside:
                 if aside is not None:
                     entries = [parse(name) for name in os.listdir(aside)]
                     rejected = sum(1 for e in entries if e is not None and e.kind == "otlp")
-        return Survey(batches, spans, here, unreadable, first, rejected, others, expired)
+        return SpoolContents(batches, spans, here, unreadable, first, rejected, others, expired)
 
     def _expired(self, entry: Entry) -> bool:
         """Written longer than ``max_age`` ago, whether its writer still runs or not (a pid
@@ -485,9 +485,9 @@ class Spool(_Directory):
             elif here is not None:
                 self.expired_told.add(header.spans, entry.written)
 
-    def drop_others(self, endpoint: str) -> dict[str, Pile]:
+    def drop_others(self, endpoint: str) -> dict[str, Backlog]:
         """Remove the batches written for any endpoint but ``endpoint``; what went, by endpoint."""
-        dropped: dict[str, Pile] = {}
+        dropped: dict[str, Backlog] = {}
         with self._existing() as fd:
             if fd is None:
                 return dropped
@@ -499,7 +499,7 @@ class Spool(_Directory):
                     continue
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(name, dir_fd=fd)
-                    pile = dropped.setdefault(without_userinfo(header.target.endpoint), Pile())
+                    pile = dropped.setdefault(without_userinfo(header.target.endpoint), Backlog())
                     pile.add(header.spans, entry.written)
         return dropped
 
@@ -580,7 +580,7 @@ def _put_back(aside: int, fd: int, max_bytes: int) -> int:
     return back
 
 
-def _fates(fd: int, names: Collection[str]) -> tuple[set[str], dict[str, str]]:
+def _statuses(fd: int, names: Collection[str]) -> tuple[set[str], dict[str, str]]:
     entries = [e for e in map(parse, os.listdir(fd)) if e is not None]
     present = {e.batch for e in entries if e.kind == "otlp"}
     dropped = {e.batch for e in entries if e.kind == "dropped"}

@@ -67,6 +67,9 @@ BODY_LIMIT = 1 << 20
 """Most bytes of an answer read (MLflow's answers to us are small)."""
 ERROR_BODY_LIMIT = 4096
 """Most bytes of an error answer read: its start is all a message shows."""
+MAX_RETRY_AFTER = 120.0
+"""Longest ``Retry-After`` honoured: a running process spools meanwhile, and a longer (or
+hostile) wait would leave MLflow unasked for longer than an outage line is worth."""
 _UNSAFE = {**{c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))},
            **{c: f"\\u{c:04x}" for c in (*range(0x200E, 0x2010), *range(0x202A, 0x202F),
                                          *range(0x2066, 0x206A))}}
@@ -99,6 +102,13 @@ class Answer:
     content_type: str = ""
     server: str = ""
     """The ``Server`` header: what answered, when it is not what was meant to."""
+    retry_after: float | None = None
+    """Seconds a 429 or 503 asked the client to wait before it asks again (``Retry-After``)."""
+
+    @property
+    def asked(self) -> str:
+        """What a message adds for the wait the answer asked for."""
+        return "" if self.retry_after is None else f" (it asks to be retried in {self.retry_after:.0f} s)"
 
     @property
     def ok(self) -> bool:
@@ -359,7 +369,31 @@ def request(settings: Settings, url: str, *, method: str = "GET", data: bytes | 
     reason = printable(" ".join(reply.reason.split()))[:100]
     detail = found.text()
     problem = f"HTTP {reply.status} {reason}" + (f": {detail}" if detail else "")
+    if reply.status in (429, 503):
+        found = replace(found, retry_after=retry_after(reply.headers.get("Retry-After")))
+        problem += found.asked
     return replace(found, problem=_with_fix(found, problem, settings))
+
+
+def retry_after(value: str | None) -> float | None:
+    """A ``Retry-After`` header's wait in seconds (delay-seconds or an HTTP-date), at most
+    ``MAX_RETRY_AFTER``; None when it is absent or says nothing readable."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isascii() and value.isdigit():
+        return min(float(value), MAX_RETRY_AFTER)
+    import email.utils
+
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # an HTTP-date is GMT; a zone-less one is read so
+        import datetime
+
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return min(max(when.timestamp() - time.time(), 0.0), MAX_RETRY_AFTER)
 
 
 @contextlib.contextmanager

@@ -16,6 +16,9 @@ DEFAULT_EXPERIMENT_ID = "0"
 class MlflowError(Exception):
     """MLflow could not be asked, or said no; ``str()`` is safe to print."""
 
+    retry_after: float | None = None
+    """Seconds MLflow asked to wait before it is asked again (a 429 or 503's ``Retry-After``)."""
+
 
 class ExperimentRefused(MlflowError):
     """MLflow refuses the experiment a batch names (deleted, or in a workspace it does not
@@ -43,7 +46,8 @@ class MlflowHttpError(MlflowError):
             # credentials).
             super().__init__(f"{answer.problem} (for {url})")
             return
-        super().__init__(f"MLflow answered {self.status} {self.error_code} for {url}".strip())
+        self.retry_after = answer.retry_after
+        super().__init__(f"MLflow answered {self.status} {self.error_code} for {url}".strip() + answer.asked)
 
 
 def _call(settings: Settings, method: str, path: str, workspace: str | None,

@@ -3,7 +3,7 @@
 Every thread writes here (the app's threads count drops, the delivery and
 spill threads count what they sent, kept, set aside or lost, the exit path
 counts what it kept and writes the line), so every field, ``problem``
-included, is guarded by ``Ledger._lock`` and read or written only by the
+included, is guarded by ``DeliveryStats._lock`` and read or written only by the
 methods below. No other lock is taken while it is held.
 """
 
@@ -23,7 +23,7 @@ from traced_run.report import counted, mask_url
 STILL_TAKING = "reached while MLflow was still taking batches (it took the one before)"
 
 
-class Ledger:
+class DeliveryStats:
     def __init__(self, settings: Settings, spool: Spool) -> None:
         self._settings = settings
         self._spool = spool
@@ -173,7 +173,7 @@ class Ledger:
         None when all was delivered. Reads the spool under the lock: a directory
         listing, taken at exit, that no other thread waits for long."""
         with self._lock:
-            waiting, removed = self._spool.fates(self._own)
+            waiting, removed = self._spool.statuses(self._own)
             parts = self._not_delivered(endpoint, waiting, removed) + _gone(self, removed)
         return "; ".join(parts) if parts else None
 
@@ -235,32 +235,32 @@ def _lost_part(lost: int, why: str | None, problem: str | None) -> str:
     return f"{counted(lost, 'span')} lost: {why}{mlflow}"
 
 
-def _gone(ledger: Ledger, removed: dict[str, str]) -> list[str]:
-    """The exit line's parts on spans dropped or removed (ledger's lock held)."""
-    settings = ledger._settings
-    over_spool = ledger._oversized + sum(ledger._own[name][0] for name, cause in removed.items()
+def _gone(stats: DeliveryStats, removed: dict[str, str]) -> list[str]:
+    """The exit line's parts on spans dropped or removed (stats's lock held)."""
+    settings = stats._settings
+    over_spool = stats._oversized + sum(stats._own[name][0] for name, cause in removed.items()
                                          if cause == BOUND)
-    aged = sum(ledger._own[name][0] for name, cause in removed.items() if cause == AGE)
+    aged = sum(stats._own[name][0] for name, cause in removed.items() if cause == AGE)
     parts = []
-    dropped = {f"queue_size={settings.queue_size} full": ledger._dropped,
+    dropped = {f"queue_size={settings.queue_size} full": stats._dropped,
                f"spool over spool_max_mb={settings.spool_max_mb}": over_spool,
-               "could not be encoded": len(ledger._unencodable)}
+               "could not be encoded": len(stats._unencodable)}
     if any(dropped.values()):
         causes = ", ".join(cause for cause, spans in dropped.items() if spans)
         parts.append(f"{counted(sum(dropped.values()), 'span')} dropped ({causes})")
     if aged:
         parts.append(f"{counted(aged, 'span')} spooled more than spool_max_age="
                      f"{report.age(settings.spool_max_age)} ago were removed from the spool")
-    if ledger._spool.expired_spans:
-        expired = counted(ledger._spool.expired_spans, "span")
+    if stats._spool.expired_spans:
+        expired = counted(stats._spool.expired_spans, "span")
         parts.append(f"{expired} that ended processes spooled more than spool_max_age="
                      f"{report.age(settings.spool_max_age)} ago were removed from the spool")
-    if ledger._orphans_dropped:
-        parts.append(f"{counted(ledger._orphans_dropped, 'span')} that ended processes had spooled were "
+    if stats._orphans_dropped:
+        parts.append(f"{counted(stats._orphans_dropped, 'span')} that ended processes had spooled were "
                      f"dropped (spool over spool_max_mb={settings.spool_max_mb})")
-    if ledger._lost:
-        parts.append(_lost_part(ledger._lost, ledger._lost_why, ledger._problem))
-    if ledger._unwritten:
-        parts.append(f"{counted(ledger._unwritten, 'span')} may be lost (exit_timeout="
+    if stats._lost:
+        parts.append(_lost_part(stats._lost, stats._lost_why, stats._problem))
+    if stats._unwritten:
+        parts.append(f"{counted(stats._unwritten, 'span')} may be lost (exit_timeout="
                      f"{settings.exit_timeout:g}s ran out while they were written to the spool)")
     return parts
