@@ -145,6 +145,12 @@ class View:
 
     def screenshot(self, name: str) -> None:
         self.page.mouse.move(0, 0)  # no tooltip left over the view
+        # Each "Copy tool call ID" button read by tool_call_ids shows a "Copied" tooltip
+        # over the call it belongs to for a while: a screenshot waits until none is shown.
+        self.page.evaluate("document.activeElement?.blur()")  # nor the focus ring of the last click
+        copied = self.page.get_by_text("Copied", exact=True)
+        poll(lambda: not any(tip.is_visible() for tip in copied.all()), timeout=30,
+             what='the "Copied" tooltips to close')
         shot = self.page.screenshot()
         assert shot.startswith(b"\x89PNG")
         if SCREENSHOTS:
