@@ -8,7 +8,7 @@ a loopback OTLP endpoint that answers at once (``harness.InstantOtlp``), waits f
 run, then sends SIGTERM after a random 0.05-0.6 s. A process still alive ``--bound`` seconds
 later counts as hung (and is killed). Prints how many ended, their exit codes and the time
 from signal to exit. Not part of ``run.py``'s report: tests/test_exit_signals.py is the
-suite's check; this is the figure quoted in the README.
+suite's check; this is the figure quoted in docs/failure-behaviour.md.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import http.server
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -22,13 +23,36 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from faultproxy import FaultProxy, fault_proxy
+from support.faultproxy import FaultProxy, fault_proxy
 
 BIN = Path(sys.executable).parent
 TRACED_RUN = str(BIN / "traced-run")
 _OURS = ("MLFLOW_", "OTEL_", "TRACED_RUN_")
 SESSION_SPOOL = tempfile.mkdtemp(prefix="traced-run-tests-spool-")
 """Tests that look at a spool set their own; the rest keep theirs out of ~/.cache."""
+
+
+UNIT = Path(__file__).parent / "unit"
+MLFLOW_FIXTURES = {"mlflow_server", "auth_mlflow", "workspace_mlflow", "mlflow_on_postgres"}
+"""Fixtures that start a real MLflow server: a test that uses one (directly or through
+another fixture) is e2e. A new fixture that starts one belongs here."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Each test's layer (pyproject.toml's markers), so ``-m unit`` selects the fast
+    layer with no list of paths to keep: tests/unit is unit, a test that needs an
+    MLflow server is e2e, any other is integration (it runs traced-run or another
+    program as a process). A layer marked by hand (a test that starts MLflow
+    without a fixture) is left as it is."""
+    for item in items:
+        if any(item.get_closest_marker(layer) for layer in ("unit", "integration", "e2e")):
+            continue
+        if item.path.is_relative_to(UNIT):
+            item.add_marker(pytest.mark.unit)
+        elif MLFLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.e2e)
+        else:
+            item.add_marker(pytest.mark.integration)
 
 
 def free_port() -> int:
@@ -229,7 +253,7 @@ def app(tmp_path: Path, mlflow_server: MlflowServer) -> App:
 
 @pytest.fixture
 def proxy(mlflow_server: MlflowServer) -> Iterator[FaultProxy]:
-    """The fault proxy (tests/faultproxy.py) in front of the session's MLflow."""
+    """The fault proxy (tests/support/faultproxy.py) in front of the session's MLflow."""
     with fault_proxy(mlflow_server.url) as running:
         yield running
 
@@ -318,3 +342,23 @@ def json_depth(value: Any) -> int:
 def request(url: str, method: str = "GET", data: bytes | None = None) -> str:
     with urllib.request.urlopen(urllib.request.Request(url, data=data, method=method), timeout=60) as answer:
         return str(answer.read().decode())
+
+
+@pytest.fixture(name="nobody")
+def second_user() -> Iterator[pwd.struct_passwd]:
+    """The user ``nobody``, to whom root can give a directory (for the spool tests)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root, to give a directory to a second local user")
+    try:
+        yield pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.skip("no user 'nobody' on this machine")
+
+
+@pytest.fixture
+def cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty working directory, so no ./traced-run.yaml is found by accident."""
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    return work

@@ -9,7 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import clean_env
+
+pytestmark = pytest.mark.e2e  # the harness starts its own MLflow server
 
 REPO = Path(__file__).resolve().parent.parent
 HEADER = "| # | Measure | Variant | Median | Min-Max | vs baseline | Target | Result |"

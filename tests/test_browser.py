@@ -1,5 +1,5 @@
 """MLflow's own trace view, in a real browser: Playwright drives Debian's
-headless Chromium through MLflow's UI over the traces of tests/conversations.py
+headless Chromium through MLflow's UI over the traces of tests/support/conversations.py
 (one app under traced-run), and reads what the page shows: each model call as
 the conversation it was, for every kind of message pydantic-ai sends, the
 token counts, and the experiment's trace list.
@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import conversations
 import pytest
 from conftest import App, MlflowServer, poll, spans_by_type, traced_env
+from support import conversations
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -145,6 +145,12 @@ class View:
 
     def screenshot(self, name: str) -> None:
         self.page.mouse.move(0, 0)  # no tooltip left over the view
+        # Each "Copy tool call ID" button read by tool_call_ids shows a "Copied" tooltip
+        # over the call it belongs to for a while: a screenshot waits until none is shown.
+        self.page.evaluate("document.activeElement?.blur()")  # nor the focus ring of the last click
+        copied = self.page.get_by_text("Copied", exact=True)
+        poll(lambda: not any(tip.is_visible() for tip in copied.all()), timeout=30,
+             what='the "Copied" tooltips to close')
         shot = self.page.screenshot()
         assert shot.startswith(b"\x89PNG")
         if SCREENSHOTS:

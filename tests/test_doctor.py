@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from conftest import TRACED_RUN, MlflowServer, QuietHandler, clean_env, free_port
+from support.doctor import checks
 
 from traced_run.commands.cli import child_environment
 from traced_run.commands.doctor import PROBE
@@ -27,7 +28,6 @@ from traced_run.config.settings import Settings
 from traced_run.delivery.spool import Spool, Target
 
 SECRET = "hunter2-doctor-s3cret"
-LINE = re.compile(r"(OK|WARN|FAIL) ([\w .-]+): (.+)")
 BOUND = 8.0
 """Doctor's own bound is 2 s per network step; the launcher's start and the child probe add CPU
 time, which a loaded 2-core CI machine stretches (about 1-3 s measured in all)."""
@@ -38,18 +38,6 @@ def doctor(cwd: Path, env: dict[str, str], *options: str) -> tuple[subprocess.Co
     done = subprocess.run([TRACED_RUN, "doctor", *options], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=60)
     return done, time.monotonic() - started
-
-
-def checks(stdout: str) -> dict[str, tuple[str, str]]:
-    """``check -> (status, what)``; every line but the summary is a check line."""
-    lines = stdout.splitlines()
-    assert lines[-1].startswith("-- "), stdout
-    found: dict[str, tuple[str, str]] = {}
-    for line in lines[:-1]:
-        match = LINE.fullmatch(line)
-        assert match, line
-        found[match[2]] = (match[1], match[3])
-    return found
 
 
 def env_for(url: str, tmp_path: Path, **extra: str) -> dict[str, str]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from conftest import App, free_port, request, serving, spans_by_type, traced_env
-from openai_standin import OpenAIStandin
+from support.openai_standin import OpenAIStandin
 
 
 @pytest.fixture

@@ -11,8 +11,8 @@ import time
 
 import pytest
 from conftest import App, poll
-from faultproxy import FaultProxy
-from test_delivery import (
+from support.faultproxy import FaultProxy
+from support.launched import (
     EXIT_TIMEOUT,
     Lines,
     flush,

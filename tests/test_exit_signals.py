@@ -11,8 +11,8 @@ import subprocess
 import time
 
 from conftest import AGENT, App, traced_env
-from faultproxy import FaultProxy
-from test_delivery import Lines, proxied_env, start
+from support.faultproxy import FaultProxy
+from support.launched import Lines, proxied_env, start
 
 CHILD_BOUND = 20.0
 """How long a signalled child may take to end before it counts as hung: generous for a

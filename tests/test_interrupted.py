@@ -366,7 +366,7 @@ def test_gunicorn_quick_shutdown_mid_request_leaves_a_complete_error_trace(
 def test_gunicorn_graceful_timeout_kills_the_worker_the_spans_that_ended_still_arrive(
         app: App, which: Callable[[str], str]) -> None:
     """SIGKILL ends a worker with no code of its own run: the run's open spans never
-    end and its trace stays IN_PROGRESS (README, Known limits); what had ended is there."""
+    end and its trace stays IN_PROGRESS (docs/failure-behaviour.md, Known limits); what had ended is there."""
     with gunicorn(app, which, "sync", "--graceful-timeout", "1") as server:
         sent = server.request_in_tool()
         server.process.send_signal(signal.SIGTERM)

@@ -13,6 +13,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 from conftest import TRACED_RUN, clean_env, free_port, poll
 
 
@@ -53,6 +54,7 @@ def plant_modules(directory: Path, ran: Path) -> None:
         (directory / f"{name}.py").write_text(f"open({str(ran)!r}, 'a').write({name!r} + ' ')\n")
 
 
+@pytest.mark.e2e  # `traced-run mlflow` starts a real MLflow server
 def test_starts_answers_and_stops_on_sigterm(tmp_path: Path) -> None:
     """Also: the working directory and the data directory (a cloned repository's
     ./.traced-run/mlflow) are not where the server's Python looks for modules."""
@@ -91,6 +93,7 @@ def test_starts_answers_and_stops_on_sigterm(tmp_path: Path) -> None:
     assert not ran.exists(), f"ran from the working or data directory: {ran.read_text()}"
 
 
+@pytest.mark.e2e  # `traced-run mlflow` starts a real MLflow server
 def test_all_hosts_on_every_address_warns_and_sigterm_stops_the_start(tmp_path: Path) -> None:
     with started(tmp_path, "--port", str(free_port()), "--host", "0.0.0.0", "--allow-all-hosts") as command:
         assert command.stderr is not None

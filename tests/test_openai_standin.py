@@ -1,4 +1,4 @@
-"""The OpenAI stand-in (tests/openai_standin.py) answers what the real API would,
+"""The OpenAI stand-in (tests/support/openai_standin.py) answers what the real API would,
 closely enough that the real openai SDK, pydantic-ai's OpenAI models and
 pydantic-ai's published example apps (run unmodified) work against it."""
 
@@ -24,9 +24,9 @@ import openai
 import pytest
 from conftest import clean_env, free_port, poll
 from openai.types import chat, responses
-from openai_standin import OpenAIStandin, example_from_schema
 from pydantic import BaseModel, Field, TypeAdapter
 from pydantic_ai import Agent, NativeOutput
+from support.openai_standin import OpenAIStandin, example_from_schema
 
 MODELS = ["openai:gpt-5.2", "openai-chat:gpt-5.2"]
 RESPONSES = "/v1/responses"

@@ -7,7 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import clean_env
+
+pytestmark = pytest.mark.e2e  # the quickstart starts its own MLflow server
 
 ROOT = Path(__file__).resolve().parent.parent
 

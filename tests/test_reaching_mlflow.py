@@ -22,8 +22,10 @@ from typing import Any
 
 import pytest
 from conftest import AGENT, AGENT_APP, TRACED_RUN, MlflowServer, clean_env, free_port, poll
-from faultproxy import fault_proxy
-from realservers import (
+from support.doctor import checks
+from support.faultproxy import fault_proxy
+from support.launched import boot_dir, traced_lines
+from support.realservers import (
     AuthMlflow,
     WorkspaceMlflow,
     auth_mlflow,
@@ -34,9 +36,7 @@ from realservers import (
     self_signed_mlflow,
     workspace_mlflow,
 )
-from test_doctor import checks
-from test_e2e_process import boot_dir, traced_lines
-from tls import OTHER_HOST, ConnectProxy, Pki, SlowProxy, TlsProxy
+from support.tls import OTHER_HOST, ConnectProxy, Pki, SlowProxy, TlsProxy
 
 __all__ = ["auth_mlflow", "connect_proxy", "https_mlflow", "mtls_mlflow", "pki", "self_signed_mlflow",
            "workspace_mlflow"]

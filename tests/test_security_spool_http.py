@@ -24,7 +24,6 @@ from pathlib import Path
 
 import pytest
 from conftest import AGENT_APP, TRACED_RUN, QuietHandler, clean_env
-from test_spool import second_user  # noqa: F401 - the fixture `nobody`: a second local user
 
 TOKEN = "s3cret-bearer-token-for-redirects"
 BATCH = "00000000000000000001-1-0000000a.otlp"

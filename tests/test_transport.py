@@ -15,8 +15,8 @@ import urllib.request
 
 import pytest
 from conftest import App, MlflowServer, QuietHandler, poll
-from faultproxy import FaultProxy
-from test_delivery import (
+from support.faultproxy import FaultProxy
+from support.launched import (
     EXIT_TIMEOUT,
     MARGIN,
     Lines,

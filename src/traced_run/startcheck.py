@@ -10,7 +10,7 @@ a mapping, a value outside the plain forms below) goes through the full
 and every refusal is the full check's own line.
 
 The plain forms are a strict subset of what the settings table accepts
-(tests/test_startup.py checks that), never a second definition of it.
+(tests/unit/test_startup.py checks that), never a second definition of it.
 """
 
 import os
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
     from traced_run.config.settings import Settings
 
-# -- generated from the settings table; tests/test_startup.py fails when it drifts ----------
+# -- generated from the settings table; tests/unit/test_startup.py fails when it drifts ----------
 ENV = {
     "TRACED_RUN_CONFIG": ("config", ""),
     "TRACED_RUN_ENABLED": ("enabled", "bool"),

@@ -1,8 +1,8 @@
 """The compatibility matrix's definition: which releases each cell installs,
 which MLflow server it talks to and what it must show. ``cells.py`` runs it;
-README's "Supported versions" section is generated from it
-(``python tests/compat/matrix.py`` prints that section; tests/test_compat.py
-fails when README differs).
+the table in docs/supported-versions.md is generated from it
+(``python tests/compat/matrix.py`` prints it; tests/unit/test_compat.py
+fails when the page differs).
 
 Not a cross product: each axis's ends are covered by some cell, every cell
 by a fresh venv. The supported ranges themselves are read from pyproject.toml
@@ -119,7 +119,7 @@ def _inputs(server: Server) -> str:
 
 
 def table() -> str:
-    """README's "Supported versions" section body: ranges and the releases the matrix runs."""
+    """docs/supported-versions.md's table: ranges and the releases the matrix runs."""
     ranges = supported_ranges()
     good = [c for c in CELLS if c.supported]
     rows = [

@@ -3,9 +3,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from support.fakes import FakeSender
 
 from traced_run.delivery import export
-from unit.helpers import FakeSender
 
 
 @pytest.fixture

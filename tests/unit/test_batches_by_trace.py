@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan
+from support.fakes import NOT_FOUND, FakeSender, settings, span, submit_together, trace
 
 from traced_run.delivery import Delivery
 from traced_run.delivery.export import DELIVERED, Outcome, by_trace, encode, target_of
 from traced_run.delivery.spool import Spool
-from unit.helpers import NOT_FOUND, FakeSender, settings, span, submit_together, trace
 
 ENDPOINT = "http://127.0.0.1:9/v1/traces"
 BAD = b"poison"

@@ -13,6 +13,7 @@ import pytest
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanContext
+from support.fakes import REFUSED, Clock, FakeSender, run, settings, span, submit_together, trace
 
 from traced_run.delivery import Delivery
 from traced_run.delivery import queue as span_queue
@@ -22,7 +23,6 @@ from traced_run.delivery.sender import BACKOFF, Backoff
 from traced_run.delivery.spill import OverflowSpooler, SpoolWriter
 from traced_run.delivery.spool import Spool
 from traced_run.delivery.stats import DeliveryStats
-from unit.helpers import REFUSED, Clock, FakeSender, run, settings, span, submit_together, trace
 
 ENDPOINT = "http://127.0.0.1:9/v1/traces"
 

@@ -9,10 +9,10 @@ import threading
 from pathlib import Path
 
 import pytest
+from support.fakes import NOT_FOUND, FakeSender, delivery_threads, settings, submit_together, trace
 
 from traced_run.delivery import Delivery
 from traced_run.delivery.spool import Spool
-from unit.helpers import NOT_FOUND, FakeSender, delivery_threads, settings, submit_together, trace
 
 
 def test_a_late_answer_to_a_batch_close_kept_is_not_handled_again(

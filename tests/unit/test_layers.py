@@ -78,7 +78,7 @@ def test_no_module_imports_from_a_layer_above_its_own(module: str) -> None:
 
 
 def test_the_start_up_modules_import_at_start_only_what_start_up_needs() -> None:
-    """What runs at every interpreter start (see tests/test_startup.py for the modules of
+    """What runs at every interpreter start (see tests/unit/test_startup.py for the modules of
     the standard library): ``bootstrap`` brings ``flags`` alone, the rest when needed."""
     assert _imports("traced_run.bootstrap", top_level_only=True) == {"traced_run.flags"}
     assert _imports("traced_run.flags") == set()

@@ -9,10 +9,10 @@ import threading
 import time
 from pathlib import Path
 
+from support.fakes import settings
+
 from traced_run import transport
 from traced_run.transport import connections
-
-from .helpers import settings
 
 
 def _in_child(do: object) -> str:

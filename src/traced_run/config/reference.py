@@ -15,7 +15,7 @@ HEADER = """\
 # from the environment, so secrets stay out of this file.
 # Found as ./traced-run.yaml without being named (--config, TRACED_RUN_CONFIG), this
 # file may set only the keys marked "also from an unnamed file"; with any other key it
-# is ignored as a whole, said in one line (see README, Security).
+# is ignored as a whole, said in one line (see docs/security.md, "Settings and secrets").
 # Every key below is commented out at its default: uncomment what you change.
 """
 
@@ -68,7 +68,8 @@ def markdown_reference() -> str:
         "an empty environment variable counts as unset. Secrets are never printed.",
         "A `./traced-run.yaml` found in the working directory, not named by `--config` or",
         "`TRACED_RUN_CONFIG`, may set only the keys marked \"also from an unnamed file\"; with any",
-        "other key it is ignored as a whole, said in one line (README, Security).",
+        "other key it is ignored as a whole, said in one line",
+        "([Security model](security.md#settings-and-secrets)).",
         "",
         "| YAML key | environment | option | type | default | what it does |",
         "| --- | --- | --- | --- | --- | --- |",

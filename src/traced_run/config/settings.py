@@ -606,7 +606,8 @@ class Settings:
         "value (a pattern with a group: only the first group). Env: comma-separated. RE2 syntax, run in "
         "linear time: no backreferences or lookaround (refused when the settings load), \\b \\w \\d \\s "
         "are ASCII only (\\pL and \\p{N} are not), $ is \\z unless (?m). A text redaction "
-        "cannot screen within its bound is replaced by a note of its length: see README, Redaction.",
+        "cannot screen within its bound is replaced by a note of its length: see docs/security.md, "
+        "Redaction.",
         # A pattern may be the secret itself, written out.
         env=("TRACED_RUN_REDACT",), secret=True))
     redact_defaults: bool = setting(True, Spec(

@@ -133,7 +133,7 @@ def _say_dropped(span: ReadableSpan, error: Exception) -> None:
 
 # -- the OTLP request, written as protobuf's wire format ------------------------------------
 #
-# The same bytes the SDK's encode_spans(...).SerializeToString() gives (tests/test_enrich.py
+# The same bytes the SDK's encode_spans(...).SerializeToString() gives (tests/unit/test_enrich.py
 # compares them), but for a text with a lone surrogate, which the SDK leaves out, written
 # directly: the SDK builds a protobuf object per attribute, span and level and copies each
 # into its parent, which cost the delivery thread more than all the rest of the encoding

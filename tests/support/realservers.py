@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 from conftest import MlflowServer, start_mlflow
-from tls import ConnectProxy, Pki, TlsProxy
+from support.tls import ConnectProxy, Pki, TlsProxy
 
 
 @contextlib.contextmanager

@@ -1,26 +1,20 @@
 """Hostile settings (issue 16): a config file planted in the working directory,
 secrets in odd shapes, inputs without bounds. Each test here failed on 066f5f4.
 
-Most run ``traced_run.config.sources.load`` in process on a plain environment mapping;
-a few run the launcher or the env-only bootstrap as real processes, since what
-the user sees (exit code, the one stderr line, the app still running) is the
-promise."""
+These run ``traced_run.config.sources.load`` in process on a plain environment mapping;
+tests/test_settings_security_launched.py runs the launcher and the env-only bootstrap
+as real processes."""
 
 from __future__ import annotations
 
-import base64
-import os
-import subprocess
-import sys
-import textwrap
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from conftest import AGENT_APP, TRACED_RUN, clean_env
-from test_settings import SAMPLES, error_of
+from support.hostile import DEEP, NOT_UTF8, SECRET, UNNAMED_MAY_SET, ignored_line
+from support.settings import SAMPLES, error_of
 
 from traced_run import report
 from traced_run.config import sources
@@ -28,28 +22,8 @@ from traced_run.config.settings import SPECS, Settings
 from traced_run.config.sources import OPTIONS_ENV, load
 from traced_run.report import mask_url
 
-SECRET = "hunter2-s3cret"
-UNUSED_URI = "http://127.0.0.1:9"
-
-
-@pytest.fixture(autouse=True)
-def cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Each test's own working directory, like the cloned repository of finding 3."""
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
-def launch(*argv: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([TRACED_RUN, *argv], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=60)
-
-
-def one_line(stderr: str) -> str:
-    assert "Traceback" not in stderr, stderr
-    lines = stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("traced-run: "), stderr
-    return lines[0].removeprefix("traced-run: ")
-
+# No ./traced-run.yaml is found by accident: each test runs in an empty directory.
+pytestmark = pytest.mark.usefixtures("cwd")
 
 # -- 3. who may redirect the traces ------------------------------------------------------
 
@@ -74,16 +48,6 @@ def test_a_named_file_does_not_outdo_the_environment_either(tmp_path: Path) -> N
                    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://collector:4318/v1/traces"})
     assert loaded.settings.traces_endpoint == "http://collector:4318/v1/traces"
     assert loaded.settings.tracking_uri == "https://mlflow.mine.example"
-
-
-UNNAMED_MAY_SET = ["service_name", "session_id", "user_id", "tags", "trace_name"]
-"""Trace metadata: the only keys that cannot redirect, hang, fill or silence anything."""
-
-
-def ignored_line(config: Path, line: int, key: str, more: str = "") -> str:
-    return (f"{config}:{line}: {key}{more}: a traced-run.yaml found in the working directory, which nobody "
-            f"named, may set only {', '.join(UNNAMED_MAY_SET)}; the whole file is ignored; name it "
-            "(--config FILE or TRACED_RUN_CONFIG=FILE) if you trust it")
 
 
 @pytest.mark.parametrize("name", [n for n, s in SPECS.items() if s.in_yaml and n not in UNNAMED_MAY_SET])
@@ -119,51 +83,6 @@ def test_a_file_nobody_named_may_set_trace_metadata(name: str, cwd: Path) -> Non
     loaded = load({"MLFLOW_TRACKING_URI": "https://mlflow.mine.example"})
     assert loaded.notes == ()
     assert getattr(loaded.settings, name) == SAMPLES[name][1]
-
-
-def test_config_and_the_doctor_say_the_file_is_ignored(cwd: Path) -> None:
-    config = cwd / "traced-run.yaml"
-    config.write_text("spool_dir: ./spool\n")
-    env = clean_env(MLFLOW_TRACKING_URI=UNUSED_URI)
-    shown = launch("config", cwd=cwd, env=env)
-    assert shown.returncode == 0 and one_line(shown.stderr) == ignored_line(config, 1, "spool_dir")
-    assert "config: null  # default" in shown.stdout and "./spool" not in shown.stdout
-    doctor = launch("doctor", "--no-trace", cwd=cwd, env=env)
-    assert f"WARN config file: {ignored_line(config, 1, 'spool_dir')}\n" in doctor.stdout
-    assert doctor.stderr == ""
-
-
-CATASTROPHIC = """
-    import time
-    from pydantic_ai import Agent
-    from pydantic_ai.models.test import TestModel
-
-    started = time.monotonic()
-    agent = Agent(TestModel(custom_output_text="a" * 40 + "!"))
-    print(agent.run_sync("a" * 40 + "!").output[-1], round(time.monotonic() - started))
-"""
-
-
-@pytest.mark.parametrize("how", ["launcher", "env-only"])
-def test_a_cloned_repositorys_catastrophic_pattern_does_not_hang_the_app(how: str, cwd: Path) -> None:
-    """A pattern that backtracks for ever on 40 a's: the file is ignored, the app finishes,
-    and one line names the file."""
-    config = cwd / "traced-run.yaml"
-    config.write_text("trace_name: from-the-repo\nredact: ['(a+)+$']\n")
-    (cwd / "app.py").write_text(textwrap.dedent(CATASTROPHIC))
-    env = clean_env(MLFLOW_TRACKING_URI=UNUSED_URI, TRACED_RUN_EXIT_TIMEOUT="1")
-    if how == "launcher":
-        done = launch("--strict", "python", "app.py", cwd=cwd, env=env)
-    else:
-        boot = launch("--print-pythonpath", cwd=cwd, env=env).stdout.strip()
-        done = subprocess.run([sys.executable, "app.py"], cwd=cwd, capture_output=True, text=True,
-                              timeout=120, env={**env, "PYTHONPATH": boot})
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith("! "), done.stdout
-    lines = done.stderr.splitlines()
-    assert lines[0] == f"traced-run: {ignored_line(config, 2, 'redact')}", done.stderr
-    # the spans were made, and not delivered to the closed port: a line of its own says so
-    assert len(lines) == 2 and "not delivered" in lines[1], done.stderr
 
 
 # -- 5. secrets printed or stored ---------------------------------------------------------
@@ -250,27 +169,6 @@ def test_credentials_in_the_url_and_elsewhere_are_refused() -> None:
     assert SECRET not in message
 
 
-def test_config_doctor_exit_line_and_spool_never_show_a_password_of_the_url(cwd: Path) -> None:
-    """The user's view of a tracking URI with a password (finding 5): ``config``,
-    the doctor, and an app whose batch ends in the spool (closed port)."""
-    url = f"http://alice:pa%20ss{SECRET}@127.0.0.1:9"
-    env = clean_env(MLFLOW_TRACKING_URI=url, TRACED_RUN_SPOOL_DIR=str(cwd / "spool"),
-                    TRACED_RUN_EXIT_TIMEOUT="1")
-    shown = launch("config", cwd=cwd, env=env)
-    assert shown.returncode == 0 and shown.stderr == ""
-    assert "tracking_uri: \"http://127.0.0.1:9\"" in shown.stdout and "username: \"alice\"" in shown.stdout
-    doctor = launch("doctor", "--no-trace", cwd=cwd, env=env)
-    (cwd / "app.py").write_text(textwrap.dedent(AGENT_APP))
-    ran = launch("python", "app.py", cwd=cwd, env=env)
-    assert ran.returncode == 0, ran.stderr
-    assert "not delivered to http://127.0.0.1:9/v1/traces" in ran.stderr
-    spooled = b"".join(p.read_bytes() for p in (cwd / "spool").rglob("*") if p.is_file())
-    assert spooled, "the batch was spooled"
-    basic = base64.b64encode(f"alice:pa ss{SECRET}".encode()).decode()
-    for text in (shown.stdout, doctor.stdout, doctor.stderr, ran.stderr, spooled.decode("latin-1")):
-        assert SECRET not in text and "pa%20ss" not in text and basic not in text
-
-
 @pytest.mark.parametrize("value", [f"Bearer {SECRET}\r\nX-Injected: 1", f"Bearer {SECRET}\n folded",
                                    f"Bearer {SECRET}\u2028x", f"Bearer {SECRET}\u20ac"])
 def test_a_token_that_cannot_be_a_header_is_refused_at_load_not_shown(value: str) -> None:
@@ -311,7 +209,6 @@ def test_a_pattern_re2_cannot_run_is_refused_at_load_without_its_text(pattern: s
 
 # -- 6. parsing without bounds ------------------------------------------------------------
 
-DEEP = "tags: " + "[" * 300 + "]" * 300 + "\n"
 BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
     f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]\n"
     for i in range(12)) + "service_name: *m\n"
@@ -353,15 +250,6 @@ def test_no_setting_takes_a_value_without_bound(name: str) -> None:
     assert len(message) < 400, "the error quotes a bounded part of the value"
 
 
-def test_options_json_nested_too_deep_is_a_damaged_variable(cwd: Path) -> None:
-    deep = "[" * 60_000 + "]" * 60_000  # within the 128 KiB an environment variable may hold
-    assert error_of({OPTIONS_ENV: deep}) == f"env {OPTIONS_ENV}: not the JSON the launcher writes"
-    boot = launch("--print-pythonpath", cwd=cwd, env=clean_env()).stdout.strip()
-    done = subprocess.run([sys.executable, "-c", "print('ran')"], cwd=cwd, capture_output=True, text=True,
-                          timeout=60, env=clean_env(PYTHONPATH=boot, **{OPTIONS_ENV: deep}))
-    assert (done.returncode, done.stdout, done.stderr) == (0, "ran\n", "")
-
-
 def test_an_unexpected_error_while_loading_is_one_config_error(monkeypatch: pytest.MonkeyPatch,
                                                                 tmp_path: Path) -> None:
     """Whatever goes wrong inside (a RecursionError, a MemoryError), load() raises
@@ -374,17 +262,6 @@ def test_an_unexpected_error_while_loading_is_one_config_error(monkeypatch: pyte
 
     monkeypatch.setattr(sources, "_yaml_layer", boom)
     assert error_of({"TRACED_RUN_CONFIG": str(config)}) == "cannot read the settings: MemoryError"
-
-
-def test_env_only_a_hostile_file_leaves_the_app_running_untraced(cwd: Path) -> None:
-    boot = launch("--print-pythonpath", cwd=cwd, env=clean_env()).stdout.strip()
-    (cwd / "traced-run.yaml").write_text(DEEP)
-    (cwd / "app.py").write_text(textwrap.dedent(AGENT_APP))
-    done = subprocess.run([sys.executable, "app.py"], cwd=cwd, capture_output=True, text=True, timeout=120,
-                          env=clean_env(PYTHONPATH=boot, MLFLOW_TRACKING_URI=UNUSED_URI))
-    assert done.returncode == 0, done.stderr
-    assert done.stdout == '{"lookup":"a: sunny"}\n'
-    assert one_line(done.stderr).endswith("; the app runs untraced")
 
 
 # -- 8. header names and values, checked at load ------------------------------------------
@@ -412,13 +289,6 @@ def test_a_yaml_header_with_a_line_break_is_refused(tmp_path: Path) -> None:
                        "control characters, got (value hidden)")
 
 
-def test_the_launcher_refuses_a_header_with_exit_78(cwd: Path) -> None:
-    done = launch("true", cwd=cwd, env=clean_env(MLFLOW_TRACKING_URI=UNUSED_URI,
-                                                 OTEL_EXPORTER_OTLP_TRACES_HEADERS=f"x-k={SECRET}%0D%0Ax"))
-    assert done.returncode == 78
-    assert SECRET not in one_line(done.stderr)
-
-
 # -- 9. the smaller ones -----------------------------------------------------------------
 
 
@@ -444,70 +314,7 @@ def test_a_tilde_in_the_spool_dir_is_the_home_directory(monkeypatch: pytest.Monk
     assert load({"TRACED_RUN_SPOOL_DIR": "~/spool"}).settings.spool_dir == str(tmp_path / "spool")
 
 
-def test_a_repeated_option_and_an_empty_command_are_one_line_each(cwd: Path) -> None:
-    env = clean_env(MLFLOW_TRACKING_URI=UNUSED_URI)
-    (cwd / "a.yaml").write_text("timeout: 3\n")
-    done = launch("--config", "a.yaml", "--config", "a.yaml", "true", cwd=cwd, env=env)
-    assert done.returncode == 2
-    assert one_line(done.stderr) == "option --config given twice (see traced-run --help)"
-    done = launch("", cwd=cwd, env=env)
-    assert done.returncode == 127
-    assert one_line(done.stderr) == "command not found: '' (the command name is empty)"
-
-
-def test_argument_list_too_long_says_what_traced_run_added(cwd: Path) -> None:
-    # An argument longer than Linux's MAX_ARG_STRLEN (128 KiB): exec fails with E2BIG.
-    code = ("import sys; from traced_run.commands.cli import main; "
-            "sys.exit(main(['--service-name', 'svc', 'true', 'a' * 200_000]))")
-    done = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=60,
-                          env=clean_env(MLFLOW_TRACKING_URI=UNUSED_URI))
-    assert done.returncode == 126
-    line = one_line(done.stderr)
-    assert line.startswith("cannot run true: its arguments and environment together are more than the "
-                           "system allows (Argument list too long); traced-run adds "), line
-    assert line.endswith(f" bytes of it (PYTHONPATH, {OPTIONS_ENV})")
-
-
-def test_env_only_no_error_of_ours_reaches_the_apps_import(cwd: Path) -> None:
-    """Not only a hostile file: whatever traced-run raises while it sets up (here a
-    RecursionError, planted by a user sitecustomize) is one line, and the app runs."""
-    boot = launch("--print-pythonpath", cwd=cwd, env=clean_env()).stdout.strip()
-    (cwd / "user").mkdir()
-    (cwd / "user" / "sitecustomize.py").write_text(textwrap.dedent("""
-        import traced_run.pipeline
-
-        def install():
-            raise RecursionError("maximum recursion depth exceeded")
-
-        traced_run.pipeline.install = install
-    """))
-    (cwd / "app.py").write_text(textwrap.dedent(AGENT_APP))
-    done = subprocess.run([sys.executable, "app.py"], cwd=cwd, capture_output=True, text=True, timeout=120,
-                          env=clean_env(PYTHONPATH=f"{boot}{os.pathsep}{cwd / 'user'}",
-                                        MLFLOW_TRACKING_URI=UNUSED_URI))
-    assert done.returncode == 0, done.stderr
-    assert done.stdout == '{"lookup":"a: sunny"}\n'
-    assert one_line(done.stderr) == ("could not set up tracing: RecursionError: maximum recursion depth "
-                                     "exceeded; the app runs untraced")
-
-
 # -- 10. values that can never be sent (issue 25) ------------------------------------------
-
-NOT_UTF8 = "bad\udcffutf"
-"""What Python makes of the byte 0xff in an environment value (a Latin-1 terminal's é is 0xe9)."""
-
-
-@pytest.mark.parametrize(("var", "value"), [("MLFLOW_EXPERIMENT_NAME", NOT_UTF8),
-                                            ("MLFLOW_EXPERIMENT_ID", "\uff11\uff12"),
-                                            ("MLFLOW_EXPERIMENT_ID", "\u0661\u0662")])
-def test_the_launcher_refuses_a_value_that_can_never_be_sent(var: str, value: str, cwd: Path) -> None:
-    done = launch("--strict", "python", "-c", "open('ran', 'w').close()", cwd=cwd,
-                  env=clean_env(MLFLOW_TRACKING_URI=UNUSED_URI, **{var: value}))
-    assert done.returncode == 78
-    line = one_line(done.stderr)
-    assert line.startswith(f"env {var}: "), line
-    assert "expected UTF-8 text" in line or "expected a numeric MLflow experiment id (digits 0-9)" in line
-    assert not (cwd / "ran").exists() and done.stdout == ""
 
 
 @pytest.mark.parametrize("var", ["OTEL_SERVICE_NAME", "TRACED_RUN_SESSION_ID", "TRACED_RUN_USER_ID",
@@ -533,40 +340,4 @@ def test_a_path_that_is_not_utf8_is_a_path() -> None:
 
 # -- 11. secrets in the wrong place (issue 25) ---------------------------------------------
 
-SECRET_FORMS = {
-    # form: (the variable, its value; whether the settings are refused)
-    "a password pasted into the user name": ("MLFLOW_TRACKING_USERNAME", f"bob:{SECRET}", True),
-    "a URL password holding ://": ("MLFLOW_TRACKING_URI", f"http://bob:{SECRET}://x@127.0.0.1:9", True),
-    "a URL password holding =x://": ("MLFLOW_TRACKING_URI", f"http://bob:{SECRET}=b://x@127.0.0.1:9", True),
-    "a literal secret as a redaction pattern": ("TRACED_RUN_REDACT", f"{SECRET},sk-[a-z]+", False),
-    "a malformed redaction pattern": ("TRACED_RUN_REDACT", f"({SECRET}", True),
-    "a redaction pattern of a named file": ("TRACED_RUN_CONFIG", "{named}", False),
-}
 
-
-@pytest.mark.parametrize("form", SECRET_FORMS)
-def test_a_secret_in_the_wrong_place_is_in_no_output_and_no_file(form: str, tmp_path: Path) -> None:
-    """config, the doctor and a --strict start each see the setting; none shows the secret, and
-    nothing traced-run writes (spool, cache under HOME) holds it."""
-    home, work = tmp_path / "home", tmp_path / "work"
-    home.mkdir()
-    work.mkdir()
-    named = tmp_path / "team.yaml"
-    named.write_text(f"redact: ['{SECRET}']\n")
-    var, value, refused = SECRET_FORMS[form]
-    env = clean_env(HOME=str(home), TRACED_RUN_SPOOL_DIR=str(home / "spool"),
-                    **{var: value.format(named=named)})
-    env.setdefault("MLFLOW_TRACKING_URI", UNUSED_URI)
-    runs = [launch("config", cwd=work, env=env), launch("doctor", "--no-trace", cwd=work, env=env),
-            launch("--strict", "python", "-c", "pass", cwd=work, env=env)]
-    for done in runs:
-        assert "Traceback" not in done.stderr
-        assert SECRET not in done.stdout + done.stderr, (form, done.stdout, done.stderr)
-    written = [p for root in (home, work) for p in root.rglob("*") if p.is_file()]
-    assert [p for p in written if SECRET.encode() in p.read_bytes()] == []
-    started = runs[2]
-    assert started.returncode == (78 if refused else 0), started.stderr
-    if refused:
-        assert one_line(started.stderr).startswith(f"env {var}: ")
-    else:
-        assert '"***"' in runs[0].stdout

@@ -3,7 +3,7 @@ agent of its own name (the trace's name in MLflow), on FunctionModel stand-ins
 that answer as a real model would: parallel tool calls, retries, structured
 output, history, instructions, thinking, images, streamed and iterated runs.
 
-The in-process snapshot tests (tests/test_enrich.py) record these runs with an
+The in-process snapshot tests (tests/unit/test_enrich.py) record these runs with an
 in-memory exporter; the browser test (tests/test_browser.py) runs them as an
 app under traced-run, whose source is this file."""
 

@@ -17,7 +17,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -293,17 +293,6 @@ def test_an_existing_private_enough_directory_is_used_as_it_is(tmp_path: Path) -
 
 
 # --- another local user (as root: `nobody`) ----------------------------------------------
-
-
-@pytest.fixture(name="nobody")
-def second_user() -> Iterator[pwd.struct_passwd]:
-    """The user ``nobody``, to whom root can give a directory (test_security_spool_http uses it too)."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root, to give a directory to a second local user")
-    try:
-        yield pwd.getpwnam("nobody")
-    except KeyError:
-        pytest.skip("no user 'nobody' on this machine")
 
 
 def test_a_spool_directory_of_another_user_is_refused(spool: Spool, nobody: pwd.struct_passwd) -> None:

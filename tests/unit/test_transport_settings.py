@@ -6,12 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from test_settings import cwd, error_of
+from support.settings import error_of
 
 from traced_run import transport
 from traced_run.config.sources import load
 
-__all__ = ["cwd"]  # the autouse fixture: an empty working directory
+# No ./traced-run.yaml is found by accident: each test runs in an empty directory.
+pytestmark = pytest.mark.usefixtures("cwd")
+
 
 
 CA_VARS = ("MLFLOW_TRACKING_SERVER_CERT_PATH", "OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE",

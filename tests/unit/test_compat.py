@@ -1,4 +1,4 @@
-"""Supported versions: README's table is the compatibility matrix's definition
+"""Supported versions: docs/supported-versions.md's table is the compatibility matrix's definition
 (tests/compat/matrix.py; tests/compat/cells.py runs it), the ranges traced-run
 checks at run time are the ones pyproject.toml declares, and a release outside
 them is named in one sentence with the range and the fix."""
@@ -19,16 +19,16 @@ from traced_run.config.settings import Settings
 from traced_run.delivery.export import Sender
 from traced_run.delivery.spool import Target
 
-sys.path.insert(0, str(Path(__file__).parent / "compat"))
+sys.path.insert(0, str(Path(__file__).parents[1] / "compat"))
 import matrix
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+PAGE = Path(__file__).resolve().parents[2] / "docs" / "supported-versions.md"
 
 
-def test_readme_supported_versions_table_is_the_matrix() -> None:
-    text = README.read_text()
+def test_the_supported_versions_table_is_the_matrix() -> None:
+    text = PAGE.read_text()
     found = re.search(r"<!-- compat-matrix:begin -->\n(.*?)<!-- compat-matrix:end -->", text, re.S)
-    assert found, "README lost its compat-matrix markers"
+    assert found, "docs/supported-versions.md lost its compat-matrix markers"
     assert found.group(1) == matrix.table(), "regenerate it: python tests/compat/matrix.py"
 
 

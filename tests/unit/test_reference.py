@@ -10,7 +10,7 @@ from traced_run.config import reference
 from traced_run.config.settings import SPECS, Settings
 from traced_run.config.sources import load
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_example_config_is_the_generated_one() -> None:

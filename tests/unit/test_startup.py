@@ -5,65 +5,22 @@ further import at every interpreter start is time every Python process of a
 deployment pays). Under the shell launcher the process it becomes also checks
 the settings at start-up (the launcher no longer does it in an interpreter of
 its own): that adds ``traced_run.startcheck`` and, for plain values, nothing
-else."""
+else.
+
+Here, in process: the check the launched interpreter runs is the settings table's
+(startcheck's generated part). tests/test_startup_launched.py starts the interpreters."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-from conftest import TRACED_RUN, clean_env
 
 from traced_run import flags, startcheck
 from traced_run.config import settings, sources
 from traced_run.config.settings import SPECS
 
-LOADED = "import sys, json; print(json.dumps(sorted(sys.modules)))"
-ALLOWED = {"sitecustomize", "traced_run", "traced_run.bootstrap", "traced_run.flags"}
-
-
-def _modules(env: dict[str, str]) -> set[str]:
-    return set(json.loads(subprocess.check_output([sys.executable, "-c", LOADED], env=env, timeout=60)))
-
-
-def test_the_bootstrap_loads_nothing_a_bare_interpreter_has_not() -> None:
-    boot = subprocess.check_output([sys.executable, "-m", "traced_run", "--print-pythonpath"],
-                                   env=clean_env(), text=True, timeout=60).strip()
-    bare = _modules(clean_env())
-    traced = _modules(clean_env(PYTHONPATH=boot, MLFLOW_TRACKING_URI="http://127.0.0.1:9"))
-    assert traced - bare == ALLOWED
-    switched_off = _modules(clean_env(PYTHONPATH=boot, TRACED_RUN_ENABLED="false"))
-    assert switched_off - bare <= ALLOWED
-
-
 # -- the shell launcher's settings check, in the app's own interpreter --------------------
-
-HEAVY = {"argparse", "dataclasses", "inspect", "typing", "re", "json", "yaml", "urllib.parse",
-         "traced_run.config.settings", "traced_run.config.sources"}
-"""What the launcher's check must not import for plain settings: most of a bare start-up each."""
-LOADED_PLAINLY = "import sys; sys.stdout.write(' '.join(sorted(sys.modules)))"
-"""LOADED without json, which imports re."""
-
-
-def _launched_modules(env: dict[str, str], cwd: Path) -> set[str]:
-    return set(subprocess.check_output([TRACED_RUN, "python", "-c", LOADED_PLAINLY], env=env, cwd=cwd,
-                                       text=True, timeout=60).split())
-
-
-def test_under_the_launcher_plain_settings_are_checked_without_the_settings_machinery(tmp_path: Path) -> None:
-    env = clean_env(MLFLOW_TRACKING_URI="http://127.0.0.1:9", MLFLOW_EXPERIMENT_NAME="agents",
-                    TRACED_RUN_INCLUDE_CONTENT="false")
-    loaded = _launched_modules(env, tmp_path)
-    assert loaded - _modules(clean_env()) == {*ALLOWED, "traced_run.startcheck"}
-    assert not loaded & HEAVY
-
-
-def test_a_value_outside_the_plain_forms_gets_the_full_check(tmp_path: Path) -> None:
-    env = clean_env(MLFLOW_TRACKING_URI="http://127.0.0.1:9", OTEL_EXPORTER_OTLP_TIMEOUT="5")
-    assert "traced_run.config.sources" in _launched_modules(env, tmp_path)
 
 
 LEAN_KINDS = {id(settings.BOOL): "bool", id(settings.URL): "url", id(settings.PATH): "path",

@@ -1,5 +1,5 @@
 """What ``enrich.for_mlflow`` makes of pydantic-ai's spans, in process and in
-seconds (no MLflow, no subprocess): each run of tests/conversations.py is
+seconds (no MLflow, no subprocess): each run of tests/support/conversations.py is
 recorded with an in-memory exporter and every model call's chat view is
 checked against what MLflow's UI can render. tests/test_browser.py checks the
 same runs in the real UI."""
@@ -10,7 +10,6 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
-import conversations
 import pytest
 from conftest import json_depth
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
@@ -22,6 +21,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceState
 from pydantic_ai import Agent
 from pydantic_ai.models.instrumented import InstrumentationSettings
+from support import conversations
 
 from traced_run.config.settings import Settings
 from traced_run.delivery.export import encode, request_bytes
