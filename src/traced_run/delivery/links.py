@@ -129,6 +129,8 @@ class Linker:
         self._settings = settings
         self._experiment_of = experiment_of
         self._models: dict[tuple[str | None, str, str], str | None] = {}
+        self._version: str | None = None
+        """The server's MLflow release, once asked."""
         own_route = f"{settings.tracking_uri}/v1/traces"
         # Spans posted to a collector may reach MLflow after their link, which would then make the trace.
         self._off = not settings.tracking_uri or settings.traces_endpoint != own_route
@@ -145,6 +147,8 @@ class Linker:
             return None
         deadline = time.monotonic() + timeout
         try:
+            if not self._server_links(deadline):
+                return None
             experiment_id = self._experiment_of(target)
             metadata = self._metadata(target, experiment_id, deadline)
             for root in found if metadata else ():
@@ -162,6 +166,17 @@ class Linker:
         except mlflow_api.MlflowError as error:
             self._refused(error)
         return None
+
+    def _server_links(self, deadline: float) -> bool:
+        """Whether the server can take links, asked once per process."""
+        if self._version is None:
+            self._version = mlflow_api.server_version(self._settings, max(0.0, deadline - time.monotonic()))
+            if not mlflow_api.links_traces(self._version):
+                self._off = True
+                report.say(f"traces are not linked to their agent version or run: MLflow {self._version} "
+                           "cannot add links to a trace it stored from OTLP "
+                           f"(MLflow {mlflow_api.LINKS_SINCE} can)")
+        return not self._off
 
     def _metadata(self, target: Target, experiment_id: str, deadline: float) -> dict[str, str]:
         metadata = {SOURCE_RUN: target.run_id} if target.run_id else {}

@@ -8,10 +8,14 @@ import urllib.parse
 from typing import Any
 
 from traced_run import transport
+from traced_run.config import compat
 from traced_run.config.settings import Settings
 from traced_run.report import mask_url
 
 DEFAULT_EXPERIMENT_ID = "0"
+LINKS_SINCE = ">=3.13"
+"""MLflow releases whose StartTraceV3 merges into a trace stored from OTLP and keeps its previews,
+session and tokens: 3.6 answers 500 for a trace that exists (and would blank its previews)."""
 
 
 class MlflowError(Exception):
@@ -97,6 +101,22 @@ def experiment_id(settings: Settings, name: str, workspace: str | None) -> str:
                 raise MlflowError(f"MLflow's answer to creating experiment {name!r} names no experiment id")
             return transport.printable(str(created["experiment_id"]))
     raise MlflowError(f"experiment {name!r} could neither be found nor created")
+
+
+def server_version(settings: Settings, timeout: float) -> str:
+    """The MLflow release the server says it runs (``/version``)."""
+    answer = transport.call_json(settings, "GET", "/version", settings.workspace, timeout=timeout)
+    shown = mask_url(transport.without_userinfo(settings.tracking_uri or ""))
+    if answer.status is None:
+        raise MlflowUnreachable(shown, answer.problem)
+    if not answer.ok:
+        raise MlflowHttpError(answer, shown + "/version")
+    return answer.text(40)
+
+
+def links_traces(version: str) -> bool:
+    """Whether MLflow ``version`` can link a trace stored from OTLP to an agent version and a run."""
+    return compat.allows(LINKS_SINCE, version)
 
 
 def logged_model(settings: Settings, experiment_id: str, workspace: str | None, tags: dict[str, str],
