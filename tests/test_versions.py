@@ -184,3 +184,12 @@ def test_a_linked_worktree_packed_refs_and_a_detached_head(tmp_path: Path) -> No
 ])
 def test_the_repository_url_has_no_credentials(url: str, shown: str) -> None:
     assert git.without_credentials(url) == shown
+
+
+def test_the_doctor_says_what_traces_are_linked_to(app: App) -> None:
+    repository(app.directory)
+    app.write(AGENT_APP)
+    commit = commit_all(app.directory)
+    done = app.run("doctor", env=traced_env(app, MLFLOW_RUN_ID="run-1"))
+    line = next(line for line in done.stdout.decode().splitlines() if line.startswith("OK agent version:"))
+    assert f"git commit {commit[:12]} on main" in line and "run run-1" in line
