@@ -193,3 +193,12 @@ def test_the_doctor_says_what_traces_are_linked_to(app: App) -> None:
     done = app.run("doctor", env=traced_env(app, MLFLOW_RUN_ID="run-1"))
     line = next(line for line in done.stdout.decode().splitlines() if line.startswith("OK agent version:"))
     assert f"git commit {commit[:12]} on main" in line and "run run-1" in line
+
+    # A detached HEAD (a CI checkout) has no branch, so no git version: the doctor says why, the app
+    # runs with not a line more.
+    run_git(app.directory, "checkout", "-q", "--detach")
+    done = app.run("doctor", env=traced_env(app))
+    assert "OK agent version: traces are linked to no agent version (agent_version: git, HEAD is detached" \
+        in done.stdout.decode()
+    ran = app.run("python", "app.py", env=traced_env(app))
+    assert (ran.returncode, ran.stderr) == (0, b"")

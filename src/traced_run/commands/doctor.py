@@ -23,6 +23,7 @@ import gzip
 import importlib.metadata
 import json
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
@@ -296,7 +297,7 @@ class _ServerChecks(_Asking):
 
         version = links.version_of(self.settings)
         if version is None and not self.settings.run_id:
-            why = ", no git checkout here" if self.settings.agent_version == "git" else ""
+            why = _no_git_version() if self.settings.agent_version == "git" else ""
             self.found.add(OK, "agent version", "traces are linked to no agent version (agent_version: "
                            f"{self.settings.agent_version}{why})")
             return
@@ -507,6 +508,16 @@ def synthetic_trace(settings: Settings) -> tuple[bytes, str]:
         trace_id = f"tr-{span.get_span_context().trace_id:032x}"
     provider.shutdown()
     return encode(memory.get_finished_spans(), settings), trace_id
+
+
+def _no_git_version() -> str:
+    from traced_run.config import git
+
+    try:
+        git.read(pathlib.Path.cwd())
+    except (git.GitUnreadable, OSError) as error:
+        return f", {error}"
+    return ", no git checkout here"
 
 
 def _git_version(tags: str) -> str:

@@ -41,6 +41,11 @@ _GITLINK = 0o160000
 class GitUnreadable(Exception):
     """The checkout cannot say its commit; ``str()`` says why, in words safe to print."""
 
+    def __init__(self, message: str, usual: bool = False) -> None:
+        self.usual = usual
+        """A state a checkout is often in (a detached HEAD in CI): nothing is wrong with it."""
+        super().__init__(message)
+
 
 @dataclass(frozen=True)
 class Checkout:
@@ -76,22 +81,22 @@ def find(start: Path) -> tuple[Path, Path, Path] | None:
 
 def read(start: Path) -> Checkout | None:
     """The checkout ``start`` is in; None when it is in none. Raises GitUnreadable."""
-    found = find(start)
-    if found is None:
-        return None
-    work, git_dir, common = found
     try:
+        found = find(start)
+        if found is None:
+            return None
+        work, git_dir, common = found
         head = (git_dir / "HEAD").read_text().strip()
         if not head.startswith("ref: refs/heads/"):
             # MLflow's versioning gives up here too: a version is keyed on a branch.
-            raise GitUnreadable("HEAD is detached (no branch)")
+            raise GitUnreadable("HEAD is detached (no branch)", usual=True)
         branch = head.removeprefix("ref: refs/heads/")
         commit = _ref(common, git_dir, "refs/heads/" + branch)
         if commit is None:
-            raise GitUnreadable(f"branch {branch!r} has no commit yet")
+            raise GitUnreadable(f"branch {branch!r} has no commit yet", usual=True)
         return Checkout(branch, commit, _dirty(work, git_dir), remote_url(common / "config"))
-    except (OSError, UnicodeDecodeError, struct.error) as error:
-        raise GitUnreadable(f"cannot read {git_dir}: {error}") from None
+    except (OSError, UnicodeDecodeError, ValueError, IndexError, struct.error) as error:
+        raise GitUnreadable(f"cannot read the git checkout of {start}: {error}") from None
 
 
 def _ref(common: Path, git_dir: Path, name: str) -> str | None:

@@ -44,14 +44,17 @@ def version_of(settings: Settings) -> str | None:
     """What this process's traces are linked to, as ``Target.version`` keeps it:
     ``model:<id>``, ``name:<name>``, ``git:<tags as JSON>``, or None. The git checkout is
     read once per process and working directory (the delivery thread reads it first)."""
-    key = (settings.model_id, settings.agent_version, os.getcwd())
+    try:
+        key = (settings.model_id, settings.agent_version, os.getcwd())
+    except OSError:  # the working directory was removed: no checkout to read
+        return _version(settings, None)
     with _versions_lock:
         if key not in _versions:
             _versions[key] = _version(settings, Path(key[2]))
         return _versions[key]
 
 
-def _version(settings: Settings, directory: Path) -> str | None:
+def _version(settings: Settings, directory: Path | None) -> str | None:
     if settings.model_id:
         return "model:" + settings.model_id
     if settings.agent_version == "off":
@@ -59,9 +62,10 @@ def _version(settings: Settings, directory: Path) -> str | None:
     if settings.agent_version != "git":
         return "name:" + settings.agent_version
     try:
-        checkout = git.read(directory)
+        checkout = None if directory is None else git.read(directory)
     except git.GitUnreadable as error:
-        report.say(f"traces are linked to no git version: {error}")
+        if not error.usual:  # a detached HEAD is left to the doctor: nobody asked for a version
+            report.say(f"traces are linked to no git version: {error}")
         return None
     return None if checkout is None else "git:" + json.dumps(checkout.tags(), sort_keys=True)
 
