@@ -249,6 +249,42 @@ def test_the_unchanged_app_is_traced_by_the_launcher_and_by_env_only(context: Co
     assert_traced(context.traces(experiment, 2), "env", SERVERS[context.cell.server])
 
 
+def _git(directory: Path, *args: str) -> str:
+    identity = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com", "GIT_COMMITTER_NAME": "t",
+                "GIT_COMMITTER_EMAIL": "t@example.com", "GIT_CONFIG_GLOBAL": os.devnull}
+    return _run(["git", *args], cwd=directory, env={**os.environ, **identity}).stdout.strip()
+
+
+@_cells(supported=True)
+def test_an_app_run_from_a_git_commit_is_linked_to_its_version_where_mlflow_can(context: Context) -> None:
+    shutil.copy(HERE / "app.py", context.directory / "app.py")
+    (context.directory / ".gitignore").write_text("spool/\n")
+    _git(context.directory, "init", "-q", "-b", "main")
+    _git(context.directory, "add", "-A")
+    _git(context.directory, "commit", "-q", "-m", "app")
+    commit = _git(context.directory, "rev-parse", "HEAD")
+    experiment = f"{context.cell.name}-git-{uuid.uuid4().hex[:8]}"
+    done = context.run([context.traced_run, "python", "app.py"],
+                       context.env(experiment, TRACED_RUN_SESSION_ID="git"))
+    assert done.returncode == 0, done.stderr
+    server = SERVERS[context.cell.server]
+    traces = context.traces(experiment, 2)
+    # Linked or not, the traces are whole: the link never costs the previews or the session.
+    assert_traced(traces, "git", server)
+    if server.links:
+        assert done.stderr == ""
+        for trace in traces:
+            assert trace["model_tags"]["mlflow.source.git.commit"] == commit, trace["model_tags"]
+            assert trace["model_tags"]["mlflow.source.git.dirty"] == "false"
+            assert trace["request_preview"]
+        assert len({trace["metadata"]["mlflow.modelId"] for trace in traces}) == 1
+    else:
+        assert done.stderr == (f"traced-run: traces are not linked to their agent version or run: MLflow "
+                               f"{context.cell.server} cannot add links to a trace it stored from OTLP "
+                               "(MLflow >=3.13 can)\n")
+        assert all("mlflow.modelId" not in trace["metadata"] for trace in traces)
+
+
 MODULES = "import sys, pydantic_ai; print(sorted(m for m in sys.modules if m.startswith('traced_run')))"
 
 

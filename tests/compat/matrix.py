@@ -35,6 +35,9 @@ class Server:
     traced-run sent, not as a list: its OTLP receiver does not decode that attribute."""
     session: bool = True
     """Its OTLP receiver turns ``session.id`` into the trace's ``mlflow.trace.session``."""
+    links: bool = True
+    """Its StartTraceV3 merges a trace's links (agent version, run) into a trace stored from OTLP
+    (MLflow >= 3.13); older ones are told so and left unlinked."""
     extra: tuple[str, ...] = ()
     """What else its venv pins to start at all."""
     dependencies_of: str = ""
@@ -52,8 +55,10 @@ class Server:
 
 SERVERS = {s.version: s for s in (
     # 3.6 and 3.7 import a name SQLAlchemy 2.1 removed.
-    Server("3.6.0", gzip=False, conversation_as_text=True, session=False, extra=("sqlalchemy<2.1",)),
-    Server("3.7.0", gzip=True, conversation_as_text=True, session=False, extra=("sqlalchemy<2.1",)),
+    Server("3.6.0", gzip=False, conversation_as_text=True, session=False, links=False,
+           extra=("sqlalchemy<2.1",)),
+    Server("3.7.0", gzip=True, conversation_as_text=True, session=False, links=False,
+           extra=("sqlalchemy<2.1",)),
     Server("3.17.2", gzip=True),
     # mlflow 3.18.0 pins mlflow-skinny==3.18.0 and mlflow-tracing==3.18.0, which PyPI does
     # not have (November 2026): pip cannot install it as published. Its wheel carries the

@@ -27,10 +27,19 @@ while count and time.monotonic() < deadline:
         break
     time.sleep(0.5)
     traces = found()
+
+
+def model_tags(trace) -> dict:
+    """The tags of the agent version (LoggedModel) the trace is linked to, if any."""
+    model_id = trace.info.trace_metadata.get("mlflow.modelId")
+    return dict(client.get_logged_model(model_id).tags) if model_id else {}
+
+
 json.dump([{
     "state": str(t.info.state).rsplit(".", 1)[-1],
     "request_preview": t.info.request_preview,
     "metadata": dict(t.info.trace_metadata),
+    "model_tags": model_tags(t),
     "spans": [{"name": s.name, "type": str(s.span_type), "parent": s.parent_id, "inputs": s.inputs}
               for s in t.data.spans],
 } for t in traces], sys.stdout, default=str)

@@ -48,6 +48,9 @@ def trace(number: int, spans: int) -> list[ReadableSpan]:
 
 
 def settings(tmp_path: Path, **more: object) -> Settings:
+    """No agent version: these tests run in traced-run's own checkout, whose version links
+    would be posts of their own."""
+    more = {"agent_version": "off", **more}
     return Settings(tracking_uri="http://127.0.0.1:9", spool_dir=str(tmp_path / "spool"), **more)  # type: ignore[arg-type]
 
 

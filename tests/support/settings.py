@@ -28,6 +28,8 @@ SAMPLES: dict[str, tuple[Any, Any, str, Any]] = {
     "experiment_id": (12, "12", "34", "34"),
     "experiment_name": ("from-yaml", "from-yaml", " from-env ", "from-env"),
     "run_id": ("run-yaml", "run-yaml", "run-env", "run-env"),
+    "model_id": ("m-yaml", "m-yaml", "m-env", "m-env"),
+    "agent_version": ("off", "off", " support-v2 ", "support-v2"),
     "workspace": ("team-a", "team-a", " team-b ", "team-b"),
     "username": ("alice", "alice", "bob", "bob"),
     "password": ("yaml-pw", "yaml-pw", "env-pw", "env-pw"),

@@ -23,6 +23,7 @@ import gzip
 import importlib.metadata
 import json
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
@@ -287,7 +288,29 @@ class _ServerChecks(_Asking):
                            f"upgrade the server: pip install 'mlflow{supported}'")
             return False
         self.found.add(OK, "mlflow version", f"MLflow {version}")
+        self.check_links(version)
         return True
+
+    def check_links(self, server: str) -> None:
+        """What traces will be linked to (agent version, run), and whether this MLflow can take it."""
+        from traced_run.delivery import links
+
+        version = links.version_of(self.settings)
+        if version is None and not self.settings.run_id:
+            why = _no_git_version() if self.settings.agent_version == "git" else ""
+            self.found.add(OK, "agent version", "traces are linked to no agent version (agent_version: "
+                           f"{self.settings.agent_version}{why})")
+            return
+        kind, _, value = (version or "none:").partition(":")
+        what = {"model": f"LoggedModel {value}", "name": f"the version named {value!r}",
+                "none": "no agent version"}.get(kind) or _git_version(value)
+        if not mlflow_api.links_traces(server):
+            self.found.add(WARN, "agent version", f"traces would be linked to {what}, but MLflow {server} "
+                           "cannot add links to a trace it stored from OTLP: they are not linked",
+                           f"upgrade the server (mlflow{mlflow_api.LINKS_SINCE})")
+            return
+        self.found.add(OK, "agent version", f"traces are linked to {what}"
+                       + (f" and run {self.settings.run_id}" if self.settings.run_id else ""))
 
     def check_workspace(self) -> bool:
         """The workspace traces go to exists (an unknown one is never a fall-back to default)."""
@@ -485,6 +508,24 @@ def synthetic_trace(settings: Settings) -> tuple[bytes, str]:
         trace_id = f"tr-{span.get_span_context().trace_id:032x}"
     provider.shutdown()
     return encode(memory.get_finished_spans(), settings), trace_id
+
+
+def _no_git_version() -> str:
+    from traced_run.config import git
+
+    try:
+        git.read(pathlib.Path.cwd())
+    except (git.GitUnreadable, OSError) as error:
+        return f", {error}"
+    return ", no git checkout here"
+
+
+def _git_version(tags: str) -> str:
+    from traced_run.config import git
+
+    found = json.loads(tags)
+    dirty = " (with uncommitted changes)" if found[git.DIRTY] == "true" else ""
+    return f"the version of git commit {found[git.COMMIT][:12]} on {found[git.BRANCH]}{dirty}"
 
 
 # -- local: the bootstrap in a child, sitecustomize, spool ---------------------------------

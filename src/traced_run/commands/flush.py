@@ -26,6 +26,7 @@ from pathlib import Path
 
 from traced_run.config.settings import Settings
 from traced_run.delivery.export import Outcome, Sender
+from traced_run.delivery.links import Linker
 from traced_run.delivery.spool import Backlog, Batch, Spool, SpoolContents, SpoolRefused
 from traced_run.report import age, counted, mask_url, say
 from traced_run.transport import without_userinfo
@@ -46,6 +47,7 @@ def flush(settings: Settings, written_for: str | None = None, drop_others: bool 
     endpoint = settings.traces_endpoint or ""
     shown = mask_url(endpoint)
     sender = Sender(settings)
+    linker = Linker(settings, sender.resolve)
     tally = _Tally()
     try:
         if set_aside:
@@ -53,8 +55,8 @@ def flush(settings: Settings, written_for: str | None = None, drop_others: bool 
                   f"back in {spool.directory} to send again")
         source = _written_for(spool, endpoint, written_for) if written_for else None
         for batches_of in (None, source) if source else (None,):
-            with contextlib.closing(spool.send(endpoint, lambda batch: sender.post_by_trace(
-                    batch.payload, batch.target, settings.timeout), written_for=batches_of)) as sending:
+            with contextlib.closing(spool.send(endpoint, lambda batch: _post(sender, linker, batch, settings),
+                                               written_for=batches_of)) as sending:
                 for batch, outcome, aside in sending:
                     tally.add(batch, outcome, aside)
             if tally.problem:
@@ -72,6 +74,17 @@ def flush(settings: Settings, written_for: str | None = None, drop_others: bool 
         say(f"stopped: {shown} did not take a batch ({tally.problem})")
     left_for_source = source is not None and source in seen.others
     return 1 if seen.for_endpoint or left_for_source else 0
+
+
+def _post(sender: Sender, linker: Linker, batch: Batch, settings: Settings) -> Outcome:
+    """The batch, then its traces' links; a link MLflow did not answer keeps the batch in the spool."""
+    outcome = sender.post_by_trace(batch.payload, batch.target, settings.timeout)
+    if outcome.delivered:
+        why = linker.link(batch.payload, batch.target, [part.payload for part in outcome.rejected],
+                          settings.timeout)
+        if why is not None:
+            return Outcome(False, False, f"its traces could not be linked to their agent version: {why}")
+    return outcome
 
 
 @dataclass

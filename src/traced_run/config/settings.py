@@ -214,6 +214,16 @@ def _run_id(text: str) -> str:
     return text
 
 
+def _agent_version(text: str) -> str:
+    name = _one_line(text, MAX_TEXT)
+    if not name:
+        raise ValueError("expected git, off or a version name")
+    if "'" in name:
+        # MLflow's search filter quotes the name with ' and has no escape for one inside it.
+        raise ValueError("expected a version name without '")
+    return name
+
+
 def _version(text: str) -> int:
     if text.strip() not in ("2", "3", "4", "5", "6"):
         raise ValueError("expected one of 2, 3, 4, 5, 6")
@@ -438,6 +448,8 @@ EXPERIMENT_ID = _text_kind("experiment id", _experiment_id, "digits")
 EXPERIMENT_NAME = _text_kind("string", _experiment_name,
                              f"one line, at most {MAX_EXPERIMENT_NAME} characters, MLflow's limit")
 RUN_ID = _text_kind("run id", _run_id, "MLflow's run id characters")
+AGENT_VERSION = _text_kind("string", _agent_version, f"git, off, or a name: one line without ', at most "
+                           f"{MAX_TEXT} characters")
 WORKSPACE = _text_kind("workspace", _workspace, "MLflow's workspace name rule")
 DURATION = Kind("duration", _duration, _duration_yaml, "seconds, or with s, m, h, d, w; 1 minute to 366 days")
 SECONDS = _number("seconds", "expected a number of seconds", lambda seconds: 0 < seconds <= 3600,
@@ -525,6 +537,14 @@ class Settings:
     run_id: str | None = setting(None, Spec(
         RUN_ID, "MLflow run id the traces are linked to.",
         env=("MLFLOW_RUN_ID",), option="--run-id"))
+    model_id: str | None = setting(None, Spec(
+        RUN_ID, "MLflow LoggedModel id (an agent version) every trace is linked to; wins over "
+        "agent_version.", env=("MLFLOW_ACTIVE_MODEL_ID",)))
+    agent_version: str = setting("git", Spec(
+        AGENT_VERSION, "The agent version (MLflow LoggedModel) traces are linked to. git: the one of the "
+        "commit the app runs from (branch, commit, dirty, repository URL), found or created as "
+        "mlflow.genai.enable_git_model_versioning() does; off: none; any other text: the one of that name, "
+        "found or created.", env=("TRACED_RUN_AGENT_VERSION",)))
     workspace: str | None = setting(None, Spec(
         WORKSPACE, "MLflow workspace (mlflow server --enable-workspaces) of the experiment and its traces; "
         "sent as X-MLFLOW-WORKSPACE with every request. Default: the server's default workspace.",

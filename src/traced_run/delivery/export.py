@@ -24,6 +24,7 @@ from opentelemetry.trace import SpanContext
 
 from traced_run import report
 from traced_run.config.settings import Settings
+from traced_run.delivery.links import version_of
 from traced_run.delivery.spool import Target
 from traced_run.spans.enrich import for_mlflow
 from traced_run.transport import Answer, mlflow_api, post_otlp
@@ -65,10 +66,11 @@ DELIVERED = Outcome(True, False, "", 200)
 def target_of(settings: Settings) -> Target:
     """Where this process's batches go, known without asking MLflow."""
     endpoint = settings.traces_endpoint or ""
+    version = version_of(settings)
     if settings.experiment_name and not settings.experiment_id:
-        return Target(endpoint, None, settings.experiment_name, settings.run_id, settings.workspace)
+        return Target(endpoint, None, settings.experiment_name, settings.run_id, settings.workspace, version)
     return Target(endpoint, settings.experiment_id or mlflow_api.DEFAULT_EXPERIMENT_ID, None,
-                  settings.run_id, settings.workspace)
+                  settings.run_id, settings.workspace, version)
 
 
 def by_trace(payload: bytes) -> list[tuple[bytes, int]]:

@@ -18,6 +18,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 
 from traced_run import report
 from traced_run.config.settings import Settings
+from traced_run.delivery import links
 from traced_run.delivery.queue import SpanQueue
 from traced_run.delivery.spill import SpoolWriter, traces_of
 from traced_run.delivery.spool import SpoolRefused, Target
@@ -166,6 +167,7 @@ class DeliveryThread:
         self._backoff = backoff
         self._loaded = loaded
         self._sender: Sender | None = None
+        self._linker: links.Linker | None = None
         self._unreadable_told = 0
 
     def run(self) -> None:
@@ -180,8 +182,10 @@ class DeliveryThread:
             self._loaded.set()  # a fork may go ahead now (see Delivery._before_fork)
         # The experiment is looked up (and created) by the first post, not here: a
         # process that sends nothing must not create one.
+        links.version_of(self._settings)  # the git checkout is read here, off the app's threads
         self._sender = Sender(self._settings)
         self._sender.on_send = self._queue.posting
+        self._linker = links.Linker(self._settings, self._sender.resolve)
         more_spooled = True  # a spool left by earlier processes goes first
         while True:
             batch = self._queue.take(0 if more_spooled else self._wait())
@@ -232,7 +236,8 @@ class DeliveryThread:
                 if held:
                     self._spool_writer.keep(batch, payload)
             return
-        outcome = self._post(payload, target_of(self._settings), timeout)
+        target = target_of(self._settings)
+        outcome = self._post(payload, target, timeout)
         with self._queue.hold() as held:
             if not held:  # close() took the batch over while it was posted: the answer is not ours
                 return
@@ -242,6 +247,7 @@ class DeliveryThread:
                     self._spool_writer.set_aside(part.payload, part.spans, 1, part.outcome,
                                                  self._queue.leaving())
                 self._backoff.up()
+                self._link(payload, target, outcome, len(batch), len(traces_of(batch)))
             elif outcome.invalid:
                 self._spool_writer.set_aside(payload, len(batch), len(traces_of(batch)), outcome,
                                        self._queue.leaving())
@@ -273,6 +279,20 @@ class DeliveryThread:
             outcome = self._sender.post_by_trace(payload, target, timeout)
         self._backoff.heard(outcome)
         return outcome
+
+    def _link(self, payload: bytes, target: Target, outcome: Outcome, spans: int, traces: int) -> None:
+        """The links of a batch MLflow took; one it did not answer sends the batch again later."""
+        assert self._linker is not None
+        why = self._linker.link(payload, target, [part.payload for part in outcome.rejected],
+                                self._attempt_timeout())
+        if why is None:
+            return
+        self._backoff.failed()
+        try:
+            self._spool.put(target, spans, traces, payload)
+        except OSError as error:
+            report.say(f"traces are not linked to their agent version or run ({why}), and their batch could "
+                       f"not be kept to link them later: {error}")
 
     def _failed(self, outcome: Outcome) -> None:
         # An attempt the exit bound cut short says nothing about MLflow: the reason must say so.
@@ -310,6 +330,7 @@ class DeliveryThread:
                         self._stats.finished_spooled(batch.name, batch.spans, outcome.delivered)
                     if outcome.delivered:
                         self._backoff.up()
+                        self._link(batch.payload, batch.target, outcome, batch.spans, batch.traces)
                         if aside is not None:  # some of its traces, rejected alone, went aside
                             self._spool_writer.rejected(sum(part.spans for part in outcome.rejected), aside,
                                                   outcome.rejected[0].outcome, self._queue.leaving())

@@ -50,7 +50,7 @@ import stat
 import tempfile
 import time
 from collections.abc import Callable, Collection, Generator, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -144,6 +144,8 @@ class Target:
     run_id: str | None
     workspace: str | None = None
     """The MLflow workspace the batch was written for; it goes there whoever sends it."""
+    version: str | None = None
+    """The agent version its traces are linked to once MLflow took it (``links.version_of``)."""
 
 
 @dataclass(frozen=True)
@@ -434,8 +436,7 @@ class Spool(_Directory):
                     os.close(lock)
                     continue
                 header, payload = read
-                target = Target(endpoint, header.target.experiment_id, header.target.experiment_name,
-                                header.target.run_id, header.target.workspace)
+                target = replace(header.target, endpoint=endpoint)
                 self._held.add(lock)
                 yield Batch(target, header.spans, header.traces, payload, self.directory / claimed, name,
                             lock)
@@ -897,7 +898,7 @@ def _parse_header(line: bytes) -> Header | str:
     if not isinstance(found, dict):
         return "its header is not a JSON object"
     texts = {}
-    for key in ("endpoint", "experiment_id", "experiment_name", "run_id", "workspace"):
+    for key in ("endpoint", "experiment_id", "experiment_name", "run_id", "workspace", "version"):
         value = found.get(key)
         if value is not None and (not isinstance(value, str) or printable(value) != value):
             return f"header field {key!r} is not a one-line string"
@@ -918,7 +919,7 @@ def _parse_header(line: bytes) -> Header | str:
             return f"header field {key!r} is not a count"
         numbers[key] = value
     target = Target(texts["endpoint"] or "", texts["experiment_id"], texts["experiment_name"],
-                    texts["run_id"], texts["workspace"])
+                    texts["run_id"], texts["workspace"], texts["version"])
     return Header(target, numbers["spans"] or 0, numbers["traces"] or 0, numbers["bytes"])
 
 

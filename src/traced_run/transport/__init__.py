@@ -236,13 +236,13 @@ def _partial_success(body: bytes, *, as_json: bool) -> tuple[int, str] | None:
     process about 4 MB."""
     if as_json:
         return _json_partial_success(body)
-    outer = _fields(body)
+    outer = fields(body)
     if outer is None:
         # MLflow before 3.7 answers its JSON model under the protobuf content type.
         return _json_partial_success(body) if body.lstrip().startswith(b"{") else None
     rejected, message = 0, ""
     for number, value in outer:
-        inner = _fields(value) if number == 1 and isinstance(value, bytes) else []
+        inner = fields(value) if number == 1 and isinstance(value, bytes) else []
         if inner is None:
             return None
         for field, part in inner:
@@ -271,8 +271,9 @@ def _json_partial_success(body: bytes) -> tuple[int, str] | None:
         return None
 
 
-def _fields(data: bytes) -> list[tuple[int, int | bytes]] | None:
-    """A protobuf message's (field number, value) pairs; None when ``data`` is no message."""
+def fields(data: bytes) -> list[tuple[int, int | bytes]] | None:
+    """A protobuf message's (field number, value) pairs, a fixed-width value as its bytes; None
+    when ``data`` is no message."""
     found: list[tuple[int, int | bytes]] = []
     at = 0
     while at < len(data):
@@ -288,8 +289,9 @@ def _fields(data: bytes) -> list[tuple[int, int | bytes]] | None:
             value = None if size is None or at + size > len(data) else data[at:at + size]
             at += size or 0
         elif kind in (1, 5):
-            at += 8 if kind == 1 else 4
-            value = 0 if at <= len(data) else None
+            size = 8 if kind == 1 else 4
+            value = data[at:at + size] if at + size <= len(data) else None
+            at += size
         else:
             return None
         if value is None:
