@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from conftest import GENEROUS_EXIT, TRACED_RUN, App, MlflowServer, clean_env, poll
+
 from support.faultproxy import FaultProxy
 
 EXIT_TIMEOUT = 2.0

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 from conftest import MlflowServer, start_mlflow
+
 from support.tls import ConnectProxy, Pki, TlsProxy
 
 
