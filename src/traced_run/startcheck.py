@@ -33,6 +33,8 @@ ENV = {
     "MLFLOW_EXPERIMENT_ID": ("experiment_id", "id"),
     "MLFLOW_EXPERIMENT_NAME": ("experiment_name", "text"),
     "MLFLOW_RUN_ID": ("run_id", ""),
+    "MLFLOW_ACTIVE_MODEL_ID": ("model_id", ""),
+    "TRACED_RUN_AGENT_VERSION": ("agent_version", ""),
     "MLFLOW_WORKSPACE": ("workspace", ""),
     "MLFLOW_TRACKING_USERNAME": ("username", "text"),
     "MLFLOW_TRACKING_PASSWORD": ("password", "text"),

@@ -19,7 +19,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -37,7 +36,8 @@ _ERROR = 2
 """OTLP's STATUS_CODE_ERROR."""
 
 _versions: dict[tuple[str | None, str, str], str | None] = {}
-_versions_lock = threading.Lock()
+"""No lock: a child forked while the delivery thread reads the checkout would inherit it held
+(its own delivery thread and ``os._exit`` then waited for ever); reading it twice is harmless."""
 
 
 def version_of(settings: Settings) -> str | None:
@@ -48,10 +48,9 @@ def version_of(settings: Settings) -> str | None:
         key = (settings.model_id, settings.agent_version, os.getcwd())
     except OSError:  # the working directory was removed: no checkout to read
         return _version(settings, None)
-    with _versions_lock:
-        if key not in _versions:
-            _versions[key] = _version(settings, Path(key[2]))
-        return _versions[key]
+    if key not in _versions:
+        _versions[key] = _version(settings, Path(key[2]))
+    return _versions[key]
 
 
 def _version(settings: Settings, directory: Path | None) -> str | None:

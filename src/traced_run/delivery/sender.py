@@ -178,11 +178,13 @@ class DeliveryThread:
 
             import_network_modules()
             enrich.prepare(self._settings)
+            # The git checkout is read here, off the app's threads, and before a fork may go
+            # ahead: a child forked mid-read inherits hashlib's state mid-use.
+            links.version_of(self._settings)
         finally:
             self._loaded.set()  # a fork may go ahead now (see Delivery._before_fork)
         # The experiment is looked up (and created) by the first post, not here: a
         # process that sends nothing must not create one.
-        links.version_of(self._settings)  # the git checkout is read here, off the app's threads
         self._sender = Sender(self._settings)
         self._sender.on_send = self._queue.posting
         self._linker = links.Linker(self._settings, self._sender.resolve)
