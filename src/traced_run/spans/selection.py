@@ -96,6 +96,7 @@ class TraceSelection(SpanProcessor):
         self._started_in_handler = {}
 
     def on_start(self, span: Span, parent_context: Context | None = None) -> None:
+        self._inner.on_start(span, parent_context)
         scope = span.instrumentation_scope
         if scope is None or scope.name != PYDANTIC_AI_SCOPE:
             with self._lock:
@@ -165,6 +166,12 @@ class TraceSelection(SpanProcessor):
         if output is not None:
             span = copy_span(span, {**(span.attributes or {}), "output.value": output})
         self._inner.on_end(self._shaped(span, agent if local_root else None, messages, last))
+
+    def agent_span_over(self, span_id: int) -> Span | None:
+        """The innermost open pydantic-ai span at or above the open span ``span_id``: the
+        operation of an agent run that code running under that span is part of."""
+        with self._lock:
+            return _nearest_pydantic_ai(self._open, span_id)
 
     def _track(self, span: Span) -> None:
         """Remember an open span (lock held); spans never ended (a leak in the app) are
@@ -309,13 +316,8 @@ class _Runs:
         """Told at the start of a pydantic-ai span, when all above it are still open (an
         interrupted run's spans leave ``open_spans`` before they end)."""
         parent = span.parent
-        while parent is not None:
-            above = open_spans.get(parent.span_id)
-            if above is None:
-                break
-            if _pydantic_ai(above):
-                return
-            parent = above.parent
+        if parent is not None and _nearest_pydantic_ai(open_spans, parent.span_id) is not None:
+            return
         self._open.setdefault(span.context.trace_id, set()).add(span.context.span_id)
 
     def ended(self, span: ReadableSpan) -> None:
@@ -329,6 +331,19 @@ class _Runs:
         """The trace's last run and the count, all of it forgotten (its local root has ended)."""
         self._open.pop(trace_id, None)
         return self._last.pop(trace_id, None)
+
+
+def _nearest_pydantic_ai(open_spans: dict[int, Span], span_id: int) -> Span | None:
+    """The first pydantic-ai span from the open span ``span_id`` up its open ancestors."""
+    span = open_spans.get(span_id)
+    while span is not None:
+        if _pydantic_ai(span):
+            return span
+        parent = span.parent
+        span = open_spans.get(parent.span_id) if parent is not None else None
+    return None
+
+
 def _names_one(service: object) -> TypeGuard[str]:
     """``service.name`` says something someone chose, not the SDK's ``unknown_service...``."""
     return isinstance(service, str) and bool(service) and not service.startswith("unknown_service")

@@ -1,0 +1,151 @@
+"""One trace across processes (issue 27): a script whose agent's tool calls a service over
+httpx, and the service (FastAPI under uvicorn) running an agent of its own, both under
+traced-run and writing to the same experiment, give ONE trace; the service called by anyone
+else gives a complete trace of its own. Real processes, the real MLflow."""
+
+from __future__ import annotations
+
+import http.server
+import re
+import secrets
+import threading
+import urllib.request
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from conftest import App, QuietHandler, free_port, serving, traced_env
+
+SERVICE = """
+    from fastapi import FastAPI
+    from pydantic_ai import Agent
+    from pydantic_ai.models.test import TestModel
+
+    forecaster = Agent(TestModel(custom_output_text="sunny all week"), name="forecaster")
+    api = FastAPI()
+
+
+    @api.get("/forecast")
+    async def forecast(city: str) -> dict[str, str]:
+        result = await forecaster.run(f"Forecast for {city}?")
+        return {"answer": result.output}
+"""
+
+CLIENT = """
+    import os
+    import sys
+
+    import httpx2
+    from pydantic_ai import Agent
+    from pydantic_ai.models.test import TestModel
+
+    assistant = Agent(TestModel(), name="assistant")
+
+
+    @assistant.tool_plain
+    def ask_forecaster(city: str) -> str:
+        \"\"\"Ask the forecast service.\"\"\"
+        return httpx2.get(f"{os.environ['SERVICE_URL']}/forecast", params={"city": city}).json()["answer"]
+
+
+    httpx2.get(f"{os.environ['SERVICE_URL']}/health")  # outside any run
+    print(assistant.run_sync("What is the weather in Paris?").output)
+"""
+TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-0[13]")
+
+
+@pytest.fixture
+def service(app: App, which: Callable[[str], str]) -> Iterator[str]:
+    """Service B under traced-run (uvicorn, FastAPI, an agent in its endpoint); yields its URL."""
+    app.write(SERVICE, "service.py")
+    port = free_port()
+    command = [which("uvicorn"), "--host", "127.0.0.1", "--port", str(port), "service:api"]
+    with serving(app, command, port, traced_env(app)):
+        yield f"http://127.0.0.1:{port}"
+
+
+def _parent_of(trace: Any, span: Any) -> Any:
+    (parent,) = [s for s in trace.data.spans if s.span_id == span.parent_id]
+    return parent
+
+
+def test_a_client_agent_calling_a_service_agent_is_one_trace(app: App, service: str) -> None:
+    app.write(CLIENT, "client.py")
+    done = app.run("python", "client.py", env=traced_env(app, SERVICE_URL=service))
+    assert done.returncode == 0, done.stderr.decode()
+    assert b"sunny all week" in done.stdout
+    (trace,) = app.traces(1)
+    assert str(trace.info.state).endswith("OK")
+    (root,) = [s for s in trace.data.spans if s.parent_id is None]
+    assert root.name == "invoke_agent assistant"
+    (served,) = [s for s in trace.data.spans if s.name == "invoke_agent forecaster"]
+    tool = _parent_of(trace, served)
+    assert tool.name == "execute_tool ask_forecaster"
+    assert _parent_of(trace, tool).span_id == root.span_id
+    assert trace.info.tags.get("mlflow.traceName") == "assistant"
+
+
+def test_the_service_called_with_a_traceparent_of_its_own_is_a_complete_trace(app: App, service: str) -> None:
+    callers_trace = secrets.token_hex(16)
+    call = urllib.request.Request(f"{service}/forecast?city=Oslo",
+                                  headers={"traceparent": f"00-{callers_trace}-{secrets.token_hex(8)}-01"})
+    with urllib.request.urlopen(call, timeout=60) as answer:
+        assert b"sunny all week" in answer.read()
+    (trace,) = app.traces(1)
+    assert str(trace.info.state).endswith("OK")
+    (root,) = [s for s in trace.data.spans if s.parent_id is None]
+    assert root.name == "invoke_agent forecaster"
+    assert callers_trace not in trace.info.trace_id
+
+
+class _Recorder(QuietHandler):
+    seen: list[dict[str, str]]
+
+    def do_GET(self) -> None:
+        self.seen.append({k.lower(): v for k, v in self.headers.items()})
+        self.answer(200, b'{"answer": "recorded"}', "application/json")
+
+
+@pytest.fixture
+def recorder() -> Iterator[tuple[str, list[dict[str, str]]]]:
+    """An untraced HTTP server that keeps the headers of each request it gets."""
+    seen: list[dict[str, str]] = []
+    handler = type("Recorder", (_Recorder,), {"seen": seen})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", seen
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_only_requests_of_a_run_carry_its_trace_and_an_opaque_entry(
+        app: App, recorder: tuple[str, list[dict[str, str]]]) -> None:
+    url, seen = recorder
+    app.write(CLIENT, "client.py")
+    done = app.run("python", "client.py", env=traced_env(app, SERVICE_URL=url))
+    assert done.returncode == 0, done.stderr.decode()
+    outside, inside = seen
+    assert "traceparent" not in outside and "tracestate" not in outside
+    (trace,) = app.traces(1)
+    match = TRACEPARENT.fullmatch(inside["traceparent"])
+    assert match, inside["traceparent"]
+    assert trace.info.trace_id == f"tr-{match[1]}"
+    (tool,) = [s for s in trace.data.spans if s.name == "execute_tool ask_forecaster"]
+    assert tool.span_id == match[2]
+    # Nothing of the destination is readable: one entry, an opaque digest.
+    assert re.fullmatch(r"traced-run=[0-9a-f]{16}", inside["tracestate"]), inside["tracestate"]
+
+
+def test_switched_off_no_request_carries_the_trace(
+        app: App, recorder: tuple[str, list[dict[str, str]]]) -> None:
+    url, seen = recorder
+    app.write(CLIENT, "client.py")
+    done = app.run("python", "client.py",
+                   env=traced_env(app, SERVICE_URL=url, TRACED_RUN_PROPAGATE_CONTEXT="false"))
+    assert done.returncode == 0, done.stderr.decode()
+    assert len(seen) == 2
+    assert not any("traceparent" in headers or "tracestate" in headers for headers in seen)
+    app.traces(1)
