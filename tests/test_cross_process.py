@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from conftest import App, QuietHandler, free_port, serving, traced_env
+from openai_standin import OpenAIStandin
 
 SERVICE = """
     from fastapi import FastAPI
@@ -149,3 +150,37 @@ def test_switched_off_no_request_carries_the_trace(
     assert len(seen) == 2
     assert not any("traceparent" in headers or "tracestate" in headers for headers in seen)
     app.traces(1)
+
+
+PROVIDER_CLIENT = """
+    import os
+
+    import httpx2
+    from pydantic_ai import Agent
+
+    assistant = Agent("openai-chat:gpt-4o", name="assistant")
+
+
+    @assistant.tool_plain
+    def ask_forecaster(city: str) -> str:
+        \"\"\"Ask the forecast service.\"\"\"
+        return httpx2.get(f"{os.environ['SERVICE_URL']}/forecast", params={"city": city}).json()["answer"]
+
+
+    print(assistant.run_sync("What is the weather in Paris?").output)
+"""
+
+
+def test_the_model_providers_requests_carry_nothing(
+        app: App, recorder: tuple[str, list[dict[str, str]]]) -> None:
+    url, seen = recorder
+    app.write(PROVIDER_CLIENT, "client.py")
+    with OpenAIStandin() as provider:
+        done = app.run("python", "client.py", env=traced_env(app, SERVICE_URL=url, **provider.env()))
+        model_calls = provider.requests
+    assert done.returncode == 0, done.stderr.decode()
+    assert len(model_calls) == 2
+    for call in model_calls:
+        assert "traceparent" not in call.headers and "tracestate" not in call.headers, call.headers
+    (tool_call,) = seen
+    assert TRACEPARENT.fullmatch(tool_call["traceparent"])
