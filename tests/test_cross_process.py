@@ -6,6 +6,7 @@ else gives a complete trace of its own. Real processes, the real MLflow."""
 from __future__ import annotations
 
 import http.server
+import json
 import re
 import secrets
 import threading
@@ -184,3 +185,59 @@ def test_the_model_providers_requests_carry_nothing(
         assert "traceparent" not in call.headers and "tracestate" not in call.headers, call.headers
     (tool_call,) = seen
     assert TRACEPARENT.fullmatch(tool_call["traceparent"])
+
+
+INSTRUMENTED_SERVICE = SERVICE + """
+
+    from opentelemetry import trace
+    from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    mine = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(mine))
+    trace.set_tracer_provider(provider)
+    FastAPIInstrumentor.instrument_app(api, excluded_urls="/mine")
+
+
+    @api.get("/mine")
+    async def what_my_exporter_got() -> list[list[str]]:
+        return [[s.name, format(s.context.trace_id, "032x"),
+                 format(s.parent.span_id, "016x") if s.parent else ""] for s in mine.get_finished_spans()]
+"""
+
+
+def test_a_service_with_its_own_http_instrumentation_joins_once_and_keeps_its_own_trace(
+        app: App, which: Callable[[str], str]) -> None:
+    app.write(INSTRUMENTED_SERVICE, "service.py")
+    app.write(CLIENT, "client.py")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    callers_trace, callers_span = secrets.token_hex(16), secrets.token_hex(8)
+    with serving(app, [which("uvicorn"), "--host", "127.0.0.1", "--port", str(port), "service:api"], port,
+                 traced_env(app)):
+        done = app.run("python", "client.py", env=traced_env(app, SERVICE_URL=url))
+        assert done.returncode == 0, done.stderr.decode()
+        call = urllib.request.Request(f"{url}/forecast?city=Oslo",
+                                      headers={"traceparent": f"00-{callers_trace}-{callers_span}-01"})
+        with urllib.request.urlopen(call, timeout=60) as answer:
+            assert b"sunny all week" in answer.read()
+        with urllib.request.urlopen(f"{url}/mine", timeout=60) as answer:
+            its_own = json.loads(answer.read())
+    joined, alone = sorted(app.traces(2), key=lambda t: len(t.data.spans), reverse=True)
+    names = [s.name for s in joined.data.spans]
+    assert names.count("GET /forecast") == names.count("invoke_agent forecaster") == 1, names
+    (root,) = [s for s in joined.data.spans if s.parent_id is None]
+    assert root.name == "invoke_agent assistant"
+    (served,) = [s for s in joined.data.spans if s.name == "GET /forecast"]
+    assert _parent_of(joined, served).name == "execute_tool ask_forecaster"
+    (agent,) = [s for s in joined.data.spans if s.name == "invoke_agent forecaster"]
+    assert _parent_of(joined, agent).span_id == served.span_id
+    assert str(alone.info.state).endswith("OK")
+    (alone_root,) = [s for s in alone.data.spans if s.parent_id is None]
+    assert alone_root.name == "GET /forecast"
+    # The app's own exporter got its spans as they were: the curl caller's trace and parent.
+    assert ["GET /forecast", callers_trace, callers_span] in its_own, its_own
+    assert joined.info.trace_id.removeprefix("tr-") in {trace_id for _, trace_id, _ in its_own}
