@@ -241,3 +241,33 @@ def test_a_service_with_its_own_http_instrumentation_joins_once_and_keeps_its_ow
     # The app's own exporter got its spans as they were: the curl caller's trace and parent.
     assert ["GET /forecast", callers_trace, callers_span] in its_own, its_own
     assert joined.info.trace_id.removeprefix("tr-") in {trace_id for _, trace_id, _ in its_own}
+
+
+FLASK_SERVICE = """
+    from pydantic_ai import Agent
+    from pydantic_ai.models.test import TestModel
+    from flask import Flask, request
+
+    forecaster = Agent(TestModel(custom_output_text="sunny all week"), name="forecaster")
+    api = Flask(__name__)
+
+
+    @api.get("/forecast")
+    def forecast() -> dict[str, str]:
+        return {"answer": forecaster.run_sync(f"Forecast for {request.args['city']}?").output}
+"""
+
+
+def test_a_flask_service_under_gunicorn_joins_the_callers_trace(
+        app: App, which: Callable[[str], str]) -> None:
+    app.write(FLASK_SERVICE, "service.py")
+    app.write(CLIENT, "client.py")
+    port = free_port()
+    command = [which("gunicorn"), "--bind", f"127.0.0.1:{port}", "--workers", "1", "service:api"]
+    with serving(app, command, port, traced_env(app)):
+        done = app.run("python", "client.py", env=traced_env(app, SERVICE_URL=f"http://127.0.0.1:{port}"))
+    assert done.returncode == 0, done.stderr.decode()
+    (trace,) = app.traces(1)
+    assert str(trace.info.state).endswith("OK")
+    (served,) = [s for s in trace.data.spans if s.name == "invoke_agent forecaster"]
+    assert _parent_of(trace, served).name == "execute_tool ask_forecaster"
