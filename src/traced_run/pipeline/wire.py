@@ -55,7 +55,7 @@ class Wire:
         span_context = trace.get_current_span(context).get_span_context()
         if not span_context.is_valid:
             return None
-        agent = self._selection.agent_span_over(span_context.span_id)
+        agent = self._selection.agent_span_over(span_context)
         if agent is None or (agent.attributes or {}).get("gen_ai.operation.name") == _MODEL_CALL:
             return None
         return trace.set_span_in_context(NonRecordingSpan(self._rerooted.outgoing(span_context)), context)

@@ -38,7 +38,7 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
-from opentelemetry.trace import Status, StatusCode
+from opentelemetry.trace import SpanContext, Status, StatusCode
 from opentelemetry.util.types import AttributeValue
 
 from traced_run import report
@@ -167,11 +167,12 @@ class TraceSelection(SpanProcessor):
             span = copy_span(span, {**(span.attributes or {}), "output.value": output})
         self._inner.on_end(self._shaped(span, agent if local_root else None, messages, last))
 
-    def agent_span_over(self, span_id: int) -> Span | None:
-        """The innermost open pydantic-ai span at or above the open span ``span_id``: the
-        operation of an agent run that code running under that span is part of."""
+    def agent_span_over(self, context: SpanContext) -> Span | None:
+        """The innermost open pydantic-ai span at or above the open span ``context``, in a trace
+        traced-run sends: the operation of an agent run that code running under it is part of."""
         with self._lock:
-            return _nearest_pydantic_ai(self._open, span_id)
+            wanted = isinstance(self._decided.get(context.trace_id), ReadableSpan)
+            return _nearest_pydantic_ai(self._open, context.span_id) if wanted else None
 
     def _track(self, span: Span) -> None:
         """Remember an open span (lock held); spans never ended (a leak in the app) are
