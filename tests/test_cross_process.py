@@ -271,3 +271,52 @@ def test_a_flask_service_under_gunicorn_joins_the_callers_trace(
     assert str(trace.info.state).endswith("OK")
     (served,) = [s for s in trace.data.spans if s.name == "invoke_agent forecaster"]
     assert _parent_of(trace, served).name == "execute_tool ask_forecaster"
+
+
+MCP_SERVER = """
+    from fastmcp import FastMCP
+    from pydantic_ai import Agent
+    from pydantic_ai.models.test import TestModel
+
+    forecaster = Agent(TestModel(custom_output_text="sunny all week"), name="forecaster")
+    server = FastMCP("forecasts")
+
+
+    @server.tool
+    async def forecast(city: str) -> str:
+        \"\"\"The forecast for a city.\"\"\"
+        return (await forecaster.run(f"Forecast for {city}?")).output
+
+
+    if __name__ == "__main__":
+        server.run(show_banner=False)
+"""
+
+MCP_CLIENT = """
+    import os
+
+    from fastmcp import Client
+    from fastmcp.client.transports import PythonStdioTransport
+    from pydantic_ai import Agent
+    from pydantic_ai.mcp import MCPToolset
+    from pydantic_ai.models.test import TestModel
+
+    # The MCP SDK gives a stdio server only a few safe variables unless told otherwise.
+    forecasts = MCPToolset(Client(PythonStdioTransport("server.py", env=dict(os.environ))))
+    assistant = Agent(TestModel(), name="assistant", toolsets=[forecasts])
+    print(assistant.run_sync("What is the weather in Paris?").output)
+"""
+
+
+def test_an_mcp_stdio_servers_agent_nests_under_the_clients_tool_call(app: App) -> None:
+    app.write(MCP_SERVER, "server.py")
+    app.write(MCP_CLIENT, "client.py")
+    done = app.run("python", "client.py", env=traced_env(app))
+    assert done.returncode == 0, done.stderr.decode()
+    assert b"sunny all week" in done.stdout
+    (trace,) = app.traces(1)
+    assert str(trace.info.state).endswith("OK")
+    (root,) = [s for s in trace.data.spans if s.parent_id is None]
+    assert root.name == "invoke_agent assistant"
+    (served,) = [s for s in trace.data.spans if s.name == "invoke_agent forecaster"]
+    assert _parent_of(trace, served).name == "execute_tool forecast"
