@@ -289,7 +289,12 @@ MCP_SERVER = """
 
 
     if __name__ == "__main__":
-        server.run(show_banner=False)
+        import os
+
+        if "PORT" in os.environ:
+            server.run(transport="http", host="127.0.0.1", port=int(os.environ["PORT"]), show_banner=False)
+        else:
+            server.run(show_banner=False)
 """
 
 MCP_CLIENT = """
@@ -301,8 +306,11 @@ MCP_CLIENT = """
     from pydantic_ai.mcp import MCPToolset
     from pydantic_ai.models.test import TestModel
 
-    # The MCP SDK gives a stdio server only a few safe variables unless told otherwise.
-    forecasts = MCPToolset(Client(PythonStdioTransport("server.py", env=dict(os.environ))))
+    if "MCP_URL" in os.environ:
+        forecasts = MCPToolset(os.environ["MCP_URL"])
+    else:
+        # The MCP SDK gives a stdio server only a few safe variables unless told otherwise.
+        forecasts = MCPToolset(Client(PythonStdioTransport("server.py", env=dict(os.environ))))
     assistant = Agent(TestModel(), name="assistant", toolsets=[forecasts])
     print(assistant.run_sync("What is the weather in Paris?").output)
 """
@@ -318,5 +326,18 @@ def test_an_mcp_stdio_servers_agent_nests_under_the_clients_tool_call(app: App) 
     assert str(trace.info.state).endswith("OK")
     (root,) = [s for s in trace.data.spans if s.parent_id is None]
     assert root.name == "invoke_agent assistant"
+    (served,) = [s for s in trace.data.spans if s.name == "invoke_agent forecaster"]
+    assert _parent_of(trace, served).name == "execute_tool forecast"
+
+
+def test_a_streamable_http_mcp_servers_agent_nests_under_the_clients_tool_call(app: App) -> None:
+    app.write(MCP_SERVER, "server.py")
+    app.write(MCP_CLIENT, "client.py")
+    port = free_port()
+    with serving(app, ["python", "server.py"], port, traced_env(app, PORT=str(port))):
+        done = app.run("python", "client.py", env=traced_env(app, MCP_URL=f"http://127.0.0.1:{port}/mcp"))
+    assert done.returncode == 0, done.stderr.decode()
+    (trace,) = app.traces(1)
+    assert str(trace.info.state).endswith("OK")
     (served,) = [s for s in trace.data.spans if s.name == "invoke_agent forecaster"]
     assert _parent_of(trace, served).name == "execute_tool forecast"
