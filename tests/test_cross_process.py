@@ -301,13 +301,19 @@ MCP_CLIENT = """
     import os
 
     from fastmcp import Client
-    from fastmcp.client.transports import PythonStdioTransport
+    from fastmcp.client.transports import PythonStdioTransport, StdioTransport
     from pydantic_ai import Agent
     from pydantic_ai.mcp import MCPToolset
     from pydantic_ai.models.test import TestModel
 
     if "MCP_URL" in os.environ:
         forecasts = MCPToolset(os.environ["MCP_URL"])
+    elif "ONLY_THE_DESTINATION" in os.environ:
+        # The server under traced-run as its command, given only what it needs.
+        passed = ("PATH", "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "TRACED_RUN_SPOOL_DIR",
+                  "TRACED_RUN_EXIT_TIMEOUT")
+        forecasts = MCPToolset(Client(StdioTransport(command="traced-run", args=["python", "server.py"],
+                                                     env={name: os.environ[name] for name in passed})))
     else:
         # The MCP SDK gives a stdio server only a few safe variables unless told otherwise.
         forecasts = MCPToolset(Client(PythonStdioTransport("server.py", env=dict(os.environ))))
@@ -316,10 +322,12 @@ MCP_CLIENT = """
 """
 
 
-def test_an_mcp_stdio_servers_agent_nests_under_the_clients_tool_call(app: App) -> None:
+@pytest.mark.parametrize("how", ["the client's environment", "traced-run as the command"])
+def test_an_mcp_stdio_servers_agent_nests_under_the_clients_tool_call(app: App, how: str) -> None:
     app.write(MCP_SERVER, "server.py")
     app.write(MCP_CLIENT, "client.py")
-    done = app.run("python", "client.py", env=traced_env(app))
+    extra = {"ONLY_THE_DESTINATION": "1"} if how == "traced-run as the command" else {}
+    done = app.run("python", "client.py", env=traced_env(app, **extra))
     assert done.returncode == 0, done.stderr.decode()
     assert b"sunny all week" in done.stdout
     (trace,) = app.traces(1)
