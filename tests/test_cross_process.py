@@ -9,6 +9,7 @@ import http.server
 import json
 import re
 import secrets
+import subprocess
 import threading
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -71,9 +72,9 @@ def _parent_of(trace: Any, span: Any) -> Any:
     return parent
 
 
-def test_a_client_agent_calling_a_service_agent_is_one_trace(app: App, service: str) -> None:
-    app.write(CLIENT, "client.py")
-    done = app.run("python", "client.py", env=traced_env(app, SERVICE_URL=service))
+def _one_trace(app: App, done: subprocess.CompletedProcess[bytes], tool: str) -> Any:
+    """The client ran, and its question is one trace in MLflow, OK, rooted at the client's agent,
+    with the service's agent right under the client's ``tool`` span."""
     assert done.returncode == 0, done.stderr.decode()
     assert b"sunny all week" in done.stdout
     (trace,) = app.traces(1)
@@ -81,9 +82,16 @@ def test_a_client_agent_calling_a_service_agent_is_one_trace(app: App, service: 
     (root,) = [s for s in trace.data.spans if s.parent_id is None]
     assert root.name == "invoke_agent assistant"
     (served,) = [s for s in trace.data.spans if s.name == "invoke_agent forecaster"]
-    tool = _parent_of(trace, served)
-    assert tool.name == "execute_tool ask_forecaster"
-    assert _parent_of(trace, tool).span_id == root.span_id
+    assert _parent_of(trace, served).name == tool
+    return trace
+
+
+def test_a_client_agent_calling_a_service_agent_is_one_trace(app: App, service: str) -> None:
+    app.write(CLIENT, "client.py")
+    done = app.run("python", "client.py", env=traced_env(app, SERVICE_URL=service))
+    trace = _one_trace(app, done, "execute_tool ask_forecaster")
+    (tool,) = [s for s in trace.data.spans if s.name == "execute_tool ask_forecaster"]
+    assert _parent_of(trace, tool).name == "invoke_agent assistant"
     assert trace.info.tags.get("mlflow.traceName") == "assistant"
 
 
@@ -266,11 +274,7 @@ def test_a_flask_service_under_gunicorn_joins_the_callers_trace(
     command = [which("gunicorn"), "--bind", f"127.0.0.1:{port}", "--workers", "1", "service:api"]
     with serving(app, command, port, traced_env(app)):
         done = app.run("python", "client.py", env=traced_env(app, SERVICE_URL=f"http://127.0.0.1:{port}"))
-    assert done.returncode == 0, done.stderr.decode()
-    (trace,) = app.traces(1)
-    assert str(trace.info.state).endswith("OK")
-    (served,) = [s for s in trace.data.spans if s.name == "invoke_agent forecaster"]
-    assert _parent_of(trace, served).name == "execute_tool ask_forecaster"
+    _one_trace(app, done, "execute_tool ask_forecaster")
 
 
 MCP_SERVER = """
@@ -328,14 +332,7 @@ def test_an_mcp_stdio_servers_agent_nests_under_the_clients_tool_call(app: App, 
     app.write(MCP_CLIENT, "client.py")
     extra = {"ONLY_THE_DESTINATION": "1"} if how == "traced-run as the command" else {}
     done = app.run("python", "client.py", env=traced_env(app, **extra))
-    assert done.returncode == 0, done.stderr.decode()
-    assert b"sunny all week" in done.stdout
-    (trace,) = app.traces(1)
-    assert str(trace.info.state).endswith("OK")
-    (root,) = [s for s in trace.data.spans if s.parent_id is None]
-    assert root.name == "invoke_agent assistant"
-    (served,) = [s for s in trace.data.spans if s.name == "invoke_agent forecaster"]
-    assert _parent_of(trace, served).name == "execute_tool forecast"
+    _one_trace(app, done, "execute_tool forecast")
 
 
 def test_a_streamable_http_mcp_servers_agent_nests_under_the_clients_tool_call(app: App) -> None:
@@ -344,8 +341,4 @@ def test_a_streamable_http_mcp_servers_agent_nests_under_the_clients_tool_call(a
     port = free_port()
     with serving(app, ["python", "server.py"], port, traced_env(app, PORT=str(port))):
         done = app.run("python", "client.py", env=traced_env(app, MCP_URL=f"http://127.0.0.1:{port}/mcp"))
-    assert done.returncode == 0, done.stderr.decode()
-    (trace,) = app.traces(1)
-    assert str(trace.info.state).endswith("OK")
-    (served,) = [s for s in trace.data.spans if s.name == "invoke_agent forecaster"]
-    assert _parent_of(trace, served).name == "execute_tool forecast"
+    _one_trace(app, done, "execute_tool forecast")
