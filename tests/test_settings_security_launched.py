@@ -161,7 +161,7 @@ def test_env_only_no_error_of_ours_reaches_the_apps_import(cwd: Path) -> None:
     (cwd / "user" / "sitecustomize.py").write_text(textwrap.dedent("""
         import traced_run.pipeline
 
-        def install():
+        def install(*args):
             raise RecursionError("maximum recursion depth exceeded")
 
         traced_run.pipeline.install = install

@@ -48,10 +48,15 @@ def start() -> None:
         return
     if flags.strict(os.environ) and not launched:  # launched: checked already
         _check_settings_now()
-    if WATCHED in sys.modules:
-        _on_import(sys.modules[WATCHED])
+    when_imported(WATCHED, _on_import)
+
+
+def when_imported(name: str, then: "Callable[[ModuleType], None]") -> None:
+    """Call ``then(module)`` once the module ``name`` has executed: now, if it has."""
+    if name in sys.modules:
+        then(sys.modules[name])
     else:
-        sys.meta_path.insert(0, _ImportWatcher(WATCHED, _on_import))
+        sys.meta_path.insert(0, _ImportWatcher(name, then))
 
 
 def _check_launched() -> None:
@@ -89,7 +94,7 @@ def _on_import(module: "ModuleType") -> None:
     try:
         from traced_run import pipeline
 
-        pipeline.install()
+        pipeline.install(when_imported)
     except Exception as error:  # runs inside the app's `import pydantic_ai`: fail open, whatever it is
         from traced_run import report
 

@@ -76,6 +76,7 @@ ENV = {
     "TRACED_RUN_TAGS": ("tags", ""),
     "TRACED_RUN_TRACE_NAME": ("trace_name", "text"),
     "TRACED_RUN_SAMPLE_RATIO": ("sample_ratio", ""),
+    "TRACED_RUN_PROPAGATE_CONTEXT": ("propagate_context", "bool"),
     "TRACED_RUN_MODE": ("mode", ""),
 }
 """Each environment variable the table reads: its setting, and the plain form this module

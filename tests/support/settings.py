@@ -67,5 +67,6 @@ SAMPLES: dict[str, tuple[Any, Any, str, Any]] = {
              {"environment": "prod", "version": "1.5.0", "git_commit": "abc123"}),
     "trace_name": ("nightly", "nightly", "hourly", "hourly"),
     "sample_ratio": (0.25, 0.25, "1", 1.0),
+    "propagate_context": ("off", False, "1", True),
     "mode": ("mlflow", "mlflow", "OTLP", "otlp"),
 }

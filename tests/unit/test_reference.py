@@ -42,4 +42,5 @@ def test_example_config_uncommented_gives_the_defaults(tmp_path: Path) -> None:
                          "insecure_tls", "exit_timeout", "queue_size", "spool_max_mb",
                          "spool_max_age", "include_content",
                          "include_binary_content", "redact", "redact_defaults", "redaction_marker",
-                         "max_binary_bytes", "tags", "sample_ratio", "mode", "agent_version"}
+                         "max_binary_bytes", "tags", "sample_ratio", "propagate_context", "mode",
+                         "agent_version"}

@@ -42,7 +42,7 @@ def test_a_trace_without_an_agent_is_dropped_and_not_held(setup: tuple[TracerPro
         with app.start_as_current_span("GET /health"), app.start_as_current_span("db"):
             pass
     assert passed.names() == []
-    assert chosen._waiting_spans == 0 and not chosen._waiting
+    assert chosen._held._spans == 0 and not chosen._held._waiting
 
 
 def test_an_agent_trace_goes_whole_with_the_spans_that_ended_before_the_agent_started(
@@ -90,7 +90,7 @@ def test_waiting_spans_are_bounded_and_an_agent_after_the_bound_is_said(
         for index in range(1000):
             with app.start_as_current_span(f"message {index}"):
                 pass
-        assert chosen._waiting_spans == 100
+        assert chosen._held._spans == 100
         with agent.start_as_current_span("invoke_agent late"):
             pass
     names = passed.names()

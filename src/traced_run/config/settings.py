@@ -653,6 +653,11 @@ class Settings:
         RATIO, "Share of traces kept, decided by trace id so a trace is kept or dropped whole; "
         "default from OTEL_TRACES_SAMPLER(_ARG) when set, else 1.",
         env=("TRACED_RUN_SAMPLE_RATIO",)))
+    propagate_context: bool = setting(True, Spec(
+        BOOL, "Inside an agent run, HTTP requests carry the trace (W3C traceparent, and a tracestate entry "
+        "telling a traced callee whether it writes to the same MLflow experiment); a callee that does joins "
+        "the caller's trace. false: no request carries it (incoming ones are still taken).",
+        env=("TRACED_RUN_PROPAGATE_CONTEXT",)))
     mode: str = setting("otlp", Spec(
         MODE, "otlp: our pipeline over OTLP/HTTP; mlflow: MLflow's own mlflow.pydantic_ai.autolog() "
         "(needs the mlflow package in the app).", env=("TRACED_RUN_MODE",)))

@@ -35,6 +35,8 @@ from traced_run.config.sources import load
 from traced_run.delivery import Delivery, DeliveryProcessor
 from traced_run.pipeline import mlflow_native
 from traced_run.pipeline.app_export import AppExports, UnlessLeftToApp
+from traced_run.pipeline.wire import WhenImported, Wire
+from traced_run.spans.context import Rerooted
 from traced_run.spans.durable import WorkflowIds
 from traced_run.spans.selection import PYDANTIC_AI_SCOPE, TraceSelection
 from traced_run.transport import NO_TRACKING_URI
@@ -43,8 +45,9 @@ _installed = False
 _install_lock = threading.Lock()
 
 
-def install() -> None:
-    """Set up tracing for this process; fail-open unless strict mode says otherwise."""
+def install(when_imported: WhenImported) -> None:
+    """Set up tracing for this process; fail-open unless strict mode says otherwise.
+    ``when_imported(name, then)`` calls ``then(module)`` once the module ``name`` is imported."""
     global _installed
     with _install_lock:
         if _installed:
@@ -64,7 +67,8 @@ def install() -> None:
             if settings.mode == "mlflow":
                 mlflow_native.install(settings)
             else:
-                _instrument(settings, sample_ratio(settings, loaded.sources["sample_ratio"], os.environ))
+                ratio = sample_ratio(settings, loaded.sources["sample_ratio"], os.environ)
+                _instrument(settings, ratio, when_imported)
         except (mlflow_native.MlflowMissing, compat.Unsupported) as error:
             _fail(str(error), strict_code=report.EXIT_SETUP, strict=settings.strict)
         except Exception as error:
@@ -79,7 +83,7 @@ def _fail(message: str, *, strict_code: int, strict: bool) -> None:
     report.say(f"{message}; the app runs untraced")
 
 
-def _instrument(settings: Settings, ratio: float) -> None:
+def _instrument(settings: Settings, ratio: float, when_imported: WhenImported) -> None:
     import pydantic_ai
     from pydantic_ai import Agent
     from pydantic_ai.models.instrumented import InstrumentationSettings
@@ -103,7 +107,8 @@ def _instrument(settings: Settings, ratio: float) -> None:
     attributes.setdefault("host.name", socket.gethostname())
     private = TracerProvider(resource=Resource.create(attributes), shutdown_on_exit=False,
                              id_generator=WorkflowIds())
-    selection = TraceSelection(processor, service_name=service, own=private.resource)
+    rerooted = Rerooted(processor, destination(settings))
+    selection = TraceSelection(rerooted, service_name=service, own=private.resource)
     delivery.interrupt = selection.interrupt
     router = Router(selection, private, (PYDANTIC_AI_SCOPE, pydantic_ai.__version__),
                     left_to_app=AppExports(settings).left_to_app)
@@ -111,6 +116,15 @@ def _instrument(settings: Settings, ratio: float) -> None:
     Agent.instrument_all(InstrumentationSettings(tracer_provider=private, **options))
     delivery.install_exit_hooks()
     delivery.start()
+    Wire(selection, rerooted).install(when_imported, outgoing=settings.propagate_context)
+
+
+def destination(settings: Settings) -> str:
+    """Where this process's traces go, as far as a callee needs to tell it is the same:
+    two processes with the same settings for it write to the same MLflow experiment."""
+    experiment = (f"id:{settings.experiment_id}" if settings.experiment_id
+                  else f"name:{settings.experiment_name}" if settings.experiment_name else "id:0")
+    return f"{settings.traces_endpoint}\n{settings.workspace or ''}\n{experiment}"
 
 
 _RATIO_SAMPLERS = {"traceidratio": None, "parentbased_traceidratio": None, "always_on": 1.0,

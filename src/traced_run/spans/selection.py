@@ -40,7 +40,7 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
-from opentelemetry.trace import Status, StatusCode
+from opentelemetry.trace import SpanContext, Status, StatusCode
 from opentelemetry.util.types import AttributeValue
 
 from traced_run import report
@@ -73,15 +73,11 @@ class TraceSelection(SpanProcessor):
         and of unnamed resources while the app's global provider names no service either."""
         self._inner = inner
         self._names = _ServiceNames(service_name, own)
-        self._max_waiting = max_waiting
+        self._held = _Waiting(max_waiting)
         self._lock = threading.Lock()
         os.register_at_fork(after_in_child=self._forked)
         self._decided: OrderedDict[int, ReadableSpan | str] = OrderedDict()
         """Trace id -> the trace's outermost pydantic-ai span, or why the trace does not go."""
-        self._waiting: OrderedDict[int, deque[ReadableSpan]] = OrderedDict()
-        self._waiting_spans = 0
-        self._evicted: OrderedDict[int, int] = OrderedDict()
-        """Undecided traces whose waiting spans the bound dropped, with how many."""
         self._open: dict[int, Span] = {}
         """Spans started and not yet ended, by span id: what an interrupted run leaves open."""
         self._prompts: dict[int, AttributeValue] = {}
@@ -104,6 +100,7 @@ class TraceSelection(SpanProcessor):
         self._started_in_handler = {}
 
     def on_start(self, span: Span, parent_context: Context | None = None) -> None:
+        self._inner.on_start(span, parent_context)
         scope = span.instrumentation_scope
         if scope is None or scope.name != PYDANTIC_AI_SCOPE:
             with self._lock:
@@ -121,20 +118,20 @@ class TraceSelection(SpanProcessor):
                 return
             if _autolog_records_it():
                 _remember(self._decided, trace_id, _LEFT_TO_MLFLOW)
-                self._drop_waiting(trace_id)
+                self._held.drop(trace_id)
                 tell_autolog, self._told_autolog = not self._told_autolog, True
                 waiting, evicted = deque[ReadableSpan](), 0
             else:
                 tell_autolog = False
                 _remember(self._decided, trace_id, span)
-                waiting = self._drop_waiting(trace_id)
+                waiting = self._held.drop(trace_id)
                 waiting.extend(self._ended.revive(trace_id))
-                evicted = self._evicted.pop(trace_id, 0)
+                evicted = self._held.evicted(trace_id)
         for earlier in waiting:
             self._inner.on_end(self._shaped(earlier, None))
         if evicted and not self._told_incomplete:
             self._told_incomplete = True
-            report.say(_incomplete(evicted, self._max_waiting))
+            report.say(_incomplete(evicted, self._held.max_waiting))
         if tell_autolog:
             report.say(_LEFT_TO_AUTOLOG)
 
@@ -187,12 +184,19 @@ class TraceSelection(SpanProcessor):
         if agent is not None and agent is not _NO_AGENT:
             return False
         if agent is None and not local_root:
-            self._wait(trace_id, span)
+            self._held.hold(trace_id, span)
             return True
-        self._ended.keep(trace_id, [*self._drop_waiting(trace_id), span])
-        self._evicted.pop(trace_id, None)
+        self._ended.keep(trace_id, [*self._held.drop(trace_id), span])
+        self._held.evicted(trace_id)
         _remember(self._decided, trace_id, _NO_AGENT)
         return True
+
+    def agent_span_over(self, context: SpanContext) -> Span | None:
+        """The innermost open pydantic-ai span at or above the open span ``context``, in a trace
+        traced-run sends: the operation of an agent run that code running under it is part of."""
+        with self._lock:
+            wanted = isinstance(self._decided.get(context.trace_id), ReadableSpan)
+            return _nearest_pydantic_ai(self._open, context.span_id) if wanted else None
 
     def _track(self, span: Span) -> None:
         """Remember an open span (lock held); spans never ended (a leak in the app) are
@@ -223,29 +227,6 @@ class TraceSelection(SpanProcessor):
             self.on_end(_ended(span, now, f"interrupted: {why}", prompts.get(span.context.span_id)))
         return len(cut)
 
-    def _drop_waiting(self, trace_id: int) -> deque[ReadableSpan]:
-        waiting = self._waiting.pop(trace_id, deque())
-        self._waiting_spans -= len(waiting)
-        return waiting
-
-    def _wait(self, trace_id: int, span: ReadableSpan) -> None:
-        """Hold ``span`` (lock held); past the bound, the oldest waiting span is dropped:
-        most such spans never see an agent (a long-lived websocket's messages, say)."""
-        self._waiting.setdefault(trace_id, deque()).append(span)
-        self._waiting_spans += 1
-        if self._waiting_spans <= self._max_waiting:
-            return
-        oldest = next(iter(self._waiting))
-        spans = self._waiting[oldest]
-        spans.popleft()
-        if not spans:
-            del self._waiting[oldest]
-        self._waiting_spans -= 1
-        self._evicted[oldest] = self._evicted.get(oldest, 0) + 1
-        self._evicted.move_to_end(oldest)
-        while len(self._evicted) > MAX_DECIDED:
-            self._evicted.popitem(last=False)
-
     def _shaped(self, span: ReadableSpan, agent: ReadableSpan | None, messages: AttributeValue | None = None,
                 last: tuple[ReadableSpan, int] | None = None) -> ReadableSpan:
         """``span`` as MLflow should get it: the agents' summary on an app's root span, and a
@@ -264,6 +245,44 @@ class TraceSelection(SpanProcessor):
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         return self._inner.force_flush(timeout_millis)
+
+
+class _Waiting:
+    """Spans of traces not decided yet (no agent so far, root not ended), bounded (lock held)."""
+
+    def __init__(self, max_waiting: int) -> None:
+        self.max_waiting = max_waiting
+        self._waiting: OrderedDict[int, deque[ReadableSpan]] = OrderedDict()
+        self._spans = 0
+        self._evicted: OrderedDict[int, int] = OrderedDict()
+        """Undecided traces whose waiting spans the bound dropped, with how many."""
+
+    def drop(self, trace_id: int) -> deque[ReadableSpan]:
+        waiting = self._waiting.pop(trace_id, deque())
+        self._spans -= len(waiting)
+        return waiting
+
+    def evicted(self, trace_id: int) -> int:
+        """How many of the trace's spans the bound dropped; forgotten once asked."""
+        return self._evicted.pop(trace_id, 0)
+
+    def hold(self, trace_id: int, span: ReadableSpan) -> None:
+        """Past the bound, the oldest waiting span is dropped: most such spans never see an
+        agent (a long-lived websocket's messages, say)."""
+        self._waiting.setdefault(trace_id, deque()).append(span)
+        self._spans += 1
+        if self._spans <= self.max_waiting:
+            return
+        oldest = next(iter(self._waiting))
+        spans = self._waiting[oldest]
+        spans.popleft()
+        if not spans:
+            del self._waiting[oldest]
+        self._spans -= 1
+        self._evicted[oldest] = self._evicted.get(oldest, 0) + 1
+        self._evicted.move_to_end(oldest)
+        while len(self._evicted) > MAX_DECIDED:
+            self._evicted.popitem(last=False)
 
 
 class _ServiceNames:
@@ -325,13 +344,8 @@ class _Runs:
         """Told at the start of a pydantic-ai span, when all above it are still open (an
         interrupted run's spans leave ``open_spans`` before they end)."""
         parent = span.parent
-        while parent is not None:
-            above = open_spans.get(parent.span_id)
-            if above is None:
-                break
-            if _pydantic_ai(above):
-                return
-            parent = above.parent
+        if parent is not None and _nearest_pydantic_ai(open_spans, parent.span_id) is not None:
+            return
         self._open.setdefault(span.context.trace_id, set()).add(span.context.span_id)
 
     def ended(self, span: ReadableSpan, first: ReadableSpan,
@@ -399,6 +413,17 @@ def _temporals(span: ReadableSpan) -> bool:
 def _within(root: ReadableSpan, run: ReadableSpan) -> bool:
     """``run`` started inside ``root``'s time (not so a Temporal span made after the run)."""
     return (root.start_time or 0) <= (run.start_time or 0)
+
+
+def _nearest_pydantic_ai(open_spans: dict[int, Span], span_id: int) -> Span | None:
+    """The first pydantic-ai span from the open span ``span_id`` up its open ancestors."""
+    span = open_spans.get(span_id)
+    while span is not None:
+        if _pydantic_ai(span):
+            return span
+        parent = span.parent
+        span = open_spans.get(parent.span_id) if parent is not None else None
+    return None
 
 
 def _names_one(service: object) -> TypeGuard[str]:
