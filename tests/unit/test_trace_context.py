@@ -55,6 +55,25 @@ def test_any_other_caller_gets_a_trace_of_its_own_linked_to_it() -> None:
         assert (link.context.trace_id, link.context.span_id) == (CALLER_TRACE, CALLER_SPAN)
 
 
+def test_a_parent_marked_remote_in_a_trace_rooted_here_is_this_processs_own() -> None:
+    """A context handed to another thread or task as if it came from outside (logfire's sqlite3
+    spans in pydantic-ai's chat app have it so): the trace stays as it is."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(Rerooted(SimpleSpanProcessor(exporter), OURS))
+    tracer = provider.get_tracer("test")
+    with tracer.start_as_current_span("POST /chat/") as root:
+        own = root.get_span_context()
+        as_if_remote = SpanContext(own.trace_id, own.span_id, is_remote=True, trace_flags=own.trace_flags)
+        with tracer.start_as_current_span("SELECT",
+                                          context=trace.set_span_in_context(NonRecordingSpan(as_if_remote))):
+            pass
+    select, post = exporter.get_finished_spans()
+    assert select.context is not None and post.context is not None and select.parent is not None
+    assert select.context.trace_id == post.context.trace_id == own.trace_id
+    assert select.parent.span_id == own.span_id and select.links == ()
+
+
 def test_what_a_request_carries_joins_only_where_the_trace_is() -> None:
     _, rerooted = _served(TraceState())
     here = SpanContext(CALLER_TRACE + 7, CALLER_SPAN, is_remote=False,

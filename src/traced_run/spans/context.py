@@ -54,6 +54,10 @@ class Rerooted(SpanProcessor):
         self._lock = threading.Lock()
         self._moved: OrderedDict[int, int] = OrderedDict()
         """The caller's trace id -> the trace id MLflow gets instead."""
+        self._local: OrderedDict[int, None] = OrderedDict()
+        """Traces with a root started here: a parent marked remote in one of them is this
+        process's own (a context carried across threads or tasks as if from outside, as logfire's
+        sqlite3 spans in pydantic-ai's chat app have it, or Temporal's interceptor does)."""
 
     def joins(self, parent: SpanContext) -> bool:
         """A remote ``parent`` whose trace goes to this process's MLflow experiment."""
@@ -61,9 +65,14 @@ class Rerooted(SpanProcessor):
 
     def on_start(self, span: Span, parent_context: Context | None = None) -> None:
         parent = span.parent
-        if parent is not None and parent.is_remote and not self.joins(parent):
+        if parent is None:
             with self._lock:
-                if parent.trace_id not in self._moved:
+                self._local[span.context.trace_id] = None
+                while len(self._local) > MAX_MOVED:
+                    self._local.popitem(last=False)
+        elif parent.is_remote and not self.joins(parent):
+            with self._lock:
+                if parent.trace_id not in self._moved and parent.trace_id not in self._local:
                     self._moved[parent.trace_id] = random.getrandbits(128) or 1
                     while len(self._moved) > MAX_MOVED:
                         self._moved.popitem(last=False)
