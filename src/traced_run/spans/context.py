@@ -36,6 +36,8 @@ from traced_run.spans.selection import copy_span
 TRACESTATE_KEY = "traced-run"
 MAX_MOVED = 8192
 """Traces moved to a trace id of their own that are remembered, for their spans still to end."""
+MAX_HERE = 65536
+"""Span ids started in this process that are remembered, for the children still to start."""
 
 
 def digest(trace_id: int, destination: str) -> str:
@@ -54,10 +56,10 @@ class Rerooted(SpanProcessor):
         self._lock = threading.Lock()
         self._moved: OrderedDict[int, int] = OrderedDict()
         """The caller's trace id -> the trace id MLflow gets instead."""
-        self._local: OrderedDict[int, None] = OrderedDict()
-        """Traces with a root started here: a parent marked remote in one of them is this
+        self._here: OrderedDict[int, None] = OrderedDict()
+        """Span ids started in this process: a parent marked remote that is one of them is this
         process's own (a context carried across threads or tasks as if from outside, as logfire's
-        sqlite3 spans in pydantic-ai's chat app have it, or Temporal's interceptor does)."""
+        sqlite3 spans in pydantic-ai's chat app have it, and Temporal's interceptor does)."""
 
     def joins(self, parent: SpanContext) -> bool:
         """A remote ``parent`` whose trace goes to this process's MLflow experiment."""
@@ -65,23 +67,34 @@ class Rerooted(SpanProcessor):
 
     def on_start(self, span: Span, parent_context: Context | None = None) -> None:
         parent = span.parent
-        if parent is None:
+        with self._lock:
+            self._here[span.context.span_id] = None
+            while len(self._here) > MAX_HERE:
+                self._here.popitem(last=False)
+        if parent is not None and self._from_a_caller(span) and not self.joins(parent):
             with self._lock:
-                self._local[span.context.trace_id] = None
-                while len(self._local) > MAX_MOVED:
-                    self._local.popitem(last=False)
-        elif parent.is_remote and not self.joins(parent):
-            with self._lock:
-                if parent.trace_id not in self._moved and parent.trace_id not in self._local:
+                if parent.trace_id not in self._moved:
                     self._moved[parent.trace_id] = random.getrandbits(128) or 1
                     while len(self._moved) > MAX_MOVED:
                         self._moved.popitem(last=False)
         self._inner.on_start(span, parent_context)
 
+    def _from_a_caller(self, span: ReadableSpan) -> bool:
+        """``span``'s parent is a span of another process. Not so for Temporal's spans: their
+        client's span (in the process that started the workflow) is left to spans.selection,
+        which roots the trace at the worker's run (spans/durable.py)."""
+        parent = span.parent
+        if parent is None or not parent.is_remote or parent.span_id in self._here:
+            return False
+        scope = span.instrumentation_scope
+        return scope is None or not scope.name.startswith("temporalio")
+
     def on_end(self, span: ReadableSpan) -> None:
         context = span.context
         moved = None if context is None else self._moved.get(context.trace_id)
-        self._inner.on_end(span if moved is None else _moved(span, moved))
+        if moved is not None:
+            span = _moved(span, moved, span.parent is None or self._from_a_caller(span))
+        self._inner.on_end(span)
 
     def outgoing(self, context: SpanContext) -> SpanContext:
         """``context`` as a request made under it carries it: with this destination's entry; in a
@@ -103,16 +116,16 @@ class Rerooted(SpanProcessor):
         return self._inner.force_flush(timeout_millis)
 
 
-def _moved(span: ReadableSpan, trace_id: int) -> ReadableSpan:
-    """A copy of ``span`` in the trace ``trace_id``; the local root without its remote parent,
-    linked to it instead."""
+def _moved(span: ReadableSpan, trace_id: int, root: bool) -> ReadableSpan:
+    """A copy of ``span`` in the trace ``trace_id``; a ``root`` (the local root) without its
+    remote parent, linked to it instead."""
     own = span.context
     assert own is not None
     context = SpanContext(trace_id, own.span_id, is_remote=False, trace_flags=own.trace_flags,
                           trace_state=own.trace_state)
     parent = span.parent
     attributes = dict(span.attributes or {})
-    if parent is None or parent.is_remote:
+    if parent is None or root:
         links = (*span.links, Link(parent)) if parent is not None else span.links
         return copy_span(span, attributes, context=context, parent=None, links=links)
     parent = SpanContext(trace_id, parent.span_id, is_remote=False, trace_flags=parent.trace_flags)
