@@ -31,7 +31,7 @@ from opentelemetry.context import Context
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 from opentelemetry.trace import Link, SpanContext
 
-from traced_run.spans.selection import copy_span
+from traced_run.spans.selection import copy_span, temporals
 
 TRACESTATE_KEY = "traced-run"
 MAX_MOVED = 8192
@@ -86,8 +86,7 @@ class Rerooted(SpanProcessor):
         parent = span.parent
         if parent is None or not parent.is_remote or parent.span_id in self._here:
             return False
-        scope = span.instrumentation_scope
-        return scope is None or not scope.name.startswith("temporalio")
+        return not temporals(span)
 
     def on_end(self, span: ReadableSpan) -> None:
         context = span.context

@@ -158,7 +158,7 @@ class TraceSelection(SpanProcessor):
                     self._prompts[trace_id] = messages
                 agent = self._runs.ended(span, agent, self._decided)
             # A Temporal activity's span, made while the workflow's run goes on, does not end the trace.
-            trace_end = local_root and not (_temporals(span) and self._runs.running(trace_id))
+            trace_end = local_root and not (temporals(span) and self._runs.running(trace_id))
             late = self._ended.release(trace_id) if trace_end else []
             messages = self._prompts.pop(trace_id, None) if trace_end else None
             answer = self._answers.of(trace_id, span, trace_end) if isinstance(agent, ReadableSpan) else None
@@ -394,7 +394,7 @@ def _rooted(roots: list[ReadableSpan], run: ReadableSpan) -> tuple[list[Readable
     client's span: Temporal makes its workflow span only the first time). Another caller's
     spans may reach MLflow: an app's span keeps its remote parent."""
     roots = sorted(roots, key=lambda root: (root.parent is not None, root.start_time or 0))
-    if not roots or roots[0].parent is None or not _temporals(roots[0]):
+    if not roots or roots[0].parent is None or not temporals(roots[0]):
         return roots, run
     if run.parent is not None and run.parent.span_id in {root.context.span_id for root in roots}:
         roots[0] = copy_span(roots[0], dict(roots[0].attributes or {}), parent=None)
@@ -403,7 +403,7 @@ def _rooted(roots: list[ReadableSpan], run: ReadableSpan) -> tuple[list[Readable
     return roots, run
 
 
-def _temporals(span: ReadableSpan) -> bool:
+def temporals(span: ReadableSpan) -> bool:
     """A span of Temporal's tracing interceptor (``temporalio.contrib.opentelemetry``, or the
     tracer pydantic-ai's ``LogfirePlugin`` gives it)."""
     scope = span.instrumentation_scope
