@@ -184,14 +184,20 @@ def otlp_headers(settings: Settings, experiment_id: str, run_id: str | None,
     return headers
 
 
+COMPRESS_LEVEL = 1
+"""zlib's fastest level: per agent run it costs a fraction of level 6's CPU (``python
+benchmarks/export_cost.py`` prints both), CPU taken from the machine the app and often MLflow
+run on, for a body about half again as large, which a loopback or LAN MLflow reads as fast."""
+
+
 def compressed(payload: bytes, settings: Settings) -> tuple[bytes, dict[str, str]]:
     """The body as ``settings.compression`` has it sent, and the header that says so."""
     if settings.compression == "gzip":
         import gzip
 
-        return gzip.compress(payload, compresslevel=6), {"Content-Encoding": "gzip"}
+        return gzip.compress(payload, compresslevel=COMPRESS_LEVEL), {"Content-Encoding": "gzip"}
     if settings.compression == "deflate":
-        return zlib.compress(payload), {"Content-Encoding": "deflate"}
+        return zlib.compress(payload, COMPRESS_LEVEL), {"Content-Encoding": "deflate"}
     return payload, {}
 
 
