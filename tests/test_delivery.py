@@ -191,6 +191,38 @@ def test_retry_after_is_honoured_while_running(app: App, proxy: FaultProxy) -> N
     assert spooled(spool_of(app)) == []
 
 
+def test_a_retry_after_within_the_exit_bound_is_waited_out_and_the_run_delivered(
+        app: App, proxy: FaultProxy) -> None:
+    """At exit, a 503 whose ``Retry-After`` ends within the exit bound: the process waits it out,
+    asks once more, and its run reaches MLflow; the exit line says it was sent late, not lost."""
+    app.write(tool_agent("briefly", "agent.run_sync('briefly 0')\n"))
+    proxy.retry_after = "2"
+    proxy.mode = "503"
+    env = proxied_env(app, proxy, TRACED_RUN_EXIT_TIMEOUT=str(GENEROUS_EXIT))
+
+    def back_once_asked() -> Any:
+        """MLflow is back as soon as it has asked for the wait: the next post must go through."""
+        asked = poll(lambda: next((s for s in proxy.seen if s.mode == "503"), None), timeout=90,
+                     what="a post answered 503")
+        proxy.mode = "forward"
+        return asked
+
+    with ThreadPoolExecutor(1) as pool:
+        answered = pool.submit(back_once_asked)
+        done = app.run("python", "app.py", env=env)
+        first = answered.result()
+    assert done.returncode == 0, done.stderr.decode()
+    # The 503 is worth a word, but nothing is said lost or left behind.
+    (line,) = traced_lines(done.stderr)
+    assert f"{RUN_SPANS} spans were spooled while" in line and "answered 503" in line, line
+    assert line.endswith("and sent later"), line
+    later = [s for s in proxy.seen if s.at > first.at]
+    assert later and later[0].mode == "forward", proxy.seen
+    assert later[0].at - first.at >= 2 - 0.2, "asked again before the Retry-After ran out"
+    assert spooled(spool_of(app)) == []
+    wait_runs(app.server, app.experiment, "briefly", 1)
+
+
 def test_a_retry_after_beyond_the_exit_bound_is_not_waited_for_and_is_said(
         app: App, proxy: FaultProxy) -> None:
     app.write(tool_agent("asked", "agent.run_sync('asked 0')\n"))

@@ -111,6 +111,11 @@ class Backoff:
         self._sleep(left)  # the exit bound covers it; no lock is held
         return True
 
+    def asked_for_later(self) -> bool:
+        """MLflow's last answer named a time to be asked again (``Retry-After``) not come yet."""
+        with self._lock:
+            return self._clock() < self._asked_until
+
     def outage(self, at_least: float) -> float | None:
         """The wall-clock start of an outage that has lasted ``at_least`` seconds."""
         with self._lock:
@@ -319,6 +324,9 @@ class DeliveryThread:
     def _send_spooled_one(self) -> bool:
         """Send one spooled batch, if MLflow is taking batches; the queue keeps
         priority. True when it was sent and there may be more."""
+        if self._queue.leaving() and self._backoff.asked_for_later():
+            # A batch its Retry-After sent to the spool at exit: MLflow is up and named the time.
+            self._backoff.wait_asked(self._attempt_timeout())
         # No time left (leaving a hanging MLflow at once): a claim would only be posted to fail.
         no_time = self._attempt_timeout() <= 0
         if self._backoff.down() or self._sender is None or self._queue.is_closed() or no_time:
