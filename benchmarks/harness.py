@@ -96,9 +96,9 @@ def _install(missing: list[str]) -> None:
         raise SystemExit(f"still missing after pip install: {', '.join(still)}")
 
 
-def versions() -> dict[str, str]:
+def versions(dists: Sequence[str] = tuple(REQUIRED)) -> dict[str, str]:
     found = {}
-    for dist in REQUIRED:
+    for dist in dists:
         try:
             found[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:

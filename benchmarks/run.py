@@ -1,31 +1,32 @@
 """traced-run benchmark: one entry point, prints a Markdown report on stdout.
 
-    python benchmarks/run.py            # the full run (by hand; ~10 min on 2 cores)
+    python benchmarks/run.py            # the full run (by hand; ~16-19 min on 2 cores)
     python benchmarks/run.py --quick    # smoke run: 1 repetition, small N
+    python benchmarks/run.py --publish  # the full run, also written to docs/benchmarks/
 
 Uses the venv of the interpreter running it (installs ``.[test]`` there if a
 compared tool is missing), starts its own MLflow server on a free loopback
 port with its store in a temporary directory, runs every variant interleaved
 (A B C A B C ...) after warm-up rounds, and prints medians, min-max, the ratio or
 difference against the baseline and, where the project sets one, the target
-with PASS or MISS. Progress goes to stderr. Exit code 1 if a section failed.
+with PASS or MISS, after the run's conditions (taken by the script: date,
+commit, command, machine, load, versions, wall time). Progress goes to stderr.
+Exit code 1 if a section failed. The report is written to a file only when asked:
+``--out PATH``, or ``--publish`` (docs/benchmarks/, which the Performance page shows).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import shlex
 import subprocess
 import sys
-import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from artifact import RunInfo, publish
 from harness import (
     BIN,
     Mlflow,
@@ -36,7 +37,6 @@ from harness import (
     make_workdir,
     remove_workdir,
     table,
-    versions,
 )
 from sections import Bench, Plan, burst, exit_delay, first_import, peak_rss, per_run, startup
 
@@ -61,35 +61,22 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--burst-runs", type=int, help="agent runs per burst (default 2000; quick 50)")
     parser.add_argument("--keep", action="store_true",
                         help="keep the temporary directory (MLflow store, logs)")
-    return parser.parse_args()
-
-
-def _source_state() -> str:
-    """The commit the measured traced-run comes from, and whether src/ had local changes."""
-    repo = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, timeout=30).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--", "src"],
-                               capture_output=True, text=True, timeout=30).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown (no git)"
-    if not head:
-        return "unknown (not a git checkout)"
-    return f"commit {head}" + (" with uncommitted changes in src/" if dirty else "")
-
-
-def _load() -> str:
-    try:
-        return " / ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
+    # Off by default: a run by hand (a change being tried, a busy machine) never lands in the
+    # docs; publishing is a decision, and each published run is a new dated file, never overwritten.
+    parser.add_argument("--publish", action="store_true",
+                        help="also write the report to docs/benchmarks/<date>-<HHMM>-<commit>-s<sections>.md "
+                        "and rewrite docs/benchmarks/latest.md (docs/performance.md shows it)")
+    parser.add_argument("--out", type=Path, metavar="PATH", help="also write the report to PATH")
+    args = parser.parse_args()
+    if args.publish and args.quick:
+        parser.error("--publish takes a measurement, not a --quick smoke run")
+    return args
 
 
 def main() -> int:
     args = _arguments()
-    started = time.monotonic()
     ensure_tools()
+    info = RunInfo.start()  # after the install, if one was needed: the versions are the measured ones
     plan = Plan.quick() if args.quick else Plan()
     if args.burst_runs:
         plan.burst_runs = args.burst_runs
@@ -104,7 +91,6 @@ def main() -> int:
     boot_dir = subprocess.run([str(BIN / "traced-run"), "--print-pythonpath"], capture_output=True, text=True,
                               check=True, timeout=60, env=clean_env()).stdout.strip()
     bench = Bench(plan, workdir, mlflow, boot_dir)
-    load_before = _load()
     rows: list[Row] = []
     failed: list[str] = []
 
@@ -146,24 +132,37 @@ def main() -> int:
             remove_workdir(workdir)
 
     rows.sort(key=lambda row: row.section)  # stable: keeps each section's own order
-    print(_report(args, plan, rows, failed, bench.notes, load_before, time.monotonic() - started))
-    return 1 if failed else 0
+    info.end()
+    measured = "".join(sorted({row.section for row in rows}))
+    report = _report(args, plan, info, measured, rows, failed, bench.notes)
+    print(report)
+    written = _write(args, report, info, measured)
+    return 1 if failed or not written else 0
 
 
-def _report(args: argparse.Namespace, plan: Plan, rows: list[Row], failed: list[str], notes: list[str],
-            load_before: str, elapsed: float) -> str:
-    command = shlex.join([sys.executable, *sys.argv])
-    found = versions()
+def _write(args: argparse.Namespace, report: str, info: RunInfo, measured: str) -> bool:
+    """The report's files, if asked for; False (and one line on stderr) if one could not be written."""
+    text = report.rstrip("\n") + "\n"
+    try:
+        if args.out:
+            args.out.write_text(text, encoding="utf-8")
+            log(f"report written to {args.out}")
+        if args.publish and measured:
+            log(f"published {publish(text, info, measured)} and rewrote docs/benchmarks/latest.md")
+        elif args.publish:
+            log("nothing published: no section has figures")
+    except (OSError, ValueError) as error:
+        log(f"could not write the report: {error}")
+        return False
+    return True
+
+
+def _report(args: argparse.Namespace, plan: Plan, info: RunInfo, measured: str, rows: list[Row],
+            failed: list[str], notes: list[str]) -> str:
     lines = [
-        "# traced-run benchmark" + (" (--quick smoke run: few repetitions, small N)" if args.quick else ""),
+        info.heading(measured) + (" (--quick smoke run: few repetitions, small N)" if args.quick else ""),
         "",
-        f"- command: `{command}`",
-        f"- date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}; {elapsed:.0f} s in all",
-        f"- machine: {platform.platform()}, {os.cpu_count()} CPUs, "
-        f"Python {platform.python_version()} ({BIN})",
-        f"- load average (1/5/15 min) before: {load_before}; after: {_load()}",
-        f"- versions: {', '.join(f'{k} {v}' for k, v in found.items())}",
-        f"- traced-run source: {_source_state()}",
+        *info.metadata(),
         f"- repetitions (warm-up + kept, interleaved): startup {plan.startup_warmups}+{plan.startup_reps}, "
         f"import {plan.import_warmups}+{plan.import_reps}, "
         f"per-run {plan.per_run_warmups}+{plan.per_run_reps} of {plan.per_run_runs} runs, "
@@ -182,9 +181,9 @@ def _report(args: argparse.Namespace, plan: Plan, rows: list[Row], failed: list[
                      "sections 1 and 4 ran while the MLflow server was starting")
     lines += ["", table(rows), ""]
     if failed:
-        lines += ["## Failures", "", *[f"- {f}" for f in failed], ""]
+        lines += ["#### Failures", "", *[f"- {f}" for f in failed], ""]
     if notes:
-        lines += ["## stderr of traced-run (last line per process, deduplicated)", "",
+        lines += ["#### stderr of traced-run (last line per process, deduplicated)", "",
                   *[f"- {n}" for n in sorted(set(notes))], ""]
     return "\n".join(lines)
 
