@@ -29,6 +29,8 @@ REPO_URL = "mlflow.source.git.repoURL"
 """MLflow's tag names (mlflow.utils.mlflow_tags)."""
 
 _HEX40 = re.compile(r"[0-9a-f]{40}")
+_ON_BRANCH = "ref: refs/heads/"
+"""How .git/HEAD starts when a branch is checked out."""
 _ENTRY = struct.Struct(">10I20sH")
 """An index entry's fixed part: ctime s/ns, mtime s/ns, dev, ino, mode, uid, gid, size, sha, flags."""
 _ASSUME_VALID = 0x8000
@@ -87,10 +89,10 @@ def read(start: Path) -> Checkout | None:
             return None
         work, git_dir, common = found
         head = (git_dir / "HEAD").read_text().strip()
-        if not head.startswith("ref: refs/heads/"):
+        if not head.startswith(_ON_BRANCH):
             # MLflow's versioning gives up here too: a version is keyed on a branch.
             raise GitUnreadable("HEAD is detached (no branch)", usual=True)
-        branch = head.removeprefix("ref: refs/heads/")
+        branch = head.removeprefix(_ON_BRANCH)
         commit = _ref(common, git_dir, "refs/heads/" + branch)
         if commit is None:
             raise GitUnreadable(f"branch {branch!r} has no commit yet", usual=True)
