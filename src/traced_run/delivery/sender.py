@@ -111,10 +111,13 @@ class Backoff:
         self._sleep(left)  # the exit bound covers it; no lock is held
         return True
 
-    def asked_for_later(self) -> bool:
-        """MLflow's last answer named a time to be asked again (``Retry-After``) not come yet."""
+    def wait_named(self, within: float, *, leaving: bool) -> None:
+        """When ``leaving``: wait out the time MLflow's last answer named (``Retry-After``) if it
+        ends within ``within`` seconds: MLflow is up, and a batch it sent to the spool may go then."""
         with self._lock:
-            return self._clock() < self._asked_until
+            named = leaving and self._clock() < self._asked_until
+        if named:
+            self.wait_asked(within)
 
     def outage(self, at_least: float) -> float | None:
         """The wall-clock start of an outage that has lasted ``at_least`` seconds."""
@@ -324,9 +327,7 @@ class DeliveryThread:
     def _send_spooled_one(self) -> bool:
         """Send one spooled batch, if MLflow is taking batches; the queue keeps
         priority. True when it was sent and there may be more."""
-        if self._queue.leaving() and self._backoff.asked_for_later():
-            # A batch its Retry-After sent to the spool at exit: MLflow is up and named the time.
-            self._backoff.wait_asked(self._attempt_timeout())
+        self._backoff.wait_named(self._attempt_timeout(), leaving=self._queue.leaving())
         # No time left (leaving a hanging MLflow at once): a claim would only be posted to fail.
         no_time = self._attempt_timeout() <= 0
         if self._backoff.down() or self._sender is None or self._queue.is_closed() or no_time:
