@@ -475,6 +475,22 @@ def test_strict_mode_stops_the_app_before_its_code_runs(where: str, tmp_path: Pa
     assert done.returncode == 78
 
 
+@pytest.mark.parametrize("strict", [True, False], ids=["strict", "fail-open"])
+def test_no_tracking_uri_without_the_launcher_is_a_settings_line(
+        strict: bool, tmp_path: Path, boot_dir: str) -> None:
+    """Nowhere to send traces is a setting to fix, said as one, and in strict mode its exit code
+    is the settings' (78), not the one of a pipeline that broke (70)."""
+    (tmp_path / "app.py").write_text(STARTS.strip() + "\nimport pydantic_ai\n")
+    env = clean_env(PYTHONPATH=boot_dir, **({"TRACED_RUN_STRICT": "true"} if strict else {}))
+    done = subprocess.run([sys.executable, "app.py"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=60)
+    ending = "(strict mode: stopping the app)" if strict else "; the app runs untraced"
+    assert one_line(done.stderr) == ("no MLflow tracking URI: set MLFLOW_TRACKING_URI, --tracking-uri or "
+                                     f"tracking_uri in the config file{' ' if strict else ''}{ending}")
+    assert done.returncode == (78 if strict else 0)
+    assert done.stdout == "app code ran\n"
+
+
 def test_strict_mode_with_valid_settings_runs_the_app(tmp_path: Path, boot_dir: str) -> None:
     (tmp_path / "app.py").write_text(STARTS.strip() + "\n")
     done = subprocess.run([sys.executable, "app.py"], cwd=tmp_path,
