@@ -38,6 +38,15 @@ MLFLOW_FIXTURES = {"mlflow_server", "auth_mlflow", "workspace_mlflow", "mlflow_o
 another fixture) is e2e. A new fixture that starts one belongs here."""
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """A suite started in the background by a non-interactive shell (``pytest &``, nohup) has
+    SIGINT ignored, and every app it starts would inherit that: the tests that send SIGINT
+    would wait out the app's whole loop instead of testing Ctrl-C. Python's own handler is
+    reset to the default in each child it starts."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Each test's layer (pyproject.toml's markers), so ``-m unit`` selects the fast
     layer with no list of paths to keep: tests/unit is unit, a test that needs an
