@@ -18,6 +18,7 @@ from support.fakes import REFUSED, Clock, FakeSender, run, settings, span, submi
 from traced_run.delivery import Delivery
 from traced_run.delivery import queue as span_queue
 from traced_run.delivery.export import DELIVERED, encode
+from traced_run.delivery.open_roots import OpenRoots
 from traced_run.delivery.queue import SpanQueue, whole_traces
 from traced_run.delivery.sender import BACKOFF, Backoff
 from traced_run.delivery.spill import OverflowSpooler, SpoolWriter
@@ -169,7 +170,8 @@ def spool_writer(tmp_path: Path, max_bytes: int) -> tuple[SpoolWriter, DeliveryS
     config = settings(tmp_path)
     spool = Spool(tmp_path / "spool", max_bytes)
     stats = DeliveryStats(config, spool)
-    return SpoolWriter(config, spool, stats, lambda: None), stats, spool
+    return (SpoolWriter(config, spool, stats, lambda: None, OpenRoots(config, spool, lambda trace: None)),
+            stats, spool)
 
 
 def test_kept_batches_are_counted_as_this_processs_own(tmp_path: Path) -> None:
