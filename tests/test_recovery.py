@@ -84,8 +84,8 @@ def _root(trace: Any) -> Any:
 def test_a_dbos_workflow_killed_mid_tool_and_recovered_is_one_recovered_trace(app: App, kind: str) -> None:
     app.write(DBOS_APP)
     env = traced_env(app, KIND=kind, WORKFLOW_ID=uuid.uuid4().hex)
-    first = subprocess.Popen([TRACED_RUN, "python", "app.py"], cwd=app.directory, env={**env, "ROLE": "start"},
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = subprocess.Popen([TRACED_RUN, "python", "app.py"], cwd=app.directory,
+                             env={**env, "ROLE": "start"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         started = app.directory / "tool-started"
         poll(lambda: started.exists() and started.read_text(), timeout=60, what="the tool to start")
