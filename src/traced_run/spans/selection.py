@@ -248,8 +248,9 @@ class TraceSelection(SpanProcessor):
 
     def _shaped(self, span: ReadableSpan, agent: ReadableSpan | None, messages: AttributeValue | None = None,
                 last: tuple[ReadableSpan, int] | None = None) -> ReadableSpan:
-        """``span`` as MLflow should get it: the agents' summary on an app's root span, and a
-        real service name. The span itself is the app's too, so changes go on a copy."""
+        """``span`` as MLflow should get it: the agents' summary on an app's root span, a real
+        service name, a DBOS run's session and tags (``durable.DbosRuns``). The span itself is
+        the app's too, so changes go on a copy."""
         resource = self._names.of(span.resource)
         summary = _summary(span, agent, messages, last) if agent is not None and agent is not span else None
         durable = self._dbos.attributes(span)
