@@ -365,8 +365,9 @@ def test_gunicorn_quick_shutdown_mid_request_leaves_a_complete_error_trace(
 
 def test_gunicorn_graceful_timeout_kills_the_worker_the_spans_that_ended_still_arrive(
         app: App, which: Callable[[str], str]) -> None:
-    """SIGKILL ends a worker with no code of its own run: the run's open spans never
-    end and its trace stays IN_PROGRESS (docs/failure-behaviour.md, Known limits); what had ended is there."""
+    """SIGKILL ends a worker with no code of its own run: the run's open spans never end; what had
+    ended is there, and the next traced process (here ``traced-run flush``; the master, leaving after
+    the kill, may be first) ends the trace's root as interrupted: the trace is not IN_PROGRESS for ever."""
     with gunicorn(app, which, "sync", "--graceful-timeout", "1") as server:
         sent = server.request_in_tool()
         server.process.send_signal(signal.SIGTERM)
@@ -385,5 +386,10 @@ def test_gunicorn_graceful_timeout_kills_the_worker_the_spans_that_ended_still_a
     poll(gone, timeout=10, what="the worker killed")
     experiment_id = poll(lambda: app.server.experiment_id(app.experiment), timeout=30, what="the experiment")
     (trace,) = poll(lambda: app.server.traces(experiment_id), timeout=30, what="the trace")
-    assert statuses(trace) == {"chat test": ["OK"]}
-    assert str(trace.info.state).endswith("IN_PROGRESS")
+    flushed = app.run("flush", env=traced_env(app))
+    assert flushed.returncode == 0, flushed.stdout + flushed.stderr
+    (trace,) = app.traces(1)
+    (root,) = [span for span in trace.data.spans if span.parent_id is None]
+    assert str(trace.info.state).endswith("ERROR")
+    assert statuses(trace) == {"chat test": ["OK"],
+                               root.name: ["ERROR interrupted: the process ended before this span did"]}

@@ -18,6 +18,7 @@ from support.fakes import REFUSED, Clock, FakeSender, run, settings, span, submi
 from traced_run.delivery import Delivery
 from traced_run.delivery import queue as span_queue
 from traced_run.delivery.export import DELIVERED, encode
+from traced_run.delivery.open_roots import OpenRoots
 from traced_run.delivery.queue import SpanQueue, whole_traces
 from traced_run.delivery.sender import BACKOFF, Backoff
 from traced_run.delivery.spill import OverflowSpooler, SpoolWriter
@@ -165,11 +166,28 @@ def test_mlflow_is_not_asked_again_before_the_time_its_retry_after_named() -> No
 
 
 # --- the spill to disk ----------------------------------------------------------------------
+def test_a_trace_that_leaves_before_its_root_keeps_the_root_in_the_spool_until_the_root_leaves(
+        tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", 1 << 20)
+    *children, root = run(7, 2)
+    open_now = {7: root}  # as the selection says while the run goes on
+    roots = OpenRoots(settings(tmp_path), spool, open_now.get)
+    roots.leaving(children[:1])
+    roots.leaving(children[1:])  # written again, with a later end: still one record
+    (record,) = spool.directory.glob("*.open")
+    assert list(spool.claim(ENDPOINT)) == [], "a record this process holds is not sent"
+    assert record.read_bytes().endswith(encode([root], settings(tmp_path)))
+    del open_now[7]
+    roots.leaving([root])
+    assert list(spool.directory.iterdir()) == []
+
+
 def spool_writer(tmp_path: Path, max_bytes: int) -> tuple[SpoolWriter, DeliveryStats, Spool]:
     config = settings(tmp_path)
     spool = Spool(tmp_path / "spool", max_bytes)
     stats = DeliveryStats(config, spool)
-    return SpoolWriter(config, spool, stats, lambda: None), stats, spool
+    return (SpoolWriter(config, spool, stats, lambda: None, OpenRoots(config, spool, lambda trace: None)),
+            stats, spool)
 
 
 def test_kept_batches_are_counted_as_this_processs_own(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
 
 from traced_run.spans import selection
 from traced_run.spans.selection import PYDANTIC_AI_SCOPE, TRACE_NAME_TAG, TraceSelection
@@ -124,6 +125,30 @@ def test_decisions_remembered_are_bounded(monkeypatch: pytest.MonkeyPatch,
         with provider.get_tracer("app").start_as_current_span("request"):
             pass
     assert len(chosen._decided) == 10
+
+
+def test_open_root_is_an_agent_traces_open_root_ended_as_left_open_changing_nothing(
+        setup: tuple[TracerProvider, TraceSelection, Passed]) -> None:
+    provider, chosen, passed = setup
+    app = provider.get_tracer("app")
+    agent = provider.get_tracer(PYDANTIC_AI_SCOPE)
+    idle = app.start_span("websocket with no agent")
+    root = app.start_span("POST /chat")
+    run = agent.start_span("invoke_agent a", context=_context(root))
+    with agent.start_as_current_span("chat test", context=_context(run)) as chat:
+        chat.set_attribute("gen_ai.input.messages", '[{"role":"user","parts":[{"type":"text",'
+                                                    '"content":"Cut off?"}]}]')
+    assert chosen.open_root(idle.get_span_context().trace_id) is None, "not an agent trace"
+    left = chosen.open_root(root.get_span_context().trace_id)
+    assert left is not None and left.name == "POST /chat" and left.end_time is not None
+    assert (left.status.status_code, left.status.description) == (StatusCode.ERROR, selection.LEFT_OPEN)
+    assert (left.attributes or {})["input.value"] == "Cut off?"
+    assert passed.names() == ["chat test"], "nothing is ended or sent"
+    run.end()
+    root.end()
+    assert chosen.open_root(root.get_span_context().trace_id) is None, "it ended"
+    assert passed.by_name("POST /chat").status.status_code is StatusCode.UNSET
+    idle.end()
 
 
 def test_interrupt_ends_the_open_spans_of_agent_traces_only(setup: tuple[TracerProvider, TraceSelection,

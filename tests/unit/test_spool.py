@@ -214,6 +214,17 @@ def test_a_symlink_named_like_a_batch_is_not_followed(spool: Spool, tmp_path: Pa
     assert (spool.rejected / link.name).is_symlink() and secret.exists()
 
 
+def test_a_fifo_or_symlink_named_like_an_open_root_never_blocks_and_is_never_sent(spool: Spool,
+                                                                                  tmp_path: Path) -> None:
+    secret = tmp_path / "elsewhere.txt"
+    secret.write_text(json.dumps({"endpoint": ENDPOINT, "spans": 1}) + "\nsecret payload")
+    spool.directory.mkdir(mode=0o700)
+    os.mkfifo(spool.directory / "00000000000000000001-1-0000000a.open")
+    (spool.directory / "00000000000000000002-1-0000000b.open").symlink_to(secret)
+    assert bounded(lambda: taken(spool)) == []
+    assert secret.read_text().endswith("secret payload")
+
+
 def test_the_reason_file_is_written_without_following_a_symlink(spool: Spool, tmp_path: Path) -> None:
     """Finding 1: a planted ``rejected/<name>.reason.txt`` symlink made a 404's text overwrite its target."""
     victim = tmp_path / "victim.conf"

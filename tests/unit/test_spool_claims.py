@@ -1,7 +1,8 @@
 """Claims are exclusive: a claim is a lock the kernel lets go of when its
 claimer dies, given back only then, never because the batch or the claim is
 old, nor kept by a forked child; and a spool operation on a file another
-process moved does not fail."""
+process moved does not fail. An open root's record is held the same way: sent
+only once its holder has died."""
 
 from __future__ import annotations
 
@@ -99,6 +100,47 @@ def test_a_forked_child_does_not_keep_its_parents_claim(tmp_path: Path) -> None:
         os.close(end)
         os.close(started)
         os.waitpid(child, 0)
+
+
+HOLDER = """
+import sys
+from pathlib import Path
+from traced_run.delivery.spool import Spool, Target
+
+held = Spool(Path(sys.argv[1]), 1 << 20).hold_open(Target(sys.argv[2], "0", None, None), b"root")
+print(held.name, flush=True)
+sys.stdin.read()  # the run goes on, for as long as the test wants
+"""
+
+
+def test_an_open_root_is_sent_only_once_the_process_holding_it_has_died(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", 1 << 20)
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(spool.directory), ENDPOINT],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None
+        record = holder.stdout.readline().strip()
+        assert record.endswith(".open")
+        assert taken(spool) == [], "a root its process still runs was sent"
+        assert (spool.directory / record).exists()
+    finally:
+        holder.kill()  # SIGKILL: no code of the holder's runs
+        holder.wait()
+    (batch,) = taken(spool)
+    assert (batch.name, batch.spans, batch.traces, batch.payload) == (record.replace(".open", ".otlp"), 1, 1,
+                                                                      b"root")
+    assert list(spool.directory.iterdir()) == []
+
+
+def test_an_open_root_written_again_or_let_go_by_its_own_process_is_never_sent(tmp_path: Path) -> None:
+    mine, other = Spool(tmp_path / "spool", 1 << 20), Spool(tmp_path / "spool", 1 << 20)
+    held = mine.hold_open(TARGET, b"root ended at 1")
+    later = mine.hold_open(TARGET, b"root ended at 2", held)
+    assert later.name == held.name and [p.name for p in mine.directory.iterdir()] == [held.name]
+    assert taken(other) == [], "another spool object of the same process took a record it holds"
+    assert (mine.directory / held.name).read_bytes().endswith(b"root ended at 2")
+    mine.let_go_open(later)  # the real root left: its record goes
+    assert list(mine.directory.iterdir()) == [] and taken(other) == []
 
 
 def taken(spool: Spool) -> list[Batch]:

@@ -34,6 +34,8 @@ touch them (each part's module says how its state is guarded):
   and resets the back-off).
 - ``export.Sender``: the OTLP/HTTP exporter (encoding in ``export``, the
   connection in ``transport``).
+- ``open_roots.OpenRoots``: the open roots of traces that left before they ended, kept in
+  the spool for the next process to end if this one is killed; the threads that send or spool.
 - ``spool.Spool``: the persistent retry queue on disk; ``spill.SpoolWriter``
   writes to it, ``spill.OverflowSpooler`` is the thread that spools what
   overflows the queue while a post holds the export thread.
@@ -55,6 +57,7 @@ from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 
 from traced_run.config.settings import Settings
 from traced_run.delivery import exits
+from traced_run.delivery.open_roots import OpenRoots
 from traced_run.delivery.queue import BATCH_SIZE, SpanQueue
 from traced_run.delivery.sender import OUTAGE_NOTICE, SPOOL_RESERVE, Backoff, DeliveryThread
 from traced_run.delivery.spill import OverflowSpooler, SpoolWriter
@@ -81,6 +84,8 @@ class Delivery:
         self.spool = Spool.of(settings)
         self.interrupt: Callable[[str], object] | None = None
         """Set by the pipeline: ends the open spans of agent runs when the process leaves."""
+        self.open_root: Callable[[int], ReadableSpan | None] | None = None
+        """Set by the pipeline: a trace's open root ended as interrupted (see ``open_roots``)."""
         self._build()
         os.register_at_fork(before=self._before_fork, after_in_child=self._after_fork_in_child)
 
@@ -89,13 +94,17 @@ class Delivery:
         never re-sends its parent's queue), starts its own thread when it has
         spans, and is flushed by the ``os._exit`` wrapper it inherits."""
         self.stats = DeliveryStats(self._settings, self.spool)
+        open_roots = OpenRoots(self._settings, self.spool, self._open_root)
         self._spool_writer = SpoolWriter(self._settings, self.spool, self.stats,
-                              lambda: self._queue.set_spool_idle(False))
+                                         lambda: self._queue.set_spool_idle(False), open_roots)
         self._overflow = OverflowSpooler(self._spool_writer, BATCH_SIZE)
         self._queue = SpanQueue(self._settings.queue_size, self._overflow, self._start_locked)
         self._backoff = Backoff()
         self._loaded = threading.Event()
         self._thread: threading.Thread | None = None
+
+    def _open_root(self, trace_id: int) -> ReadableSpan | None:
+        return self.open_root(trace_id) if self.open_root is not None else None
 
     def _after_fork_in_child(self) -> None:
         self.spool.let_go_inherited()

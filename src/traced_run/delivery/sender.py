@@ -236,6 +236,7 @@ class DeliveryThread:
         payload = self._encode(batch)
         if not batch:  # each of its spans was dropped as unencodable (said and counted)
             return
+        self._spool_writer.open_roots.leaving(batch)
         timeout = self._attempt_timeout()
         if self._queue.leaving() and self._backoff.wait_asked(timeout):
             timeout = self._attempt_timeout()

@@ -21,6 +21,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 
 from traced_run import report
 from traced_run.config.settings import Settings
+from traced_run.delivery.open_roots import OpenRoots
 from traced_run.delivery.spool import Spool, Target
 from traced_run.delivery.stats import DeliveryStats
 from traced_run.transport import printable
@@ -51,9 +52,11 @@ class SpoolWriter:
     """Writes batches to the spool, and sets aside the ones MLflow rejects."""
 
     def __init__(self, settings: Settings, spool: Spool, stats: DeliveryStats,
-                 spooled: Callable[[], None]) -> None:
+                 spooled: Callable[[], None], open_roots: OpenRoots) -> None:
         self._settings = settings
         self.spool = spool
+        self.open_roots = open_roots
+        """Told of every batch that leaves the process, here or posted (``DeliveryThread``)."""
         self._stats = stats
         self._spooled = spooled
         """Called once a batch is in the spool: the delivery thread has some to send again."""
@@ -67,6 +70,7 @@ class SpoolWriter:
         was posted and its answer did not come within that many seconds."""
         from traced_run.delivery.export import encode, target_of
 
+        self.open_roots.leaving(batch)
         target = target_of(self._settings)
         self._stats.writing(len(batch))
         left = len(batch)

@@ -36,6 +36,13 @@ whose header parses within ``HEADER_LIMIT`` with fields of the right types.
 A file that is not is set aside once, with the reason. Headers never hold
 credentials: the endpoint is stored without its ``user:password@``, and the
 sending process adds its own auth.
+
+A process whose trace left it before its root ended (a long run's spans go after
+``queue.OPEN_TRACE_WAIT``) keeps that root, ended as interrupted, in a record of its
+own (``hold_open``), locked while it lives and removed once the real root leaves. A
+process killed meanwhile (SIGKILL, the OOM killer: no code of its runs) leaves the
+record unlocked; the next sender renames it into a batch, so the trace MLflow holds
+ends as ERROR instead of staying IN_PROGRESS for ever.
 """
 
 from __future__ import annotations
@@ -77,9 +84,11 @@ HEADER_LIMIT = 65536
 """The longest header line read; a longer one is not a batch of ours."""
 _NAME = re.compile(r"(?P<batch>(?P<time>\d{20})-(?P<writer>\d{1,10})-[0-9a-f]{8})"
                    r"(?:(?P<otlp>\.otlp)(?:\.claimed-(?P<claimer>\d{1,10}))?|(?P<dropped>\.dropped)"
-                   r"|(?P<reason>\.reason\.txt))")
+                   r"|(?P<reason>\.reason\.txt)|(?P<open>\.open))")
 """``<time ns>-<writer pid>-<random>.otlp``, claimed: ``...otlp.claimed-<pid>``,
-removed by the bound while its writer runs: ``....dropped``, set aside: ``....reason.txt``."""
+removed by the bound while its writer runs: ``....dropped``, set aside: ``....reason.txt``,
+the open root of a trace its writer holds (``hold_open``): ``....open``."""
+OPEN = ".open"
 _WRITING = ".writing-"
 BOUND = "bound"
 AGE = "age"
@@ -107,7 +116,7 @@ class Entry:
     writer: int
     claimer: int | None
     kind: str
-    """``otlp`` (waiting or claimed), ``dropped`` or ``reason``."""
+    """``otlp`` (waiting or claimed), ``dropped``, ``reason`` or ``open``."""
 
 
 def parse(name: str) -> Entry | None:
@@ -116,7 +125,8 @@ def parse(name: str) -> Entry | None:
     if found is None:
         return None
     claimer = found["claimer"]
-    kind = "otlp" if found["otlp"] else "dropped" if found["dropped"] else "reason"
+    kinds = ("otlp", "dropped", "open")
+    kind = next((kind for kind in kinds if found[kind]), "reason")
     return Entry(found["batch"] + SUFFIX, int(found["time"]) / 1e9, int(found["writer"]),
                  int(claimer) if claimer else None, kind)
 
@@ -160,6 +170,14 @@ class Batch:
     """Its name in the spool, unclaimed: what ``put`` returned for it."""
     lock: int
     """The descriptor whose lock is the claim: closed once the batch is done, released or rejected."""
+
+
+@dataclass(frozen=True)
+class Held:
+    """A record of an open root this process holds (``hold_open``)."""
+
+    name: str
+    lock: int
 
 
 @dataclass(frozen=True)
@@ -315,6 +333,44 @@ class _Directory:
             name = _new_name()
             _write_batch(fd, name, target, spans, traces, payload)
             return name, _enforce_bound(fd, self.max_bytes)
+
+    def hold_open(self, target: Target, payload: bytes, held: Held | None = None) -> Held:
+        """Keep the open root of a trace (``payload``: the root ended as interrupted), locked
+        while this process lives; ``held``: the record it replaces (written again with a later
+        end). Once its holder has died, the next sender makes it a batch (``claim``)."""
+        with self._made() as fd:
+            name = held.name if held is not None else _new_name().removesuffix(SUFFIX) + OPEN
+            temporary = f"{_WRITING}{os.urandom(6).hex()}"
+            out = os.open(temporary, _OPEN_NEW, 0o600, dir_fd=fd)
+            try:
+                # Locked before it has its name: no sender ever finds it unheld while this process runs.
+                fcntl.flock(out, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                data = _header_line(target, 1, 1, payload) + payload
+                if os.write(out, data) != len(data):
+                    raise OSError(errno.ENOSPC, "written in part", str(self.directory / name))
+                os.replace(temporary, name, src_dir_fd=fd, dst_dir_fd=fd)
+            except BaseException:
+                os.close(out)
+                _unlink(fd, temporary)
+                raise
+        self._held.add(out)
+        if held is not None:
+            self._let_go(held.lock)
+        return Held(name, out)
+
+    def let_go_open(self, held: Held) -> None:
+        """The trace's root left this process whole: its record goes."""
+        try:
+            with self._existing() as fd:
+                if fd is not None:
+                    _unlink(fd, held.name)
+        finally:
+            self._let_go(held.lock)
+
+    def _let_go(self, lock: int) -> None:
+        if lock in self._held:
+            self._held.discard(lock)
+            os.close(lock)
 
     def fits(self, size: int) -> bool:
         """Whether a batch of ``size`` bytes is well within the bound on its own."""
@@ -673,7 +729,8 @@ def _remove(fd: int, name: str, cause: str) -> bool | None:
 
 def _reclaim_stale(fd: int, max_age: float) -> None:
     """Give back the claims no process holds a lock on (and claimed names that are no
-    regular file: claim sets them aside); remove half-written files of processes
+    regular file: claim sets them aside); make the open roots' records no process holds
+    batches; remove half-written files of processes
     that ended, and the marks of processes that ended, or that have not looked for
     them in ``max_age`` (a pid that stays alive for ever, such as 1 in a container,
     must not keep one for ever)."""
@@ -687,11 +744,27 @@ def _reclaim_stale(fd: int, max_age: float) -> None:
         entry = parse(name)
         if entry is None:
             continue
+        if entry.kind == "open":
+            _batch_of_unheld(fd, name, entry.batch)
+            continue
         if entry.kind == "dropped" and (not _alive(entry.writer) or _older(fd, name, now - max_age)):
             _unlink(fd, name)
         if entry.claimer is None:
             continue
         _give_back_unheld(fd, name, entry.batch)
+
+
+def _batch_of_unheld(fd: int, record: str, batch: str) -> None:
+    """An open root's record its holder no longer holds (it died: the kernel let the lock go)
+    becomes a batch, sent as any other: MLflow then shows the trace ended as interrupted."""
+    lock = _locked(fd, record)
+    if lock is None:  # its holder runs, or another sender took it first
+        return
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(record, batch, src_dir_fd=fd, dst_dir_fd=fd)
+    finally:
+        os.close(lock)
 
 
 def _give_back_unheld(fd: int, claimed: str, batch: str) -> None:

@@ -112,6 +112,7 @@ def _instrument(settings: Settings, ratio: float, when_imported: WhenImported) -
     rerooted = Rerooted(processor, destination(settings))
     selection = TraceSelection(rerooted, service_name=service, own=private.resource)
     delivery.interrupt = selection.interrupt
+    delivery.open_root = selection.open_root
     router = Router(selection, private, (PYDANTIC_AI_SCOPE, pydantic_ai.__version__),
                     left_to_app=AppExports(settings).left_to_app)
     router.watch(InstrumentationSettings)

@@ -1,5 +1,5 @@
-"""Durable execution: spans of agent runs inside Temporal workflows, and traces whose
-root ended before their agent started.
+"""Durable execution: spans of agent runs inside Temporal workflows, traces whose
+root ended before their agent started, and agent runs in DBOS workflows.
 
 Temporal runs a workflow's code again from its start whenever a worker has dropped the
 workflow from its cache (a restart, a full cache, ``max_cached_workflows=0``): each
@@ -11,19 +11,28 @@ replays its history (Temporal counts an eviction as replay) is not sent, since i
 was sent when it first ended, or will be by the attempt that gets further. A span
 started in a replay keeps the workflow's time, not the replay's.
 
-temporalio is never imported here: workflow code runs in Temporal's import sandbox.
-What Temporal has loaded is read from ``sys.modules``.
+DBOS recovers a workflow a process left (killed, crashed) by running it again from its start
+in another, its recorded steps' results read back. The agent run it starts again is a trace of
+its own: MLflow gets it tagged ``traced_run.recovered`` (and every DBOS run's trace
+``dbos.workflow_id``). A run whose agent draws its conversation id at random (``DBOSAgent``, or
+a plain agent, in a workflow: ``DBOSDurability`` derives it from the workflow) gets the workflow
+id as its conversation id, so the run a process left and its recovery share MLflow's session.
+
+temporalio and dbos are never imported here: workflow code runs in Temporal's import sandbox,
+and an app that does not use one must not load it. What is loaded is read from ``sys.modules``.
 """
 
 from __future__ import annotations
 
 import sys
+import uuid
 from collections import OrderedDict, deque
 from collections.abc import Iterable
 from typing import Any
 
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
+from opentelemetry.util.types import AttributeValue
 
 _RANDOM = "__traced_run_id_random"
 """Where the workflow's random for span ids is kept, on the workflow instance."""
@@ -31,6 +40,10 @@ MAX_TRACKED = 65536
 """Spans started in workflows tracked at once (those never ended are forgotten oldest first)."""
 MAX_ENDED = 1024
 """Spans of traces that ended with no agent, kept for an agent that starts in them later."""
+MAX_DBOS_RUNS = 8192
+"""Traces of agent runs in DBOS workflows remembered, for their spans still to end."""
+RECOVERED_TAG = "mlflow.traceTag.traced_run.recovered"
+WORKFLOW_TAG = "mlflow.traceTag.dbos.workflow_id"
 
 
 def _workflow() -> Any:
@@ -144,3 +157,74 @@ class EndedTraces:
     def release(self, trace_id: int) -> list[ReadableSpan]:
         """The held roots of ``trace_id``, whose agent runs have all ended, outermost first."""
         return self._held.pop(trace_id, [])
+
+
+class DbosRuns:
+    """Agent traces started in a DBOS workflow: what MLflow's copies of their spans get."""
+
+    def __init__(self) -> None:
+        self._runs: OrderedDict[int, tuple[str, bool, bool]] = OrderedDict()
+        """Trace id -> the workflow id, whether the run recovers one, whether its conversation
+        id is random (replaced by the workflow id)."""
+
+    def started(self, trace_id: int, attributes: Any) -> None:
+        """An agent run started, in the app's thread (``attributes``: its span's): once per
+        trace, a DBOS workflow's status is read (one query of DBOS's system database, which
+        has just written a checkpoint for the workflow's step)."""
+        if (trace_id in self._runs or "dbos" not in sys.modules
+                or attributes.get("gen_ai.operation.name") != "invoke_agent"):
+            return
+        found = _dbos_workflow()
+        if found is None:
+            return
+        workflow_id, recovered = found
+        run_id = str(attributes.get("gen_ai.agent.call.id", ""))
+        random_conversation = not run_id.startswith(f"{workflow_id}:") and _uuid7(
+            attributes.get("gen_ai.conversation.id"))
+        self._runs[trace_id] = (workflow_id, recovered, random_conversation)
+        while len(self._runs) > MAX_DBOS_RUNS:
+            self._runs.popitem(last=False)
+
+    def attributes(self, span: ReadableSpan) -> dict[str, AttributeValue]:
+        """What the copy of ``span`` MLflow gets adds: the session, and on the root the tags."""
+        run = self._runs.get(span.context.trace_id) if span.context else None
+        if run is None:
+            return {}
+        workflow_id, recovered, random_conversation = run
+        added: dict[str, AttributeValue] = {}
+        if random_conversation:
+            added["gen_ai.conversation.id"] = workflow_id
+        if span.parent is None:
+            added[WORKFLOW_TAG] = workflow_id
+            if recovered:
+                added[RECOVERED_TAG] = "true"
+        return added
+
+
+def _dbos_workflow() -> tuple[str, bool] | None:
+    """The DBOS workflow this code runs in, and whether this execution recovers one: DBOS counts
+    each start of a workflow's execution in its status's ``recovery_attempts`` (the first start
+    is 1, each recovery one more). None outside a workflow. Read from DBOS's system database
+    directly: ``DBOS.get_workflow_status`` in a workflow is a step, recorded (a recovery would
+    read back the first execution's status) and changing the workflow's step sequence."""
+    dbos = sys.modules["dbos"]
+    try:
+        workflow_id = dbos.DBOS.workflow_id
+        if not isinstance(workflow_id, str) or not workflow_id:
+            return None
+    except Exception:  # a DBOS we do not know: the run is traced as any other
+        return None
+    try:
+        status = dbos._dbos._get_dbos_instance()._sys_db.get_workflow_status(workflow_id)
+        attempts = status.get("recovery_attempts") if status else None
+    except Exception:
+        attempts = None
+    return workflow_id, isinstance(attempts, int) and attempts > 1
+
+
+def _uuid7(value: object) -> bool:
+    """A UUID of version 7: what pydantic-ai draws for a run given no conversation id."""
+    try:
+        return isinstance(value, str) and uuid.UUID(value).version == 7
+    except ValueError:
+        return False

@@ -44,7 +44,7 @@ from opentelemetry.trace import SpanContext, Status, StatusCode
 from opentelemetry.util.types import AttributeValue
 
 from traced_run import report
-from traced_run.spans.durable import EndedTraces, WorkflowSpans
+from traced_run.spans.durable import DbosRuns, EndedTraces, WorkflowSpans
 from traced_run.spans.messages import last_prompt
 
 PYDANTIC_AI_SCOPE = "pydantic-ai"
@@ -56,6 +56,8 @@ MAX_OPEN = 65536
 """Open spans tracked at once (an agent trace's open spans are ended if the process leaves mid-run)."""
 MAX_DECIDED = 8192
 """Traces whose decision is remembered, for spans that end after their local root."""
+LEFT_OPEN = "interrupted: the process ended before this span did"
+"""Why a root a process left open (killed) ended, as a later process sends it (``open_root``)."""
 
 _NO_AGENT = "no agent"
 _LEFT_TO_MLFLOW = "MLflow's autolog records it"
@@ -86,6 +88,7 @@ class TraceSelection(SpanProcessor):
         self._runs = _Runs()
         self._workflows = WorkflowSpans()
         self._ended = EndedTraces()
+        self._dbos = DbosRuns()
         self._started_in_handler: dict[int, BaseException] = {}
         """Span id -> the cancellation or exit being handled when it started (not what cut it off)."""
         self._told_incomplete = False
@@ -108,6 +111,7 @@ class TraceSelection(SpanProcessor):
             return
         trace_id = span.context.trace_id
         handling = _cancellation()
+        self._dbos.started(trace_id, span.attributes or {})
         with self._lock:
             self._track(span)
             self._runs.started(span, self._open)
@@ -227,18 +231,35 @@ class TraceSelection(SpanProcessor):
             self.on_end(_ended(span, now, f"interrupted: {why}", prompts.get(span.context.span_id)))
         return len(cut)
 
+    def open_root(self, trace_id: int) -> ReadableSpan | None:
+        """The open root (no parent) of agent trace ``trace_id`` as MLflow would get it had it
+        ended now as ``LEFT_OPEN``; None when it has none open. Kept in case this process is
+        killed (delivery's ``open_roots``); not one in a Temporal workflow, which goes on elsewhere."""
+        with self._lock:
+            agent = self._decided.get(trace_id)
+            root = next((span for span in self._open.values() if span.context.trace_id == trace_id
+                         and span.parent is None), None)
+            if root is None or not isinstance(agent, ReadableSpan) or self._workflows.durable(
+                    root.context.span_id):
+                return None
+            messages = self._prompts.get(trace_id)
+        ended = _ended(root, time.time_ns(), LEFT_OPEN, messages if agent is root else None)
+        return self._shaped(ended, None if agent is root else agent, messages)
+
     def _shaped(self, span: ReadableSpan, agent: ReadableSpan | None, messages: AttributeValue | None = None,
                 last: tuple[ReadableSpan, int] | None = None) -> ReadableSpan:
-        """``span`` as MLflow should get it: the agents' summary on an app's root span, and a
-        real service name. The span itself is the app's too, so changes go on a copy."""
+        """``span`` as MLflow should get it: the agents' summary on an app's root span, a real
+        service name, a DBOS run's session and tags (``durable.DbosRuns``). The span itself is
+        the app's too, so changes go on a copy."""
         resource = self._names.of(span.resource)
         summary = _summary(span, agent, messages, last) if agent is not None and agent is not span else None
-        if resource is span.resource and not summary:
+        durable = self._dbos.attributes(span)
+        if resource is span.resource and not summary and not durable:
             return span
         attributes = dict(span.attributes or {})
         for key, value in (summary or {}).items():
             attributes.setdefault(key, value)
-        return copy_span(span, attributes, resource=resource)
+        return copy_span(span, {**attributes, **durable}, resource=resource)
 
     def shutdown(self) -> None:
         self._inner.shutdown()
