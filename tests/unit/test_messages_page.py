@@ -33,6 +33,7 @@ NOT_SAID = {
     "commands/cli.py:EPILOG": "--help text",
     "spans/selection.py:_NO_AGENT": "a span's fate, not said",
     "spans/selection.py:_LEFT_TO_MLFLOW": "a span's fate, not said",
+    "spans/selection.py:LEFT_OPEN": "why a killed process's root ended, written into its status",
     "delivery/__init__.py:close": "what cut a run off, written into its spans' status",
     "delivery/exits.py:install": "what cut a run off, written into its spans' status",
     "config/git.py:_ON_BRANCH": "what .git/HEAD holds",

@@ -222,9 +222,8 @@ class DeliveryThread:
         return min(BATCH_DELAY, self._backoff.remaining() or BATCH_DELAY)
 
     def _spool_turn_after_batch(self) -> bool:
-        """Under steady traffic the queue is never idle: after each batch, one
-        spooled batch goes too (unless MLflow is down or the queue runs high),
-        so the spool drains while the app runs, not only when it rests or exits."""
+        """Under steady traffic the queue is never idle: after each batch, one spooled batch goes too
+        (unless MLflow is down or the queue runs high), so the spool drains while the app runs."""
         return not self._queue.spool_is_idle() and not self._backoff.down() and not self._queue.high()
 
     def _attempt_timeout(self) -> float:

@@ -347,7 +347,7 @@ class _Directory:
                 fcntl.flock(out, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 data = _header_line(target, 1, 1, payload) + payload
                 if os.write(out, data) != len(data):
-                    raise OSError(errno.ENOSPC, "written in part", str(self.directory / name))
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.directory / name))
                 os.replace(temporary, name, src_dir_fd=fd, dst_dir_fd=fd)
             except BaseException:
                 os.close(out)
