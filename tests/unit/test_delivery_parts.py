@@ -18,7 +18,7 @@ from support.fakes import REFUSED, Clock, FakeSender, run, settings, span, submi
 from traced_run.delivery import Delivery
 from traced_run.delivery import queue as span_queue
 from traced_run.delivery.export import DELIVERED, encode
-from traced_run.delivery.open_roots import OpenRoots
+from traced_run.delivery.open_roots import MAX_KEPT, OpenRoots
 from traced_run.delivery.queue import SpanQueue, whole_traces
 from traced_run.delivery.sender import BACKOFF, Backoff
 from traced_run.delivery.spill import OverflowSpooler, SpoolWriter
@@ -180,6 +180,22 @@ def test_a_trace_that_leaves_before_its_root_keeps_the_root_in_the_spool_until_t
     del open_now[7]
     roots.leaving([root])
     assert list(spool.directory.iterdir()) == []
+
+
+def test_open_roots_kept_at_once_are_bounded(tmp_path: Path) -> None:
+    """Each kept root holds a file descriptor of the app's: a server with many long-open traces
+    keeps only the first MAX_KEPT, and a kept one that ends makes room."""
+    spool = Spool(tmp_path / "spool", 1 << 20)
+    runs = {n: run(n, 1) for n in range(1, MAX_KEPT + 3)}
+    open_now = {n: spans[-1] for n, spans in runs.items()}
+    roots = OpenRoots(settings(tmp_path), spool, open_now.get)
+    for spans in runs.values():
+        roots.leaving(spans[:1])
+    assert len(list(spool.directory.glob("*.open"))) == MAX_KEPT
+    del open_now[1]
+    roots.leaving(runs[1][1:])  # the first run's root leaves: its record goes
+    roots.leaving(runs[MAX_KEPT + 2][:1])  # a later open trace now finds room
+    assert len(list(spool.directory.glob("*.open"))) == MAX_KEPT
 
 
 def spool_writer(tmp_path: Path, max_bytes: int) -> tuple[SpoolWriter, DeliveryStats, Spool]:

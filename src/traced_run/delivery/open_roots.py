@@ -27,6 +27,11 @@ from opentelemetry.sdk.trace import ReadableSpan
 from traced_run.config.settings import Settings
 from traced_run.delivery.spool import Held, Spool
 
+MAX_KEPT = 64
+"""Open roots kept at once: each holds a file descriptor of the app's process while its trace is
+open, and a server with thousands of long-open traces (websocket sessions) must not run out of
+them; past it, a trace's root is not kept (if the process is killed, it stays IN_PROGRESS)."""
+
 
 class OpenRoots:
     """The records of this process's open roots (by trace id), written and removed as spans leave:
@@ -60,6 +65,8 @@ class OpenRoots:
     def _keep(self, trace: int) -> None:
         from traced_run.delivery.export import encode, target_of
 
+        if trace not in self._held and len(self._held) >= MAX_KEPT:
+            return
         root = self._root_of(trace)
         if root is None:
             return
