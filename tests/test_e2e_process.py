@@ -24,10 +24,13 @@ from support.launched import boot_dir, traced_lines
 
 EXIT_TIMEOUT = 2.0
 """traced-run's default exit bound, set explicitly where a test measures it."""
-MARGIN = 4.0
-"""Room for our own imports and a loaded 2-core machine on top of the bound (an exit that
-leaves at once took 1.92 s at load average 7); without the bound these
-exits take the export timeout (10 s) or longer."""
+POST_TIMEOUT = "60"
+"""The export timeout where a test measures an exit from an MLflow that does not answer:
+without the exit bound, such an exit takes it."""
+MARGIN = 20.0
+"""Seconds on top of an exit bound that only a hang, or a wait for the export timeout,
+reaches: an exit that leaves at once took 1.92 s at load average 7. How soon within it
+is the benchmarks' figure (benchmarks/run.py, benchmarks/sigterm.py)."""
 SIGTERM_EXIT = 10.0
 """Exit bound of the SIGTERM tests that expect the trace: long enough for a
 loaded MLflow to answer, short against the app's 120 s sleep. The 2 s bound on
@@ -391,6 +394,7 @@ def test_mlflow_unreachable_costs_at_most_the_exit_bound(app: App, down_baseline
     with hanging_mlflow() if mlflow == "hanging" else _closed_port() as port:
         url = f"http://127.0.0.1:{port}"
         env = clean_env(MLFLOW_TRACKING_URI=url, TRACED_RUN_EXIT_TIMEOUT=str(EXIT_TIMEOUT),
+                        OTEL_EXPORTER_OTLP_TIMEOUT=POST_TIMEOUT,
                         TRACED_RUN_SPOOL_DIR=str(app.directory / "spool"), **_experiment_env(by))
         timed = run_timed(app, env)
     done = timed.done
@@ -423,7 +427,7 @@ def test_sigterm_with_mlflow_hanging_still_ends_within_the_bound(app: App) -> No
     with hanging_mlflow() as port:
         url = f"http://127.0.0.1:{port}"
         env = clean_env(MLFLOW_TRACKING_URI=url, MLFLOW_EXPERIMENT_ID="0",
-                        TRACED_RUN_EXIT_TIMEOUT=str(EXIT_TIMEOUT),
+                        TRACED_RUN_EXIT_TIMEOUT=str(EXIT_TIMEOUT), OTEL_EXPORTER_OTLP_TIMEOUT=POST_TIMEOUT,
                         TRACED_RUN_SPOOL_DIR=str(app.directory / "spool"))
         done, elapsed = terminate_when_ready(app, env)
     print(f"SIGTERM, MLflow hanging: ended {elapsed:.2f}s after the signal")

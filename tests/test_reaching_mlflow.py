@@ -707,6 +707,8 @@ FORKING_APP = AGENT + """
         assert os.waitstatus_to_exitcode(status) == 0
 """
 FORKS = 30
+HUNG_CHILD = "150"
+"""The children's exit bound: what a child that hung in its TLS context would wait out."""
 
 
 def test_https_forked_children_deliver_without_hanging(
@@ -716,12 +718,13 @@ def test_https_forked_children_deliver_without_hanging(
     name = new_name()
     (tmp_path / "app.py").write_text(FORKING_APP.replace("\n    ", "\n"))
     env = env_for(https_mlflow.url, tmp_path, experiment=name,
-                  MLFLOW_TRACKING_SERVER_CERT_PATH=str(pki.ca_cert))
+                  MLFLOW_TRACKING_SERVER_CERT_PATH=str(pki.ca_cert), TRACED_RUN_EXIT_TIMEOUT=HUNG_CHILD)
     started = time.monotonic()
     done = subprocess.run([TRACED_RUN, "python", "app.py", str(FORKS)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=180)
+                          capture_output=True, text=True, timeout=240)
     took = time.monotonic() - started
     assert done.returncode == 0 and traced_lines(done.stderr.encode()) == [], done.stderr
-    # A child that hung would wait out the 60 s exit bound.
-    assert took < 50, f"{FORKS} forks took {took:.1f} s"
+    # A child that hung would wait out its exit bound; the forks themselves, on a loaded machine, take
+    # a fraction of it.
+    assert took < float(HUNG_CHILD) - 30, f"{FORKS} forks took {took:.1f} s"
     assert len(mlflow_server.wait_traces(name, FORKS + 1)) == FORKS + 1

@@ -252,10 +252,11 @@ def test_a_fifo_in_the_spool_does_not_hold_a_traced_process(tmp_path: Path) -> N
     with stand_in(200, headers={"Content-Type": "application/x-protobuf"}) as mlflow:
         started = time.monotonic()
         done = traced_app(tmp_path, MLFLOW_TRACKING_URI=mlflow.url, MLFLOW_EXPERIMENT_ID="0",
-                          TRACED_RUN_EXIT_TIMEOUT="30")
+                          TRACED_RUN_EXIT_TIMEOUT="50")
         seconds = time.monotonic() - started
     assert done.returncode == 0, done.stderr
-    assert seconds < 25, f"{seconds:.1f} s: the exit bound ran out"
+    # A blocked delivery thread waits out the 50 s bound; one run on a loaded machine takes a few seconds.
+    assert seconds < 35, f"{seconds:.1f} s: the exit bound ran out"
     assert any(method == "POST" for method, _, _ in mlflow.seen)  # the app's own spans went out
     (line,) = said(done.stderr)
     assert "set aside 1 files" in line and BATCH in line, line

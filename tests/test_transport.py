@@ -18,7 +18,7 @@ from conftest import App, MlflowServer, QuietHandler, poll
 from support.faultproxy import FaultProxy
 from support.launched import (
     EXIT_TIMEOUT,
-    MARGIN,
+    NOT_WAITING,
     Lines,
     flush,
     loop_app,
@@ -95,7 +95,7 @@ def test_a_trickling_answer_ends_at_the_post_timeout_and_flush_ends_too(app: App
         poll(lambda: proxy.count(mode="trickle") >= 2, timeout=60, what="a second post")
         (app.directory / "stop").touch()
         out.wait_for("stopped")
-        err = out.finish(timeout=EXIT_TIMEOUT + 2 * MARGIN)
+        err = out.finish(timeout=NOT_WAITING)  # a post that followed the trickle would never end
     finally:
         stop(process)
     assert process.returncode == 0, err.decode()

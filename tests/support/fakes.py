@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import ClassVar
@@ -20,14 +21,26 @@ REFUSED = Outcome(False, False, "connection refused")
 NOT_FOUND = Outcome(False, True, "HTTP 404: experiment not found", 404)
 
 
+DEADLINE = 30.0
+"""Longest a test waits for the delivery thread: only a hang takes that long, a loaded machine does not."""
+
+
 class Clock:
-    """A monotonic clock the test moves on."""
+    """A monotonic clock the test moves on, until it ``run``s."""
 
     def __init__(self) -> None:
         self.now = 100.0
+        self._running_since: float | None = None
 
     def __call__(self) -> float:
-        return self.now
+        if self._running_since is None:
+            return self.now
+        return self.now + time.monotonic() - self._running_since
+
+    def run(self) -> None:
+        """Follow the real clock from now on. A delivery thread waits for what is left of
+        its wait by this clock: while the test holds it still, that never runs out."""
+        self._running_since = time.monotonic()
 
 
 def span(trace: int, number: int, name: str = "step") -> ReadableSpan:
@@ -94,6 +107,22 @@ def submit_together(delivery: Delivery, spans: list[ReadableSpan]) -> None:
     with delivery._queue.lock:
         for one in spans:
             delivery.submit(one)
+
+
+def turn_ends_with(delivery: Delivery, done: Callable[[], bool], timeout: float = DEADLINE) -> bool:
+    """Wait until ``done`` holds at the end of one of the delivery thread's turns (each
+    ends by waking the queue's waiters: no polling), or ``timeout`` is over."""
+    with delivery._queue.lock:
+        return delivery._queue.lock.wait_for(done, timeout)
+
+
+def ended(delivery: Delivery, clock: Clock) -> None:
+    """After ``close``: the test's clock runs, so the delivery thread's last wait ends and,
+    its queue closed, the thread with it."""
+    clock.run()
+    if delivery._thread is not None:
+        delivery._thread.join(DEADLINE)
+        assert not delivery._thread.is_alive(), "the delivery thread did not end after close"
 
 
 def delivery_threads(before: set[threading.Thread]) -> list[threading.Thread]:

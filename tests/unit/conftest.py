@@ -3,7 +3,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from support.fakes import FakeSender
+from support.fakes import Clock, FakeSender
 
 from traced_run.delivery import export
 
@@ -18,3 +18,12 @@ def sender(monkeypatch: pytest.MonkeyPatch) -> Iterator[type[FakeSender]]:
     FakeSender.gated = False
     for _ in range(100):
         FakeSender.release.release()
+
+
+@pytest.fixture
+def clock() -> Iterator[Clock]:
+    """The clock of a Delivery the test drives (``Delivery(..., clock=clock)``); it runs
+    afterwards, so that a delivery thread the test leaves waiting on it ends."""
+    held = Clock()
+    yield held
+    held.run()

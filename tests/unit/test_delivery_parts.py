@@ -4,8 +4,8 @@ spill to disk and the delivery thread against a fake sender (fake clock,
 
 from __future__ import annotations
 
+import itertools
 import threading
-import time
 from collections import deque
 from pathlib import Path
 
@@ -13,11 +13,23 @@ import pytest
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanContext
-from support.fakes import REFUSED, Clock, FakeSender, run, settings, span, submit_together, trace
+from support.fakes import (
+    DEADLINE,
+    REFUSED,
+    Clock,
+    FakeSender,
+    ended,
+    run,
+    settings,
+    span,
+    submit_together,
+    trace,
+    turn_ends_with,
+)
 
 from traced_run.delivery import Delivery
 from traced_run.delivery import queue as span_queue
-from traced_run.delivery.export import DELIVERED, encode
+from traced_run.delivery.export import DELIVERED, Outcome, encode
 from traced_run.delivery.open_roots import MAX_KEPT, OpenRoots
 from traced_run.delivery.queue import SpanQueue, whole_traces
 from traced_run.delivery.sender import BACKOFF, Backoff
@@ -59,9 +71,9 @@ def test_a_trace_larger_than_a_batch_is_cut() -> None:
     assert trace_ids(list(queue)) == [1, 1, 2]
 
 
-def open_queue(tmp_path: Path) -> SpanQueue:
+def open_queue(tmp_path: Path, clock: Clock | None = None) -> SpanQueue:
     keep, _, _ = spool_writer(tmp_path, 1 << 20)
-    return SpanQueue(2048, OverflowSpooler(keep, 512), lambda: None)
+    return SpanQueue(2048, OverflowSpooler(keep, 512), lambda: None, clock=clock or Clock())
 
 
 def test_a_run_goes_in_one_batch_once_its_root_has_ended(tmp_path: Path) -> None:
@@ -78,11 +90,14 @@ def test_a_run_goes_in_one_batch_once_its_root_has_ended(tmp_path: Path) -> None
     assert trace_ids(queue.take(0) or []) == [1] * 4
 
 
-def test_an_open_run_s_spans_go_after_a_bounded_wait(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    queue = open_queue(tmp_path)
+def test_an_open_run_s_spans_go_after_a_bounded_wait(tmp_path: Path) -> None:
+    clock = Clock()
+    queue = open_queue(tmp_path, clock)
     for one in run(1, 3)[:2]:
         queue.put(one)
-    monkeypatch.setattr(span_queue, "OPEN_TRACE_WAIT", 0.0)
+    assert queue.take(0) == []
+    queue.done()
+    clock.now += span_queue.OPEN_TRACE_WAIT
     assert trace_ids(queue.take(0) or []) == [1, 1]
 
 
@@ -252,12 +267,10 @@ def test_a_batch_mlflow_does_not_take_is_spooled_and_sent_again_when_it_is_back(
     delivery = Delivery(settings(tmp_path))
     delivery.start()
     submit_together(delivery, trace(1, 3))
-    assert delivery.flush(5)
+    assert delivery.flush(DEADLINE)
     spool = Spool.of(settings(tmp_path))
-    deadline = time.monotonic() + 5
-    while spool.survey(ENDPOINT).spans and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert spool.survey(ENDPOINT).spans == 0, "the spooled batch was not sent again"
+    sent_again = turn_ends_with(delivery, lambda: not spool.survey(ENDPOINT).spans)
+    assert sent_again, "the spooled batch was not sent again"
     assert len(sender.posts) == 3  # refused, refused (from the spool), then taken
     delivery.close()
     said = capfd.readouterr().err.strip()
@@ -265,36 +278,59 @@ def test_a_batch_mlflow_does_not_take_is_spooled_and_sent_again_when_it_is_back(
 
 
 def test_under_steady_traffic_the_spool_is_sent_again_while_the_app_runs(
-        tmp_path: Path, sender: type[FakeSender]) -> None:
-    sender.reset(REFUSED, REFUSED, REFUSED, DELIVERED)
-    delivery = Delivery(settings(tmp_path))
-    delivery.start()
+        tmp_path: Path, sender: type[FakeSender], clock: Clock) -> None:
+    """A run ends between each move of the test's clock, and goes at once: the queue is never
+    idle for a batch's delay (which never runs out while the clock stands still), so what was
+    spooled in the outage goes only by the spool's turn after each batch MLflow takes."""
+    down = True
+    delivered: list[bytes] = []
+
+    def mlflow(payload: bytes) -> Outcome:
+        if down:
+            return REFUSED
+        delivered.append(payload)
+        return DELIVERED
+
+    sender.judge = mlflow
+    delivery = Delivery(settings(tmp_path), clock=clock)
     spool = Spool.of(settings(tmp_path))
-    deadline = time.monotonic() + 10
-    n = 0
-    while (n < 10 or spool.survey(ENDPOINT).spans) and time.monotonic() < deadline:
-        n += 1
-        for s in trace(n, 2):  # a run ends every 0.1 s: the queue is never idle for a batch's delay
-            delivery.submit(s)
-        time.sleep(0.1)
-    assert spool.survey(ENDPOINT).spans == 0, "what was spooled in the outage waits for the exit"
+    for n in range(1, 5):
+        down = n < 4  # the first three runs are spooled; MLflow is back for the fourth
+        with delivery._queue.lock:  # the run ends as its back-off is over
+            clock.now += max(BACKOFF) + 1
+            for s in trace(n, 2):
+                delivery.submit(s)
+        assert delivery.flush(DEADLINE)
+    sent_again = turn_ends_with(delivery, lambda: not spool.survey(ENDPOINT).spans)
+    assert sent_again, "what was spooled in the outage waits for the exit"
     delivery.close()
+    ended(delivery, clock)
+    assert len(delivered) == 4, "a batch was sent twice"
 
 
-def test_while_mlflow_is_down_attempts_are_few(tmp_path: Path, sender: type[FakeSender]) -> None:
-    sender.reset(REFUSED)
-    delivery = Delivery(settings(tmp_path, exit_timeout=0.3))
-    delivery.start()
-    started = time.monotonic()
-    for n in range(1, 16):  # a run ends every 0.1 s, for 1.5 s
-        for s in trace(n, 2):
-            delivery.submit(s)
-        time.sleep(0.1)
-    elapsed = time.monotonic() - started
+def test_while_mlflow_is_down_attempts_are_few(
+        tmp_path: Path, sender: type[FakeSender], clock: Clock) -> None:
+    asked: list[float] = []
+
+    def refuse(payload: bytes) -> Outcome:
+        asked.append(clock())
+        return REFUSED
+
+    sender.judge = refuse
+    delivery = Delivery(settings(tmp_path, exit_timeout=0.3), clock=clock)
+    for n in range(1, 13):  # a run ends every 1/8 s of the test's clock, for 1.5 s
+        with delivery._queue.lock:
+            clock.now += 0.125
+            for s in trace(n, 2):
+                delivery.submit(s)
+        assert delivery.flush(DEADLINE)
+    running = list(asked)
     delivery.close()
-    # One attempt, then one a back-off later (0.25, 0.5, then 1 s apart); the rest is spooled.
-    assert 2 <= len(sender.posts) <= 2 + elapsed / BACKOFF[-1] + 1, (len(sender.posts), elapsed)
-    assert Spool.of(settings(tmp_path)).survey(ENDPOINT).spans == 30
+    ended(delivery, clock)
+    # One attempt, then one each back-off later (0.25, then 0.5 s); the next is due after 1 s, past
+    # the end. Every other run's batch went to the spool without asking.
+    assert [later - earlier for earlier, later in itertools.pairwise(running)] == list(BACKOFF[:2]), running
+    assert Spool.of(settings(tmp_path)).survey(ENDPOINT).spans == 24
 
 
 def test_a_full_queue_spills_to_disk_rather_than_drop(tmp_path: Path, sender: type[FakeSender],

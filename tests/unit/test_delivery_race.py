@@ -9,7 +9,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from support.fakes import NOT_FOUND, FakeSender, delivery_threads, settings, submit_together, trace
+from support.fakes import DEADLINE, NOT_FOUND, FakeSender, delivery_threads, settings, submit_together, trace
 
 from traced_run.delivery import Delivery
 from traced_run.delivery.spool import Spool
@@ -22,13 +22,13 @@ def test_a_late_answer_to_a_batch_close_kept_is_not_handled_again(
     delivery = Delivery(settings(tmp_path, exit_timeout=0.6))
     submit_together(delivery, trace(1, 3))
     delivery.flush(0)  # the batch is due now
-    assert sender.posted.acquire(timeout=10), "the delivery thread never posted"
+    assert sender.posted.acquire(timeout=DEADLINE), "the delivery thread never posted"
 
     delivery.close("process exit")  # the post hangs past the exit bound: close() keeps the batch
     sender.release.release()  # now MLflow answers, too late
     threads = delivery_threads(before)
     for thread in threads:
-        thread.join(timeout=5)
+        thread.join(timeout=DEADLINE)
 
     spool = Spool.of(settings(tmp_path))
     assert not spool.rejected.exists() or not any(spool.rejected.iterdir()), "kept and set aside both"

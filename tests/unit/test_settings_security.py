@@ -227,16 +227,18 @@ def test_hostile_yaml_is_one_line_fast(text: str, problem: str, tmp_path: Path) 
     config.write_text(text)
     started = time.monotonic()
     message = error_of({"TRACED_RUN_CONFIG": str(config)})
-    assert time.monotonic() - started < 1
+    # Expanded, the bomb is 150 million items (minutes); refused, each of these is a few lines'
+    # parse, which a loaded machine keeps far under 10 s.
+    assert time.monotonic() - started < 10
     assert message.startswith(f"{config}:") and message.endswith(problem), message
 
 
 def test_a_config_file_over_256_kib_is_refused_unread(tmp_path: Path) -> None:
     config = tmp_path / "c.yaml"
     config.write_text("service_name: " + "x" * 20_000_000 + "\n")
-    started = time.monotonic()
     message = error_of({"TRACED_RUN_CONFIG": str(config)})
-    assert time.monotonic() - started < 1
+    # Only the size check, made on what was read before any parsing, says this (parsed, the value
+    # would be refused as a setting's, by its own bound).
     assert message == f"{config}: the config file is larger than 256 KiB; is it the right file?"
 
 

@@ -78,8 +78,11 @@ class Delivery:
     """Wires the parts of one process's delivery together; its own fields
     (``_thread``) are guarded by the queue's lock."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, clock: Callable[[], float] = time.monotonic) -> None:
         self._settings = settings
+        self._clock = clock
+        """Monotonic seconds for the queue, the back-off and the exit bound (the unit tests
+        move a fake one on; waits stay real, bounded by what it says is left)."""
         self._endpoint = settings.traces_endpoint or ""
         self.spool = Spool.of(settings)
         self.interrupt: Callable[[str], object] | None = None
@@ -98,8 +101,9 @@ class Delivery:
         self._spool_writer = SpoolWriter(self._settings, self.spool, self.stats,
                                          lambda: self._queue.set_spool_idle(False), open_roots)
         self._overflow = OverflowSpooler(self._spool_writer, BATCH_SIZE)
-        self._queue = SpanQueue(self._settings.queue_size, self._overflow, self._start_locked)
-        self._backoff = Backoff()
+        self._queue = SpanQueue(self._settings.queue_size, self._overflow, self._start_locked,
+                                clock=self._clock)
+        self._backoff = Backoff(self._clock)
         self._loaded = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -158,9 +162,9 @@ class Delivery:
             started = self._thread is not None
         if started and hanging is None:
             hanging = self._deliver_until(deadline - SPOOL_RESERVE)
-        reserve_end = time.monotonic() + SPOOL_RESERVE
+        reserve_end = self._clock() + SPOOL_RESERVE
         left = self._queue.close(SPOOL_RESERVE)
-        unsent = self._overflow.close(max(0.0, reserve_end - time.monotonic())) + left.unsent
+        unsent = self._overflow.close(max(0.0, reserve_end - self._clock())) + left.unsent
         if left.posted or unsent:
             # The delivery thread did not finish in time, or MLflow hangs: keep the rest
             # from this thread. A batch that was mid-send may reach MLflow twice;
@@ -171,8 +175,9 @@ class Delivery:
                 self.stats.left_hanging(hanging)
             from traced_run.spans import redact
 
-            # On the thread that is leaving: its redaction ends with the exit bound, as the rest does.
-            with redact.until(max(deadline, reserve_end)):
+            # On the thread that is leaving: its redaction ends with the exit bound, as the rest does
+            # (redaction reads the real clock: what is left of the bound is counted from now).
+            with redact.until(time.monotonic() + max(deadline, reserve_end) - self._clock()):
                 if left.posted:
                     self._spool_writer.keep(left.posted, unanswered=left.waited)
                 if unsent:
@@ -189,7 +194,7 @@ class Delivery:
             hanging = self._backoff.hanging(patience)
             if hanging is not None:
                 return hanging
-            left = until - time.monotonic()
+            left = until - self._clock()
             more = self._backoff.patience_left(patience)
             # A post past its patience while MLflow answered the one before is slow, not hanging:
             # it gets what is left of the bound, no more.

@@ -64,8 +64,10 @@ def whole_traces(spans: deque[ReadableSpan], limit: int, ready: set[int] | None 
 
 
 class SpanQueue:
-    def __init__(self, queue_size: int, spill: OverflowSpooler, wake_delivery: Callable[[], None]) -> None:
+    def __init__(self, queue_size: int, spill: OverflowSpooler, wake_delivery: Callable[[], None], *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.lock = threading.Condition()
+        self._clock = clock  # monotonic seconds; the unit tests move a fake one on (waits stay real)
         self._size = queue_size
         self._overflow = spill
         self._wake_delivery = wake_delivery
@@ -140,8 +142,8 @@ class SpanQueue:
         ended ones only unless everything is due (possibly empty: then it is the
         spool's turn); None once closed."""
         with self.lock:
-            end = time.monotonic() + wait
-            while not self._batch_due() and (left := end - time.monotonic()) > 0:
+            end = self._clock() + wait
+            while not self._batch_due() and (left := end - self._clock()) > 0:
                 # cut_off comes with no notify (a signal handler takes no lock): look again soon
                 self.lock.wait(min(left, CUT_OFF_POLL) if self._spans else left)
             if self._closed:  # close() kept what was left and said so: sending on would belie it
@@ -152,7 +154,7 @@ class SpanQueue:
 
     def _ready(self) -> set[int]:
         """Traces that go without waiting more: their local root ended, or they waited OPEN_TRACE_WAIT."""
-        now = time.monotonic()
+        now = self._clock()
         ready = set()
         for span in self._spans:
             trace = trace_of(span)
@@ -180,7 +182,7 @@ class SpanQueue:
         """The batch in flight goes to MLflow now (a spooled one, sent while none is, is not counted)."""
         with self.lock:
             if self._in_flight and self._posted_at is None:
-                self._posted_at = time.monotonic()
+                self._posted_at = self._clock()
 
     def posted(self) -> bool:
         """The batch in flight went to MLflow: it may have stored it, whatever came back."""
@@ -211,7 +213,7 @@ class SpanQueue:
         """``timeout``, or when leaving what is left of the exit bound but ``reserve``."""
         with self.lock:
             if self._closing:
-                return max(0.0, self._deadline - time.monotonic() - reserve)
+                return max(0.0, self._deadline - self._clock() - reserve)
             return timeout
 
     def set_spool_idle(self, idle: bool) -> None:
@@ -227,12 +229,12 @@ class SpanQueue:
 
     def flush(self, timeout: float) -> bool:
         """Wait for what is queued now to be handled; True when it was within ``timeout``."""
-        deadline = time.monotonic() + timeout
+        deadline = self._clock() + timeout
         with self.lock:
             self._flushing += 1
             self.lock.notify_all()
             try:
-                return self.lock.wait_for(self._settled, timeout=max(0.0, deadline - time.monotonic()))
+                return self.lock.wait_for(self._settled, timeout=max(0.0, deadline - self._clock()))
             finally:
                 self._flushing -= 1
 
@@ -244,7 +246,7 @@ class SpanQueue:
                 return None
             self._closing = True
             self._spool_idle = False
-            self._deadline = time.monotonic() + exit_timeout
+            self._deadline = self._clock() + exit_timeout
             self.lock.notify_all()
             return self._deadline
 
@@ -260,7 +262,7 @@ class SpanQueue:
             self._spans.clear()
             if self._posted_at is None or not in_flight:
                 return Left([], 0.0, in_flight + unsent)
-            return Left(in_flight, time.monotonic() - self._posted_at, unsent)
+            return Left(in_flight, self._clock() - self._posted_at, unsent)
 
 
 @dataclass(frozen=True)
