@@ -69,10 +69,10 @@ def install(when_imported: WhenImported) -> None:
             else:
                 ratio = sample_ratio(settings, loaded.sources["sample_ratio"], os.environ)
                 _instrument(settings, ratio, when_imported)
-        except report.ConfigError as error:  # a setting only this step reads (no tracking URI)
-            _fail(str(error), strict_code=report.EXIT_CONFIG, strict=settings.strict)
         except (mlflow_native.MlflowMissing, compat.Unsupported) as error:
             _fail(str(error), strict_code=report.EXIT_SETUP, strict=settings.strict)
+        except report.ConfigError as error:  # a setting only this step reads (no tracking URI)
+            _fail(str(error), strict_code=report.EXIT_CONFIG, strict=settings.strict)
         except Exception as error:
             _fail(f"could not set up tracing: {type(error).__name__}: {error}",
                   strict_code=report.EXIT_SETUP, strict=settings.strict)
