@@ -340,19 +340,7 @@ class _Directory:
         end). Once its holder has died, the next sender makes it a batch (``claim``)."""
         with self._made() as fd:
             name = held.name if held is not None else _new_name().removesuffix(SUFFIX) + OPEN
-            temporary = f"{_WRITING}{os.urandom(6).hex()}"
-            out = os.open(temporary, _OPEN_NEW, 0o600, dir_fd=fd)
-            try:
-                # Locked before it has its name: no sender ever finds it unheld while this process runs.
-                fcntl.flock(out, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                data = _header_line(target, 1, 1, payload) + payload
-                if os.write(out, data) != len(data):
-                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.directory / name))
-                os.replace(temporary, name, src_dir_fd=fd, dst_dir_fd=fd)
-            except BaseException:
-                os.close(out)
-                _unlink(fd, temporary)
-                raise
+            out = _written(fd, name, _header_line(target, 1, 1, payload) + payload, lock=True)
         self._held.add(out)
         if held is not None:
             self._let_go(held.lock)
@@ -850,15 +838,25 @@ def _new_name() -> str:
 
 def _write(fd: int, name: str, data: bytes) -> None:
     """Write ``name`` in directory ``fd`` whole (0600): a new file, renamed over any old one."""
+    os.close(_written(fd, name, data, lock=False))
+
+
+def _written(fd: int, name: str, data: bytes, *, lock: bool) -> int:
+    """``_write``, returning the file's descriptor, open; ``lock``: the file is locked (flock)
+    before it has its name, so no sender ever finds it unheld while the descriptor is open."""
     temporary = f"{_WRITING}{os.urandom(6).hex()}"
     out = os.open(temporary, _OPEN_NEW, 0o600, dir_fd=fd)
     try:
-        with os.fdopen(out, "wb") as stream:
+        if lock:
+            fcntl.flock(out, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with os.fdopen(out, "wb", closefd=False) as stream:
             stream.write(data)
         os.replace(temporary, name, src_dir_fd=fd, dst_dir_fd=fd)
     except BaseException:
+        os.close(out)
         _unlink(fd, temporary)
         raise
+    return out
 
 
 def _unlink(fd: int, name: str) -> None:
