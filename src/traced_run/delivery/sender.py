@@ -235,7 +235,6 @@ class DeliveryThread:
         payload = self._encode(batch)
         if not batch:  # each of its spans was dropped as unencodable (said and counted)
             return
-        self._spool_writer.open_roots.leaving(batch)
         timeout = self._attempt_timeout()
         if self._queue.leaving() and self._backoff.wait_asked(timeout):
             timeout = self._attempt_timeout()
@@ -246,6 +245,7 @@ class DeliveryThread:
                 if held:
                     self._spool_writer.keep(batch, payload)
             return
+        self._spool_writer.open_roots.leaving(batch)  # a spooled batch is told by keep()
         target = target_of(self._settings)
         outcome = self._post(payload, target, timeout)
         with self._queue.hold() as held:
