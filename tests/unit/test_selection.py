@@ -151,6 +151,28 @@ def test_open_root_is_an_agent_traces_open_root_ended_as_left_open_changing_noth
     idle.end()
 
 
+def test_open_roots_are_found_among_many_open_spans_and_forgotten_with_them(
+        monkeypatch: pytest.MonkeyPatch, setup: tuple[TracerProvider, TraceSelection, Passed]) -> None:
+    monkeypatch.setattr(selection, "MAX_OPEN", 40)
+    provider, chosen, _ = setup
+    app = provider.get_tracer("app")
+    agent = provider.get_tracer(PYDANTIC_AI_SCOPE)
+    roots = []
+    for index in range(30):  # 30 long-open agent traces, each root with a child open under it
+        root = app.start_span(f"session {index}")
+        agent.start_span("invoke_agent a", context=_context(root))
+        roots.append(root)
+    forgotten, kept = roots[:10], roots[10:]  # past MAX_OPEN the oldest open spans are forgotten
+    for root in forgotten:
+        assert chosen.open_root(root.get_span_context().trace_id) is None
+    for root in kept:
+        left = chosen.open_root(root.get_span_context().trace_id)
+        assert left is not None and left.name == root.name
+    assert len(chosen._open._roots) == len(kept), "a forgotten root leaves the index too"
+    assert chosen.interrupt("test") == 40
+    assert chosen._open._roots == {} and chosen._open.by_id == {}
+
+
 def test_interrupt_ends_the_open_spans_of_agent_traces_only(setup: tuple[TracerProvider, TraceSelection,
                                                                          Passed]) -> None:
     provider, chosen, passed = setup

@@ -80,8 +80,8 @@ class TraceSelection(SpanProcessor):
         os.register_at_fork(after_in_child=self._forked)
         self._decided: OrderedDict[int, ReadableSpan | str] = OrderedDict()
         """Trace id -> the trace's outermost pydantic-ai span, or why the trace does not go."""
-        self._open: dict[int, Span] = {}
-        """Spans started and not yet ended, by span id: what an interrupted run leaves open."""
+        self._open = _OpenSpans()
+        """What an interrupted run leaves open."""
         self._prompts: dict[int, AttributeValue] = {}
         """Wanted trace id -> the messages its latest model call was sent (the prompt of a run cut off)."""
         self._answers = _Answers()
@@ -99,7 +99,7 @@ class TraceSelection(SpanProcessor):
         for ever; and the spans open in the parent are the parent's to end (a worker of a
         pool a tool started must not end its parent's run as interrupted)."""
         self._lock = threading.Lock()
-        self._open = {}
+        self._open = _OpenSpans()
         self._started_in_handler = {}
 
     def on_start(self, span: Span, parent_context: Context | None = None) -> None:
@@ -114,7 +114,7 @@ class TraceSelection(SpanProcessor):
         self._dbos.started(trace_id, span.attributes or {})
         with self._lock:
             self._track(span)
-            self._runs.started(span, self._open)
+            self._runs.started(span, self._open.by_id)
             if handling is not None:
                 self._started_in_handler[span.context.span_id] = handling
             decided = self._decided.get(trace_id, _NO_AGENT)
@@ -145,12 +145,12 @@ class TraceSelection(SpanProcessor):
             return
         trace_id = context.trace_id
         with self._lock:
-            self._open.pop(context.span_id, None)
+            self._open.forget(context.span_id)
             handled = self._started_in_handler.pop(context.span_id, None)
             replayed, started = self._workflows.ended(context.span_id)
             # Temporal's interceptor marks a span's parent remote even in the process that made it.
             parent = span.parent
-            local_root = parent is None or (parent.is_remote and parent.span_id not in self._open)
+            local_root = parent is None or (parent.is_remote and parent.span_id not in self._open.by_id)
             agent = self._decided.get(trace_id)
             if replayed or self._undecided(trace_id, agent, span, local_root):
                 return
@@ -200,17 +200,14 @@ class TraceSelection(SpanProcessor):
         traced-run sends: the operation of an agent run that code running under it is part of."""
         with self._lock:
             wanted = isinstance(self._decided.get(context.trace_id), ReadableSpan)
-            return _nearest_pydantic_ai(self._open, context.span_id) if wanted else None
+            return _nearest_pydantic_ai(self._open.by_id, context.span_id) if wanted else None
 
     def _track(self, span: Span) -> None:
-        """Remember an open span (lock held); spans never ended (a leak in the app) are
-        forgotten oldest first past the bound."""
-        self._open[span.context.span_id] = span
+        """Remember an open span (lock held)."""
+        forgotten = self._open.add(span)
         self._workflows.started(span.context.span_id)
-        if len(self._open) > MAX_OPEN:
-            oldest = next(iter(self._open))
-            del self._open[oldest]
-            self._started_in_handler.pop(oldest, None)
+        if forgotten is not None:
+            self._started_in_handler.pop(forgotten, None)
 
     def interrupt(self, why: str) -> int:
         """End, in the copies MLflow gets, every span of an agent trace still open (the
@@ -218,14 +215,14 @@ class TraceSelection(SpanProcessor):
         arrives complete instead of in progress for ever. Returns how many were open."""
         now = time.time_ns()
         with self._lock:
-            cut = [span for span in self._open.values()
+            cut = [span for span in self._open.by_id.values()
                    if isinstance(self._decided.get(span.context.trace_id), ReadableSpan)
                    and not self._workflows.durable(span.context.span_id)]
             # The outermost pydantic-ai span (the agent run) has no messages before it ends.
             prompts = {span.context.span_id: self._prompts.get(span.context.trace_id) for span in cut
                        if self._decided.get(span.context.trace_id) is span}
             for span in cut:
-                del self._open[span.context.span_id]
+                self._open.forget(span.context.span_id)
         # Children first, so each trace's root is the last of it to arrive, as in a finished run.
         for span in sorted(cut, key=lambda span: span.start_time or 0, reverse=True):
             self.on_end(_ended(span, now, f"interrupted: {why}", prompts.get(span.context.span_id)))
@@ -237,8 +234,7 @@ class TraceSelection(SpanProcessor):
         killed (delivery's ``open_roots``); not one in a Temporal workflow, which goes on elsewhere."""
         with self._lock:
             agent = self._decided.get(trace_id)
-            root = next((span for span in self._open.values() if span.context.trace_id == trace_id
-                         and span.parent is None), None)
+            root = self._open.root(trace_id)
             if root is None or not isinstance(agent, ReadableSpan) or self._workflows.durable(
                     root.context.span_id):
                 return None
@@ -266,6 +262,44 @@ class TraceSelection(SpanProcessor):
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         return self._inner.force_flush(timeout_millis)
+
+
+class _OpenSpans:
+    """Spans started and not yet ended (under the selection's lock): by span id, and the roots
+    (no parent) by trace id, which the delivery thread asks for per batch under that lock, the
+    one the app's threads take: found without a scan of every open span."""
+
+    def __init__(self) -> None:
+        self.by_id: dict[int, Span] = {}
+        self._roots: dict[int, list[Span]] = {}
+        """One per trace, but for trace ids an id generator repeats (a workflow's replays)."""
+
+    def add(self, span: Span) -> int | None:
+        """Remember ``span``; spans never ended (a leak in the app) are forgotten oldest first
+        past ``MAX_OPEN``: the span id forgotten, if one was."""
+        self.by_id[span.context.span_id] = span
+        if span.parent is None:
+            self._roots.setdefault(span.context.trace_id, []).append(span)
+        if len(self.by_id) <= MAX_OPEN:
+            return None
+        oldest = next(iter(self.by_id))
+        self.forget(oldest)
+        return oldest
+
+    def forget(self, span_id: int) -> None:
+        span = self.by_id.pop(span_id, None)
+        if span is None or span.parent is not None:
+            return
+        roots = self._roots.get(span.context.trace_id, [])
+        if span in roots:
+            roots.remove(span)
+        if not roots:
+            self._roots.pop(span.context.trace_id, None)
+
+    def root(self, trace_id: int) -> Span | None:
+        """The trace's open root (the first to start, if there are several)."""
+        roots = self._roots.get(trace_id)
+        return roots[0] if roots else None
 
 
 class _Waiting:
