@@ -194,7 +194,7 @@ class DeliveryStats:
         if posted:
             parts.append(_posted_part(own, posted, where, why, self._spool.directory))
         elif sent_later and not unsent and not self._outage_told:
-            state = "was unreachable" if self._problem else "fell behind"
+            state = "did not take them" if self._problem else "fell behind"
             parts.append(f"{counted(sent_later, 'span')} were spooled while {where} {state} ({why}) "
                          f"and sent later")
         if self._rejected > self._rejected_told:
