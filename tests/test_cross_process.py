@@ -201,18 +201,26 @@ def test_the_model_providers_requests_carry_nothing(
     assert TRACEPARENT.fullmatch(tool_call["traceparent"])
 
 
-REQUESTS_CLIENT = """
+HTTP_CLIENT = """
     import os
 
-    import requests
     from pydantic_ai import Agent
     from pydantic_ai.models.test import TestModel
 
-    if os.environ.get("INSTRUMENT_REQUESTS"):
+    INSTRUMENT = os.environ.get("INSTRUMENT")
+    assistant = Agent(TestModel(), name="assistant")
+{tool}
+
+    print(assistant.run_sync("What is the weather in Paris?").output)
+"""
+HTTP_CLIENT_TOOLS = {
+    "requests": """
+    import requests
+
+    if INSTRUMENT:
         from opentelemetry.instrumentation.requests import RequestsInstrumentor
 
         RequestsInstrumentor().instrument()
-    assistant = Agent(TestModel(), name="assistant")
 
 
     @assistant.tool_plain
@@ -220,16 +228,32 @@ REQUESTS_CLIENT = """
         \"\"\"Ask the forecast service.\"\"\"
         answer = requests.get(f"{os.environ['SERVICE_URL']}/forecast", params={"city": city}, timeout=60)
         return answer.json()["answer"]
+""",
+    "aiohttp": """
+    import aiohttp
+
+    if INSTRUMENT:
+        from opentelemetry.instrumentation.aiohttp_client import AioHttpClientInstrumentor
+
+        AioHttpClientInstrumentor().instrument()
 
 
-    print(assistant.run_sync("What is the weather in Paris?").output)
-"""
+    @assistant.tool_plain
+    async def ask_forecaster(city: str) -> str:
+        \"\"\"Ask the forecast service.\"\"\"
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"{os.environ['SERVICE_URL']}/forecast", params={"city": city}) as answer:
+                return (await answer.json())["answer"]
+""",
+}
+"""A tool's HTTP call with a client traced-run leaves alone, as users have them."""
 
 
-def test_a_plain_requests_client_carries_nothing(app: App,
-                                                recorder: tuple[str, list[dict[str, str]]]) -> None:
+@pytest.mark.parametrize("client", HTTP_CLIENT_TOOLS)
+def test_a_plain_http_client_carries_nothing(app: App, recorder: tuple[str, list[dict[str, str]]],
+                                             client: str) -> None:
     url, seen = recorder
-    app.write(REQUESTS_CLIENT, "client.py")
+    app.write(HTTP_CLIENT.format(tool=HTTP_CLIENT_TOOLS[client]), "client.py")
     done = app.run("python", "client.py", env=traced_env(app, SERVICE_URL=url))
     assert done.returncode == 0, done.stderr.decode()
     (headers,) = seen
@@ -237,13 +261,15 @@ def test_a_plain_requests_client_carries_nothing(app: App,
     app.traces(1)
 
 
-def test_a_requests_client_the_app_instruments_joins_the_callees_trace(app: App, service: str) -> None:
-    """opentelemetry-instrumentation-requests injects with the global propagator, which traced-run
-    wraps, so the request carries the run's trace and the entry. Its client span is the app's
-    (here the app set no tracer provider: a non-recording span that passes the tool's context on),
-    so the service's agent nests under the tool span, as with httpx."""
-    app.write(REQUESTS_CLIENT, "client.py")
-    done = app.run("python", "client.py", env=traced_env(app, SERVICE_URL=service, INSTRUMENT_REQUESTS="1"))
+@pytest.mark.parametrize("client", HTTP_CLIENT_TOOLS)
+def test_an_http_client_the_app_instruments_joins_the_callees_trace(app: App, service: str,
+                                                                    client: str) -> None:
+    """The client's OpenTelemetry instrumentation injects with the global propagator, which
+    traced-run wraps, so the request carries the run's trace and the entry. Its client span is the
+    app's (here the app set no tracer provider: a non-recording span that passes the tool's context
+    on), so the service's agent nests under the tool span, as with httpx."""
+    app.write(HTTP_CLIENT.format(tool=HTTP_CLIENT_TOOLS[client]), "client.py")
+    done = app.run("python", "client.py", env=traced_env(app, SERVICE_URL=service, INSTRUMENT="1"))
     trace = _one_trace(app, done, "execute_tool ask_forecaster")
     assert not [s for s in trace.data.spans if s.name == "GET"], "traced-run adds no span per request"
 
