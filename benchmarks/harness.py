@@ -116,6 +116,41 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def _placement() -> tuple[frozenset[int], frozenset[int]] | None:
+    """The servers' CPU and the apps' CPUs, or None with fewer than two.
+
+    MLflow stores an agent run with 5-8 ms of CPU (``benchmarks/server_cost.py``), most of one
+    of 2 cores while section 3's apps send to it: on the app's cores that work preempts
+    the exporter that sent it while the floor, sending nothing, has none to pay. A server
+    on a CPU of its own is what a remote MLflow is to the app."""
+    cpus = sorted(os.sched_getaffinity(0))
+    return (frozenset(cpus[-1:]), frozenset(cpus[:-1])) if len(cpus) >= 2 else None
+
+
+PLACEMENT = _placement()
+SERVER_CPUS = PLACEMENT[0] if PLACEMENT else None
+"""Where MLflow and the stand-in run: the last CPU (None: wherever)."""
+APP_CPUS = PLACEMENT[1] if PLACEMENT else None
+"""Where section 3's apps run: the others (None: wherever)."""
+
+
+def placement_line() -> str:
+    """The report's line on where the processes ran."""
+    if SERVER_CPUS is None or APP_CPUS is None:
+        return "- placement: none (one CPU): servers and apps shared it"
+    return (f"- placement: MLflow and the stand-in on CPU {', '.join(map(str, sorted(SERVER_CPUS)))}; "
+            f"section 3's apps on CPU {', '.join(map(str, sorted(APP_CPUS)))}, so that MLflow's storing "
+            "of the runs is not charged to the exporter that sent them (the floor sends nothing); "
+            "the other sections' apps wherever the kernel puts them")
+
+
+def pin(cpus: frozenset[int] | None) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that keeps a child (and whatever it starts) on ``cpus``."""
+    if cpus is None:
+        return None
+    return lambda: os.sched_setaffinity(0, cpus)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -156,16 +191,17 @@ class Done:
 
 
 def run(argv: Sequence[str], env: Mapping[str, str], *, cwd: Path, timeout: float,
-        on_line: Callable[[str], None] | None = None) -> Done:
+        on_line: Callable[[str], None] | None = None, cpus: frozenset[int] | None = None) -> Done:
     """Run a child to its end; wall time, exit instant and its own peak RSS (wait4).
 
     ``on_line`` sees stdout lines as they come (the burst uses it to learn when
-    the app's loop ended while the process is still delivering)."""
+    the app's loop ended while the process is still delivering); ``cpus``, where it runs."""
     env = _isolated(env, cwd)
     with tempfile.TemporaryFile() as err, tempfile.TemporaryFile() as out:
         start = time.perf_counter()
         process = subprocess.Popen(list(argv), env=dict(env), cwd=cwd, stdin=subprocess.DEVNULL,
-                                   stdout=subprocess.PIPE if on_line else out, stderr=err)
+                                   stdout=subprocess.PIPE if on_line else out, stderr=err,
+                                   preexec_fn=pin(cpus))
         killed = threading.Event()
         timer = threading.Timer(timeout, _kill, (process, killed))
         timer.daemon = True
@@ -261,6 +297,7 @@ class Mlflow:
                 # no background job workers (a dozen idle-polling processes on a 2-core box);
                 # trace ingestion does not use them
                 env=clean_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"), cwd=self.root,
+                preexec_fn=pin(SERVER_CPUS),
             )
 
     def wait_healthy(self, timeout: float) -> None:
@@ -419,8 +456,8 @@ class HangingListener:
 
 class InstantOtlp:
     """A loopback OTLP/HTTP endpoint that takes every request and answers 200 at once,
-    storing nothing: what an exporter costs its app when the server's own work is on
-    other cores, as it is for a remote MLflow (here MLflow shares the app's 2 cores)."""
+    storing nothing: what an exporter costs its app when the server does no work at all.
+    It runs where MLflow does (``SERVER_CPUS``)."""
 
     def __init__(self) -> None:
         class Answer(http.server.BaseHTTPRequestHandler):
@@ -439,8 +476,13 @@ class InstantOtlp:
         self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answer)
         self._server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, name="instant-otlp", daemon=True)
+        self._thread = threading.Thread(target=self._serve, name="instant-otlp", daemon=True)
         self._thread.start()
+
+    def _serve(self) -> None:
+        if SERVER_CPUS is not None:  # on Linux, this thread only; those it starts per request inherit it
+            os.sched_setaffinity(0, SERVER_CPUS)
+        self._server.serve_forever()
 
     def close(self) -> None:
         self._server.shutdown()

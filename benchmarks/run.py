@@ -35,6 +35,7 @@ from harness import (
     ensure_tools,
     log,
     make_workdir,
+    placement_line,
     remove_workdir,
     table,
 )
@@ -172,6 +173,7 @@ def _report(args: argparse.Namespace, plan: Plan, info: RunInfo, measured: str, 
         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false, "
         "warmed up by one traced run; traced-run and the manual setup use MLFLOW_EXPERIMENT_ID / "
         "the x-mlflow-experiment-id header (no lookup by name)",
+        placement_line(),
         "- opentelemetry-instrument: OTEL_TRACES_EXPORTER=otlp, "
         "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL=http/protobuf, metrics and logs exporters none; "
         "the app calls Agent.instrument_all()",

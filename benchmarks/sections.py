@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 from harness import (
     APP,
+    APP_CPUS,
     BIN,
     PYTHON,
     Arrival,
@@ -92,17 +93,18 @@ class Bench:
                          BENCH_EXPERIMENT_ID=experiment_id)
 
     def run(self, argv: list[str], env: dict[str, str], timeout: float = 300,
-            on_line: Callable[[str], None] | None = None) -> Done:
-        return run(argv, env, cwd=self.workdir, timeout=timeout, on_line=on_line)
+            on_line: Callable[[str], None] | None = None, cpus: frozenset[int] | None = None) -> Done:
+        return run(argv, env, cwd=self.workdir, timeout=timeout, on_line=on_line, cpus=cpus)
 
     def interleave(self, setups: Setups, warmups: int, reps: int, what: str, timeout: float,
-                   read: Callable[[str, Done], T], *, concurrent: bool = False) -> dict[str, list[T]]:
-        """Every setup run in turn, as ``harness.interleave``; ``read`` makes a
+                   read: Callable[[str, Done], T], *, concurrent: bool = False,
+                   cpus: frozenset[int] | None = None) -> dict[str, list[T]]:
+        """Every setup run in turn (on ``cpus``), as ``harness.interleave``; ``read`` makes a
         variant's figure from its finished process."""
 
         def once(variant: str) -> T:
             argv, env = setups[variant]
-            return read(variant, self.run(argv, env, timeout=timeout))
+            return read(variant, self.run(argv, env, timeout=timeout, cpus=cpus))
 
         return interleave(list(setups), warmups, reps, once, what, concurrent=concurrent)
 
@@ -234,11 +236,12 @@ def per_run(bench: Bench, experiment_id: str) -> list[Row]:
     to it for wall time (what the app waits) and to the manual recipe for the
     CPU of the app's process, all its threads (what exporting costs the machine).
 
-    MLflow runs on the same 2 cores and takes most of one while it stores the
-    runs' spans, preempting the app: traced-run and the manual recipe also send
-    to a stand-in that answers at once (``InstantOtlp``), which shows what they
-    cost the app with the server's work elsewhere, as a remote MLflow's is. The
-    targets are judged against the real MLflow."""
+    MLflow takes most of a core while it stores the runs' spans: the apps run on
+    CPUs of their own (``harness.APP_CPUS``), MLflow and the stand-in on another,
+    so that work does not preempt the exporter that sent it, as a remote MLflow's
+    does not. traced-run and the manual recipe also send to a stand-in that
+    answers at once (``InstantOtlp``): what they cost with no server work at all.
+    The targets are judged against both."""
     plan = bench.plan
     args = ("--warm", str(plan.per_run_warm_runs), "--warm-seconds", str(plan.per_run_warm_seconds),
             "--runs", str(plan.per_run_runs))
@@ -262,7 +265,8 @@ def per_run(bench: Bench, experiment_id: str) -> list[Row]:
         return float(result["per_run_us"]), float(result["cpu_per_run_us"])
 
     try:
-        kept = bench.interleave(setups, plan.per_run_warmups, plan.per_run_reps, "3 per-run", 600, per_run_us)
+        kept = bench.interleave(setups, plan.per_run_warmups, plan.per_run_reps, "3 per-run", 600, per_run_us,
+                                cpus=APP_CPUS)
     finally:
         instant.close()
     runs = (f"agent run (TestModel + tool), {plan.per_run_runs} timed runs after "
