@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import compileall
 import contextlib
+import functools
 import http.server
 import importlib.metadata
 import itertools
@@ -116,22 +117,19 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def _placement() -> tuple[frozenset[int], frozenset[int]] | None:
-    """The servers' CPU and the apps' CPUs, or None with fewer than two.
+def _placement() -> tuple[frozenset[int] | None, frozenset[int] | None]:
+    """The servers' CPU and the apps' CPUs; (None, None), wherever, with fewer than two.
 
     MLflow stores an agent run with 5-8 ms of CPU (``benchmarks/server_cost.py``), most of one
     of 2 cores while section 3's apps send to it: on the app's cores that work preempts
     the exporter that sent it while the floor, sending nothing, has none to pay. A server
     on a CPU of its own is what a remote MLflow is to the app."""
     cpus = sorted(os.sched_getaffinity(0))
-    return (frozenset(cpus[-1:]), frozenset(cpus[:-1])) if len(cpus) >= 2 else None
+    return (frozenset(cpus[-1:]), frozenset(cpus[:-1])) if len(cpus) >= 2 else (None, None)
 
 
-PLACEMENT = _placement()
-SERVER_CPUS = PLACEMENT[0] if PLACEMENT else None
-"""Where MLflow and the stand-in run: the last CPU (None: wherever)."""
-APP_CPUS = PLACEMENT[1] if PLACEMENT else None
-"""Where section 3's apps run: the others (None: wherever)."""
+SERVER_CPUS, APP_CPUS = _placement()
+"""Where MLflow and the stand-in run (the last CPU), and section 3's apps (the others)."""
 
 
 def placement_line() -> str:
@@ -144,11 +142,15 @@ def placement_line() -> str:
             "the other sections' apps wherever the kernel puts them")
 
 
+def keep_on(cpus: frozenset[int] | None) -> None:
+    """Keep the calling thread, and the threads and processes it starts, on ``cpus`` (None: anywhere)."""
+    if cpus is not None:
+        os.sched_setaffinity(0, cpus)  # 0: on Linux, the calling thread
+
+
 def pin(cpus: frozenset[int] | None) -> Callable[[], None] | None:
-    """A ``preexec_fn`` that keeps a child (and whatever it starts) on ``cpus``."""
-    if cpus is None:
-        return None
-    return lambda: os.sched_setaffinity(0, cpus)
+    """A child's ``preexec_fn`` for ``keep_on(cpus)``; None (no preexec_fn at all) for anywhere."""
+    return None if cpus is None else functools.partial(keep_on, cpus)
 
 
 def free_port() -> int:
@@ -480,8 +482,7 @@ class InstantOtlp:
         self._thread.start()
 
     def _serve(self) -> None:
-        if SERVER_CPUS is not None:  # on Linux, this thread only; those it starts per request inherit it
-            os.sched_setaffinity(0, SERVER_CPUS)
+        keep_on(SERVER_CPUS)  # the threads it starts per request inherit it
         self._server.serve_forever()
 
     def close(self) -> None:

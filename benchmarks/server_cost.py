@@ -7,7 +7,8 @@ times, runs the benchmark app under traced-run and with the manual setup (the
 order swapped every repetition), each into an experiment of its own, waits
 until every trace is stored, and prints the CPU time the server's process tree
 took meanwhile per agent run (from ``/proc``), next to the app's own wall and
-CPU per run. The server's share of section 3's MLflow rows comes from this work.
+CPU per run. The apps and the server run where section 3 puts them (harness.APP_CPUS,
+SERVER_CPUS). The server's share of section 3's unplaced MLflow rows came from this work.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import APP, BIN, PYTHON, Mlflow, clean_env, make_workdir, remove_workdir, run
+from harness import APP, APP_CPUS, BIN, PYTHON, Mlflow, clean_env, make_workdir, remove_workdir, run
 
 _TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -67,7 +68,7 @@ def main() -> None:
                     argv = [str(BIN / "traced-run"), PYTHON, str(APP), "--runs", str(args.runs)]
                     env = clean_env(MLFLOW_TRACKING_URI=mlflow.url, MLFLOW_EXPERIMENT_ID=experiment)
                 before = _tree_cpu(mlflow.process.pid)
-                result = run(argv, env, cwd=root, timeout=600).result()
+                result = run(argv, env, cwd=root, timeout=600, cpus=APP_CPUS).result()
                 # One trace per timed run and one for the app's first (untimed) run.
                 arrived = mlflow.wait_count(experiment, args.runs + 1, since=time.monotonic(), deadline_s=120,
                                             settle_s=3)
